@@ -1,0 +1,362 @@
+"""Typed, frozen configuration: data, model, training, attack, dataset construction, experiment.
+
+A profile is a YAML file (``advfeatures/profiles/<name>.yaml`` or any path) that is merged over
+the dataclass defaults, then ``--set a.b.c=value`` overrides are applied, then everything is
+validated. Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming
+the setting and the fix.
+
+Inheritance, so profiles stay short: ``teacher`` starts from ``source`` with ``train.epochs: 2``
+(Wallace's brief teacher); ``student`` starts from ``source``. Anything given explicitly wins.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+SET_KINDS = ("rand", "other", "det", "errors")
+PGD_KINDS = ("rand", "other", "det")
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)  # the robustness library's values (SCIENCE.md)
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names the setting and how to fix it."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "torchvision"
+    """'torchvision' downloads CIFAR-10 into ``download_root``; otherwise a local path: an
+    ImageFolder directory (train/<class>/*, test/<class>/*), a zip of one, the official
+    cifar-10-python.tar.gz, or its extracted cifar-10-batches-py folder."""
+    download_root: str = "~/.cache/advfeatures/downloads"
+    """Where the torchvision download goes. Not part of any cache key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "small_cnn"
+    """A name in ``advfeatures.models.MODELS``."""
+    mean: tuple[float, ...] = CIFAR_MEAN
+    """Per-channel normalisation applied inside the model; inputs stay in [0, 1] pixel space."""
+    std: tuple[float, ...] = CIFAR_STD
+
+    def __post_init__(self):
+        from advfeatures.models import MODELS
+
+        _check(self.arch in MODELS, f"model.arch={self.arch!r} is unknown; choose one of {sorted(MODELS)}")
+        _check(len(self.mean) == len(self.std) == 3, "model.mean and model.std need 3 values (RGB)")
+        _check(all(s > 0 for s in self.std), "model.std values must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    """Examples per SGD step."""
+    lr: float = 0.1
+    """Peak learning rate (per batch, not rescaled with batch size)."""
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    """'step' (lr x gamma every step_epochs), 'onecycle' (linear up over warmup, linear down to 0),
+    or 'constant'."""
+    step_epochs: int = 50
+    gamma: float = 0.1
+    warmup: float = 0.2
+    """onecycle: fraction of all steps spent rising to lr."""
+    augment: bool = True
+    """Random crop (zero padding 4 px) and horizontal flip, done on tensors."""
+    seed: int = 0
+    """Seeds initialisation, shuffling and augmentation."""
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, f"train.momentum must be in [0, 1), got {self.momentum}")
+        _check(not self.nesterov or self.momentum > 0, "train.nesterov needs train.momentum > 0")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.schedule in ("step", "onecycle", "constant"),
+               f"train.schedule={self.schedule!r}; choose 'step', 'onecycle' or 'constant'")
+        _check(self.step_epochs >= 1, "train.step_epochs must be >= 1")
+        _check(0 < self.gamma <= 1, "train.gamma must be in (0, 1]")
+        _check(0 <= self.warmup < 1, "train.warmup must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelStageConfig:
+    """A model trained on the clean training set (the source, or the teacher of `errors`)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    norm: str = "l2"
+    """'l2' or 'linf'."""
+    eps: float = 0.5
+    """Radius of the threat model in [0, 1] pixel space."""
+    step_size: float = 0.1
+    steps: int = 100
+    random_start: bool = False
+    use_best: bool = True
+    """Keep each example's lowest-target-loss iterate, the start included."""
+
+    def __post_init__(self):
+        _check(self.norm in ("l2", "linf"), f"attack.norm={self.norm!r}; choose 'l2' or 'linf'")
+        _check(self.eps >= 0, f"attack.eps must be >= 0, got {self.eps}")
+        _check(self.step_size > 0, f"attack.step_size must be > 0, got {self.step_size}")
+        _check(self.steps >= 0, f"attack.steps must be >= 0, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class ConstructConfig:
+    sets: tuple[str, ...] = SET_KINDS
+    """Which constructed sets to build: any of rand, other, det, errors."""
+    n_images: int = 0
+    """Training images (a seeded random subset) turned into each PGD set; 0 = all."""
+    shard_size: int = 1000
+    """Rows per shard: the unit of work of one generation worker."""
+    chunk_size: int = 250
+    """Zarr chunk length along N; shard_size must be a multiple, so no two shards share a chunk."""
+    dtype: str = "float16"
+    """Storage dtype of adversarial images: float16 or float32 (uint8 adds ~0.06 L2 noise)."""
+    seed: int = 0
+    """Seeds the subset and the targets."""
+
+    def __post_init__(self):
+        bad = [s for s in self.sets if s not in SET_KINDS]
+        _check(not bad, f"construct.sets has unknown {bad}; choose from {list(SET_KINDS)}")
+        _check(len(set(self.sets)) == len(self.sets) and self.sets, "construct.sets must be non-empty, without repeats")
+        _check(self.n_images >= 0, "construct.n_images must be >= 0 (0 = the whole training set)")
+        _check(self.chunk_size >= 1 and self.shard_size >= 1, "construct.shard_size and chunk_size must be >= 1")
+        _check(self.shard_size % self.chunk_size == 0,
+               f"construct.shard_size={self.shard_size} must be a multiple of construct.chunk_size="
+               f"{self.chunk_size} so that no two shards write the same Zarr chunk")
+        _check(self.dtype in ("float16", "float32"),
+               f"construct.dtype={self.dtype!r}; choose float16 or float32 (uint8 would add ~0.06 L2 noise)")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seeds: tuple[int, ...] = (0,)
+    """One student per seed and set; the seed replaces train.seed."""
+    per_set: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Training overrides per set, e.g. {rand: {lr: 0.01}, det: {augment: false}}."""
+
+    def __post_init__(self):
+        _check(len(self.seeds) >= 1, "student.seeds needs at least one seed")
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        for kind, over in self.per_set.items():
+            _check(kind in SET_KINDS, f"student.per_set.{kind}: unknown set; choose from {list(SET_KINDS)}")
+            _check(isinstance(over, dict), f"student.per_set.{kind} must be a mapping of train settings")
+            for k in over:
+                _check(k in names, f"student.per_set.{kind}.{k}: not a train setting; known: {sorted(names)}")
+            self.train_for(kind, self.seeds[0])  # validates the values
+
+    def train_for(self, kind: str, seed: int) -> TrainConfig:
+        """The training recipe of the student of ``kind`` with ``seed``."""
+        over = dict(self.per_set.get(kind, {}))
+        base = dataclasses.asdict(self.train)
+        for k, v in over.items():
+            base[k] = v
+        base["seed"] = seed
+        return _build(TrainConfig, base, f"student.per_set.{kind}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How and where to run. Never part of a cache key: it does not change results."""
+    device: str = "auto"
+    """'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
+    threads: int = 0
+    """CPU threads for torch; 0 = all cores."""
+    store: str = ".advstore"
+    """Root of the artifact store (Zarr arrays, models, runs)."""
+    channels_last: bool = True
+    """channels_last memory format for training and inference (faster on CPU and GPU)."""
+    attack_channels_last: bool = False
+    """channels_last for PGD; off by default: input gradients were slower with it on CPU."""
+    attack_batch_size: int = 250
+    eval_batch_size: int = 1000
+
+    def __post_init__(self):
+        _check(self.threads >= 0, "runtime.threads must be >= 0")
+        _check(self.attack_batch_size >= 1 and self.eval_batch_size >= 1, "runtime batch sizes must be >= 1")
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+               f"runtime.device={self.device!r}; use auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    source: ModelStageConfig = field(default_factory=ModelStageConfig)
+    teacher: ModelStageConfig = field(default_factory=ModelStageConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    construct: ConstructConfig = field(default_factory=ConstructConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from plain dicts, with strict checking
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}={value!r} has the wrong type; expected {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (arg, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(arg, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return copy.deepcopy(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} must be a string")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - programming error
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, names, n=1)
+        hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else f"; known: {names}"
+        raise ConfigError(f"unknown setting {where + '.' if where else ''}{k}{hint}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "per_set":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'attack.steps=50' -> (['attack', 'steps'], 50). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. attack.steps=50")
+    path, raw = text.split("=", 1)
+    parts = [p for p in path.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty name in {path!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def _set_path(tree: dict, parts: list[str], value: Any, text: str) -> None:
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {text!r}: {p} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_profile(name_or_path: str) -> dict[str, Any]:
+    """The raw mapping of a profile: a bundled name ('demo', 'paper') or a YAML path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        bundled = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise ConfigError(f"profile {name_or_path!r} not found; use one of {bundled} or a path to a YAML file")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"profile {path} must be a YAML mapping at the top level")
+    data.setdefault("name", path.stem)
+    return data
+
+
+def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple[str, ...] = (),
+            data: str | None = None, store: str | None = None) -> ExperimentConfig:
+    """Profile + overrides (+ the --data and --store shortcuts) -> validated ExperimentConfig."""
+    raw = copy.deepcopy(profile) if isinstance(profile, dict) else load_profile(profile)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _set_path(raw, parts, value, text)
+    if data is not None:
+        _set_path(raw, ["data", "source"], str(data), "--data")
+    if store is not None:
+        _set_path(raw, ["runtime", "store"], str(store), "--store")
+    source = raw.get("source", {})
+    if not isinstance(source, dict):
+        raise ConfigError("source must be a mapping with model and train sections")
+    teacher_base = _deep_merge(source, {"train": {"epochs": 2}})
+    raw["teacher"] = _deep_merge(teacher_base, raw.get("teacher") or {})
+    raw["student"] = _deep_merge({k: v for k, v in source.items() if k in ("model", "train")},
+                                 raw.get("student") or {})
+    return _build(ExperimentConfig, raw, "")

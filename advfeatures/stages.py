@@ -1,0 +1,298 @@
+"""Stage executors: the bodies that Prefect tasks wrap, usable without Prefect.
+
+Each one: return early if its artifact is complete -> load inputs by key -> call the library ->
+write through ``storage`` (staged or sharded, manifest last) -> return its key. Arguments are
+keys, specs and configs only; tensors never cross a stage boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from advfeatures import construct as C
+from advfeatures import data as D
+from advfeatures.config import AttackConfig, DataConfig, ModelConfig, RuntimeConfig, TrainConfig, _build
+from advfeatures.models import build_model
+from advfeatures.plan import StageSpec
+from advfeatures.training import fit, predict, wilson_interval
+from storage import arrays as A
+from storage.store import Store, StoreError
+
+Log = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def device_of(rt: RuntimeConfig) -> torch.device:
+    if rt.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(rt.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device={rt.device!r} but CUDA is not available; use runtime.device=auto or cpu")
+    return dev
+
+
+def setup_runtime(rt: RuntimeConfig) -> torch.device:
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    return device_of(rt)
+
+
+# --- dataset ---------------------------------------------------------------------------------------
+
+def locate_source(data: DataConfig) -> Path:
+    """The local file or folder to ingest; downloads with torchvision when source='torchvision'."""
+    if data.source == "torchvision":
+        tgz = Path(data.download_root).expanduser() / "cifar-10-python.tar.gz"
+        return tgz if tgz.is_file() else D.download_torchvision(data.download_root)
+    path = D.locate(data.source)
+    D.reader_for(path)  # fails early, with the expected layout, on an unsupported source
+    return path
+
+
+def ingest(store: Store, data: DataConfig, spec: StageSpec, log: Log = _quiet) -> str:
+    if store.is_complete(spec.folder, spec.key):
+        return spec.key
+    path = locate_source(data)
+    t0 = time.perf_counter()
+    raw = D.read_source(path)
+    attrs = {"classes": raw.classes, "source_sha256": spec.config["source_sha256"],
+             "content_sha256": raw.content_sha256(), "source_name": path.name}
+    with store.staging(spec.folder, spec.key) as tmp:
+        A.write_dataset(tmp, {"train": (raw.train.images, raw.train.labels),
+                              "test": (raw.test.images, raw.test.labels)}, attrs)
+        body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), **attrs,
+                                   n_train=len(raw.train.labels), n_test=len(raw.test.labels),
+                                   image_shape=list(raw.train.images.shape[1:]),
+                                   seconds=round(time.perf_counter() - t0, 3))
+        A.atomic_write_json(tmp / "manifest.json", body)
+    log(f"ingested {path.name}: {len(raw.train.labels)} train / {len(raw.test.labels)} test images")
+    return spec.key
+
+
+def load_split(store: Store, dataset_key: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    return A.read_split(store.path("datasets", dataset_key), split)
+
+
+def dataset_info(store: Store, dataset_key: str) -> dict[str, Any]:
+    return store.manifest("datasets", dataset_key)
+
+
+# --- models ---------------------------------------------------------------------------------------------
+
+def _fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, num_classes: int,
+                  model_cfg: ModelConfig, train_cfg: TrainConfig, rt: RuntimeConfig, log: Log,
+                  extra: dict[str, Any]) -> str:
+    device = setup_runtime(rt)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train_cfg.seed)
+        model = build_model(model_cfg.arch, num_classes, model_cfg.mean, model_cfg.std)
+
+    def progress(ev: dict) -> None:
+        log(f"{spec.stage} {spec.key} epoch {ev['epoch']}/{ev['epochs']}: loss {ev['train_loss']:.3f} "
+            f"acc {ev['train_acc']:.3f} ({ev['seconds']:.1f}s)")
+
+    res = fit(model, torch.from_numpy(x), torch.from_numpy(y), train_cfg, device=device,
+              channels_last=rt.channels_last, callback=progress)
+    with store.staging(spec.folder, spec.key) as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, tmp / "weights.pt")
+        body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=num_classes,
+                                   n_train=int(len(y)), seeds={"train": train_cfg.seed}, history=res.history,
+                                   seconds=round(res.seconds, 3), images_per_second=round(res.images_per_second, 1),
+                                   device=str(device), **extra)
+        A.atomic_write_json(tmp / "manifest.json", body)
+    return spec.key
+
+
+def train_model(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet) -> str:
+    """Source or teacher: a model trained on the clean training set of ``spec.inputs[0]``."""
+    if store.is_complete(spec.folder, spec.key):
+        return spec.key
+    (dataset_key,) = spec.inputs
+    x, y = load_split(store, dataset_key, "train")
+    classes = dataset_info(store, dataset_key)["classes"]
+    model_cfg = _build(ModelConfig, spec.config["model"], "model")
+    train_cfg = _build(TrainConfig, spec.config["train"], "train")
+    return _fit_and_save(store, spec, x, y, len(classes), model_cfg, train_cfg, rt, log, {})
+
+
+def train_student(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet) -> str:
+    """A fresh model trained only on the constructed set ``spec.inputs[0]`` (x, y_target)."""
+    if store.is_complete(spec.folder, spec.key):
+        return spec.key
+    (construct_key,) = spec.inputs
+    cman = store.manifest("constructed", construct_key)
+    rows = A.read_rows(store.path("constructed", construct_key), names=("x", "y_target"))
+    model_cfg = _build(ModelConfig, spec.config["model"], "model")
+    train_cfg = _build(TrainConfig, spec.config["train"], "train")
+    return _fit_and_save(store, spec, rows["x"], rows["y_target"], cman["num_classes"], model_cfg, train_cfg,
+                         rt, log, {"construct_kind": cman["stage"]["config"]["kind"]})
+
+
+def load_model(store: Store, key: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    man = store.manifest("models", key)
+    mc = _build(ModelConfig, man["stage"]["config"]["model"], "model")
+    model = build_model(mc.arch, man["num_classes"], mc.mean, mc.std)
+    model.load_state_dict(torch.load(store.path("models", key) / "weights.pt", map_location="cpu",
+                                     weights_only=True))
+    return model.to(device).eval()
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet) -> str:
+    """Clean test accuracy of model inputs[0] on dataset inputs[1]: on (X, Y) and on (X, Y+1)."""
+    if store.is_complete(spec.folder, spec.key):
+        return spec.key
+    model_key, dataset_key = spec.inputs
+    device = setup_runtime(rt)
+    x, y = load_split(store, dataset_key, "test")
+    num_classes = len(dataset_info(store, dataset_key)["classes"])
+    model = load_model(store, model_key, device)
+    t0 = time.perf_counter()
+    pred = predict(model, torch.from_numpy(x), rt.eval_batch_size, device, rt.channels_last)
+    yt = torch.from_numpy(y)
+    k_xy = int((pred == yt).sum())
+    k_xy1 = int((pred == (yt + 1) % num_classes).sum())
+    n = len(y)
+    metrics = {"n_test": n, "correct_xy": k_xy, "acc_xy": k_xy / n, "ci95_xy": list(wilson_interval(k_xy, n)),
+               "correct_xy1": k_xy1, "acc_xy1": k_xy1 / n, "ci95_xy1": list(wilson_interval(k_xy1, n)),
+               "chance": 1.0 / num_classes}
+    with store.staging(spec.folder, spec.key) as tmp:
+        body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), metrics=metrics,
+                                   seconds=round(time.perf_counter() - t0, 3))
+        A.atomic_write_json(tmp / "manifest.json", body)
+    log(f"eval {model_key}: acc(X,Y) {metrics['acc_xy']:.4f}  acc(X,Y+1) {metrics['acc_xy1']:.4f}")
+    return spec.key
+
+
+# --- constructed sets: PGD, sharded -----------------------------------------------------------------
+
+def _layout(spec: StageSpec, n: int, image_shape: tuple[int, ...]) -> A.Layout:
+    cfg = spec.config
+    return A.Layout(n=n, image_shape=tuple(image_shape), x_dtype=cfg["dtype"], chunk=cfg["chunk_size"],
+                    shard_size=cfg["shard_size"])
+
+
+def _subset_and_targets(store: Store, spec: StageSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    dataset_key = spec.inputs[0]
+    info = dataset_info(store, dataset_key)
+    y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
+    cfg = spec.config
+    idx = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
+    y = y_all[idx]
+    t = C.make_targets(cfg["kind"], y, len(info["classes"]), cfg["seed"])
+    return idx, y, t, len(info["classes"])
+
+
+def prepare_construct(store: Store, spec: StageSpec) -> list[int]:
+    """Create the arrays of a PGD set (idempotent); return the indices of unfinished shards."""
+    if store.is_complete(spec.folder, spec.key):
+        return []
+    store.ensure_writable()
+    info = dataset_info(store, spec.inputs[0])
+    idx, _, _, _ = _subset_and_targets(store, spec)
+    layout = _layout(spec, len(idx), info["image_shape"])
+    path = store.path(spec.folder, spec.key)
+    A.create_constructed(path, layout)
+    return A.pending_shards(path, layout)
+
+
+def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log = _quiet) -> dict[str, Any]:
+    """Attack the rows of one shard and write them, then the shard's marker. Skips finished shards."""
+    path = store.path(spec.folder, spec.key)
+    if store.is_complete(spec.folder, spec.key) or A.shard_done(path, shard):
+        return {"shard": shard, "skipped": True}
+    t0 = time.perf_counter()
+    device = setup_runtime(rt)
+    info = dataset_info(store, spec.inputs[0])
+    idx, y, t, _ = _subset_and_targets(store, spec)
+    layout = _layout(spec, len(idx), info["image_shape"])
+    start, stop = layout.rows(shard)
+    import zarr
+
+    images = zarr.open_group(str(store.path("datasets", spec.inputs[0])), mode="r")["train/images"]
+    block = images.oindex[idx[start:stop]]  # (S,C,H,W) uint8
+    model = load_model(store, spec.inputs[1], device)
+    attack = _build(AttackConfig, spec.config["attack"], "attack")
+    t_attack = time.perf_counter()
+    out = C.attack_block(model, block, t[start:stop], attack, device, rt.attack_batch_size,
+                         seed=spec.config["seed"] * 1_000_003 + shard,
+                         channels_last=rt.attack_channels_last)
+    attack_s = time.perf_counter() - t_attack
+    rows = {"x": out["x"], "y_target": t[start:stop], "y_true": y[start:stop], "index": idx[start:stop],
+            "fooled": out["fooled"], "loss": out["loss"], "norm": out["norm"]}
+    marker = A.write_shard(path, layout, shard, rows, seconds=time.perf_counter() - t0)
+    log(f"construct {spec.config['kind']} {spec.key} shard {shard + 1}/{layout.num_shards}: rows {start}:{stop}, "
+        f"fooled {out['fooled'].mean():.3f}, {attack_s:.1f}s in PGD")
+    return {**marker, "attack_seconds": round(attack_s, 3)}
+
+
+def finalize_construct(store: Store, spec: StageSpec) -> str:
+    """Check every shard's marker, summarise the attack, and write the manifest last."""
+    if store.is_complete(spec.folder, spec.key):
+        return spec.key
+    info = dataset_info(store, spec.inputs[0])
+    path = store.path(spec.folder, spec.key)
+    idx, y, t, num_classes = _subset_and_targets(store, spec)
+    layout = _layout(spec, len(idx), info["image_shape"])
+    markers = A.read_markers(path, layout)
+    rec = A.read_rows(path, names=("fooled", "norm", "loss", "y_target", "y_true"))
+    if not (np.array_equal(rec["y_target"], t) and np.array_equal(rec["y_true"], y)):
+        raise StoreError(f"{path}: stored targets differ from the plan; delete {path} and rerun")
+    summary = {"n": layout.n, "attack_success": float(rec["fooled"].mean()), "mean_norm": float(rec["norm"].mean()),
+               "max_norm": float(rec["norm"].max()), "mean_target_loss": float(rec["loss"].mean()),
+               "share_target_is_true": float((rec["y_target"] == rec["y_true"]).mean())}
+    body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=num_classes,
+                               classes=info["classes"], layout=dict(vars(layout)), shards=markers,
+                               seeds={"construct": spec.config["seed"]}, summary=summary,
+                               seconds=round(sum(m["seconds"] for m in markers), 3))
+    store.write_manifest(spec.folder, spec.key, body)
+    return spec.key
+
+
+# --- constructed sets: errors (Wallace) --------------------------------------------------------------
+
+def build_errors(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet) -> str:
+    """Training images, unmodified, relabelled with the teacher's prediction where it is wrong."""
+    if store.is_complete(spec.folder, spec.key):
+        return spec.key
+    dataset_key, teacher_key = spec.inputs
+    device = setup_runtime(rt)
+    t0 = time.perf_counter()
+    x, y = load_split(store, dataset_key, "train")
+    info = dataset_info(store, dataset_key)
+    model = load_model(store, teacher_key, device)
+    pred = predict(model, torch.from_numpy(x), rt.eval_batch_size, device, rt.channels_last).numpy()
+    idx, labels = C.select_errors(pred, y)
+    if len(idx) == 0:
+        raise ValueError(f"the teacher {teacher_key} makes no mistakes on the training set, so the errors set "
+                         "is empty; train it less (teacher.train.epochs)")
+    chunk = 1024
+    layout = A.Layout(n=len(idx), image_shape=tuple(x.shape[1:]), x_dtype="uint8", chunk=chunk,
+                      shard_size=-(-len(idx) // chunk) * chunk)
+    n = len(idx)
+    rows = {"x": x[idx], "y_target": labels, "y_true": y[idx], "index": idx, "fooled": np.ones(n, bool),
+            "loss": np.zeros(n, np.float32), "norm": np.zeros(n, np.float32)}
+    with store.staging(spec.folder, spec.key) as tmp:
+        A.create_constructed(tmp, layout)
+        marker = A.write_shard(tmp, layout, 0, rows, seconds=time.perf_counter() - t0)
+        summary = {"n": n, "teacher_train_error": n / len(y), "attack_success": float("nan"),
+                   "share_target_is_true": 0.0}
+        body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=len(info["classes"]),
+                                   classes=info["classes"], layout=dict(vars(layout)), shards=[marker],
+                                   summary=summary, seconds=round(time.perf_counter() - t0, 3),
+                                   records_note="fooled/loss/norm do not apply: images are unmodified")
+        A.atomic_write_json(tmp / "manifest.json", body)
+    log(f"errors set {spec.key}: teacher wrong on {n} of {len(y)} training images")
+    return spec.key
+

@@ -1,0 +1,80 @@
+"""A tiny synthetic CIFAR-like dataset, written in every supported source format (for tests and
+smoke runs). Class c images are noise around a class-specific colour, so they are learnable."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_arrays(n_train: int = 200, n_test: int = 100, size: int = 32, seed: int = 0):
+    """(train_x, train_y, test_x, test_y): uint8 (N,3,H,W), int64 labels, classes balanced."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(40, 216, size=(len(CLASSES), 3, 1, 1))
+
+    def split(n):
+        y = np.arange(n) % len(CLASSES)
+        x = colours[y] + rng.normal(0, 30, size=(n, 3, size, size))
+        return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+    return (*split(n_train), *split(n_test))
+
+
+def _png(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img.transpose(1, 2, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_image_folder(root: Path, arrays) -> Path:
+    tx, ty, vx, vy = arrays
+    for split, xs, ys in (("train", tx, ty), ("test", vx, vy)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            d = Path(root) / split / CLASSES[y]
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:04d}.png").write_bytes(_png(x))
+    return Path(root)
+
+
+def write_image_zip(path: Path, arrays, top: str = "") -> Path:
+    tx, ty, vx, vy = arrays
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for split, xs, ys in (("train", tx, ty), ("test", vx, vy)):
+            for i, (x, y) in enumerate(zip(xs, ys)):
+                zf.writestr(f"{top}{split}/{CLASSES[y]}/{i:04d}.png", _png(x))
+    return Path(path)
+
+
+def _batches(arrays, n_batches: int = 5) -> dict[str, bytes]:
+    tx, ty, vx, vy = arrays
+    out = {"batches.meta": pickle.dumps({b"label_names": [c.encode() for c in CLASSES]})}
+    for b, part in enumerate(np.array_split(np.arange(len(ty)), n_batches), start=1):
+        out[f"data_batch_{b}"] = pickle.dumps({b"data": tx[part].reshape(len(part), -1), b"labels": ty[part].tolist()})
+    out["test_batch"] = pickle.dumps({b"data": vx.reshape(len(vy), -1), b"labels": vy.tolist()})
+    return out
+
+
+def write_cifar_folder(root: Path, arrays) -> Path:
+    d = Path(root) / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+    for name, blob in _batches(arrays).items():
+        (d / name).write_bytes(blob)
+    return d
+
+
+def write_cifar_tar(path: Path, arrays) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for name, blob in _batches(arrays).items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tf.addfile(info, io.BytesIO(blob))
+    return Path(path)

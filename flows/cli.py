@@ -1,0 +1,69 @@
+"""`advfeatures` command line.
+
+    advfeatures run --profile demo [--set attack.steps=50 ...] [--data PATH] [--store PATH]
+    advfeatures show-config --profile demo [--set ...] [--data PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="demo", help="bundled profile name (demo, paper, tiny) or a YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. attack.steps=50 (repeatable)")
+    p.add_argument("--data", default=None, help="data source: a zip/folder of train/ and test/, "
+                   "cifar-10-python.tar.gz or its folder, or 'torchvision' to download")
+    p.add_argument("--store", default=None, help="artifact store root (default: runtime.store)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="advfeatures", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("run", help="run the replicate flow (local ephemeral Prefect server)"))
+    _common(sub.add_parser("show-config", help="print the resolved config and every stage's key"))
+    args = parser.parse_args(argv)
+
+    from advfeatures.config import ConfigError, resolve
+    from advfeatures.data import DataSourceError
+    from storage.store import StoreError
+
+    try:
+        cfg = resolve(args.profile, args.overrides, data=args.data, store=args.store)
+        if args.command == "show-config":
+            return _show(cfg)
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from flows.replicate import replicate
+
+        replicate(profile=args.profile, overrides=args.overrides, data=args.data, store=args.store)
+        return 0
+    except (ConfigError, DataSourceError, StoreError) as e:
+        print(f"advfeatures: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _show(cfg) -> int:
+    from advfeatures.data import DataSourceError, source_sha256
+    from advfeatures.plan import make_plan, plan_summary
+    from advfeatures.stages import locate_source
+
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    try:
+        sha = source_sha256(locate_source(cfg.data))
+    except DataSourceError as e:
+        print(f"\n# stage keys need the data source: {e}")
+        return 0
+    print("\n# stage keys")
+    for row in plan_summary(make_plan(cfg, sha)):
+        print(f"{row['stage']:<10} {row['what']:<20} {row['key']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

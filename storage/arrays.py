@@ -1,0 +1,171 @@
+"""Zarr layouts (declared once) and the shard protocol for constructed datasets.
+
+Dataset group ``datasets/<key>/``::
+
+    train/images (N,3,H,W) uint8   train/labels (N,) int64
+    test/images  (M,3,H,W) uint8   test/labels  (M,) int64
+    attrs: classes, source_sha256, content_sha256
+
+Constructed group ``constructed/<key>/``::
+
+    x (N,3,H,W) float16|float32|uint8   y_target, y_true, index (N,) int64
+    fooled (N,) bool   loss (N,) float32   norm (N,) float32
+    _shards/<i>.json   completion marker of shard i: rows, count, sha256 of its rows, seconds
+
+Shard protocol (parallel workers need no locks): shard i owns rows [i*S, min((i+1)*S, N)); S is a
+multiple of the chunk length, so no two shards share a Zarr chunk. A worker skips shard i if its
+marker exists; else it computes, writes its rows (one assignment per array), and writes the
+marker atomically, last. A killed worker leaves no marker and its shard is redone whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from storage.store import StoreError, atomic_write_json, read_json
+
+CONSTRUCTED_FIELDS: dict[str, str] = {  # name -> dtype (x's dtype is chosen per set)
+    "y_target": "int64", "y_true": "int64", "index": "int64",
+    "fooled": "bool", "loss": "float32", "norm": "float32",
+}
+SHARDS_DIR = "_shards"
+
+
+# --- datasets --------------------------------------------------------------------------------------
+
+def write_dataset(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], attrs: dict,
+                  chunk: int = 1024) -> None:
+    g = zarr.open_group(str(path), mode="w")
+    for name, (images, labels) in splits.items():
+        sg = g.create_group(name)
+        sg.create_array("images", data=np.ascontiguousarray(images, dtype=np.uint8),
+                        chunks=(min(chunk, max(1, len(images))), *images.shape[1:]))
+        sg.create_array("labels", data=np.ascontiguousarray(labels, dtype=np.int64),
+                        chunks=(min(chunk, max(1, len(labels))),))
+    g.attrs.update(attrs)
+
+
+def read_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    g = zarr.open_group(str(path), mode="r")
+    return g[f"{split}/images"][:], g[f"{split}/labels"][:]
+
+
+def dataset_attrs(path: Path) -> dict:
+    return dict(zarr.open_group(str(path), mode="r").attrs)
+
+
+# --- constructed datasets ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    n: int
+    image_shape: tuple[int, ...]  # (C, H, W)
+    x_dtype: str
+    chunk: int
+    shard_size: int
+
+    def __post_init__(self):
+        if self.shard_size % self.chunk:
+            raise ValueError(f"shard_size {self.shard_size} is not a multiple of chunk {self.chunk}")
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, -(-self.n // self.shard_size))
+
+    def rows(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self.num_shards:
+            raise IndexError(f"shard {i} out of range 0..{self.num_shards - 1}")
+        return i * self.shard_size, min((i + 1) * self.shard_size, self.n)
+
+    def dtypes(self) -> dict[str, str]:
+        return {"x": self.x_dtype, **CONSTRUCTED_FIELDS}
+
+
+def create_constructed(path: Path, layout: Layout) -> None:
+    """Create the arrays of a constructed set, or check that existing ones match ``layout``.
+
+    Idempotent: many workers may call it; only missing arrays are created.
+    """
+    try:
+        g = zarr.open_group(str(path), mode="a")
+    except OSError as e:
+        raise StoreError(f"cannot create {path} ({e}); check that the store is writable") from None
+    chunk = min(layout.chunk, max(1, layout.n))
+    for name, dtype in layout.dtypes().items():
+        shape = (layout.n, *layout.image_shape) if name == "x" else (layout.n,)
+        if name in g:
+            a = g[name]
+            if tuple(a.shape) != shape or str(a.dtype) != dtype or a.chunks[0] != chunk:
+                raise StoreError(f"{path}/{name} exists with shape {a.shape}, dtype {a.dtype}, chunks "
+                                 f"{a.chunks}; expected {shape}, {dtype}, {chunk}. Delete {path} to rebuild it")
+            continue
+        g.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
+                       fill_value=0)
+    g.attrs.update({"layout": {"n": layout.n, "image_shape": list(layout.image_shape), "x_dtype": layout.x_dtype,
+                               "chunk": chunk, "shard_size": layout.shard_size}})
+    (Path(path) / SHARDS_DIR).mkdir(exist_ok=True)
+
+
+def marker_path(path: Path, i: int) -> Path:
+    return Path(path) / SHARDS_DIR / f"{i:05d}.json"
+
+
+def shard_done(path: Path, i: int) -> bool:
+    return marker_path(path, i).is_file()
+
+
+def pending_shards(path: Path, layout: Layout) -> list[int]:
+    return [i for i in range(layout.num_shards) if not shard_done(path, i)]
+
+
+def rows_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """Checksum of a shard's rows: every array, in name order, as little-endian bytes."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode() + str(a.dtype).encode() + repr(a.shape).encode())
+        h.update(a.astype(a.dtype.newbyteorder("<")).tobytes())
+    return h.hexdigest()
+
+
+def write_shard(path: Path, layout: Layout, i: int, arrays: dict[str, np.ndarray], seconds: float) -> dict:
+    """Write shard i's rows (one assignment per array), then its marker. Returns the marker."""
+    start, stop = layout.rows(i)
+    want = layout.dtypes()
+    if set(arrays) != set(want):
+        raise ValueError(f"shard arrays {sorted(arrays)} differ from the layout's {sorted(want)}")
+    g = zarr.open_group(str(path), mode="r+")
+    cast = {}
+    for name, a in arrays.items():
+        if a.shape[0] != stop - start:
+            raise ValueError(f"shard {i}: {name} has {a.shape[0]} rows, expected {stop - start}")
+        cast[name] = np.ascontiguousarray(a, dtype=want[name])
+        g[name][start:stop] = cast[name]
+    marker = {"shard": i, "start": start, "stop": stop, "count": stop - start,
+              "sha256": rows_sha256(cast), "seconds": round(seconds, 3), "written": time.time()}
+    atomic_write_json(marker_path(path, i), marker)
+    return marker
+
+
+def read_markers(path: Path, layout: Layout) -> list[dict]:
+    missing = pending_shards(path, layout)
+    if missing:
+        raise StoreError(f"{path}: shards {missing[:10]} are not finished; rerun generation")
+    markers = [read_json(marker_path(path, i)) for i in range(layout.num_shards)]
+    total = sum(m["count"] for m in markers)
+    if total != layout.n:
+        raise StoreError(f"{path}: shard markers cover {total} rows, expected {layout.n}")
+    return markers
+
+
+def read_rows(path: Path, start: int = 0, stop: int | None = None,
+              names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(path), mode="r")
+    names = names or tuple(g.array_keys())
+    return {n: g[n][start:stop] for n in names}

@@ -1,0 +1,55 @@
+"""Configuration hashing: the cache key of every stage.
+
+key = sha256(canonical_json({"stage", "schema", "config", "inputs"}))[:16]
+
+Canonical JSON: sorted keys, no whitespace, no NaN/inf, floats in Python's shortest round-trip
+repr, tuples as lists. Nothing process-dependent (no ``hash()``, no ids) enters the key, so a key
+is the same in every process and on every machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+KEY_LENGTH = 16
+
+
+class HashingError(ValueError):
+    """A value cannot be put into a cache key."""
+
+
+def _plain(value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise HashingError(f"{where}: mapping keys must be strings, got {k!r}")
+            out[k] = _plain(v, f"{where}.{k}")
+        return out
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise HashingError(f"{where}: {value!r} is not a finite number; configs must be finite")
+        return value
+    if isinstance(value, Sequence):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise HashingError(f"{where}: cannot hash a {type(value).__name__}; use plain JSON values")
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON text of ``value`` (dataclasses, mappings, sequences, scalars)."""
+    return json.dumps(_plain(value, "config"), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def stage_key(stage: str, schema: int, config: Any, inputs: Sequence[str] = ()) -> str:
+    """Cache key of a stage: its name, schema version, own config and upstream keys (in order)."""
+    payload = {"stage": stage, "schema": int(schema), "config": config, "inputs": list(inputs)}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:KEY_LENGTH]
