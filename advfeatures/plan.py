@@ -115,14 +115,19 @@ def make_plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
     return Plan(ds, source, source_eval, teacher, teacher_eval, constructs, students, run)
 
 
-def plan_summary(plan: Plan) -> list[dict[str, Any]]:
-    """One line per stage: what it is and its key (for `advfeatures show-config`)."""
-    rows = [{"stage": "dataset", "what": "ingested data", "key": plan.dataset.key},
-            {"stage": "model", "what": "source", "key": plan.source.key}]
+def labels(plan: Plan) -> dict[str, str]:
+    """A readable name for every stage key."""
+    out = {plan.dataset.key: "data", plan.source.key: "source", plan.source_eval.key: "source",
+           plan.run.key: "table"}
     if plan.teacher is not None:
-        rows.append({"stage": "model", "what": "teacher (errors)", "key": plan.teacher.key})
-    rows += [{"stage": "construct", "what": k, "key": s.key} for k, s in plan.constructs.items()]
-    rows += [{"stage": "student", "what": f"{s.kind} seed={s.seed}", "key": s.student.key} for s in plan.students]
-    rows.append({"stage": "run", "what": "table", "key": plan.run.key})
-    return rows
+        out[plan.teacher.key] = out[plan.teacher_eval.key] = "teacher"
+    out.update({s.key: kind for kind, s in plan.constructs.items()})
+    for s in plan.students:
+        out[s.student.key] = out[s.eval.key] = f"{s.kind} seed={s.seed}"
+    return out
 
+
+def plan_summary(plan: Plan) -> list[dict[str, Any]]:
+    """One line per stage: its name, what it is and its key (for `advfeatures show-config`)."""
+    names = labels(plan)
+    return [{"stage": s.stage, "what": names[s.key], "key": s.key} for s in plan.stages()]

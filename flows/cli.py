@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve(args.profile, args.overrides, data=args.data, store=args.store)
         if args.command == "show-config":
             return _show(cfg)
+        from advfeatures.stages import locate_source
+
+        locate_source(cfg.data)  # a missing or malformed source fails here, before Prefect starts
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         from flows.replicate import replicate
 

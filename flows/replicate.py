@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from advfeatures import report
 from advfeatures.config import ExperimentConfig, resolve
 from advfeatures.data import source_sha256
-from advfeatures.plan import Plan, StageSpec, make_plan
+from advfeatures.plan import Plan, StageSpec, labels, make_plan
 from advfeatures.stages import locate_source
 from storage.store import Store
 from tasks import stages as T
@@ -41,14 +41,13 @@ def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any) -> str:
 
 def stage_timings(store: Store, plan: Plan, since: float) -> list[dict[str, Any]]:
     """Per stage: seconds it took and whether this run computed it or found it cached."""
-    rows = []
+    rows, names = [], labels(plan)
     for spec in plan.stages():
         if not store.is_complete(spec.folder, spec.key):
             continue
         man = store.manifest(spec.folder, spec.key)
         mtime = (store.path(spec.folder, spec.key) / "manifest.json").stat().st_mtime
-        what = spec.config.get("kind") or spec.config.get("model", {}).get("arch") or spec.config.get("name", "")
-        rows.append({"stage": spec.stage, "what": what, "key": spec.key, "seconds": man.get("seconds", 0.0),
+        rows.append({"stage": spec.stage, "what": names[spec.key], "key": spec.key, "seconds": man.get("seconds", 0.0),
                      "computed": mtime >= since})
     return rows
 

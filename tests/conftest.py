@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny synthetic dataset in every source format, and helpers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Prefect's home (result records, local storage) in a throwaway folder, set before prefect loads.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="advfeatures-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from advfeatures import synthetic as S  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_arrays():
+    return S.make_arrays(n_train=200, n_test=100, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(tmp_path_factory, tiny_arrays):
+    """The same tiny dataset as: ImageFolder dir, zip (flat and with a top folder), CIFAR tar.gz,
+    extracted CIFAR folder, and the parent of that folder."""
+    root = tmp_path_factory.mktemp("sources")
+    cifar_dir = S.write_cifar_folder(root / "extracted", tiny_arrays)
+    return {
+        "folder": S.write_image_folder(root / "folder", tiny_arrays),
+        "zip": S.write_image_zip(root / "flat.zip", tiny_arrays),
+        "zip_top": S.write_image_zip(root / "top.zip", tiny_arrays, top="CIFAR-10-images/"),
+        "tar": S.write_cifar_tar(root / "cifar-10-python.tar.gz", tiny_arrays),
+        "cifar_dir": cifar_dir,
+        "cifar_parent": cifar_dir.parent,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_tar(tiny_sources):
+    return tiny_sources["tar"]

@@ -1,0 +1,126 @@
+"""The `replicate` flow end to end under prefect_test_harness, on a tiny synthetic dataset."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("prefect")
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.cli import main as cli_main  # noqa: E402
+from flows.replicate import replicate  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, tiny_tar):
+    store = tmp_path_factory.mktemp("store")
+    out = replicate(profile="tiny", data=str(tiny_tar), store=str(store))
+    return store, out
+
+
+def _manifest_mtimes(store):
+    return {p.relative_to(store).as_posix(): p.stat().st_mtime_ns for p in store.rglob("manifest.json")}
+
+
+def test_first_run_writes_the_table(first):
+    store, out = first
+    run_dir = store / "runs" / out["run_key"]
+    assert str(run_dir) == out["run_dir"]
+    csv = pd.read_csv(run_dir / "table.csv")
+    pq = pd.read_parquet(run_dir / "table.parquet")
+    assert list(csv["set"]) == ["D (source)", "teacher (errors)", "rand", "other", "det", "errors"]
+    assert len(pq) == 6 and list(pq.columns) == list(csv.columns)
+    for col in ("acc_xy_%", "acc_xy+1_%", "attack_success_%", "source_acc_%", "model_key", "construct_key"):
+        assert col in csv.columns
+    assert ((csv["acc_xy_%"] >= 0) & (csv["acc_xy_%"] <= 100)).all()
+    pgd_rows = csv[csv["set"].isin(["rand", "other", "det"])]
+    assert pgd_rows["attack_success_%"].between(0, 100).all()
+    assert (csv["n_train"].iloc[2:5] == 120).all()
+    assert csv.loc[0, "acc_xy_%"] > 50  # the synthetic classes are easy: the source learns them
+    md = (run_dir / "table.md").read_text()
+    assert "| det" in md and "acc_xy+1_%" in md
+    assert all(t["computed"] for t in out["timings"])
+
+
+def test_table_artifact_published(first):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["replicate-table"])))
+    assert arts and arts[0].type == "table"
+    assert "det" in str(arts[0].data)
+
+
+def test_second_run_computes_nothing(first, tiny_tar, monkeypatch):
+    store, out = first
+    import advfeatures.construct as C
+    import advfeatures.stages as S
+
+    def boom(*a, **k):
+        raise AssertionError("a cached stage was recomputed")
+
+    for mod, name in ((S, "fit"), (S, "predict"), (C, "pgd"), (S.D, "read_source")):
+        monkeypatch.setattr(mod, name, boom)
+    before = _manifest_mtimes(store)
+    again = replicate(profile="tiny", data=str(tiny_tar), store=str(store))
+    assert again["run_key"] == out["run_key"]
+    assert _manifest_mtimes(store) == before
+    assert not any(t["computed"] for t in again["timings"])
+
+
+def _computed(out):
+    return sorted((t["stage"], t["what"]) for t in out["timings"] if t["computed"])
+
+
+def test_student_change_recomputes_only_students(first, tiny_tar):
+    store, _ = first
+    out = replicate(profile="tiny", overrides=["student.train.epochs=2"], data=str(tiny_tar), store=str(store))
+    stages = {s for s, _ in _computed(out)}
+    assert stages == {"student", "eval", "run"}
+    assert sum(1 for s, _ in _computed(out) if s == "student") == 4
+
+
+def test_attack_change_recomputes_generation_not_source(first, tiny_tar):
+    store, _ = first
+    out = replicate(profile="tiny", overrides=["attack.steps=2"], data=str(tiny_tar), store=str(store))
+    computed = _computed(out)
+    assert ("construct", "rand") in computed and ("construct", "det") in computed
+    assert ("construct", "errors") not in computed
+    assert not any(s == "model" for s, _ in computed)
+    assert sum(1 for s, _ in computed if s == "student") == 3
+
+
+def test_cli_show_config_prints_every_key(tiny_tar, capsys):
+    assert cli_main(["show-config", "--profile", "tiny", "--data", str(tiny_tar)]) == 0
+    text = capsys.readouterr().out
+    for stage in ("dataset", "model", "construct", "student", "run"):
+        assert f"\n{stage} " in text
+    assert "attack:" in text and "steps: 3" in text
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    assert cli_main(["run", "--profile", "tiny", "--set", "attack.eps=-1"]) == 2
+    assert "attack.eps must be >= 0" in capsys.readouterr().err
+    assert cli_main(["run", "--profile", "tiny", "--data", str(tmp_path / "missing.zip")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_paper_profile_runs_on_tiny_data(tiny_tar, tmp_path):
+    """The paper's architectures and recipes, with epochs, steps and sizes shrunk to CPU seconds."""
+    shrink = ["source.train.epochs=1", "source.train.batch_size=64", "attack.steps=1",
+              "construct.n_images=20", "construct.shard_size=10", "construct.chunk_size=10",
+              "student.train.epochs=1", "student.train.batch_size=64", "teacher.train.epochs=1",
+              "runtime.device=cpu", "runtime.attack_batch_size=20"]
+    out = replicate(profile="paper", overrides=shrink, data=str(tiny_tar), store=str(tmp_path))
+    df = pd.read_parquet(tmp_path / "runs" / out["run_key"] / "table.parquet")
+    assert list(df["model"]) == ["resnet50", "resnet18", "resnet50", "resnet50", "resnet50", "resnet50"]
+    assert list(df["paper_%"].iloc[[0, 2, 4, 5]]) == [95.3, 63.3, 43.7, 49.7]
+    assert np.isnan(df["paper_%"].iloc[3])  # no D_other in the paper

@@ -1,0 +1,112 @@
+"""The stage executors on a tiny dataset, without Prefect: artifacts, invariants, idempotence."""
+
+import numpy as np
+import pytest
+
+from advfeatures import stages
+from advfeatures.config import resolve
+from advfeatures.data import source_sha256
+from advfeatures.plan import make_plan
+from storage import arrays as A
+from storage.store import Store
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_tar):
+    cfg = resolve("tiny", data=str(tiny_tar), store=str(tmp_path_factory.mktemp("store")))
+    st, rt = Store(cfg.runtime.store), cfg.runtime
+    plan = make_plan(cfg, source_sha256(tiny_tar))
+    stages.ingest(st, cfg.data, plan.dataset)
+    stages.train_model(st, plan.source, rt)
+    stages.train_model(st, plan.teacher, rt)
+    for kind, spec in plan.constructs.items():
+        if kind == "errors":
+            stages.build_errors(st, spec, rt)
+        else:
+            for i in stages.prepare_construct(st, spec):
+                stages.run_shard(st, spec, i, rt)
+            stages.finalize_construct(st, spec)
+    return cfg, st, plan
+
+
+def test_dataset_group(built, tiny_arrays):
+    cfg, st, plan = built
+    x, y = stages.load_split(st, plan.dataset.key, "train")
+    assert np.array_equal(x, tiny_arrays[0]) and np.array_equal(y, tiny_arrays[1])
+    man = st.manifest("datasets", plan.dataset.key)
+    assert man["n_train"] == 200 and man["n_test"] == 100 and man["source_sha256"] == plan.dataset.config["source_sha256"]
+    assert man["code_version"]["package"] and man["stage"]["key"] == plan.dataset.key
+
+
+@pytest.mark.parametrize("kind", ["rand", "other", "det"])
+def test_pgd_sets_obey_their_definition(built, tiny_arrays, kind):
+    cfg, st, plan = built
+    spec = plan.constructs[kind]
+    path = st.path("constructed", spec.key)
+    r = A.read_rows(path)
+    n = cfg.construct.n_images
+    assert r["x"].shape == (n, 3, 32, 32) and r["x"].dtype == np.float16
+    assert len(np.unique(r["index"])) == n and np.array_equal(r["y_true"], tiny_arrays[1][r["index"]])
+    if kind == "det":
+        assert np.array_equal(r["y_target"], (r["y_true"] + 1) % 10)
+    if kind == "other":
+        assert (r["y_target"] != r["y_true"]).all()
+    if kind == "rand":
+        assert (r["y_target"] == r["y_true"]).any() and len(np.unique(r["y_target"])) > 5
+    x0 = tiny_arrays[0][r["index"]].astype(np.float32) / 255
+    d = r["x"].astype(np.float32) - x0
+    norms = np.sqrt((d.reshape(n, -1) ** 2).sum(1))
+    assert (norms <= cfg.attack.eps + 0.01).all()  # float16 storage rounding: < 0.01
+    assert np.allclose(norms, r["norm"], atol=0.01)
+    assert r["x"].min() >= 0 and r["x"].max() <= 1
+    man = st.manifest("constructed", spec.key)
+    assert len(man["shards"]) == 3 and man["summary"]["n"] == n
+    assert man["summary"]["attack_success"] == pytest.approx(r["fooled"].mean())
+
+
+def test_errors_set_is_the_teachers_mistakes_on_unmodified_images(built, tiny_arrays):
+    cfg, st, plan = built
+    r = A.read_rows(st.path("constructed", plan.constructs["errors"].key))
+    assert r["x"].dtype == np.uint8
+    assert np.array_equal(r["x"], tiny_arrays[0][r["index"]])
+    assert (r["y_target"] != r["y_true"]).all()
+    teacher = stages.load_model(st, plan.teacher.key)
+    import torch
+
+    pred = teacher(torch.from_numpy(r["x"]).float() / 255).argmax(1).numpy()
+    assert np.array_equal(pred, r["y_target"])
+
+
+def test_finished_stages_are_not_recomputed(built, monkeypatch):
+    cfg, st, plan = built
+    import advfeatures.construct as C
+    import advfeatures.stages as S
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed a finished stage")
+
+    monkeypatch.setattr(S, "fit", boom)
+    monkeypatch.setattr(C, "pgd", boom)
+    monkeypatch.setattr(S, "predict", boom)
+    stages.train_model(st, plan.source, cfg.runtime)
+    for kind, spec in plan.constructs.items():
+        assert stages.prepare_construct(st, spec) == [] if kind != "errors" else True
+    spec = plan.constructs["rand"]
+    assert stages.run_shard(st, spec, 0, cfg.runtime)["skipped"]
+    stages.build_errors(st, plan.constructs["errors"], cfg.runtime)
+
+
+def test_same_config_generates_bit_identical_shards(built, tmp_path):
+    """A shard computed again (another worker, another order) gives the same bytes."""
+    cfg, st, plan = built
+    spec = plan.constructs["rand"]
+    other = Store(tmp_path)
+    import shutil
+
+    for folder, key in (("datasets", plan.dataset.key), ("models", plan.source.key)):
+        shutil.copytree(st.path(folder, key), other.path(folder, key))
+    for i in reversed(stages.prepare_construct(other, spec)):
+        stages.run_shard(other, spec, i, cfg.runtime)
+    a = A.read_rows(st.path("constructed", spec.key))
+    b = A.read_rows(other.path("constructed", spec.key))
+    assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -1,0 +1,122 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from storage import arrays as A
+from storage.store import Store, StoreError, atomic_write_json
+
+
+def _layout(n=230):
+    return A.Layout(n=n, image_shape=(3, 4, 4), x_dtype="float16", chunk=25, shard_size=50)
+
+
+def _rows(layout, i, fill):
+    s, e = layout.rows(i)
+    k = e - s
+    return {"x": np.full((k, 3, 4, 4), fill, np.float32), "y_target": np.arange(s, e), "y_true": np.arange(s, e),
+            "index": np.arange(s, e), "fooled": np.ones(k, bool), "loss": np.zeros(k, np.float32),
+            "norm": np.full(k, fill, np.float32)}
+
+
+def _chunk_files(path):
+    return {os.path.relpath(os.path.join(r, f), path): os.stat(os.path.join(r, f)).st_mtime_ns
+            for r, _, fs in os.walk(path) for f in fs if "/c/" in os.path.join(r, f) + "/"}
+
+
+def test_shards_own_disjoint_chunks(tmp_path):
+    layout = _layout()
+    assert layout.num_shards == 5 and layout.rows(4) == (200, 230)
+    A.create_constructed(tmp_path, layout)
+    owners = {}
+    for i in range(layout.num_shards):
+        before = set(_chunk_files(tmp_path))
+        A.write_shard(tmp_path, layout, i, _rows(layout, i, i), seconds=0.0)
+        new = set(_chunk_files(tmp_path)) - before
+        assert new, "each shard writes its own chunk files"
+        for f in new:
+            assert f not in owners
+            owners[f] = i
+    got = A.read_rows(tmp_path)
+    assert np.array_equal(got["index"], np.arange(230))
+    assert np.array_equal(got["x"][:, 0, 0, 0], np.repeat(np.arange(5), 50)[:230].astype(np.float16))
+
+
+def test_interrupted_shard_is_redone_and_finished_ones_untouched(tmp_path):
+    layout = _layout()
+    A.create_constructed(tmp_path, layout)
+    for i in (0, 1):
+        A.write_shard(tmp_path, layout, i, _rows(layout, i, 1.0), seconds=0.0)
+    # shard 2 "crashes": its rows are written but its marker never is
+    g = __import__("zarr").open_group(str(tmp_path), mode="r+")
+    g["x"][100:150] = np.full((50, 3, 4, 4), 9.0, np.float16)
+    assert A.pending_shards(tmp_path, layout) == [2, 3, 4]
+    with pytest.raises(StoreError, match="not finished"):
+        A.read_markers(tmp_path, layout)
+    snapshot = {f: t for f, t in _chunk_files(tmp_path).items()}
+    marker0 = A.marker_path(tmp_path, 0).stat().st_mtime_ns
+    A.create_constructed(tmp_path, layout)  # a rerun re-opens the arrays
+    for i in A.pending_shards(tmp_path, layout):
+        A.write_shard(tmp_path, layout, i, _rows(layout, i, 2.0), seconds=0.0)
+    assert A.pending_shards(tmp_path, layout) == []
+    after = _chunk_files(tmp_path)
+    rows01 = [f for f in snapshot if f.startswith("x/") and int(f.split("/")[2]) < 4]  # chunks 0..3 = rows 0..99
+    assert rows01 and all(after[f] == snapshot[f] for f in rows01)
+    assert A.marker_path(tmp_path, 0).stat().st_mtime_ns == marker0
+    x = A.read_rows(tmp_path, names=("x",))["x"]
+    assert (x[:100] == 1.0).all() and (x[100:] == 2.0).all()  # the crashed rows were rewritten whole
+    markers = A.read_markers(tmp_path, layout)
+    assert sum(m["count"] for m in markers) == 230
+
+
+def test_marker_checksum_matches_rows(tmp_path):
+    layout = _layout(50)
+    A.create_constructed(tmp_path, layout)
+    rows = _rows(layout, 0, 0.25)
+    m = A.write_shard(tmp_path, layout, 0, rows, seconds=1.5)
+    stored = A.read_rows(tmp_path)
+    assert m["sha256"] == A.rows_sha256({k: stored[k] for k in rows})
+    assert json.loads(A.marker_path(tmp_path, 0).read_text())["count"] == 50
+
+
+def test_layout_mismatch_is_refused(tmp_path):
+    A.create_constructed(tmp_path, _layout())
+    with pytest.raises(StoreError, match="Delete"):
+        A.create_constructed(tmp_path, A.Layout(n=231, image_shape=(3, 4, 4), x_dtype="float16", chunk=25,
+                                                shard_size=50))
+
+
+def test_wrong_rows_are_refused_before_any_marker(tmp_path):
+    layout = _layout()
+    A.create_constructed(tmp_path, layout)
+    rows = _rows(layout, 0, 1.0)
+    rows["x"] = rows["x"][:10]
+    with pytest.raises(ValueError, match="rows"):
+        A.write_shard(tmp_path, layout, 0, rows, seconds=0)
+    assert not A.shard_done(tmp_path, 0)
+
+
+def test_staging_is_all_or_nothing(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.staging("models", "k1") as d:
+            (d / "weights.pt").write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert not store.path("models", "k1").exists()
+    assert list((tmp_path / "models").iterdir()) == []
+    with store.staging("models", "k1") as d:
+        atomic_write_json(d / "manifest.json", {"ok": 1})
+    assert store.is_complete("models", "k1") and store.manifest("models", "k1") == {"ok": 1}
+
+
+def test_unwritable_store_gives_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="not writable.*runtime.store"):
+        Store(blocker / "store").ensure_writable()
+
+
+def test_missing_manifest_names_the_stage(tmp_path):
+    with pytest.raises(StoreError, match="run the stage"):
+        Store(tmp_path).manifest("models", "abc")

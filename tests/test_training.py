@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+
+from advfeatures.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
+from advfeatures.models import build_model
+from advfeatures.training import augment_batch, fit, lr_lambda, predict, wilson_interval
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return build_model("small_cnn", 10, CIFAR_MEAN, CIFAR_STD)
+
+
+def test_loss_falls_when_overfitting_64_examples():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    cfg = TrainConfig(epochs=30, batch_size=16, lr=0.05, schedule="constant", augment=False, weight_decay=0)
+    res = fit(_model(), x, y, cfg)
+    assert res.history[-1]["train_loss"] < 0.3 * res.history[0]["train_loss"]
+    assert res.history[-1]["train_acc"] > 0.9
+
+
+def test_fixed_seed_reproduces_bit_for_bit():
+    x = torch.rand(96, 3, 32, 32)
+    y = torch.arange(96) % 10
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, augment=True, seed=5)
+    a, b, c = _model(), _model(), _model()
+    fit(a, x, y, cfg)
+    fit(b, x, y, cfg)
+    fit(c, x, y, TrainConfig(**{**cfg.__dict__, "seed": 6}))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_augment_is_a_shifted_or_flipped_copy():
+    x = torch.rand(64, 3, 32, 32)
+    out = augment_batch(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    found = 0
+    for i in range(64):  # each output equals some crop of the zero-padded image, maybe flipped
+        xp = torch.nn.functional.pad(x[i], (4, 4, 4, 4))
+        hits = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
+                if torch.equal((out[i].flip(2) if f else out[i]), xp[:, dy:dy + 32, dx:dx + 32])]
+        found += bool(hits)
+    assert found == 64
+    assert not torch.equal(out, x)
+
+
+def test_schedules():
+    step = lr_lambda(TrainConfig(epochs=9, schedule="step", step_epochs=3, gamma=0.1), steps_per_epoch=10)
+    assert step(0) == 1 and step(29) == 1 and step(30) == pytest.approx(0.1) and step(89) == pytest.approx(0.01)
+    one = lr_lambda(TrainConfig(epochs=10, schedule="onecycle", warmup=0.2), steps_per_epoch=10)
+    vals = [one(i) for i in range(100)]
+    assert max(vals) == pytest.approx(1.0) and vals[0] < 0.1 and vals[-1] < 0.02
+    assert np.argmax(vals) == 19
+
+
+def test_predict_matches_argmax_and_wilson():
+    m = _model().eval()
+    x = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    p = predict(m, x, batch_size=7)
+    with torch.no_grad():
+        assert torch.equal(p, m(x.float() / 255).argmax(1))
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+
+
+def test_empty_or_mismatched_data_is_refused():
+    with pytest.raises(ValueError, match="empty"):
+        fit(_model(), torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), TrainConfig(epochs=1))
+    with pytest.raises(ValueError, match="rows"):
+        fit(_model(), torch.zeros(4, 3, 32, 32), torch.zeros(3, dtype=torch.long), TrainConfig(epochs=1))
