@@ -166,6 +166,7 @@ def read_markers(path: Path, layout: Layout) -> list[dict]:
 
 def read_rows(path: Path, start: int = 0, stop: int | None = None,
               names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Rows [start, stop) of the named arrays (default: every array of a constructed set)."""
     g = zarr.open_group(str(path), mode="r")
-    names = names or tuple(g.array_keys())
+    names = names or ("x", *CONSTRUCTED_FIELDS)
     return {n: g[n][start:stop] for n in names}
