@@ -41,7 +41,7 @@ def make_targets(kind: str, y: np.ndarray, num_classes: int, seed: int) -> np.nd
 
 def attack_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, attack: AttackConfig,
                  device: torch.device | str = "cpu", batch_size: int = 250, seed: int = 0,
-                 channels_last: bool = False) -> dict[str, np.ndarray]:
+                 channels_last: bool = False, amp_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
     """Targeted PGD on a block of uint8 images (N,C,H,W). Returns float32 x and per-row records."""
     device = torch.device(device)
     model = model.to(device)
@@ -57,7 +57,7 @@ def attack_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, atta
             xb = xb.contiguous(memory_format=torch.channels_last)
         tb = torch.from_numpy(targets[s:s + batch_size]).to(device)
         r = pgd(model, xb, tb, threat, attack.steps, attack.step_size, use_best=attack.use_best,
-                random_start=attack.random_start, generator=gen)
+                random_start=attack.random_start, generator=gen, amp_dtype=amp_dtype)
         out["x"].append(r.x.contiguous().cpu().numpy())
         out["fooled"].append(r.fooled.cpu().numpy())
         out["loss"].append(r.loss.cpu().numpy())

@@ -43,7 +43,19 @@ def device_of(rt: RuntimeConfig) -> torch.device:
 def setup_runtime(rt: RuntimeConfig) -> torch.device:
     if rt.threads:
         torch.set_num_threads(rt.threads)
-    return device_of(rt)
+    dev = device_of(rt)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = rt.cudnn_benchmark
+    return dev
+
+
+def amp_dtype(rt: RuntimeConfig) -> torch.dtype | None:
+    return torch.bfloat16 if rt.amp == "bf16" else None
+
+
+def compiled(model: torch.nn.Module, rt: RuntimeConfig) -> torch.nn.Module:
+    """The model itself, or a torch.compile wrapper of it (weights shared) when runtime.compile."""
+    return torch.compile(model) if rt.compile else model
 
 
 # --- dataset ---------------------------------------------------------------------------------------
@@ -101,7 +113,8 @@ def _fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, n
             f"acc {ev['train_acc']:.3f} ({ev['seconds']:.1f}s)")
 
     res = fit(model, torch.from_numpy(x), torch.from_numpy(y), train_cfg, device=device,
-              channels_last=rt.channels_last, callback=progress)
+              channels_last=rt.channels_last, callback=progress, amp_dtype=amp_dtype(rt),
+              forward=compiled(model, rt))
     with store.staging(spec.folder, spec.key) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         torch.save(state, tmp / "weights.pt")
@@ -225,9 +238,9 @@ def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log:
     model = load_model(store, spec.inputs[1], device)
     attack = _build(AttackConfig, spec.config["attack"], "attack")
     t_attack = time.perf_counter()
-    out = C.attack_block(model, block, t[start:stop], attack, device, rt.attack_batch_size,
+    out = C.attack_block(compiled(model, rt), block, t[start:stop], attack, device, rt.attack_batch_size,
                          seed=spec.config["seed"] * 1_000_003 + shard,
-                         channels_last=rt.attack_channels_last)
+                         channels_last=rt.channels_last, amp_dtype=amp_dtype(rt))
     attack_s = time.perf_counter() - t_attack
     rows = {"x": out["x"], "y_target": t[start:stop], "y_true": y[start:stop], "index": idx[start:stop],
             "fooled": out["fooled"], "loss": out["loss"], "norm": out["norm"]}

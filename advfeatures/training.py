@@ -8,6 +8,7 @@ The loop knows nothing of logging: callers pass ``callback(event: dict)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -68,10 +69,13 @@ class FitResult:
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
         device: torch.device | str = "cpu", channels_last: bool = False,
-        callback: Callback | None = None) -> FitResult:
+        callback: Callback | None = None, amp_dtype: torch.dtype | None = None,
+        forward: nn.Module | None = None) -> FitResult:
     """Train ``model`` in place with SGD on (x, y). Seeded by ``cfg.seed`` (shuffle + augment).
 
     Weight decay applies to every parameter, as in the paper's recipe (torch SGD semantics).
+    ``amp_dtype`` runs forward/backward under autocast (the loss and the weights stay fp32);
+    ``forward`` is an optional compiled wrapper of ``model`` used for the forward pass.
     """
     device = torch.device(device)
     n = x.shape[0]
@@ -83,6 +87,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     if channels_last:
         model.to(memory_format=torch.channels_last)
     x, y = x.to(device), y.to(device)
+    forward = forward or model
     gen = _generator(cfg.seed, device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
@@ -102,8 +107,9 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
                 xb = augment_batch(xb, gen)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                logits = forward(xb)
+            loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
