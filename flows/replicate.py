@@ -72,6 +72,8 @@ def replicate(profile: str = "demo", overrides: list[str] | None = None, data: s
     for kind, spec in plan.constructs.items():
         if kind == "errors":
             T.build_errors(spec, root, rt)
+        elif st.is_complete(spec.folder, spec.key):
+            T.finalize_set(spec, root)  # sealed already: shows as Cached, no generation subflow
         else:
             generate_set(spec, root, rt)
     for s in plan.students:

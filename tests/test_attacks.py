@@ -104,3 +104,21 @@ def test_random_start_is_seeded_and_inside_ball():
     b = pgd(model, x, t, L2(0.5), steps=0, step_size=0.1, random_start=True, use_best=False, generator=g2)
     assert torch.equal(a.x, b.x) and not torch.equal(a.x, x)
     assert (a.norm <= 0.5 + 1e-5).all()
+
+
+def test_bf16_autocast_keeps_x_fp32_and_rechecks_records_in_fp32():
+    """The CUDA fast path, exercised on CPU: only the model runs in bf16."""
+    model, x, t = _setup()
+    r = pgd(model, x, t, L2(0.5), steps=5, step_size=0.1, amp_dtype=torch.bfloat16)
+    assert r.x.dtype == torch.float32 and r.loss.dtype == torch.float32
+    assert ((r.x - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all() and r.x.min() >= 0 and r.x.max() <= 1
+    model.eval()
+    with torch.no_grad():
+        logits = model(r.x)  # fp32
+    assert torch.allclose(r.loss, F.cross_entropy(logits, t, reduction="none"), atol=1e-5)
+    assert torch.equal(r.fooled, logits.argmax(1) == t)
+    # the perturbation is resolved finer than bf16 could hold it
+    d = (r.x - x)[r.norm > 0]
+    assert not torch.equal(d, d.to(torch.bfloat16).float())
+    fp32 = pgd(model, x, t, L2(0.5), steps=5, step_size=0.1)
+    assert abs(r.fooled.float().mean() - fp32.fooled.float().mean()) <= 0.15

@@ -73,3 +73,14 @@ def test_empty_or_mismatched_data_is_refused():
         fit(_model(), torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), TrainConfig(epochs=1))
     with pytest.raises(ValueError, match="rows"):
         fit(_model(), torch.zeros(4, 3, 32, 32), torch.zeros(3, dtype=torch.long), TrainConfig(epochs=1))
+
+
+def test_bf16_autocast_training_learns_and_keeps_fp32_weights():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    m = _model()
+    cfg = TrainConfig(epochs=40, batch_size=16, lr=0.05, schedule="constant", augment=False, weight_decay=0)
+    res = fit(m, x, y, cfg, amp_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert res.history[-1]["train_loss"] < 0.5 * res.history[0]["train_loss"]
