@@ -11,7 +11,7 @@ SET    ?=
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test install clean-store
+.PHONY: demo test install bench clean-store
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# torchattacks 3.5.1 (the PGD peer) pins requests~=2.25.1, which breaks other packages:
+# install it without its dependencies (it needs only torch, numpy, scipy and tqdm).
+$(VENV)/.bench: $(STAMP)
+	$(BIN)/python -m pip install -q scipy tqdm
+	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
+	touch $@
+
+bench: $(VENV)/.bench
+	$(BIN)/python benchmarks/bench_pgd.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_e2e.py $(if $(DATA),--data $(DATA))
 
 clean-store:
 	rm -rf .advstore

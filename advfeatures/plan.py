@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from advfeatures.config import PGD_KINDS, ExperimentConfig, ModelStageConfig, _to_plain
+from advfeatures.config import ExperimentConfig, ModelStageConfig, _to_plain
 from storage.hashing import stage_key
 
 SCHEMA = {"dataset": 1, "model": 1, "construct": 1, "student": 1, "eval": 1, "run": 1}

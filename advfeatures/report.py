@@ -16,8 +16,7 @@ import yaml
 
 from advfeatures.config import ExperimentConfig
 from advfeatures.plan import Plan, StageSpec
-from storage.arrays import atomic_write_json
-from storage.store import Store
+from storage.store import Store, atomic_write_json
 
 # Clean test accuracy (%) reported for CIFAR-10: Ilyas et al. Table 1 (ResNet-50) and, for
 # errors, Wallace (2019, ResNet-18 on 18,768 mislabeled images). D_other is not in the paper.

@@ -17,12 +17,12 @@ import torch
 
 from advfeatures import construct as C
 from advfeatures import data as D
-from advfeatures.config import AttackConfig, DataConfig, ModelConfig, RuntimeConfig, TrainConfig, _build
+from advfeatures.config import AttackConfig, ConfigError, DataConfig, ModelConfig, RuntimeConfig, TrainConfig, _build
 from advfeatures.models import build_model
 from advfeatures.plan import StageSpec
 from advfeatures.training import fit, predict, wilson_interval
 from storage import arrays as A
-from storage.store import Store, StoreError
+from storage.store import Store, StoreError, atomic_write_json
 
 Log = Callable[[str], None]
 
@@ -36,7 +36,7 @@ def device_of(rt: RuntimeConfig) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(rt.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"runtime.device={rt.device!r} but CUDA is not available; use runtime.device=auto or cpu")
+        raise ConfigError(f"runtime.device={rt.device!r} but CUDA is not available; use runtime.device=auto or cpu")
     return dev
 
 
@@ -85,7 +85,7 @@ def ingest(store: Store, data: DataConfig, spec: StageSpec, log: Log = _quiet) -
                                    n_train=len(raw.train.labels), n_test=len(raw.test.labels),
                                    image_shape=list(raw.train.images.shape[1:]),
                                    seconds=round(time.perf_counter() - t0, 3))
-        A.atomic_write_json(tmp / "manifest.json", body)
+        atomic_write_json(tmp / "manifest.json", body)
     log(f"ingested {path.name}: {len(raw.train.labels)} train / {len(raw.test.labels)} test images")
     return spec.key
 
@@ -122,7 +122,7 @@ def _fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, n
                                    n_train=int(len(y)), seeds={"train": train_cfg.seed}, history=res.history,
                                    seconds=round(res.seconds, 3), images_per_second=round(res.images_per_second, 1),
                                    device=str(device), **extra)
-        A.atomic_write_json(tmp / "manifest.json", body)
+        atomic_write_json(tmp / "manifest.json", body)
     return spec.key
 
 
@@ -183,7 +183,7 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet
     with store.staging(spec.folder, spec.key) as tmp:
         body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), metrics=metrics,
                                    seconds=round(time.perf_counter() - t0, 3))
-        A.atomic_write_json(tmp / "manifest.json", body)
+        atomic_write_json(tmp / "manifest.json", body)
     log(f"eval {model_key}: acc(X,Y) {metrics['acc_xy']:.4f}  acc(X,Y+1) {metrics['acc_xy1']:.4f}")
     return spec.key
 
@@ -305,7 +305,7 @@ def build_errors(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _q
                                    classes=info["classes"], layout=dict(vars(layout)), shards=[marker],
                                    summary=summary, seconds=round(time.perf_counter() - t0, 3),
                                    records_note="fooled/loss/norm do not apply: images are unmodified")
-        A.atomic_write_json(tmp / "manifest.json", body)
+        atomic_write_json(tmp / "manifest.json", body)
     log(f"errors set {spec.key}: teacher wrong on {n} of {len(y)} training images")
     return spec.key
 

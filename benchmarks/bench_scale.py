@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     print(f"{'images':>7} {'steps':>6} {'seconds':>8} {'ms/image-step':>14} {'fit residual':>13}")
     for (n, s, t), w in zip(rows, work):
         print(f"{n:>7} {s:>6} {t:>8.2f} {1e3 * t / w:>14.3f} {t - (a0 + b * w):>+13.2f}")
-    print(f"# fit: time = {a0:.2f} s + {1e3 * b:.3f} ms x images x steps  "
-          f"({1 / b:.0f} image-steps/s); R^2 = {1 - ((secs - a0 - b * work) ** 2).sum() / ((secs - secs.mean()) ** 2).sum():.4f}")
+    r2 = 1 - ((secs - a0 - b * work) ** 2).sum() / ((secs - secs.mean()) ** 2).sum()
+    print(f"# fit: time = {a0:.2f} s + {1e3 * b:.3f} ms x images x steps ({1 / b:.0f} image-steps/s); R^2 = {r2:.4f}")
     return 0
 
 

@@ -63,5 +63,7 @@ def test_unknown_profile_names_the_choices():
 
 def test_configs_are_frozen():
     cfg = resolve("tiny")
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.attack.steps = 3  # type: ignore[misc]

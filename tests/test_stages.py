@@ -34,7 +34,8 @@ def test_dataset_group(built, tiny_arrays):
     x, y = stages.load_split(st, plan.dataset.key, "train")
     assert np.array_equal(x, tiny_arrays[0]) and np.array_equal(y, tiny_arrays[1])
     man = st.manifest("datasets", plan.dataset.key)
-    assert man["n_train"] == 200 and man["n_test"] == 100 and man["source_sha256"] == plan.dataset.config["source_sha256"]
+    assert man["n_train"] == 200 and man["n_test"] == 100
+    assert man["source_sha256"] == plan.dataset.config["source_sha256"]
     assert man["code_version"]["package"] and man["stage"]["key"] == plan.dataset.key
 
 
