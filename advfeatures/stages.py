@@ -22,7 +22,7 @@ from advfeatures.models import build_model
 from advfeatures.plan import StageSpec
 from advfeatures.training import fit, predict, wilson_interval
 from storage import arrays as A
-from storage.store import Store, StoreError, atomic_write_json
+from storage.store import IntegrityError, Store, StoreError, atomic_write_json
 
 Log = Callable[[str], None]
 
@@ -119,6 +119,7 @@ def _fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, n
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         torch.save(state, tmp / "weights.pt")
         body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=num_classes,
+                                   weights_sha256=D.source_sha256(tmp / "weights.pt"),
                                    n_train=int(len(y)), seeds={"train": train_cfg.seed}, history=res.history,
                                    seconds=round(res.seconds, 3), images_per_second=round(res.images_per_second, 1),
                                    device=str(device), **extra)
@@ -144,6 +145,10 @@ def train_student(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _
         return spec.key
     (construct_key,) = spec.inputs
     cman = store.manifest("constructed", construct_key)
+    problems = A.verify_shards(store.path("constructed", construct_key), cman["shards"])
+    if problems:
+        raise IntegrityError(f"constructed/{construct_key} is corrupt ({_describe(problems)}); run "
+                             f"`advfeatures verify {construct_key} --repair`, then rerun to regenerate those shards")
     rows = A.read_rows(store.path("constructed", construct_key), names=("x", "y_target"))
     model_cfg = _build(ModelConfig, spec.config["model"], "model")
     train_cfg = _build(TrainConfig, spec.config["train"], "train")
@@ -153,10 +158,13 @@ def train_student(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _
 
 def load_model(store: Store, key: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     man = store.manifest("models", key)
+    weights = store.path("models", key) / "weights.pt"
+    if "weights_sha256" in man and D.source_sha256(weights) != man["weights_sha256"]:
+        raise IntegrityError(f"models/{key}/weights.pt does not match its manifest's sha256; "
+                             f"run `advfeatures verify {key} --repair` and rerun to retrain it")
     mc = _build(ModelConfig, man["stage"]["config"]["model"], "model")
     model = build_model(mc.arch, man["num_classes"], mc.mean, mc.std)
-    model.load_state_dict(torch.load(store.path("models", key) / "weights.pt", map_location="cpu",
-                                     weights_only=True))
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.to(device).eval()
 
 
@@ -309,3 +317,54 @@ def build_errors(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _q
     log(f"errors set {spec.key}: teacher wrong on {n} of {len(y)} training images")
     return spec.key
 
+
+
+# --- integrity ------------------------------------------------------------------------------------------
+
+def _describe(problems: list[dict]) -> str:
+    return "; ".join(f"shard {p['shard']} rows {p['start']}:{p['stop']}: {p['problem']}" for p in problems[:5])
+
+
+def find(store: Store, key: str) -> str:
+    """The store folder holding artifact ``key``."""
+    for folder in ("datasets", "models", "constructed", "evals", "runs"):
+        if store.path(folder, key).is_dir():
+            return folder
+    raise StoreError(f"no artifact {key!r} in the store at {store.root}; `advfeatures show-config` lists keys")
+
+
+def verify(store: Store, key: str, repair: bool = False) -> list[str]:
+    """Check an artifact against the checksums in its manifest; [] when intact.
+
+    datasets: the arrays' content sha256; models: weights.pt's sha256; constructed sets: every
+    shard's rows against its marker. With ``repair``, a corrupt artifact is unsealed (manifest
+    removed, and for constructed sets only the bad shards' markers), so the next run recomputes
+    exactly what is broken.
+    """
+    folder = find(store, key)
+    path = store.path(folder, key)
+    if not store.is_complete(folder, key):
+        return [f"{folder}/{key} is unfinished (no manifest); the next run completes it"]
+    man = store.manifest(folder, key)
+    problems: list[str] = []
+    bad_shards: list[int] = []
+    if folder == "datasets":
+        try:
+            raw = D.RawDataset(*(D.Split(*A.read_split(path, s)) for s in ("train", "test")), man["classes"])
+            if raw.content_sha256() != man["content_sha256"]:
+                problems.append("dataset arrays do not match their content sha256")
+        except Exception as e:  # noqa: BLE001 - undecodable chunks
+            problems.append(f"dataset arrays unreadable ({type(e).__name__}: {e})")
+    elif folder == "models":
+        weights = path / "weights.pt"
+        if not weights.is_file() or D.source_sha256(weights) != man.get("weights_sha256"):
+            problems.append("weights.pt is missing or does not match its sha256")
+    elif folder == "constructed":
+        found = A.verify_shards(path, man["shards"])
+        bad_shards = [p["shard"] for p in found]
+        problems += [f"shard {p['shard']} rows {p['start']}:{p['stop']}: {p['problem']}" for p in found]
+    if problems and repair:
+        for i in bad_shards:
+            A.marker_path(path, i).unlink(missing_ok=True)
+        (path / "manifest.json").unlink()
+    return problems

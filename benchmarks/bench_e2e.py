@@ -40,8 +40,10 @@ def stage_flops(spec, man, store: Store, fwd: dict[str, float]) -> float:
 
 def run_cli(args: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], check=True,
-                   stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    if out.returncode:
+        sys.exit(f"advfeatures run failed:\n{out.stderr[-3000:]}")
     return time.perf_counter() - t0
 
 

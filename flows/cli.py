@@ -28,7 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("run", help="run the replicate flow (local ephemeral Prefect server)"))
     _common(sub.add_parser("show-config", help="print the resolved config and every stage's key"))
+    ver = sub.add_parser("verify", help="check a stored artifact against its recorded checksums")
+    ver.add_argument("key", help="an artifact key (see show-config)")
+    ver.add_argument("--store", default=".advstore", help="artifact store root")
+    ver.add_argument("--repair", action="store_true",
+                     help="unseal what is corrupt so the next run recomputes exactly that")
     args = parser.parse_args(argv)
+    if args.command == "verify":
+        return _verify(args)
 
     from advfeatures.config import ConfigError, resolve
     from advfeatures.data import DataSourceError
@@ -49,6 +56,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataSourceError, StoreError) as e:
         print(f"advfeatures: error: {e}", file=sys.stderr)
         return 2
+
+
+def _verify(args) -> int:
+    from advfeatures.stages import find, verify
+    from storage.store import Store, StoreError
+
+    store = Store(args.store)
+    try:
+        folder = find(store, args.key)
+        problems = verify(store, args.key, repair=args.repair)
+    except StoreError as e:
+        print(f"advfeatures: error: {e}", file=sys.stderr)
+        return 2
+    if not problems:
+        print(f"{folder}/{args.key}: OK")
+        return 0
+    for p in problems:
+        print(f"{folder}/{args.key}: {p}")
+    print(f"{folder}/{args.key}: " + ("unsealed; the next run recomputes the broken parts" if args.repair
+                                       else "CORRUPT; rerun with --repair, then run the pipeline again"))
+    return 1
 
 
 def _show(cfg) -> int:

@@ -164,6 +164,28 @@ def read_markers(path: Path, layout: Layout) -> list[dict]:
     return markers
 
 
+def verify_shards(path: Path, markers: list[dict]) -> list[dict]:
+    """Re-read every shard's rows and compare them with the checksum in its marker.
+
+    Returns one problem per bad shard ({"shard", "start", "stop", "problem"}): unreadable chunks
+    (truncated, undecodable) or rows that no longer hash to what the worker wrote.
+    """
+    problems = []
+    for m in markers:
+        try:
+            rows = read_rows(path, m["start"], m["stop"])
+        except Exception as e:  # noqa: BLE001 - any decode failure of a chunk means corruption
+            problems.append({**_where(m), "problem": f"unreadable ({type(e).__name__}: {e})"})
+            continue
+        if rows_sha256(rows) != m["sha256"]:
+            problems.append({**_where(m), "problem": "checksum mismatch"})
+    return problems
+
+
+def _where(m: dict) -> dict:
+    return {"shard": m["shard"], "start": m["start"], "stop": m["stop"]}
+
+
 def read_rows(path: Path, start: int = 0, stop: int | None = None,
               names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """Rows [start, stop) of the named arrays (default: every array of a constructed set)."""

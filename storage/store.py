@@ -29,6 +29,10 @@ class StoreError(RuntimeError):
     """The store cannot be used (unwritable, inconsistent); the message names the fix."""
 
 
+class IntegrityError(StoreError):
+    """A stored artifact no longer matches the checksums recorded when it was written."""
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
