@@ -87,7 +87,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     if channels_last:
         model.to(memory_format=torch.channels_last)
     x, y = x.to(device), y.to(device)
-    forward = forward or model
+    forward = model if forward is None else forward
     gen = _generator(cfg.seed, device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
