@@ -65,8 +65,9 @@ def _fail(source: str | os.PathLike, why: str) -> DataSourceError:
 
 # --- fingerprints: cheap content hashes of the *source*, used to memoise ingestion -------------
 
-def source_sha256(path: Path) -> str:
+def source_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file, or of a directory's sorted (relative path, bytes) pairs."""
+    path = Path(path)
     h = hashlib.sha256()
     if path.is_file():
         with open(path, "rb") as f:
