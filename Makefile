@@ -11,7 +11,10 @@ SET    ?=
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test install bench clean-store
+WORKERS ?= 2
+PORT   ?= 4200
+
+.PHONY: demo test install bench serve clean-store
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +43,10 @@ bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_e2e.py $(if $(DATA),--data $(DATA))
+
+# Prefect server + UI on http://127.0.0.1:$(PORT), work pool, deployments, $(WORKERS) workers.
+serve: $(STAMP)
+	$(BIN)/advfeatures serve --workers $(WORKERS) --port $(PORT)
 
 clean-store:
 	rm -rf .advstore

@@ -201,11 +201,24 @@ class RuntimeConfig:
     """torch.compile the model (not the PGD loop) for training, PGD and inference."""
     cudnn_benchmark: bool = True
     """Let cuDNN pick the fastest convolution algorithms (CUDA only)."""
+    shard_workers: int = 1
+    """Shards generated at once in this process (a thread pool bounds it); torch's CPU threads are
+    split between them unless runtime.threads is set."""
+    shard_executor: str = "local"
+    """'local': shards run as tasks of this flow. 'deployment': each shard is a flow run of the
+    ``shard_deployment`` deployment, taken by that work pool's workers."""
+    shard_deployment: str = "generate-shard/generate-shard"
+    shard_retries: int = 2
+    """With 'deployment': how often a failed or crashed shard run is submitted again."""
     attack_batch_size: int = 250
     eval_batch_size: int = 1000
 
     def __post_init__(self):
         _check(self.threads >= 0, "runtime.threads must be >= 0")
+        _check(self.shard_workers >= 1, "runtime.shard_workers must be >= 1")
+        _check(self.shard_executor in ("local", "deployment"),
+               f"runtime.shard_executor={self.shard_executor!r}; choose local or deployment")
+        _check(self.shard_retries >= 0, "runtime.shard_retries must be >= 0")
         _check(self.amp in ("none", "bf16"), f"runtime.amp={self.amp!r}; choose none or bf16")
         _check(self.attack_batch_size >= 1 and self.eval_batch_size >= 1, "runtime batch sizes must be >= 1")
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),

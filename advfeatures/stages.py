@@ -252,10 +252,10 @@ def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log:
     attack_s = time.perf_counter() - t_attack
     rows = {"x": out["x"], "y_target": t[start:stop], "y_true": y[start:stop], "index": idx[start:stop],
             "fooled": out["fooled"], "loss": out["loss"], "norm": out["norm"]}
-    marker = A.write_shard(path, layout, shard, rows, seconds=time.perf_counter() - t0)
+    marker = A.write_shard(path, layout, shard, rows, seconds=time.perf_counter() - t0, attack_seconds=attack_s)
     log(f"construct {spec.config['kind']} {spec.key} shard {shard + 1}/{layout.num_shards}: rows {start}:{stop}, "
         f"fooled {out['fooled'].mean():.3f}, {attack_s:.1f}s in PGD")
-    return {**marker, "attack_seconds": round(attack_s, 3)}
+    return marker
 
 
 def finalize_construct(store: Store, spec: StageSpec) -> str:
@@ -279,6 +279,13 @@ def finalize_construct(store: Store, spec: StageSpec) -> str:
                                seconds=round(sum(m["seconds"] for m in markers), 3))
     store.write_manifest(spec.folder, spec.key, body)
     return spec.key
+
+
+def generate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet) -> str:
+    """A whole PGD set in this process, shard after shard (the flow fans the same calls out)."""
+    for i in prepare_construct(store, spec):
+        run_shard(store, spec, i, rt, log)
+    return finalize_construct(store, spec)
 
 
 # --- constructed sets: errors (Wallace) --------------------------------------------------------------

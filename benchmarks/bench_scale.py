@@ -48,9 +48,7 @@ def main(argv=None) -> int:
         stages.train_model(st, plan.source, cfg.runtime)
         spec = plan.constructs["rand"]
         t0 = time.perf_counter()
-        for i in stages.prepare_construct(st, spec):
-            stages.run_shard(st, spec, i, cfg.runtime)
-        stages.finalize_construct(st, spec)
+        stages.generate(st, spec, cfg.runtime)
         rows.append((n, steps, time.perf_counter() - t0))
     work = np.array([n * s for n, s, _ in rows], float)
     secs = np.array([t for *_, t in rows])

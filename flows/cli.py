@@ -33,9 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     ver.add_argument("--store", default=".advstore", help="artifact store root")
     ver.add_argument("--repair", action="store_true",
                      help="unseal what is corrupt so the next run recomputes exactly that")
+    srv = sub.add_parser("serve", help="local Prefect server + UI, work pool, deployments and N process workers")
+    srv.add_argument("--workers", type=int, default=2)
+    srv.add_argument("--port", type=int, default=4200)
+    srv.add_argument("--pool-limit", type=int, default=None, help="work pool concurrency limit")
     args = parser.parse_args(argv)
     if args.command == "verify":
         return _verify(args)
+    if args.command == "serve":
+        from flows.serve import serve
+
+        return serve(workers=args.workers, port=args.port, pool_limit=args.pool_limit)
 
     from advfeatures.config import ConfigError, resolve
     from advfeatures.data import DataSourceError

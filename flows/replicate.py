@@ -7,11 +7,15 @@ Every stage is cached in the store under its configuration hash.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures import report
 from advfeatures.config import ExperimentConfig, resolve
@@ -20,6 +24,7 @@ from advfeatures.plan import Plan, StageSpec, labels, make_plan
 from advfeatures.stages import locate_source
 from storage.store import Store
 from tasks import stages as T
+
 
 
 def plan_for(cfg: ExperimentConfig) -> Plan:
@@ -31,12 +36,70 @@ def plan_for(cfg: ExperimentConfig) -> Plan:
 def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any) -> str:
     """One PGD set: create its arrays, run every unfinished shard, then seal it with a manifest.
 
-    Shards run one after another here; each is an independent task writing only its own chunks,
-    so they can be fanned out to parallel workers without locks.
+    Each shard is an independent task writing only its own chunks, so shards need no locks; the
+    flow's task runner (a pool of runtime.shard_workers threads) bounds how many run at once.
+    A failed shard fails the set; a rerun redoes only the shards without a marker.
     """
-    for shard in T.prepare_set(spec, store_root):
-        T.generate_shard(spec, store_root, shard, runtime_cfg)
+    pending = T.prepare_set(spec, store_root)
+    if runtime_cfg.shard_executor == "deployment":
+        _fan_out(spec, store_root, runtime_cfg, pending)
+    else:
+        futures = [T.generate_shard.submit(spec, store_root, shard, runtime_cfg) for shard in pending]
+        wait(futures)
+        for f in futures:
+            f.result()  # raises the first shard failure
     return T.finalize_set(spec, store_root)
+
+
+def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll: float = 2.0) -> None:
+    """Each pending shard becomes a flow run of the shard deployment; wait for all, resubmitting a
+    failed or crashed one up to rt.shard_retries times. Idempotency keys are scoped to this flow
+    run, the set and the attempt, so a retried parent does not duplicate its children. How many
+    run at once is the work pool's business (its workers and concurrency limit)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import get_run_context
+    from prefect.deployments import run_deployment
+
+    from advfeatures.config import _to_plain
+    from storage.arrays import shard_done
+
+    parent = get_run_context().flow_run.id
+    runtime = _to_plain(rt)
+
+    def submit(shard: int, attempt: int):
+        return run_deployment(rt.shard_deployment, timeout=0, as_subflow=True,
+                              idempotency_key=f"{parent}:{spec.key}:{shard}:{attempt}",
+                              parameters={"spec": spec.as_dict(), "store_root": store_root, "shard": shard,
+                                          "runtime": runtime})
+
+    attempts = dict.fromkeys(pending, 0)
+    runs = {shard: submit(shard, 0) for shard in pending}
+    print(f"set {spec.key}: {len(runs)} shard runs submitted to deployment {rt.shard_deployment}")
+    path = Store(store_root).path(spec.folder, spec.key)
+    with get_client(sync_client=True) as client:
+        while runs:
+            time.sleep(poll)
+            for shard, run in list(runs.items()):
+                state = client.read_flow_run(run.id).state
+                if state is None or not state.is_final():
+                    continue
+                if state.is_completed() and shard_done(path, shard):
+                    del runs[shard]
+                elif attempts[shard] < rt.shard_retries:
+                    attempts[shard] += 1
+                    print(f"shard {shard} of {spec.key} ended {state.name}; resubmitting (try {attempts[shard] + 1})")
+                    runs[shard] = submit(shard, attempts[shard])
+                else:
+                    raise RuntimeError(f"shard {shard} of set {spec.key} failed {attempts[shard] + 1} times "
+                                       f"(last: {state.name}: {state.message}); see flow run {run.id}")
+
+
+def _generate(spec: StageSpec, store_root: str, rt: Any) -> str:
+    workers = rt.shard_workers
+    if workers > 1 and rt.threads == 0:  # split the cores between concurrent shards
+        rt = dataclasses.replace(rt, threads=max(1, (os.cpu_count() or 1) // workers))
+    runner = ThreadPoolTaskRunner(max_workers=workers)
+    return generate_set.with_options(task_runner=runner)(spec, store_root, rt)
 
 
 def stage_timings(store: Store, plan: Plan, since: float) -> list[dict[str, Any]]:
@@ -75,7 +138,7 @@ def replicate(profile: str = "demo", overrides: list[str] | None = None, data: s
         elif st.is_complete(spec.folder, spec.key):
             T.finalize_set(spec, root)  # sealed already: shows as Cached, no generation subflow
         else:
-            generate_set(spec, root, rt)
+            _generate(spec, root, rt)
     for s in plan.students:
         T.train_student(s.student, root, rt)
         T.evaluate(s.eval, root, rt)

@@ -134,8 +134,10 @@ def rows_sha256(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def write_shard(path: Path, layout: Layout, i: int, arrays: dict[str, np.ndarray], seconds: float) -> dict:
-    """Write shard i's rows (one assignment per array), then its marker. Returns the marker."""
+def write_shard(path: Path, layout: Layout, i: int, arrays: dict[str, np.ndarray], seconds: float,
+                **timings: float) -> dict:
+    """Write shard i's rows (one assignment per array), then its marker. Returns the marker.
+    ``timings`` (e.g. attack_seconds) are recorded in the marker."""
     start, stop = layout.rows(i)
     want = layout.dtypes()
     if set(arrays) != set(want):
@@ -148,7 +150,8 @@ def write_shard(path: Path, layout: Layout, i: int, arrays: dict[str, np.ndarray
         cast[name] = np.ascontiguousarray(a, dtype=want[name])
         g[name][start:stop] = cast[name]
     marker = {"shard": i, "start": start, "stop": stop, "count": stop - start,
-              "sha256": rows_sha256(cast), "seconds": round(seconds, 3), "written": time.time()}
+              "sha256": rows_sha256(cast), "seconds": round(seconds, 3), "written": time.time(),
+              **{k: round(v, 3) for k, v in timings.items()}}
     atomic_write_json(marker_path(path, i), marker)
     return marker
 

@@ -41,3 +41,18 @@ def tiny_sources(tmp_path_factory, tiny_arrays):
 @pytest.fixture(scope="session")
 def tiny_tar(tiny_sources):
     return tiny_sources["tar"]
+
+
+def build(tar, store, overrides=(), profile="tiny"):
+    """Resolve a profile on ``tar`` into ``store``, ingest, train the source: (cfg, store, plan)."""
+    from advfeatures import stages
+    from advfeatures.config import resolve
+    from advfeatures.data import source_sha256
+    from advfeatures.plan import make_plan
+    from storage.store import Store
+
+    cfg = resolve(profile, list(overrides), data=str(tar), store=str(store))
+    st, plan = Store(cfg.runtime.store), make_plan(cfg, source_sha256(tar))
+    stages.ingest(st, cfg.data, plan.dataset)
+    stages.train_model(st, plan.source, cfg.runtime)
+    return cfg, st, plan

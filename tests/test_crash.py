@@ -16,6 +16,7 @@ from advfeatures import stages
 from advfeatures.config import resolve
 from advfeatures.data import source_sha256
 from advfeatures.plan import make_plan
+from conftest import build
 from storage import arrays as A
 from storage.store import Store
 
@@ -57,10 +58,7 @@ WORKER = textwrap.dedent("""
 
 
 def _prepare(store_dir, tar):
-    cfg = resolve("tiny", OVERRIDES, data=str(tar), store=str(store_dir))
-    st, plan = Store(cfg.runtime.store), make_plan(cfg, source_sha256(tar))
-    stages.ingest(st, cfg.data, plan.dataset)
-    stages.train_model(st, plan.source, cfg.runtime)
+    cfg, st, plan = build(tar, store_dir, OVERRIDES)
     return cfg, st, plan.constructs["rand"]
 
 
@@ -73,9 +71,7 @@ def _worker(tar, store_dir, kill_at):
 def reference(tmp_path_factory, tiny_tar):
     """The same set generated without interruption."""
     cfg, st, spec = _prepare(tmp_path_factory.mktemp("ref"), tiny_tar)
-    for i in stages.prepare_construct(st, spec):
-        stages.run_shard(st, spec, i, cfg.runtime)
-    stages.finalize_construct(st, spec)
+    stages.generate(st, spec, cfg.runtime)
     return A.read_rows(st.path("constructed", spec.key))
 
 
@@ -119,9 +115,7 @@ def test_disk_full_mid_shard_leaves_no_marker(tmp_path, tiny_tar, reference, mon
     path = st.path("constructed", spec.key)
     assert not A.shard_done(path, pending[0]) and not st.is_complete("constructed", spec.key)
     monkeypatch.undo()
-    for i in stages.prepare_construct(st, spec):
-        stages.run_shard(st, spec, i, cfg.runtime)
-    stages.finalize_construct(st, spec)
+    stages.generate(st, spec, cfg.runtime)
     got = A.read_rows(path)
     assert all(np.array_equal(got[k], reference[k]) for k in reference)
 

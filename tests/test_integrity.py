@@ -6,25 +6,17 @@ import numpy as np
 import pytest
 
 from advfeatures import stages
-from advfeatures.config import resolve
-from advfeatures.data import source_sha256
-from advfeatures.plan import make_plan
+from conftest import build
 from flows.cli import main as cli_main
 from storage import arrays as A
-from storage.store import IntegrityError, Store
+from storage.store import IntegrityError
 
 
 @pytest.fixture()
 def made(tmp_path, tiny_tar):
-    cfg = resolve("tiny", ["construct.sets=[det]"], data=str(tiny_tar), store=str(tmp_path / "store"))
-    st, rt = Store(cfg.runtime.store), cfg.runtime
-    plan = make_plan(cfg, source_sha256(tiny_tar))
-    stages.ingest(st, cfg.data, plan.dataset)
-    stages.train_model(st, plan.source, rt)
+    cfg, st, plan = build(tiny_tar, tmp_path / "store", ["construct.sets=[det]"])
     spec = plan.constructs["det"]
-    for i in stages.prepare_construct(st, spec):
-        stages.run_shard(st, spec, i, rt)
-    stages.finalize_construct(st, spec)
+    stages.generate(st, spec, cfg.runtime)
     return cfg, st, plan, spec
 
 

@@ -5,28 +5,20 @@ import pytest
 import torch
 
 from advfeatures import stages
-from advfeatures.config import resolve
-from advfeatures.data import source_sha256
-from advfeatures.plan import make_plan
+from conftest import build
 from storage import arrays as A
 from storage.store import Store
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_tar):
-    cfg = resolve("tiny", data=str(tiny_tar), store=str(tmp_path_factory.mktemp("store")))
-    st, rt = Store(cfg.runtime.store), cfg.runtime
-    plan = make_plan(cfg, source_sha256(tiny_tar))
-    stages.ingest(st, cfg.data, plan.dataset)
-    stages.train_model(st, plan.source, rt)
-    stages.train_model(st, plan.teacher, rt)
+    cfg, st, plan = build(tiny_tar, tmp_path_factory.mktemp("store"))
+    stages.train_model(st, plan.teacher, cfg.runtime)
     for kind, spec in plan.constructs.items():
         if kind == "errors":
-            stages.build_errors(st, spec, rt)
+            stages.build_errors(st, spec, cfg.runtime)
         else:
-            for i in stages.prepare_construct(st, spec):
-                stages.run_shard(st, spec, i, rt)
-            stages.finalize_construct(st, spec)
+            stages.generate(st, spec, cfg.runtime)
     return cfg, st, plan
 
 
@@ -119,16 +111,10 @@ def test_compiled_model_gives_the_same_results(tmp_path, tiny_tar):
     """runtime.compile=true (torch.compile of the model) changes speed, not results."""
     out = {}
     for flag in (False, True):
-        cfg = resolve("tiny", [f"runtime.compile={str(flag).lower()}", "construct.sets=[det]", "construct.n_images=50",
-                               "source.train.epochs=1"], data=str(tiny_tar), store=str(tmp_path / str(flag)))
-        st, rt = Store(cfg.runtime.store), cfg.runtime
-        plan = make_plan(cfg, source_sha256(tiny_tar))
-        stages.ingest(st, cfg.data, plan.dataset)
-        stages.train_model(st, plan.source, rt)
+        cfg, st, plan = build(tiny_tar, tmp_path / str(flag), [f"runtime.compile={str(flag).lower()}",
+                              "construct.sets=[det]", "construct.n_images=50", "source.train.epochs=1"])
         spec = plan.constructs["det"]
-        for i in stages.prepare_construct(st, spec):
-            stages.run_shard(st, spec, i, rt)
-        stages.finalize_construct(st, spec)
+        stages.generate(st, spec, cfg.runtime)
         w = stages.load_model(st, plan.source.key).state_dict()
         out[flag] = (w, A.read_rows(st.path("constructed", spec.key)))
     (w0, r0), (w1, r1) = out[False], out[True]

@@ -1,0 +1,28 @@
+"""The `generate-shard` flow: one shard of one PGD set as its own flow run, so a deployment's
+workers (processes, containers, GPUs) can each take shards. Parameters are plain JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from advfeatures import stages
+from advfeatures.config import RuntimeConfig, _build
+from advfeatures.plan import StageSpec
+from storage.store import Store
+
+
+def spec_from_dict(d: dict[str, Any]) -> StageSpec:
+    spec = StageSpec(d["stage"], d["config"], tuple(d["inputs"]))
+    if spec.key != d["key"]:
+        raise ValueError(f"stage spec key {d['key']} does not match its config (recomputed {spec.key}): "
+                         "the worker runs different advfeatures code than the flow that sent it")
+    return spec
+
+
+@flow(name="generate-shard", flow_run_name="shard-{spec[key]}-{shard}")
+def generate_shard(spec: dict[str, Any], store_root: str, shard: int, runtime: dict[str, Any]) -> dict[str, Any]:
+    """Attack and write one shard (skipped if its marker exists)."""
+    rt = _build(RuntimeConfig, runtime, "runtime")
+    return stages.run_shard(Store(store_root), spec_from_dict(spec), shard, rt, get_run_logger().info)

@@ -1,0 +1,73 @@
+"""Shards fanned out as flow runs of the `generate-shard` deployment to 2 process workers of a
+real local Prefect server (`advfeatures serve`), against the in-process path: same bytes."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage import arrays as A
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    log = open(home / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--workers", "2", "--port", str(port)],
+                            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.time()
+    while "ready:" not in (home / "serve.log").read_text():
+        if proc.poll() is not None or time.time() - t0 > 180:
+            proc.kill()
+            pytest.fail(f"advfeatures serve did not come up:\n{(home / 'serve.log').read_text()[-4000:]}")
+        time.sleep(1)
+    yield env
+    os.killpg(proc.pid, 2)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
+def _run(env, tar, store, *extra):
+    over = ["construct.sets=[det]", "runtime.threads=1", *extra]
+    args = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--data", str(tar), "--store", str(store)]
+    for o in over:
+        args += ["--set", o]
+    out = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def test_shards_fan_out_to_deployment_workers(server, tiny_tar, tmp_path):
+    fanned = _run(server, tiny_tar, tmp_path / "fanned", "runtime.shard_executor=deployment")
+    local_env = {k: v for k, v in server.items() if k != "PREFECT_API_URL"}
+    _run(local_env, tiny_tar, tmp_path / "local")
+    (key,) = [p.name for p in (tmp_path / "local" / "constructed").iterdir() if not p.name.startswith(".")
+              and (tmp_path / "local" / "constructed" / p.name / "_shards").exists()]
+    a = A.read_rows(tmp_path / "fanned" / "constructed" / key)
+    b = A.read_rows(tmp_path / "local" / "constructed" / key)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert "3 shard runs submitted to deployment generate-shard/generate-shard" in fanned
+
+    from_server = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "ls", "--flow-name", "generate-shard",
+                                  "--state", "COMPLETED", "--limit", "50"], env=server, cwd=ROOT,
+                                 capture_output=True, text=True)
+    assert from_server.stdout.count("shard-") >= 3, from_server.stdout  # 3 shards ran on the workers
