@@ -27,6 +27,29 @@ from tasks import stages as T
 
 
 
+def run_stage(task, spec: StageSpec, store_root: str, *args: Any) -> Any:
+    """Call a stage task; if Prefect answered from a cached record whose artifact is gone from the
+    store (deleted, or unsealed by `verify --repair`), run it again, refreshing the record."""
+    out = task(spec, store_root, *args)
+    if not Store(store_root).is_complete(spec.folder, spec.key):
+        out = task.with_options(refresh_cache=True)(spec, store_root, *args)
+    return out
+
+
+def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[int]) -> None:
+    """Shard tasks on the flow's task runner, with the same store-truth check per shard."""
+    from storage.arrays import shard_done
+
+    futures = [T.generate_shard.submit(spec, store_root, shard, runtime_cfg) for shard in shards]
+    wait(futures)
+    for f in futures:
+        f.result()  # raises the first shard failure
+    path = Store(store_root).path(spec.folder, spec.key)
+    for shard in shards:
+        if not shard_done(path, shard):
+            T.generate_shard.with_options(refresh_cache=True)(spec, store_root, shard, runtime_cfg)
+
+
 def plan_for(cfg: ExperimentConfig) -> Plan:
     """Fingerprint the data source (sha256 of its bytes) and derive every stage key."""
     return make_plan(cfg, source_sha256(locate_source(cfg.data)))
@@ -44,11 +67,8 @@ def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any) -> str:
     if runtime_cfg.shard_executor == "deployment":
         _fan_out(spec, store_root, runtime_cfg, pending)
     else:
-        futures = [T.generate_shard.submit(spec, store_root, shard, runtime_cfg) for shard in pending]
-        wait(futures)
-        for f in futures:
-            f.result()  # raises the first shard failure
-    return T.finalize_set(spec, store_root)
+        run_shards(spec, store_root, runtime_cfg, pending)
+    return run_stage(T.finalize_set, spec, store_root)
 
 
 def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll: float = 2.0) -> None:
@@ -126,22 +146,22 @@ def replicate(profile: str = "demo", overrides: list[str] | None = None, data: s
     root, rt = str(st.root), cfg.runtime
     plan = plan_for(cfg)
 
-    T.ingest(plan.dataset, root, cfg.data)
-    T.train_model(plan.source, root, rt)
-    T.evaluate(plan.source_eval, root, rt)
+    run_stage(T.ingest, plan.dataset, root, cfg.data)
+    run_stage(T.train_model, plan.source, root, rt)
+    run_stage(T.evaluate, plan.source_eval, root, rt)
     if plan.teacher is not None:
-        T.train_model(plan.teacher, root, rt)
-        T.evaluate(plan.teacher_eval, root, rt)
+        run_stage(T.train_model, plan.teacher, root, rt)
+        run_stage(T.evaluate, plan.teacher_eval, root, rt)
     for kind, spec in plan.constructs.items():
         if kind == "errors":
-            T.build_errors(spec, root, rt)
+            run_stage(T.build_errors, spec, root, rt)
         elif st.is_complete(spec.folder, spec.key):
-            T.finalize_set(spec, root)  # sealed already: shows as Cached, no generation subflow
+            run_stage(T.finalize_set, spec, root)  # sealed already: Cached, no generation subflow
         else:
             _generate(spec, root, rt)
     for s in plan.students:
-        T.train_student(s.student, root, rt)
-        T.evaluate(s.eval, root, rt)
+        run_stage(T.train_student, s.student, root, rt)
+        run_stage(T.evaluate, s.eval, root, rt)
 
     run_dir = report.write_run(st, plan, cfg)
     df = report.read_table(run_dir)

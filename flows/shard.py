@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from advfeatures import stages
 from advfeatures.config import RuntimeConfig, _build
 from advfeatures.plan import StageSpec
-from storage.store import Store
+from flows.replicate import run_shards
 
 
 def spec_from_dict(d: dict[str, Any]) -> StageSpec:
@@ -23,6 +22,8 @@ def spec_from_dict(d: dict[str, Any]) -> StageSpec:
 
 @flow(name="generate-shard", flow_run_name="shard-{spec[key]}-{shard}")
 def generate_shard(spec: dict[str, Any], store_root: str, shard: int, runtime: dict[str, Any]) -> dict[str, Any]:
-    """Attack and write one shard (skipped if its marker exists)."""
+    """Attack and write one shard (skipped if its marker exists). The shard task holds the shard's
+    lock, so two runs of one shard (two parents at once) never write it twice."""
     rt = _build(RuntimeConfig, runtime, "runtime")
-    return stages.run_shard(Store(store_root), spec_from_dict(spec), shard, rt, get_run_logger().info)
+    run_shards(spec_from_dict(spec), store_root, rt, [shard])
+    return {"shard": shard, "set": spec["key"]}
