@@ -180,7 +180,7 @@ class StudentConfig:
         for k, v in over.items():
             base[k] = v
         base["seed"] = seed
-        return _build(TrainConfig, base, f"student.per_set.{kind}")
+        return build_config(TrainConfig, base, f"student.per_set.{kind}")
 
 
 @dataclass(frozen=True)
@@ -237,20 +237,20 @@ class ExperimentConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
 
 
 # ---------------------------------------------------------------------------------------------
 # Building from plain dicts, with strict checking
 
 
-def _to_plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, tuple):
-        return [_to_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value
 
 
@@ -266,7 +266,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return _build(tp, value, where)
+        return build_config(tp, value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
@@ -297,7 +297,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - programming error
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def build_config(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
@@ -378,4 +378,4 @@ def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple
     raw["teacher"] = _deep_merge(teacher_base, raw.get("teacher") or {})
     raw["student"] = _deep_merge({k: v for k, v in source.items() if k in ("model", "train")},
                                  raw.get("student") or {})
-    return _build(ExperimentConfig, raw, "")
+    return build_config(ExperimentConfig, raw, "")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from advfeatures.config import ExperimentConfig, ModelStageConfig, _to_plain
+from advfeatures.config import ExperimentConfig, ModelStageConfig, to_plain
 from storage.hashing import stage_key
 
 SCHEMA = {"dataset": 1, "model": 1, "construct": 1, "student": 1, "eval": 1, "run": 1}
@@ -79,14 +79,14 @@ def dataset_spec(source_sha256: str) -> StageSpec:
 
 
 def model_spec(cfg: ModelStageConfig, dataset_key: str) -> StageSpec:
-    return StageSpec("model", _to_plain(cfg), (dataset_key,))
+    return StageSpec("model", to_plain(cfg), (dataset_key,))
 
 
 def construct_config(cfg: ExperimentConfig, kind: str) -> dict[str, Any]:
     c = cfg.construct
     if kind == "errors":  # the whole training set through the teacher; images are not modified
         return {"kind": "errors"}
-    return {"kind": kind, "attack": _to_plain(cfg.attack), "n_images": c.n_images, "seed": c.seed,
+    return {"kind": kind, "attack": to_plain(cfg.attack), "n_images": c.n_images, "seed": c.seed,
             "shard_size": c.shard_size, "chunk_size": c.chunk_size, "dtype": c.dtype}
 
 
@@ -106,7 +106,7 @@ def make_plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
     for kind, cspec in constructs.items():
         for seed in cfg.student.seeds:
             train = cfg.student.train_for(kind, seed)
-            sspec = StageSpec("student", {"model": _to_plain(cfg.student.model), "train": _to_plain(train)},
+            sspec = StageSpec("student", {"model": to_plain(cfg.student.model), "train": to_plain(train)},
                               (cspec.key,))
             espec = StageSpec("eval", {"labels": "clean"}, (sspec.key, ds.key))
             students.append(StudentPlan(kind, seed, cspec, sspec, espec))

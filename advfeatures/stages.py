@@ -17,7 +17,9 @@ import torch
 
 from advfeatures import construct as C
 from advfeatures import data as D
-from advfeatures.config import AttackConfig, ConfigError, DataConfig, ModelConfig, RuntimeConfig, TrainConfig, _build
+from advfeatures.config import (
+    AttackConfig, ConfigError, DataConfig, ModelConfig, RuntimeConfig, TrainConfig, build_config,
+)
 from advfeatures.models import build_model
 from advfeatures.plan import StageSpec
 from advfeatures.training import fit, predict, wilson_interval
@@ -134,8 +136,8 @@ def train_model(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _qu
     (dataset_key,) = spec.inputs
     x, y = load_split(store, dataset_key, "train")
     classes = dataset_info(store, dataset_key)["classes"]
-    model_cfg = _build(ModelConfig, spec.config["model"], "model")
-    train_cfg = _build(TrainConfig, spec.config["train"], "train")
+    model_cfg = build_config(ModelConfig, spec.config["model"], "model")
+    train_cfg = build_config(TrainConfig, spec.config["train"], "train")
     return _fit_and_save(store, spec, x, y, len(classes), model_cfg, train_cfg, rt, log, {})
 
 
@@ -150,8 +152,8 @@ def train_student(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _
         raise IntegrityError(f"constructed/{construct_key} is corrupt ({_describe(problems)}); run "
                              f"`advfeatures verify {construct_key} --repair`, then rerun to regenerate those shards")
     rows = A.read_rows(store.path("constructed", construct_key), names=("x", "y_target"))
-    model_cfg = _build(ModelConfig, spec.config["model"], "model")
-    train_cfg = _build(TrainConfig, spec.config["train"], "train")
+    model_cfg = build_config(ModelConfig, spec.config["model"], "model")
+    train_cfg = build_config(TrainConfig, spec.config["train"], "train")
     return _fit_and_save(store, spec, rows["x"], rows["y_target"], cman["num_classes"], model_cfg, train_cfg,
                          rt, log, {"construct_kind": cman["stage"]["config"]["kind"]})
 
@@ -162,7 +164,7 @@ def load_model(store: Store, key: str, device: torch.device | str = "cpu") -> to
     if "weights_sha256" in man and D.source_sha256(weights) != man["weights_sha256"]:
         raise IntegrityError(f"models/{key}/weights.pt does not match its manifest's sha256; "
                              f"run `advfeatures verify {key} --repair` and rerun to retrain it")
-    mc = _build(ModelConfig, man["stage"]["config"]["model"], "model")
+    mc = build_config(ModelConfig, man["stage"]["config"]["model"], "model")
     model = build_model(mc.arch, man["num_classes"], mc.mean, mc.std)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.to(device).eval()
@@ -244,7 +246,7 @@ def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log:
     images = zarr.open_group(str(store.path("datasets", spec.inputs[0])), mode="r")["train/images"]
     block = images.oindex[idx[start:stop]]  # (S,C,H,W) uint8
     model = load_model(store, spec.inputs[1], device)
-    attack = _build(AttackConfig, spec.config["attack"], "attack")
+    attack = build_config(AttackConfig, spec.config["attack"], "attack")
     t_attack = time.perf_counter()
     out = C.attack_block(compiled(model, rt), block, t[start:stop], attack, device, rt.attack_batch_size,
                          seed=spec.config["seed"] * 1_000_003 + shard,

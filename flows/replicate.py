@@ -18,13 +18,13 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures import report
-from advfeatures.config import ExperimentConfig, resolve
+from advfeatures.config import ExperimentConfig, resolve, to_plain
 from advfeatures.data import source_sha256
 from advfeatures.plan import Plan, StageSpec, labels, make_plan
 from advfeatures.stages import locate_source
+from storage.arrays import shard_done
 from storage.store import Store
 from tasks import stages as T
-
 
 
 def run_stage(task, spec: StageSpec, store_root: str, *args: Any) -> Any:
@@ -38,8 +38,6 @@ def run_stage(task, spec: StageSpec, store_root: str, *args: Any) -> Any:
 
 def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[int]) -> None:
     """Shard tasks on the flow's task runner, with the same store-truth check per shard."""
-    from storage.arrays import shard_done
-
     futures = [T.generate_shard.submit(spec, store_root, shard, runtime_cfg) for shard in shards]
     wait(futures)
     for f in futures:
@@ -59,9 +57,10 @@ def plan_for(cfg: ExperimentConfig) -> Plan:
 def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any) -> str:
     """One PGD set: create its arrays, run every unfinished shard, then seal it with a manifest.
 
-    Each shard is an independent task writing only its own chunks, so shards need no locks; the
-    flow's task runner (a pool of runtime.shard_workers threads) bounds how many run at once.
-    A failed shard fails the set; a rerun redoes only the shards without a marker.
+    Each shard writes only its own chunks, so different shards never coordinate; the per-shard
+    lock of the shard task only stops two runs from computing the same shard. The flow's task
+    runner (runtime.shard_workers threads) or the work pool bounds how many run at once. A failed
+    shard fails the set; a rerun redoes only the shards without a marker.
     """
     pending = T.prepare_set(spec, store_root)
     if runtime_cfg.shard_executor == "deployment":
@@ -78,13 +77,10 @@ def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll
     run at once is the work pool's business (its workers and concurrency limit)."""
     from prefect.client.orchestration import get_client
     from prefect.context import get_run_context
-    from prefect.deployments import run_deployment
-
-    from advfeatures.config import _to_plain
-    from storage.arrays import shard_done
+    from prefect.deployments import run_deployment  # looked up per call, so tests can stand in
 
     parent = get_run_context().flow_run.id
-    runtime = _to_plain(rt)
+    runtime = to_plain(rt)
 
     def submit(shard: int, attempt: int):
         return run_deployment(rt.shard_deployment, timeout=0, as_subflow=True,

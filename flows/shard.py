@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow
 
-from advfeatures.config import RuntimeConfig, _build
+from advfeatures.config import RuntimeConfig, build_config
 from advfeatures.plan import StageSpec
 from flows.replicate import run_shards
 
@@ -24,6 +24,6 @@ def spec_from_dict(d: dict[str, Any]) -> StageSpec:
 def generate_shard(spec: dict[str, Any], store_root: str, shard: int, runtime: dict[str, Any]) -> dict[str, Any]:
     """Attack and write one shard (skipped if its marker exists). The shard task holds the shard's
     lock, so two runs of one shard (two parents at once) never write it twice."""
-    rt = _build(RuntimeConfig, runtime, "runtime")
+    rt = build_config(RuntimeConfig, runtime, "runtime")
     run_shards(spec_from_dict(spec), store_root, rt, [shard])
     return {"shard": shard, "set": spec["key"]}
