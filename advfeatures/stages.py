@@ -60,6 +60,21 @@ def compiled(model: torch.nn.Module, rt: RuntimeConfig) -> torch.nn.Module:
     return torch.compile(model) if rt.compile else model
 
 
+def _once(stage: Callable[..., str]) -> Callable[..., str]:
+    """Run a stage ``stage(store, spec, ...)`` unless its artifact is complete, under the store's
+    lock for its key, re-checking after the lock: concurrent runs compute it once."""
+    def run(store: Store, spec: StageSpec, *args: Any, **kwargs: Any) -> str:
+        if store.is_complete(spec.folder, spec.key):
+            return spec.key
+        with store.lock(spec.folder, spec.key):
+            if store.is_complete(spec.folder, spec.key):
+                return spec.key
+            return stage(store, spec, *args, **kwargs)
+
+    run.__name__, run.__doc__ = stage.__name__, stage.__doc__
+    return run
+
+
 # --- dataset ---------------------------------------------------------------------------------------
 
 def locate_source(data: DataConfig) -> Path:
@@ -73,8 +88,10 @@ def locate_source(data: DataConfig) -> Path:
 
 
 def ingest(store: Store, data: DataConfig, spec: StageSpec, log: Log = _quiet) -> str:
-    if store.is_complete(spec.folder, spec.key):
-        return spec.key
+    return _once(lambda st, sp: _ingest(st, data, sp, log))(store, spec)
+
+
+def _ingest(store: Store, data: DataConfig, spec: StageSpec, log: Log) -> str:
     path = locate_source(data)
     t0 = time.perf_counter()
     raw = D.read_source(path)
@@ -129,10 +146,9 @@ def _fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, n
     return spec.key
 
 
+@_once
 def train_model(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet) -> str:
     """Source or teacher: a model trained on the clean training set of ``spec.inputs[0]``."""
-    if store.is_complete(spec.folder, spec.key):
-        return spec.key
     (dataset_key,) = spec.inputs
     x, y = load_split(store, dataset_key, "train")
     classes = dataset_info(store, dataset_key)["classes"]
@@ -141,10 +157,9 @@ def train_model(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _qu
     return _fit_and_save(store, spec, x, y, len(classes), model_cfg, train_cfg, rt, log, {})
 
 
+@_once
 def train_student(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet) -> str:
     """A fresh model trained only on the constructed set ``spec.inputs[0]`` (x, y_target)."""
-    if store.is_complete(spec.folder, spec.key):
-        return spec.key
     (construct_key,) = spec.inputs
     cman = store.manifest("constructed", construct_key)
     problems = A.verify_shards(store.path("constructed", construct_key), cman["shards"])
@@ -172,10 +187,9 @@ def load_model(store: Store, key: str, device: torch.device | str = "cpu") -> to
 
 # --- evaluation ---------------------------------------------------------------------------------------
 
+@_once
 def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet) -> str:
     """Clean test accuracy of model inputs[0] on dataset inputs[1]: on (X, Y) and on (X, Y+1)."""
-    if store.is_complete(spec.folder, spec.key):
-        return spec.key
     model_key, dataset_key = spec.inputs
     device = setup_runtime(rt)
     x, y = load_split(store, dataset_key, "test")
@@ -226,8 +240,11 @@ def prepare_construct(store: Store, spec: StageSpec) -> list[int]:
     idx, _, _, _ = _subset_and_targets(store, spec)
     layout = _layout(spec, len(idx), info["image_shape"])
     path = store.path(spec.folder, spec.key)
-    A.create_constructed(path, layout)
-    return A.pending_shards(path, layout)
+    with store.lock(spec.folder, spec.key):
+        if store.is_complete(spec.folder, spec.key):
+            return []
+        A.create_constructed(path, layout)
+        return A.pending_shards(path, layout)
 
 
 def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log = _quiet) -> dict[str, Any]:
@@ -235,6 +252,13 @@ def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log:
     path = store.path(spec.folder, spec.key)
     if store.is_complete(spec.folder, spec.key) or A.shard_done(path, shard):
         return {"shard": shard, "skipped": True}
+    with store.lock(spec.folder, f"{spec.key}-shard{shard}"):  # one writer per shard, ever
+        if A.shard_done(path, shard):
+            return {"shard": shard, "skipped": True}
+        return _run_shard(store, spec, shard, rt, log, path)
+
+
+def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log, path: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     device = setup_runtime(rt)
     info = dataset_info(store, spec.inputs[0])
@@ -260,10 +284,9 @@ def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log:
     return marker
 
 
+@_once
 def finalize_construct(store: Store, spec: StageSpec) -> str:
     """Check every shard's marker, summarise the attack, and write the manifest last."""
-    if store.is_complete(spec.folder, spec.key):
-        return spec.key
     info = dataset_info(store, spec.inputs[0])
     path = store.path(spec.folder, spec.key)
     idx, y, t, num_classes = _subset_and_targets(store, spec)
@@ -292,10 +315,9 @@ def generate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet
 
 # --- constructed sets: errors (Wallace) --------------------------------------------------------------
 
+@_once
 def build_errors(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet) -> str:
     """Training images, unmodified, relabelled with the teacher's prediction where it is wrong."""
-    if store.is_complete(spec.folder, spec.key):
-        return spec.key
     dataset_key, teacher_key = spec.inputs
     device = setup_runtime(rt)
     t0 = time.perf_counter()

@@ -57,8 +57,8 @@ def plan_for(cfg: ExperimentConfig) -> Plan:
 def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any) -> str:
     """One PGD set: create its arrays, run every unfinished shard, then seal it with a manifest.
 
-    Each shard writes only its own chunks, so different shards never coordinate; the per-shard
-    lock of the shard task only stops two runs from computing the same shard. The flow's task
+    Each shard writes only its own chunks, so different shards never coordinate; the store's
+    per-shard lock only stops two runs from computing the same shard. The flow's task
     runner (runtime.shard_workers threads) or the work pool bounds how many run at once. A failed
     shard fails the set; a rerun redoes only the shards without a marker.
     """

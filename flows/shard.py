@@ -22,8 +22,8 @@ def spec_from_dict(d: dict[str, Any]) -> StageSpec:
 
 @flow(name="generate-shard", flow_run_name="shard-{spec[key]}-{shard}")
 def generate_shard(spec: dict[str, Any], store_root: str, shard: int, runtime: dict[str, Any]) -> dict[str, Any]:
-    """Attack and write one shard (skipped if its marker exists). The shard task holds the shard's
-    lock, so two runs of one shard (two parents at once) never write it twice."""
+    """Attack and write one shard (skipped if its marker exists). The store's per-shard lock keeps
+    two runs of one shard (two parents at once) from writing it twice."""
     rt = build_config(RuntimeConfig, runtime, "runtime")
     run_shards(spec_from_dict(spec), store_root, rt, [shard])
     return {"shard": shard, "set": spec["key"]}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import functools
 import json
 import os
@@ -113,6 +114,20 @@ class Store:
 
     def write_manifest(self, kind: str, key: str, body: dict[str, Any]) -> None:
         atomic_write_json(self.path(kind, key) / MANIFEST, body)
+
+    @contextlib.contextmanager
+    def lock(self, kind: str, key: str) -> Iterator[None]:
+        """Exclusive POSIX lock (flock) on one artifact, for processes on one host or on a shared
+        filesystem with POSIX locks. A stage takes it, re-checks completeness, then computes: two
+        runs reaching the same stage at once compute it once, the second waiting and reusing it."""
+        d = self.root / ".locks"
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f"{kind}-{key}.lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def staging(self, kind: str, key: str) -> Iterator[Path]:

@@ -1,10 +1,11 @@
 """Prefect tasks: thin adapters around ``advfeatures.stages``. Each takes keys/specs/configs, calls
 one library function, and returns a key (or a small dict). No tensors cross a task boundary.
 
-Cache: a task's Prefect cache key is its stage key, under SERIALIZABLE isolation with a file
-lock manager: two runs reaching the same stage at once compute it once; the second waits for the
-lock, then reads the first's committed record (Cached in the UI). The store stays the truth: the
-flow checks the artifact after each call and refreshes the task if a record outlived it.
+Cache: a task's Prefect cache key is its stage key once the store holds the artifact, and None
+(run it) before, so Prefect's records are only ever read for finished artifacts and the UI shows a
+reused stage as Cached. One writer per stage across concurrent runs comes from the store's lock
+(``Store.lock``), not from Prefect. The store is the truth: the flow re-runs a task whose record
+outlived its artifact.
 """
 
 from __future__ import annotations
@@ -12,36 +13,33 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import CachePolicy
-from prefect.locking.filesystem import FileSystemLockManager
-from prefect.settings import get_current_settings
 
 from advfeatures import stages
 from advfeatures.config import DataConfig, RuntimeConfig
 from advfeatures.plan import StageSpec
+from storage.arrays import shard_done
 from storage.store import Store
 
 
-def _stage_cache_key(_ctx, params: dict[str, Any]) -> str:
+def _stage_cache_key(_ctx, params: dict[str, Any]) -> str | None:
     spec: StageSpec = params["spec"]
-    return f"{spec.stage}-{spec.key}"
+    if Store(params["store_root"]).is_complete(spec.folder, spec.key):
+        return f"{spec.stage}-{spec.key}"
+    return None
 
 
-def _shard_cache_key(_ctx, params: dict[str, Any]) -> str:
-    return f"shard-{params['spec'].key}-{params['shard']}"
-
-
-def _locked(key_fn) -> CachePolicy:
-    """Cache on ``key_fn`` with one writer per key across processes sharing PREFECT_HOME."""
-    locks = FileSystemLockManager(lock_files_directory=get_current_settings().home / "locks")
-    return CachePolicy.from_cache_key_fn(key_fn).configure(lock_manager=locks, isolation_level="SERIALIZABLE")
+def _shard_cache_key(_ctx, params: dict[str, Any]) -> str | None:
+    spec: StageSpec = params["spec"]
+    if shard_done(Store(params["store_root"]).path(spec.folder, spec.key), params["shard"]):
+        return f"shard-{spec.key}-{params['shard']}"
+    return None
 
 
 def _log(msg: str) -> None:
     get_run_logger().info(msg)
 
 
-_cached = dict(cache_policy=_locked(_stage_cache_key), persist_result=True)
+_cached = dict(cache_key_fn=_stage_cache_key, persist_result=True)
 
 
 @task(name="ingest", **_cached)
@@ -65,7 +63,7 @@ def prepare_set(spec: StageSpec, store_root: str) -> list[int]:
 
 
 @task(name="generate-shard", task_run_name="shard-{spec.key}-{shard}",
-      cache_policy=_locked(_shard_cache_key), persist_result=True)
+      cache_key_fn=_shard_cache_key, persist_result=True)
 def generate_shard(spec: StageSpec, store_root: str, shard: int, runtime: RuntimeConfig) -> dict[str, Any]:
     return stages.run_shard(Store(store_root), spec, shard, runtime, _log)
 
