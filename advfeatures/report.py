@@ -87,6 +87,13 @@ def write_run(store: Store, plan: Plan, cfg: ExperimentConfig) -> Path:
     spec = plan.run
     if store.is_complete(spec.folder, spec.key):
         return store.path(spec.folder, spec.key)
+    with store.lock(spec.folder, spec.key):
+        if not store.is_complete(spec.folder, spec.key):
+            _write_run(store, plan, cfg, spec)
+    return store.path(spec.folder, spec.key)
+
+
+def _write_run(store: Store, plan: Plan, cfg: ExperimentConfig, spec: StageSpec) -> None:
     t0 = time.perf_counter()
     df = build_table(store, plan)
     with store.staging(spec.folder, spec.key) as tmp:
@@ -97,7 +104,6 @@ def write_run(store: Store, plan: Plan, cfg: ExperimentConfig) -> Path:
         atomic_write_json(tmp / "plan.json", [s.as_dict() for s in plan.stages()])
         atomic_write_json(tmp / "manifest.json", store.manifest_body(
             spec.folder, spec.key, spec.as_dict(), files=list(TABLE_FILES), seconds=round(time.perf_counter() - t0, 3)))
-    return store.path(spec.folder, spec.key)
 
 
 def read_table(run_dir: Path) -> pd.DataFrame:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import functools
 import json
@@ -149,7 +150,13 @@ class Store:
                     shutil.rmtree(tmp)
                     return
                 shutil.rmtree(final)  # leftovers without a manifest are garbage
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError as e:  # another writer published between our check and our rename
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and (final / MANIFEST).is_file():
+                    shutil.rmtree(tmp)
+                    return
+                raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -120,3 +120,21 @@ def test_unwritable_store_gives_a_clear_error(tmp_path):
 def test_missing_manifest_names_the_stage(tmp_path):
     with pytest.raises(StoreError, match="run the stage"):
         Store(tmp_path).manifest("models", "abc")
+
+
+def test_staging_loses_a_publish_race_gracefully(tmp_path, monkeypatch):
+    """Another writer publishes between our existence check and our rename: keep theirs."""
+    store = Store(tmp_path)
+    real_replace = os.replace
+
+    def racing_replace(src, dst):
+        if str(dst).endswith("k1") and not os.path.exists(dst):  # the other writer wins now
+            os.makedirs(dst)
+            atomic_write_json(os.path.join(dst, "manifest.json"), {"by": "other"})
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", racing_replace)
+    with store.staging("runs", "k1") as d:
+        atomic_write_json(d / "manifest.json", {"by": "us"})
+    assert store.manifest("runs", "k1") == {"by": "other"}
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["k1"]  # no staging leftovers
