@@ -25,6 +25,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from storage.hashing import path_sha256
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
 CIFAR_BATCHES = "cifar-10-batches-py"
 EXPECTED = ("an ImageFolder directory or zip with train/<class>/<image> and test/<class>/<image>, "
@@ -66,21 +68,8 @@ def _fail(source: str | os.PathLike, why: str) -> DataSourceError:
 # --- fingerprints: cheap content hashes of the *source*, used to memoise ingestion -------------
 
 def source_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, or of a directory's sorted (relative path, bytes) pairs."""
-    path = Path(path)
-    h = hashlib.sha256()
-    if path.is_file():
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        return h.hexdigest()
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            p = Path(root) / name
-            h.update(str(p.relative_to(path).as_posix()).encode() + b"\0")
-            h.update(p.read_bytes())
-    return h.hexdigest()
+    """The data source's fingerprint: sha256 of the file, or of a folder's (path, bytes) pairs."""
+    return path_sha256(path)
 
 
 # --- decoding -------------------------------------------------------------------------------------

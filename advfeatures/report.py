@@ -87,9 +87,8 @@ def write_run(store: Store, plan: Plan, cfg: ExperimentConfig) -> Path:
     spec = plan.run
     if store.is_complete(spec.folder, spec.key):
         return store.path(spec.folder, spec.key)
-    with store.lock(spec.folder, spec.key):
-        if not store.is_complete(spec.folder, spec.key):
-            _write_run(store, plan, cfg, spec)
+    store.once(spec.folder, spec.key, lambda: store.is_complete(spec.folder, spec.key),
+               lambda: _write_run(store, plan, cfg, spec), skipped=None)
     return store.path(spec.folder, spec.key)
 
 

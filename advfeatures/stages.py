@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ from advfeatures.config import (
     AttackConfig, ConfigError, DataConfig, ModelConfig, RuntimeConfig, TrainConfig, build_config,
 )
 from advfeatures.models import build_model
-from advfeatures.plan import StageSpec
+from advfeatures.plan import FOLDER, StageSpec
 from advfeatures.training import fit, predict, wilson_interval
 from storage import arrays as A
+from storage.hashing import path_sha256
 from storage.store import IntegrityError, Store, StoreError, atomic_write_json
 
 Log = Callable[[str], None]
@@ -64,12 +66,8 @@ def _once(stage: Callable[..., str]) -> Callable[..., str]:
     """Run a stage ``stage(store, spec, ...)`` unless its artifact is complete, under the store's
     lock for its key, re-checking after the lock: concurrent runs compute it once."""
     def run(store: Store, spec: StageSpec, *args: Any, **kwargs: Any) -> str:
-        if store.is_complete(spec.folder, spec.key):
-            return spec.key
-        with store.lock(spec.folder, spec.key):
-            if store.is_complete(spec.folder, spec.key):
-                return spec.key
-            return stage(store, spec, *args, **kwargs)
+        return store.once(spec.folder, spec.key, lambda: store.is_complete(spec.folder, spec.key),
+                          lambda: stage(store, spec, *args, **kwargs), skipped=spec.key)
 
     run.__name__, run.__doc__ = stage.__name__, stage.__doc__
     return run
@@ -138,7 +136,7 @@ def _fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, n
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         torch.save(state, tmp / "weights.pt")
         body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=num_classes,
-                                   weights_sha256=D.source_sha256(tmp / "weights.pt"),
+                                   weights_sha256=path_sha256(tmp / "weights.pt"),
                                    n_train=int(len(y)), seeds={"train": train_cfg.seed}, history=res.history,
                                    seconds=round(res.seconds, 3), images_per_second=round(res.images_per_second, 1),
                                    device=str(device), **extra)
@@ -176,7 +174,7 @@ def train_student(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _
 def load_model(store: Store, key: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     man = store.manifest("models", key)
     weights = store.path("models", key) / "weights.pt"
-    if "weights_sha256" in man and D.source_sha256(weights) != man["weights_sha256"]:
+    if "weights_sha256" in man and path_sha256(weights) != man["weights_sha256"]:
         raise IntegrityError(f"models/{key}/weights.pt does not match its manifest's sha256; "
                              f"run `advfeatures verify {key} --repair` and rerun to retrain it")
     mc = build_config(ModelConfig, man["stage"]["config"]["model"], "model")
@@ -220,15 +218,24 @@ def _layout(spec: StageSpec, n: int, image_shape: tuple[int, ...]) -> A.Layout:
                     shard_size=cfg["shard_size"])
 
 
-def _subset_and_targets(store: Store, spec: StageSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    dataset_key = spec.inputs[0]
+@dataclass(frozen=True)
+class PGDSet:
+    """What a PGD set is, derived from its spec and dataset: rows, targets, layout."""
+    idx: np.ndarray  # (N,) training-set indices of the rows
+    y: np.ndarray  # (N,) true labels
+    t: np.ndarray  # (N,) targets
+    layout: A.Layout
+    num_classes: int
+
+
+def pgd_set(store: Store, spec: StageSpec) -> PGDSet:
+    dataset_key, cfg = spec.inputs[0], spec.config
     info = dataset_info(store, dataset_key)
     y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
-    cfg = spec.config
     idx = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
     y = y_all[idx]
     t = C.make_targets(cfg["kind"], y, len(info["classes"]), cfg["seed"])
-    return idx, y, t, len(info["classes"])
+    return PGDSet(idx, y, t, _layout(spec, len(idx), info["image_shape"]), len(info["classes"]))
 
 
 def prepare_construct(store: Store, spec: StageSpec) -> list[int]:
@@ -236,39 +243,31 @@ def prepare_construct(store: Store, spec: StageSpec) -> list[int]:
     if store.is_complete(spec.folder, spec.key):
         return []
     store.ensure_writable()
-    info = dataset_info(store, spec.inputs[0])
-    idx, _, _, _ = _subset_and_targets(store, spec)
-    layout = _layout(spec, len(idx), info["image_shape"])
-    path = store.path(spec.folder, spec.key)
-    with store.lock(spec.folder, spec.key):
-        if store.is_complete(spec.folder, spec.key):
-            return []
+    layout, path = pgd_set(store, spec).layout, store.path(spec.folder, spec.key)
+
+    def create() -> list[int]:
         A.create_constructed(path, layout)
         return A.pending_shards(path, layout)
 
+    return store.once(spec.folder, spec.key, lambda: store.is_complete(spec.folder, spec.key), create, skipped=[])
+
 
 def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log = _quiet) -> dict[str, Any]:
-    """Attack the rows of one shard and write them, then the shard's marker. Skips finished shards."""
+    """Attack the rows of one shard and write them, then the shard's marker. Skips finished shards;
+    the per-shard lock means one writer per shard, ever."""
     path = store.path(spec.folder, spec.key)
-    if store.is_complete(spec.folder, spec.key) or A.shard_done(path, shard):
-        return {"shard": shard, "skipped": True}
-    with store.lock(spec.folder, f"{spec.key}-shard{shard}"):  # one writer per shard, ever
-        if A.shard_done(path, shard):
-            return {"shard": shard, "skipped": True}
-        return _run_shard(store, spec, shard, rt, log, path)
+    return store.once(spec.folder, f"{spec.key}-shard{shard}",
+                      lambda: store.is_complete(spec.folder, spec.key) or A.shard_done(path, shard),
+                      lambda: _run_shard(store, spec, shard, rt, log, path), skipped={"shard": shard, "skipped": True})
 
 
 def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log, path: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     device = setup_runtime(rt)
-    info = dataset_info(store, spec.inputs[0])
-    idx, y, t, _ = _subset_and_targets(store, spec)
-    layout = _layout(spec, len(idx), info["image_shape"])
+    s = pgd_set(store, spec)
+    idx, y, t, layout = s.idx, s.y, s.t, s.layout
     start, stop = layout.rows(shard)
-    import zarr
-
-    images = zarr.open_group(str(store.path("datasets", spec.inputs[0])), mode="r")["train/images"]
-    block = images.oindex[idx[start:stop]]  # (S,C,H,W) uint8
+    block = A.read_images(store.path("datasets", spec.inputs[0]), "train", idx[start:stop])  # (S,C,H,W) uint8
     model = load_model(store, spec.inputs[1], device)
     attack = build_config(AttackConfig, spec.config["attack"], "attack")
     t_attack = time.perf_counter()
@@ -289,8 +288,8 @@ def finalize_construct(store: Store, spec: StageSpec) -> str:
     """Check every shard's marker, summarise the attack, and write the manifest last."""
     info = dataset_info(store, spec.inputs[0])
     path = store.path(spec.folder, spec.key)
-    idx, y, t, num_classes = _subset_and_targets(store, spec)
-    layout = _layout(spec, len(idx), info["image_shape"])
+    s = pgd_set(store, spec)
+    y, t, layout, num_classes = s.y, s.t, s.layout, s.num_classes
     markers = A.read_markers(path, layout)
     rec = A.read_rows(path, names=("fooled", "norm", "loss", "y_target", "y_true"))
     if not (np.array_equal(rec["y_target"], t) and np.array_equal(rec["y_true"], y)):
@@ -358,7 +357,7 @@ def _describe(problems: list[dict]) -> str:
 
 def find(store: Store, key: str) -> str:
     """The store folder holding artifact ``key``."""
-    for folder in ("datasets", "models", "constructed", "evals", "runs"):
+    for folder in dict.fromkeys(FOLDER.values()):
         if store.path(folder, key).is_dir():
             return folder
     raise StoreError(f"no artifact {key!r} in the store at {store.root}; `advfeatures show-config` lists keys")
@@ -388,7 +387,7 @@ def verify(store: Store, key: str, repair: bool = False) -> list[str]:
             problems.append(f"dataset arrays unreadable ({type(e).__name__}: {e})")
     elif folder == "models":
         weights = path / "weights.pt"
-        if not weights.is_file() or D.source_sha256(weights) != man.get("weights_sha256"):
+        if not weights.is_file() or path_sha256(weights) != man.get("weights_sha256"):
             problems.append("weights.pt is missing or does not match its sha256")
     elif folder == "constructed":
         found = A.verify_shards(path, man["shards"])

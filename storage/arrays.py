@@ -56,6 +56,11 @@ def read_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return g[f"{split}/images"][:], g[f"{split}/labels"][:]
 
 
+def read_images(path: Path, split: str, idx: np.ndarray) -> np.ndarray:
+    """Images at sorted indices ``idx`` of a split, reading only the chunks that hold them."""
+    return zarr.open_group(str(path), mode="r")[f"{split}/images"].oindex[idx]
+
+
 def dataset_attrs(path: Path) -> dict:
     return dict(zarr.open_group(str(path), mode="r").attrs)
 

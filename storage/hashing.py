@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,3 +55,21 @@ def stage_key(stage: str, schema: int, config: Any, inputs: Sequence[str] = ()) 
     """Cache key of a stage: its name, schema version, own config and upstream keys (in order)."""
     payload = {"stage": stage, "schema": int(schema), "config": config, "inputs": list(inputs)}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:KEY_LENGTH]
+
+
+def path_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, or of a directory's sorted (relative path, bytes) pairs."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(root) / name
+            h.update(str(p.relative_to(path).as_posix()).encode() + b"\0")
+            h.update(p.read_bytes())
+    return h.hexdigest()

@@ -20,9 +20,11 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 MANIFEST = "manifest.json"
 
@@ -129,6 +131,15 @@ class Store:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def once(self, kind: str, key: str, done: Callable[[], bool], compute: Callable[[], T],
+             skipped: T) -> T:
+        """``compute()`` unless ``done()``; under the lock for (kind, key), re-checking ``done()``
+        after acquiring it, so concurrent runs compute once and the others return ``skipped``."""
+        if done():
+            return skipped
+        with self.lock(kind, key):
+            return skipped if done() else compute()
 
     @contextlib.contextmanager
     def staging(self, kind: str, key: str) -> Iterator[Path]:
