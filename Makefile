@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 WORKERS ?= 2
 PORT   ?= 4200
 
-.PHONY: demo test install bench serve clean-store
+.PHONY: demo test install bench serve docker-test clean-store
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench: $(VENV)/.bench
 # Prefect server + UI on http://127.0.0.1:$(PORT), work pool, deployments, $(WORKERS) workers.
 serve: $(STAMP)
 	$(BIN)/advfeatures serve --workers $(WORKERS) --port $(PORT)
+
+# Docker: builds the images (a local debootstrap base if BASE_IMAGE is unset), starts the compose
+# stack (Prefect server on PostgreSQL, controller, 2 shard workers), runs a tiny replication through
+# the replicate deployment and checks its table. Needs a Docker engine (docker/README.md).
+docker-test: $(STAMP)
+	PY=$(BIN)/python docker/test.sh
 
 clean-store:
 	rm -rf .advstore

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -360,10 +361,17 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
     return data
 
 
+STORE_ENV = "ADVFEATURES_STORE"
+"""Environment variable naming the store for every run of a process (containers, workers): it
+overrides the profile's ``runtime.store`` and is overridden by ``--set runtime.store=`` / ``--store``."""
+
+
 def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple[str, ...] = (),
             data: str | None = None, store: str | None = None) -> ExperimentConfig:
     """Profile + overrides (+ the --data and --store shortcuts) -> validated ExperimentConfig."""
     raw = copy.deepcopy(profile) if isinstance(profile, dict) else load_profile(profile)
+    if os.environ.get(STORE_ENV):  # a deployment's shared store, below explicit overrides
+        _set_path(raw, ["runtime", "store"], os.environ[STORE_ENV], STORE_ENV)
     for text in overrides:
         parts, value = parse_override(text)
         _set_path(raw, parts, value, text)

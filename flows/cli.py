@@ -2,6 +2,10 @@
 
     advfeatures run --profile demo [--set attack.steps=50 ...] [--data PATH] [--store PATH]
     advfeatures show-config --profile demo [--set ...] [--data PATH]
+    advfeatures verify KEY [--store PATH] [--repair]
+    advfeatures serve [--workers N]        local server + UI, work pool, deployments, workers
+    advfeatures deploy                     work pool + deployments on the server at PREFECT_API_URL
+    advfeatures synth PATH                 a tiny synthetic data set, for smoke runs
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -37,13 +42,37 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--workers", type=int, default=2)
     srv.add_argument("--port", type=int, default=4200)
     srv.add_argument("--pool-limit", type=int, default=None, help="work pool concurrency limit")
+    srv.add_argument("--shard-limit", type=int, default=None, help="concurrency limit of the shards queue")
+    dep = sub.add_parser("deploy", help="create the work pool and register prefect.yaml's deployments "
+                                        "on the server at PREFECT_API_URL")
+    dep.add_argument("--pool-limit", type=int, default=None, help="work pool concurrency limit")
+    dep.add_argument("--shard-limit", type=int, default=None, help="concurrency limit of the shards queue")
+    syn = sub.add_parser("synth", help="write a tiny synthetic CIFAR-like data set (a zip of PNGs) for smoke runs")
+    syn.add_argument("path", help="the zip to write")
+    syn.add_argument("--train", type=int, default=200, help="training images")
+    syn.add_argument("--test", type=int, default=100, help="test images")
     args = parser.parse_args(argv)
+    if args.command == "synth":
+        from advfeatures import synthetic
+
+        out = Path(args.path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        synthetic.write_image_zip(out, synthetic.make_arrays(args.train, args.test))
+        print(f"wrote {out} ({args.train} train, {args.test} test images)")
+        return 0
+    if args.command == "deploy":
+        from flows.serve import deploy
+
+        deploy(pool_limit=args.pool_limit, shard_limit=args.shard_limit)
+        print(f"deployed to {os.environ.get('PREFECT_API_URL', '(no PREFECT_API_URL)')}")
+        return 0
     if args.command == "verify":
         return _verify(args)
     if args.command == "serve":
         from flows.serve import serve
 
-        return serve(workers=args.workers, port=args.port, pool_limit=args.pool_limit)
+        return serve(workers=args.workers, port=args.port, pool_limit=args.pool_limit,
+                     shard_limit=args.shard_limit)
 
     from advfeatures.config import ConfigError, resolve
     from advfeatures.data import DataSourceError

@@ -1,9 +1,14 @@
-"""`advfeatures serve`: a local Prefect server with its UI, the `advfeatures` process work pool,
-the deployments of prefect.yaml, and N process workers, until Ctrl-C.
+"""`advfeatures serve` and `advfeatures deploy`.
 
-Prints `ready: <api url>` once everything is up. Flow runs of the `replicate` deployment (or
-`advfeatures run ... --set runtime.shard_executor=deployment` with PREFECT_API_URL set) then
-fan their shards out to the workers.
+``deploy``: against the server at PREFECT_API_URL, create the `advfeatures` process work pool and
+register prefect.yaml's deployments (`replicate` on the pool's `control` queue, `generate-shard` on
+its `shards` queue). Docker's compose file runs it once before the workers start.
+
+``serve``: a local Prefect server with its UI, ``deploy``, one controller worker (queue `control`:
+runs `replicate` flow runs, which train the models and fan shards out) and N shard workers (queue
+`shards`, one flow run at a time each), until Ctrl-C. Prints ``ready: <api url>`` once all is up.
+How many shards run at once is bounded by the shard workers and, optionally, by a concurrency limit
+on the `shards` queue (``--shard-limit``), never by locks of ours.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(os.environ.get("ADVFEATURES_HOME") or Path(__file__).resolve().parent.parent)
 POOL = "advfeatures"
+CONTROL_QUEUE, SHARD_QUEUE = "control", "shards"
 
 
 def _prefect(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
@@ -25,10 +31,10 @@ def _prefect(*args: str, env: dict[str, str], check: bool = True) -> subprocess.
                           capture_output=True, text=True)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the Prefect server exited with code {proc.returncode}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
@@ -40,7 +46,33 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> Non
     raise TimeoutError(f"the Prefect server at {url} did not become healthy in {timeout:.0f} s")
 
 
-def serve(workers: int = 2, port: int = 4200, host: str = "127.0.0.1", pool_limit: int | None = None) -> int:
+def deploy(env: dict[str, str] | None = None, pool_limit: int | None = None,
+           shard_limit: int | None = None) -> None:
+    """Work pool, queues (with optional limits) and the deployments of prefect.yaml."""
+    env = dict(os.environ if env is None else env)
+    if not (ROOT / "prefect.yaml").is_file():
+        raise RuntimeError(f"no prefect.yaml in {ROOT}: run from the advfeatures checkout or set ADVFEATURES_HOME")
+    env.setdefault("ADVFEATURES_HOME", str(ROOT))
+    created = _prefect("work-pool", "create", POOL, "--type", "process", env=env, check=False)
+    if created.returncode and "already exists" not in created.stdout + created.stderr:
+        raise RuntimeError(f"cannot create work pool {POOL}: {created.stdout}{created.stderr}")
+    if pool_limit:
+        _prefect("work-pool", "set-concurrency-limit", POOL, str(pool_limit), env=env)
+    deployed = _prefect("--no-prompt", "deploy", "--all", env=env, check=False)
+    if deployed.returncode:
+        raise RuntimeError(f"prefect deploy failed:\n{deployed.stdout[-2000:]}{deployed.stderr[-2000:]}")
+    if shard_limit:
+        _prefect("work-queue", "set-concurrency-limit", SHARD_QUEUE, str(shard_limit), "--pool", POOL, env=env)
+
+
+def worker_command(queue: str, limit: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
+           "--work-queue", queue]
+    return cmd + (["--limit", str(limit)] if limit else [])
+
+
+def serve(workers: int = 2, port: int = 4200, host: str = "127.0.0.1", pool_limit: int | None = None,
+          shard_limit: int | None = None) -> int:
     api = f"http://{host}:{port}/api"
     env = {**os.environ, "PREFECT_API_URL": api, "ADVFEATURES_HOME": str(ROOT),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -49,18 +81,12 @@ def serve(workers: int = 2, port: int = 4200, host: str = "127.0.0.1", pool_limi
                                "--port", str(port)], env=env, cwd=ROOT)]
     try:
         _wait_healthy(api, procs[0])
-        created = _prefect("work-pool", "create", POOL, "--type", "process", env=env, check=False)
-        if created.returncode and "already exists" not in created.stdout + created.stderr:
-            raise RuntimeError(f"cannot create work pool {POOL}: {created.stdout}{created.stderr}")
-        if pool_limit:
-            _prefect("work-pool", "set-concurrency-limit", POOL, str(pool_limit), env=env)
-        deployed = _prefect("--no-prompt", "deploy", "--all", env=env, check=False)
-        if deployed.returncode:
-            raise RuntimeError(f"prefect deploy failed:\n{deployed.stdout[-2000:]}{deployed.stderr[-2000:]}")
+        deploy(env, pool_limit=pool_limit, shard_limit=shard_limit)
+        procs.append(subprocess.Popen(worker_command(CONTROL_QUEUE), env=env, cwd=ROOT))
         for _ in range(workers):
-            procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
-                                           "--type", "process", "--limit", "1"], env=env, cwd=ROOT))
-        print(f"ready: {api} (UI at http://{host}:{port}); {workers} workers on pool {POOL}", flush=True)
+            procs.append(subprocess.Popen(worker_command(SHARD_QUEUE, limit=1), env=env, cwd=ROOT))
+        print(f"ready: {api} (UI at http://{host}:{port}); pool {POOL}: 1 controller worker "
+              f"(queue {CONTROL_QUEUE}), {workers} shard workers (queue {SHARD_QUEUE})", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(1)
         return 1  # something died

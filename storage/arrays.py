@@ -10,7 +10,8 @@ Constructed group ``constructed/<key>/``::
 
     x (N,3,H,W) float16|float32|uint8   y_target, y_true, index (N,) int64
     fooled (N,) bool   loss (N,) float32   norm (N,) float32
-    _shards/<i>.json   completion marker of shard i: rows, count, sha256 of its rows, seconds
+    _shards/<i>.json   completion marker of shard i: rows, count, sha256 of its rows, seconds,
+                       the host and pid that wrote it
 
 Shard protocol (parallel workers need no locks): shard i owns rows [i*S, min((i+1)*S, N)); S is a
 multiple of the chunk length, so no two shards share a Zarr chunk. A worker skips shard i if its
@@ -21,6 +22,8 @@ marker atomically, last. A killed worker leaves no marker and its shard is redon
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +159,7 @@ def write_shard(path: Path, layout: Layout, i: int, arrays: dict[str, np.ndarray
         g[name][start:stop] = cast[name]
     marker = {"shard": i, "start": start, "stop": stop, "count": stop - start,
               "sha256": rows_sha256(cast), "seconds": round(seconds, 3), "written": time.time(),
+              "host": socket.gethostname(), "pid": os.getpid(),
               **{k: round(v, 3) for k, v in timings.items()}}
     atomic_write_json(marker_path(path, i), marker)
     return marker

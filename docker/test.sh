@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# `make docker-test`: build the images, start the compose stack (Prefect server on PostgreSQL,
+# controller, 2 shard workers), run a tiny replication through the `replicate` deployment with its
+# shards fanned out to the worker containers, and check the table and who wrote the shards.
+#
+# Environment: BASE_IMAGE (default: a local debootstrap image, built if missing by
+# docker/build-base.sh), POSTGRES_IMAGE (default: docker/postgres built on BASE_IMAGE),
+# WORKERS (2), KEEP=1 to leave the stack and store up for inspection.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+WORKERS=${WORKERS:-2}
+PROJECT=advfeatures-test
+t0=$(date +%s)
+say() { echo "[docker-test $(( $(date +%s) - t0 ))s] $*"; }
+
+if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose)
+elif command -v docker-compose >/dev/null; then COMPOSE=(docker-compose)
+else echo "docker-test: neither 'docker compose' nor docker-compose is installed (apt-get install docker-compose)" >&2; exit 2; fi
+
+if ! docker info >/dev/null 2>&1; then
+    if command -v dockerd >/dev/null && [ "$(id -u)" = 0 ]; then
+        say "starting dockerd"
+        (dockerd >/tmp/advfeatures-dockerd.log 2>&1 &)
+        for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    fi
+    docker info >/dev/null 2>&1 || { echo "docker-test: no Docker engine: apt-get install docker.io, then start dockerd" >&2; exit 2; }
+fi
+
+if [ -z "${BASE_IMAGE:-}" ]; then
+    BASE_IMAGE=advfeatures-base:bookworm
+    docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 || { say "building $BASE_IMAGE"; docker/build-base.sh "$BASE_IMAGE"; }
+fi
+say "building advfeatures:latest on $BASE_IMAGE"
+docker build -q -f docker/Dockerfile --build-arg BASE_IMAGE="$BASE_IMAGE" -t advfeatures:latest . >/dev/null
+if [ -z "${POSTGRES_IMAGE:-}" ]; then
+    POSTGRES_IMAGE=advfeatures-postgres:15
+    say "building $POSTGRES_IMAGE"
+    docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$POSTGRES_IMAGE" docker/postgres >/dev/null
+fi
+
+STORE_DIR=$(mktemp -d /tmp/advfeatures-docker-store.XXXXXX)
+PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export ADVFEATURES_IMAGE=advfeatures:latest POSTGRES_IMAGE STORE_DIR PORT
+compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker/compose.yaml "$@"; }
+cleanup() {
+    rc=$?
+    if [ "$rc" != 0 ]; then compose logs --tail 60 2>/dev/null | tail -200 || true; fi
+    if [ "${KEEP:-0}" = 1 ]; then say "KEEP=1: stack left up (project $PROJECT), store in $STORE_DIR"; return; fi
+    compose down -v --remove-orphans >/dev/null 2>&1 || true
+    rm -rf "$STORE_DIR"
+}
+trap cleanup EXIT
+
+say "compose up: postgres, server, deploy, controller, $WORKERS workers (UI on port $PORT)"
+compose down -v --remove-orphans >/dev/null 2>&1 || true
+compose up -d --scale worker="$WORKERS" >/dev/null 2>&1 || { compose up -d --scale worker="$WORKERS"; exit 1; }
+deploy_id=$(compose ps -q deploy)
+[ "$(docker wait "$deploy_id")" = 0 ] || { echo "docker-test: the deploy step failed:" >&2; docker logs "$deploy_id" >&2; exit 1; }
+# the workers start once deploy has exited; give them a moment to register
+for _ in $(seq 60); do
+    [ "$(compose ps -q worker | wc -l)" -ge "$WORKERS" ] && [ -n "$(compose ps -q controller)" ] && break; sleep 1
+done
+
+say "tiny replication through the replicate deployment"
+compose exec -T controller advfeatures synth /store/data/tiny.zip --train 400 --test 200 >/dev/null
+params='{"profile": "tiny", "overrides": ["runtime.shard_executor=deployment", "runtime.threads=1",
+  "data.source=/store/data/tiny.zip", "construct.n_images=200", "construct.shard_size=50"]}'
+compose exec -T controller prefect deployment run replicate/replicate --params "$params" \
+    --watch --watch-interval 3 --watch-timeout 1200 | tail -5
+say "checking the table and the shards"
+workers=$(for c in $(compose ps -q worker); do docker inspect -f '{{.Config.Hostname}}' "$c"; done | paste -sd, -)
+"$PY" docker/check_run.py "$STORE_DIR" --min-hosts 2 --workers "$workers"
+say "passed"
