@@ -7,6 +7,7 @@ student. Accuracies are on the original, clean test set, in percent, with a 95% 
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import yaml
 
 from advfeatures.config import ExperimentConfig
 from advfeatures.plan import Plan, StageSpec
-from storage.store import Store, atomic_write_json
+from storage.store import Store, atomic_write_json, open_root
 
 # Clean test accuracy (%) reported for CIFAR-10: Ilyas et al. Table 1 (ResNet-50) and, for
 # errors, Wallace (2019, ResNet-18 on 18,768 mislabeled images). D_other is not in the paper.
@@ -96,8 +97,10 @@ def _write_run(store: Store, plan: Plan, cfg: ExperimentConfig, spec: StageSpec)
     t0 = time.perf_counter()
     df = build_table(store, plan)
     with store.staging(spec.folder, spec.key) as tmp:
-        df.to_csv(tmp / "table.csv", index=False)
-        df.to_parquet(tmp / "table.parquet", index=False)
+        with (tmp / "table.csv").open("w") as f:
+            df.to_csv(f, index=False)
+        with (tmp / "table.parquet").open("wb") as f:
+            df.to_parquet(f, index=False)
         (tmp / "table.md").write_text(to_markdown(df) + "\n")
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         atomic_write_json(tmp / "plan.json", [s.as_dict() for s in plan.stages()])
@@ -106,4 +109,5 @@ def _write_run(store: Store, plan: Plan, cfg: ExperimentConfig, spec: StageSpec)
 
 
 def read_table(run_dir: Path) -> pd.DataFrame:
-    return pd.read_parquet(Path(run_dir) / "table.parquet")
+    with (open_root(run_dir) / "table.parquet").open("rb") as f:
+        return pd.read_parquet(io.BytesIO(f.read()))

@@ -7,6 +7,7 @@ keys, specs and configs only; tensors never cross a stage boundary.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,7 +135,8 @@ def _fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, n
               forward=compiled(model, rt))
     with store.staging(spec.folder, spec.key) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        torch.save(state, tmp / "weights.pt")
+        with (tmp / "weights.pt").open("wb") as f:
+            torch.save(state, f)
         body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=num_classes,
                                    weights_sha256=path_sha256(tmp / "weights.pt"),
                                    n_train=int(len(y)), seeds={"train": train_cfg.seed}, history=res.history,
@@ -179,7 +181,7 @@ def load_model(store: Store, key: str, device: torch.device | str = "cpu") -> to
                              f"run `advfeatures verify {key} --repair` and rerun to retrain it")
     mc = build_config(ModelConfig, man["stage"]["config"]["model"], "model")
     model = build_model(mc.arch, man["num_classes"], mc.mean, mc.std)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(io.BytesIO(weights.read_bytes()), map_location="cpu", weights_only=True))
     return model.to(device).eval()
 
 

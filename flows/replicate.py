@@ -8,6 +8,7 @@ Every stage is cached in the store under its configuration hash.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import os
 import time
 from typing import Any
@@ -30,6 +31,7 @@ from tasks import stages as T
 def run_stage(task, spec: StageSpec, store_root: str, *args: Any) -> Any:
     """Call a stage task; if Prefect answered from a cached record whose artifact is gone from the
     store (deleted, or unsealed by `verify --repair`), run it again, refreshing the record."""
+    task = T.for_store(task, store_root)
     out = task(spec, store_root, *args)
     if not Store(store_root).is_complete(spec.folder, spec.key):
         out = task.with_options(refresh_cache=True)(spec, store_root, *args)
@@ -38,14 +40,15 @@ def run_stage(task, spec: StageSpec, store_root: str, *args: Any) -> Any:
 
 def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[int]) -> None:
     """Shard tasks on the flow's task runner, with the same store-truth check per shard."""
-    futures = [T.generate_shard.submit(spec, store_root, shard, runtime_cfg) for shard in shards]
+    shard_task = T.for_store(T.generate_shard, store_root)
+    futures = [shard_task.submit(spec, store_root, shard, runtime_cfg) for shard in shards]
     wait(futures)
     for f in futures:
         f.result()  # raises the first shard failure
     path = Store(store_root).path(spec.folder, spec.key)
     for shard in shards:
         if not shard_done(path, shard):
-            T.generate_shard.with_options(refresh_cache=True)(spec, store_root, shard, runtime_cfg)
+            shard_task.with_options(refresh_cache=True)(spec, store_root, shard, runtime_cfg)
 
 
 def plan_for(cfg: ExperimentConfig) -> Plan:
@@ -125,9 +128,9 @@ def stage_timings(store: Store, plan: Plan, since: float) -> list[dict[str, Any]
         if not store.is_complete(spec.folder, spec.key):
             continue
         man = store.manifest(spec.folder, spec.key)
-        mtime = (store.path(spec.folder, spec.key) / "manifest.json").stat().st_mtime
+        created = _dt.datetime.fromisoformat(man["created"]).timestamp()
         rows.append({"stage": spec.stage, "what": names[spec.key], "key": spec.key, "seconds": man.get("seconds", 0.0),
-                     "computed": mtime >= since})
+                     "computed": created >= since})
     return rows
 
 

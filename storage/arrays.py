@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from storage.store import StoreError, atomic_write_json, read_json
+from storage.store import StoreError, atomic_write_json, open_root, read_json
 
 CONSTRUCTED_FIELDS: dict[str, str] = {  # name -> dtype (x's dtype is chosen per set)
     "y_target": "int64", "y_true": "int64", "index": "int64",
@@ -117,11 +117,11 @@ def create_constructed(path: Path, layout: Layout) -> None:
                        fill_value=0)
     g.attrs.update({"layout": {"n": layout.n, "image_shape": list(layout.image_shape), "x_dtype": layout.x_dtype,
                                "chunk": chunk, "shard_size": layout.shard_size}})
-    (Path(path) / SHARDS_DIR).mkdir(exist_ok=True)
+    (open_root(path) / SHARDS_DIR).mkdir(exist_ok=True)
 
 
 def marker_path(path: Path, i: int) -> Path:
-    return Path(path) / SHARDS_DIR / f"{i:05d}.json"
+    return open_root(path) / SHARDS_DIR / f"{i:05d}.json"
 
 
 def shard_done(path: Path, i: int) -> bool:

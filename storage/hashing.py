@@ -58,9 +58,15 @@ def stage_key(stage: str, schema: int, config: Any, inputs: Sequence[str] = ()) 
 
 
 def path_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, or of a directory's sorted (relative path, bytes) pairs."""
-    path = Path(path)
+    """sha256 of a file's bytes, or of a directory's sorted (relative path, bytes) pairs.
+    Also takes a file on an fsspec path (a ``UPath`` of a URL store)."""
     h = hashlib.sha256()
+    if not isinstance(path, (str, os.PathLike)):  # fsspec path: files only
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+    path = Path(path)
     if path.is_file():
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):

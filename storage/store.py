@@ -6,6 +6,17 @@
 
 Readers trust manifests only. Every manifest records the stage's config, its inputs, the schema,
 the code version, the seeds and the time it took.
+
+The root is a local path (or a mounted volume: NFS, a Docker volume) or any fsspec URL
+(``s3://bucket/prefix``, ``gs://...``, ``file:///abs/path``), opened with universal_pathlib; the
+filesystem's options come from fsspec's configuration (e.g. ``FSSPEC_S3_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``). A URL root has no rename and no POSIX locks, so there:
+
+- whole-folder artifacts are written in place, manifest last (one PUT, atomic on object stores);
+  leftovers of a crashed writer carry no manifest and are deleted before the next write;
+- the per-artifact lock is the one installed with ``Store.use_remote_lock`` (the Prefect tasks
+  install a Prefect global concurrency limit of 1 per artifact, leased, so it is shared by every
+  worker of one Prefect server and released when its holder dies).
 """
 
 from __future__ import annotations
@@ -21,8 +32,9 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T")
 
@@ -37,8 +49,47 @@ class IntegrityError(StoreError):
     """A stored artifact no longer matches the checksums recorded when it was written."""
 
 
+def open_root(root: Any) -> Path:
+    """A local ``Path`` for a plain path; a ``UPath`` (pathlib-like, over fsspec) for a URL."""
+    if isinstance(root, Path) or (not isinstance(root, str) and hasattr(root, "fs")):
+        return root if not isinstance(root, Path) else root.expanduser().resolve()
+    text = os.fspath(root)
+    if "://" in text:
+        try:
+            from upath import UPath
+        except ImportError:  # pragma: no cover - a dependency
+            raise StoreError(f"store {text!r} is a URL: install universal_pathlib (and the fsspec "
+                             "backend of its protocol, e.g. s3fs)") from None
+        if text.startswith(("file://", "local://")):  # object stores have no folders; files do
+            import fsspec.config
+
+            fsspec.config.conf.setdefault("file", {}).setdefault("auto_mkdir", True)
+        try:
+            return UPath(text)
+        except (ValueError, ImportError) as e:
+            raise StoreError(f"cannot open store {text!r}: {e}; install the fsspec backend for its "
+                             "protocol (s3fs for s3://, gcsfs for gs://)") from None
+    return Path(text).expanduser().resolve()
+
+
+def is_remote(path: Any) -> bool:
+    """True for fsspec paths (URL roots), False for local paths (``str`` or ``os.PathLike``)."""
+    return not isinstance(path, (str, os.PathLike))
+
+
+def rmtree(path: Any) -> None:
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.fs.rm(path.path, recursive=True)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write JSON atomically: locally to a temporary file in the same folder, fsync, then rename
+    over ``path``; on an fsspec path with one write (a single PUT on object stores)."""
+    if is_remote(path):
+        path.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=True))
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -53,8 +104,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    return json.loads((path if is_remote(path) else Path(path)).read_text())
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,15 +128,29 @@ def code_version() -> dict[str, Any]:
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 class Store:
+    remote_lock: ClassVar[Callable[[str], AbstractContextManager[Any]] | None] = None
+    """Lock factory for URL stores (name -> context manager); see ``use_remote_lock``."""
+
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).expanduser().resolve()
+        self.root = open_root(root)
+        self.remote = is_remote(self.root)
+
+    @classmethod
+    def use_remote_lock(cls, factory: Callable[[str], AbstractContextManager[Any]] | None) -> None:
+        """Install the cross-host lock used by stores at URLs (one per process)."""
+        cls.remote_lock = factory
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
+
+    @property
+    def url(self) -> str:
+        """The root as one string other processes can open (a path or a URL)."""
+        return str(self.root)
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
@@ -109,7 +173,10 @@ class Store:
             probe.unlink()
         except OSError as e:
             raise StoreError(f"the store root {self.root} is not writable ({e.strerror or e}); "
-                             "set runtime.store (or --store) to a writable folder") from None
+                             "set runtime.store (or --store) to a writable folder or URL") from None
+        except Exception as e:  # noqa: BLE001 - fsspec backends raise their own errors (auth, no bucket)
+            raise StoreError(f"the store root {self.root} cannot be written ({type(e).__name__}: {e}); "
+                             "check its URL and credentials (fsspec configuration)") from None
 
     def manifest_body(self, kind: str, key: str, stage: dict[str, Any], **extra: Any) -> dict[str, Any]:
         return {"kind": kind, "key": key, "stage": stage, "code_version": code_version(),
@@ -122,7 +189,15 @@ class Store:
     def lock(self, kind: str, key: str) -> Iterator[None]:
         """Exclusive POSIX lock (flock) on one artifact, for processes on one host or on a shared
         filesystem with POSIX locks. A stage takes it, re-checks completeness, then computes: two
-        runs reaching the same stage at once compute it once, the second waiting and reusing it."""
+        runs reaching the same stage at once compute it once, the second waiting and reusing it.
+        A URL store uses the installed ``remote_lock`` instead."""
+        if self.remote:
+            if Store.remote_lock is None:
+                raise StoreError(f"the store {self.root} is a URL and needs a cross-host lock: run it through "
+                                 "advfeatures' Prefect flows (which install one), or Store.use_remote_lock(...)")
+            with Store.remote_lock(f"{kind}-{key}"):
+                yield
+            return
         d = self.root / ".locks"
         d.mkdir(parents=True, exist_ok=True)
         with open(d / f"{kind}-{key}.lock", "a+") as f:
@@ -146,9 +221,25 @@ class Store:
         """Build a whole-folder artifact in a staging folder; on success it is renamed into place.
 
         The caller writes its files and finally ``MANIFEST`` into the yielded folder. On any error
-        the staging folder is removed, so no half-written artifact is ever visible.
+        the staging folder is removed, so no half-written artifact is ever visible. On a URL store
+        the folder is the final one (no rename there): the manifest, written last, publishes it, and
+        the caller holds the artifact's lock (``once``), so no other writer is in it.
         """
         final = self.path(kind, key)
+        if self.remote:
+            if (final / MANIFEST).is_file():
+                raise StoreError(f"internal: {kind}/{key} is already published")
+            rmtree(final)  # a crashed writer's leftovers (no manifest)
+            final.mkdir(parents=True, exist_ok=True)
+            try:
+                yield final
+                if not (final / MANIFEST).is_file():
+                    raise StoreError(f"internal: staged {kind}/{key} has no {MANIFEST}")
+            except BaseException:
+                (final / MANIFEST).unlink(missing_ok=True)
+                rmtree(final)
+                raise
+            return
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".staging-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()

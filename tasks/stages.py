@@ -6,19 +6,81 @@ Cache: a task's Prefect cache key is its stage key once the store holds the arti
 reused stage as Cached. One writer per stage across concurrent runs comes from the store's lock
 (``Store.lock``), not from Prefect. The store is the truth: the flow re-runs a task whose record
 outlived its artifact.
+
+Shared storage: result records live in the store (``<store>/.prefect/results``), so a cache record
+written by one worker is found by every other worker that sees the store (``for_store``). A store
+at a URL gets its per-artifact lock from Prefect: a global concurrency limit of 1 per artifact,
+leased and renewed while held, so it is shared by every worker of one server and a dead holder's
+slot is released when its lease runs out (``prefect_lock``).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
 
 from advfeatures import stages
 from advfeatures.config import DataConfig, RuntimeConfig
 from advfeatures.plan import StageSpec
 from storage.arrays import shard_done
 from storage.store import Store
+
+
+LOCK_LEASE_SECONDS = 60.0
+
+
+@contextmanager
+def prefect_lock(name: str) -> Iterator[None]:
+    """Mutual exclusion across hosts: a Prefect global concurrency limit of 1 named after the
+    artifact, created on first use. Needs a Prefect server shared by the contenders (PREFECT_API_URL);
+    an ephemeral server only serialises one process's own threads."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    limit = f"advfeatures-{name}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.upsert_global_concurrency_limit_by_name(limit, 1)
+        except ObjectAlreadyExists:  # created by a contender between our read and our create
+            pass
+    with concurrency(limit, occupy=1, strict=True, lease_duration=LOCK_LEASE_SECONDS):
+        yield
+
+
+Store.use_remote_lock(prefect_lock)
+
+
+@functools.lru_cache(maxsize=16)
+def result_storage(store_root: str) -> Any:
+    """Prefect result storage inside the store: a folder for local (and file://) stores; for other
+    URLs a RemoteFileSystem block, saved under a name derived from the URL (Prefect keeps only
+    saved blocks as a task's result storage)."""
+    from pathlib import Path
+
+    st = Store(store_root)
+    if not st.remote or st.root.protocol in ("file", "local"):
+        return Path(st.root.path if st.remote else st.root) / ".prefect" / "results"
+    from prefect.filesystems import RemoteFileSystem
+
+    import hashlib
+
+    name = f"advfeatures-results-{hashlib.sha256(st.url.encode()).hexdigest()[:12]}"
+    block = RemoteFileSystem(basepath=f"{st.url.rstrip('/')}/.prefect/results")
+    try:
+        block.save(name, overwrite=True)
+    except Exception:  # noqa: BLE001 - a worker saving the same block at the same moment
+        block = RemoteFileSystem.load(name)
+    return block
+
+
+def for_store(t: Task, store_root: str) -> Task:
+    """The task with its result records kept in the store at ``store_root``."""
+    return t.with_options(result_storage=result_storage(store_root))
 
 
 def _stage_cache_key(_ctx, params: dict[str, Any]) -> str | None:
