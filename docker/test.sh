@@ -6,6 +6,7 @@
 # Environment: BASE_IMAGE (default: a local debootstrap image, built if missing by
 # docker/build-base.sh), POSTGRES_IMAGE (default: docker/postgres built on BASE_IMAGE),
 # WORKERS (2), KEEP=1 to leave the stack and store up for inspection.
+# Exit status 3: no Docker engine or compose could be found or started (nothing was tested).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,7 +17,7 @@ say() { echo "[docker-test $(( $(date +%s) - t0 ))s] $*"; }
 
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose)
 elif command -v docker-compose >/dev/null; then COMPOSE=(docker-compose)
-else echo "docker-test: neither 'docker compose' nor docker-compose is installed (apt-get install docker-compose)" >&2; exit 2; fi
+else echo "docker-test: neither 'docker compose' nor docker-compose is installed (apt-get install docker-compose)" >&2; exit 3; fi
 
 if ! docker info >/dev/null 2>&1; then
     if command -v dockerd >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -24,7 +25,7 @@ if ! docker info >/dev/null 2>&1; then
         (dockerd >/tmp/advfeatures-dockerd.log 2>&1 &)
         for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
     fi
-    docker info >/dev/null 2>&1 || { echo "docker-test: no Docker engine: apt-get install docker.io, then start dockerd" >&2; exit 2; }
+    docker info >/dev/null 2>&1 || { echo "docker-test: no Docker engine: apt-get install docker.io, then start dockerd" >&2; exit 3; }
 fi
 
 if [ -z "${BASE_IMAGE:-}" ]; then
@@ -71,4 +72,11 @@ compose exec -T controller prefect deployment run replicate/replicate --params "
 say "checking the table and the shards"
 workers=$(for c in $(compose ps -q worker); do docker inspect -f '{{.Config.Hostname}}' "$c"; done | paste -sd, -)
 "$PY" docker/check_run.py "$STORE_DIR" --min-hosts 2 --workers "$workers"
+
+say "rerun: everything cached, no manifest rewritten"
+touch "$STORE_DIR/.before-rerun"
+compose exec -T controller prefect deployment run replicate/replicate --params "$params" \
+    --watch --watch-interval 3 --watch-timeout 600 | tail -1
+rewritten=$(find "$STORE_DIR" -name manifest.json -newer "$STORE_DIR/.before-rerun" | wc -l)
+[ "$rewritten" = 0 ] || { echo "docker-test: the rerun rewrote $rewritten manifests" >&2; exit 1; }
 say "passed"

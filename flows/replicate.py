@@ -18,7 +18,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from advfeatures import report
 from advfeatures.config import ExperimentConfig, resolve, to_plain
 from advfeatures.data import source_sha256
 from advfeatures.plan import Plan, StageSpec, labels, make_plan
@@ -73,7 +72,7 @@ def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any) -> str:
     return run_stage(T.finalize_set, spec, store_root)
 
 
-def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll: float = 2.0) -> None:
+def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll: float = 1.0) -> None:
     """Each pending shard becomes a flow run of the shard deployment; wait for all, resubmitting a
     failed or crashed one up to rt.shard_retries times. Idempotency keys are scoped to this flow
     run, the set and the attempt, so a retried parent does not duplicate its children. How many
@@ -142,7 +141,11 @@ def replicate(profile: str = "demo", overrides: list[str] | None = None, data: s
     cfg = resolve(profile, overrides or [], data=data, store=store)
     st = Store(cfg.runtime.store)
     st.ensure_writable()
-    root, rt = str(st.root), cfg.runtime
+    root, rt = st.url, cfg.runtime
+    if st.remote and not os.environ.get("PREFECT_API_URL"):
+        print(f"note: the store {root} is a URL and this run uses a temporary Prefect server, so its "
+              "artifact locks are not shared with other runs: give every run writing to this store "
+              "one server (PREFECT_API_URL)")
     plan = plan_for(cfg)
 
     run_stage(T.ingest, plan.dataset, root, cfg.data)
@@ -161,6 +164,8 @@ def replicate(profile: str = "demo", overrides: list[str] | None = None, data: s
     for s in plan.students:
         run_stage(T.train_student, s.student, root, rt)
         run_stage(T.evaluate, s.eval, root, rt)
+
+    from advfeatures import report  # pandas: imported here, not at the start of every shard worker's flow run
 
     run_dir = report.write_run(st, plan, cfg)
     df = report.read_table(run_dir)

@@ -33,7 +33,7 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T")
@@ -73,8 +73,9 @@ def open_root(root: Any) -> Path:
 
 
 def is_remote(path: Any) -> bool:
-    """True for fsspec paths (URL roots), False for local paths (``str`` or ``os.PathLike``)."""
-    return not isinstance(path, (str, os.PathLike))
+    """True for fsspec paths (URL roots, ``file://`` included: it is how the URL code path is
+    tested across processes), False for plain local paths (``str``, ``pathlib``)."""
+    return not isinstance(path, (str, PurePath))
 
 
 def rmtree(path: Any) -> None:
@@ -88,7 +89,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically: locally to a temporary file in the same folder, fsync, then rename
     over ``path``; on an fsspec path with one write (a single PUT on object stores)."""
     if is_remote(path):
-        path.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=True))
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True)
+        if path.protocol in ("file", "local"):  # a real filesystem: write aside, then rename
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            tmp.write_text(text)
+            path.fs.mv(tmp.path, path.path)
+        else:
+            path.write_text(text)  # one PUT: atomic on object stores
         return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

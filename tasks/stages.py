@@ -17,18 +17,23 @@ slot is released when its lease runs out (``prefect_lock``).
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from prefect import Task, get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.filesystems import RemoteFileSystem
 
 from advfeatures import stages
 from advfeatures.config import DataConfig, RuntimeConfig
 from advfeatures.plan import StageSpec
 from storage.arrays import shard_done
 from storage.store import Store
-
 
 LOCK_LEASE_SECONDS = 60.0
 
@@ -38,10 +43,6 @@ def prefect_lock(name: str) -> Iterator[None]:
     """Mutual exclusion across hosts: a Prefect global concurrency limit of 1 named after the
     artifact, created on first use. Needs a Prefect server shared by the contenders (PREFECT_API_URL);
     an ephemeral server only serialises one process's own threads."""
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists
-
     limit = f"advfeatures-{name}"
     with get_client(sync_client=True) as client:
         try:
@@ -60,15 +61,9 @@ def result_storage(store_root: str) -> Any:
     """Prefect result storage inside the store: a folder for local (and file://) stores; for other
     URLs a RemoteFileSystem block, saved under a name derived from the URL (Prefect keeps only
     saved blocks as a task's result storage)."""
-    from pathlib import Path
-
     st = Store(store_root)
     if not st.remote or st.root.protocol in ("file", "local"):
         return Path(st.root.path if st.remote else st.root) / ".prefect" / "results"
-    from prefect.filesystems import RemoteFileSystem
-
-    import hashlib
-
     name = f"advfeatures-results-{hashlib.sha256(st.url.encode()).hexdigest()[:12]}"
     block = RemoteFileSystem(basepath=f"{st.url.rstrip('/')}/.prefect/results")
     try:

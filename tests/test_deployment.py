@@ -1,5 +1,7 @@
 """Shards fanned out as flow runs of the `generate-shard` deployment to 2 process workers of a
-real local Prefect server (`advfeatures serve`), against the in-process path: same bytes."""
+real local Prefect server (`advfeatures serve`), against the in-process path: same bytes; and the
+same with the store given as an fsspec URL (file://), where the workers' stage locks are Prefect
+concurrency limits on that server and Prefect's result records live in the store."""
 
 import os
 import socket
@@ -71,3 +73,15 @@ def test_shards_fan_out_to_deployment_workers(server, tiny_tar, tmp_path):
                                   "--state", "COMPLETED", "--limit", "50"], env=server, cwd=ROOT,
                                  capture_output=True, text=True)
     assert from_server.stdout.count("shard-") >= 3, from_server.stdout  # 3 shards ran on the workers
+
+    url = f"file://{tmp_path}/url"
+    on_url = _run(server, tiny_tar, url, "runtime.shard_executor=deployment")
+    assert "3 shard runs submitted to deployment generate-shard/generate-shard" in on_url
+    c = A.read_rows(url + f"/constructed/{key}")
+    assert all(np.array_equal(c[k], b[k]) for k in b)
+    markers = [p for p in (tmp_path / "url" / "constructed" / key / "_shards").glob("*.json")]
+    assert len(markers) == 3
+    assert not (tmp_path / "url" / ".locks").exists()  # URL store: Prefect's locks, not flock files
+    again = _run(server, tiny_tar, url, "runtime.shard_executor=deployment")
+    assert "shard runs submitted" not in again and "computed this run: 0.0 s" in again
+    assert any((tmp_path / "url" / ".prefect" / "results").iterdir())  # records beside the artifacts

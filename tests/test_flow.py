@@ -140,9 +140,12 @@ def test_parallel_shard_workers_give_identical_sets(tiny_tar, tmp_path):
     assert all(np.array_equal(rows[1][k], rows[3][k]) for k in rows[1])
 
 
-def test_two_concurrent_runs_compute_each_stage_once(tiny_tar, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["path", "url"])
+def test_two_concurrent_runs_compute_each_stage_once(kind, tiny_tar, tmp_path, monkeypatch):
     """Two replicate runs of one config at once: every model is trained once, every shard written
-    once (the second run waits on the stage's lock and reuses the result), arrays correct."""
+    once (the second run waits on the stage's lock and reuses the result), arrays correct. With a
+    local path the lock is the store's flock; with a URL store (file:// through fsspec) it is a
+    Prefect global concurrency limit per artifact."""
     import threading
     import time
     from collections import Counter
@@ -166,7 +169,20 @@ def test_two_concurrent_runs_compute_each_stage_once(tiny_tar, tmp_path, monkeyp
 
     monkeypatch.setattr(S, "_fit_and_save", counting_fit)
     monkeypatch.setattr(S.A, "write_shard", counting_write)
-    store = tmp_path / "shared"
+    store = tmp_path / "shared" if kind == "path" else f"file://{tmp_path}/shared"
+    locked = Counter()
+    if kind == "url":  # count the Prefect concurrency-limit locks the URL store takes
+        import tasks.stages  # noqa: F401 - installs Store.remote_lock
+        from storage.store import Store
+
+        prefect_lock = Store.remote_lock
+
+        def counting_lock(name):
+            with guard:
+                locked[name] += 1
+            return prefect_lock(name)
+
+        monkeypatch.setattr(Store, "remote_lock", counting_lock)
     over = ["construct.sets=[det, errors]"]
     results, errors = [], []
 
@@ -192,6 +208,9 @@ def test_two_concurrent_runs_compute_each_stage_once(tiny_tar, tmp_path, monkeyp
 
     key = next(t["key"] for t in results[0]["timings"] if t["stage"] == "construct" and t["what"] == "det")
     assert stages_mod.verify(Store(store), key) == []
+    if kind == "url":
+        assert not (tmp_path / "shared" / ".locks").exists()
+        assert all(f"models-{k}" in locked for k in trained)  # every model trained under Prefect's lock
 
 
 def test_deleted_artifact_is_recomputed_despite_prefect_cache(first, tiny_tar):
