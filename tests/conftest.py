@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 
 # Prefect's home (result records, local storage) in a throwaway folder, set before prefect loads.
@@ -56,3 +57,10 @@ def build(tar, store, overrides=(), profile="tiny"):
     stages.ingest(st, cfg.data, plan.dataset)
     stages.train_model(st, plan.source, cfg.runtime)
     return cfg, st, plan
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

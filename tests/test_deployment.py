@@ -3,8 +3,8 @@ real local Prefect server (`advfeatures serve`), against the in-process path: sa
 same with the store given as an fsspec URL (file://), where the workers' stage locks are Prefect
 concurrency limits on that server and Prefect's result records live in the store."""
 
+import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 from storage import arrays as A
 
@@ -19,20 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1"}
     log = open(home / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--workers", "2", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--workers", "2", "--port", str(port),
+                             "--shard-limit", "2"],
                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.time()
     while "ready:" not in (home / "serve.log").read_text():
@@ -73,6 +70,9 @@ def test_shards_fan_out_to_deployment_workers(server, tiny_tar, tmp_path):
                                   "--state", "COMPLETED", "--limit", "50"], env=server, cwd=ROOT,
                                  capture_output=True, text=True)
     assert from_server.stdout.count("shard-") >= 3, from_server.stdout  # 3 shards ran on the workers
+    queue = subprocess.run([sys.executable, "-m", "prefect", "work-queue", "inspect", "shards", "--pool", "advfeatures",
+                            "-o", "json"], env=server, cwd=ROOT, capture_output=True, text=True)
+    assert json.loads(queue.stdout)["concurrency_limit"] == 2, queue.stdout + queue.stderr  # serve --shard-limit 2
 
     url = f"file://{tmp_path}/url"
     on_url = _run(server, tiny_tar, url, "runtime.shard_executor=deployment")

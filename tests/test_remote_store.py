@@ -2,7 +2,6 @@
 moto's S3 server, byte-identical to a run on a local folder."""
 
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 from storage import arrays as A
 from storage.store import Store, StoreError, atomic_write_json
@@ -77,18 +77,13 @@ def test_unknown_url_protocol_is_a_clear_error():
 
 # --- s3:// against moto ------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server with a bucket; yields the environment fsspec/s3fs needs to reach it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
