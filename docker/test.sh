@@ -33,11 +33,12 @@ if [ -z "${BASE_IMAGE:-}" ]; then
     docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 || { say "building $BASE_IMAGE"; docker/build-base.sh "$BASE_IMAGE"; }
 fi
 say "building advfeatures:latest on $BASE_IMAGE"
-docker build -q -f docker/Dockerfile --build-arg BASE_IMAGE="$BASE_IMAGE" -t advfeatures:latest . >/dev/null
+build() { docker build -q "$@" >/tmp/advfeatures-docker-build.log 2>&1 || { tail -40 /tmp/advfeatures-docker-build.log >&2; exit 1; }; }
+build -f docker/Dockerfile --build-arg BASE_IMAGE="$BASE_IMAGE" -t advfeatures:latest .
 if [ -z "${POSTGRES_IMAGE:-}" ]; then
     POSTGRES_IMAGE=advfeatures-postgres:15
     say "building $POSTGRES_IMAGE"
-    docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$POSTGRES_IMAGE" docker/postgres >/dev/null
+    build --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$POSTGRES_IMAGE" docker/postgres
 fi
 
 STORE_DIR=$(mktemp -d /tmp/advfeatures-docker-store.XXXXXX)

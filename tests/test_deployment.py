@@ -21,12 +21,39 @@ pytestmark = pytest.mark.slow
 
 
 
+# Loaded by every process of the served stack (server, workers, their flow runs) through PYTHONPATH:
+# the first shard marker written to a store whose path contains "crash-" SIGKILLs its own process
+# instead, after the shard's rows and before its marker, as a dying worker would.
+KILL_ONCE = """
+import os
+if os.environ.get("ADVFEATURES_TEST_KILL_ONCE"):
+    import signal
+    from pathlib import Path
+
+    import storage.arrays as _arrays
+
+    _flag, _write = Path(os.environ["ADVFEATURES_TEST_KILL_ONCE"]), _arrays.atomic_write_json
+
+    def _kill_before_first_marker(path, obj):
+        if "crash-" in str(path) and "_shards" in str(path) and not _flag.exists():
+            _flag.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _write(path, obj)
+
+    _arrays.atomic_write_json = _kill_before_first_marker
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
+    (home / "site").mkdir()
+    (home / "site" / "sitecustomize.py").write_text(KILL_ONCE)
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(home / "site"), os.environ.get("PYTHONPATH")])),
+           "ADVFEATURES_TEST_KILL_ONCE": str(home / "killed")}
     log = open(home / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--workers", "2", "--port", str(port),
                              "--shard-limit", "2"],
@@ -85,3 +112,25 @@ def test_shards_fan_out_to_deployment_workers(server, tiny_tar, tmp_path):
     again = _run(server, tiny_tar, url, "runtime.shard_executor=deployment")
     assert "shard runs submitted" not in again and "computed this run: 0.0 s" in again
     assert any((tmp_path / "url" / ".prefect" / "results").iterdir())  # records beside the artifacts
+
+
+def test_a_shard_run_killed_mid_write_is_resubmitted_and_the_set_is_identical(server, tiny_tar, tmp_path):
+    """SIGKILL of a worker's shard flow run after its rows, before its marker: the worker reports
+    the run Crashed, the parent resubmits it, no marker vouches for partial data, and the set is
+    byte-identical to an uninterrupted in-process run."""
+    killed = Path(server["ADVFEATURES_TEST_KILL_ONCE"])
+    assert not killed.exists()
+    out = _run(server, tiny_tar, tmp_path / "crash-store", "runtime.shard_executor=deployment")
+    assert killed.exists(), "the fault was not injected"
+    assert "ended Crashed; resubmitting (try 2)" in out, out[-3000:]
+    local_env = {k: v for k, v in server.items() if k not in ("PREFECT_API_URL", "ADVFEATURES_TEST_KILL_ONCE")}
+    _run(local_env, tiny_tar, tmp_path / "local")
+    (key,) = [p.name for p in (tmp_path / "local" / "constructed").iterdir() if not p.name.startswith(".")
+              and (tmp_path / "local" / "constructed" / p.name / "_shards").exists()]
+    a = A.read_rows(tmp_path / "crash-store" / "constructed" / key)
+    b = A.read_rows(tmp_path / "local" / "constructed" / key)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    from advfeatures.stages import verify
+    from storage.store import Store
+
+    assert verify(Store(tmp_path / "crash-store"), key) == []
