@@ -82,15 +82,25 @@ def _run(env, tar, store, *extra):
     return out.stdout + out.stderr
 
 
-def test_shards_fan_out_to_deployment_workers(server, tiny_tar, tmp_path):
+@pytest.fixture(scope="module")
+def reference(server, tiny_tar, tmp_path_factory):
+    """(key, rows) of the det set made in-process, without the server: what every fan-out must equal."""
+    local = tmp_path_factory.mktemp("reference") / "local"
+    _run({k: v for k, v in server.items() if k not in ("PREFECT_API_URL", "ADVFEATURES_TEST_KILL_ONCE")},
+         tiny_tar, local)
+    (key,) = [p.name for p in (local / "constructed").iterdir() if not p.name.startswith(".")
+              and (local / "constructed" / p.name / "_shards").exists()]
+    return key, A.read_rows(local / "constructed" / key)
+
+
+def _same(rows, reference_rows) -> bool:
+    return set(rows) == set(reference_rows) and all(np.array_equal(rows[k], reference_rows[k]) for k in rows)
+
+
+def test_shards_fan_out_to_deployment_workers(server, reference, tiny_tar, tmp_path):
+    key, b = reference
     fanned = _run(server, tiny_tar, tmp_path / "fanned", "runtime.shard_executor=deployment")
-    local_env = {k: v for k, v in server.items() if k != "PREFECT_API_URL"}
-    _run(local_env, tiny_tar, tmp_path / "local")
-    (key,) = [p.name for p in (tmp_path / "local" / "constructed").iterdir() if not p.name.startswith(".")
-              and (tmp_path / "local" / "constructed" / p.name / "_shards").exists()]
-    a = A.read_rows(tmp_path / "fanned" / "constructed" / key)
-    b = A.read_rows(tmp_path / "local" / "constructed" / key)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert _same(A.read_rows(tmp_path / "fanned" / "constructed" / key), b)
     assert "3 shard runs submitted to deployment generate-shard/generate-shard" in fanned
 
     from_server = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "ls", "--flow-name", "generate-shard",
@@ -104,8 +114,7 @@ def test_shards_fan_out_to_deployment_workers(server, tiny_tar, tmp_path):
     url = f"file://{tmp_path}/url"
     on_url = _run(server, tiny_tar, url, "runtime.shard_executor=deployment")
     assert "3 shard runs submitted to deployment generate-shard/generate-shard" in on_url
-    c = A.read_rows(url + f"/constructed/{key}")
-    assert all(np.array_equal(c[k], b[k]) for k in b)
+    assert _same(A.read_rows(url + f"/constructed/{key}"), b)
     markers = [p for p in (tmp_path / "url" / "constructed" / key / "_shards").glob("*.json")]
     assert len(markers) == 3
     assert not (tmp_path / "url" / ".locks").exists()  # URL store: Prefect's locks, not flock files
@@ -114,7 +123,8 @@ def test_shards_fan_out_to_deployment_workers(server, tiny_tar, tmp_path):
     assert any((tmp_path / "url" / ".prefect" / "results").iterdir())  # records beside the artifacts
 
 
-def test_a_shard_run_killed_mid_write_is_resubmitted_and_the_set_is_identical(server, tiny_tar, tmp_path):
+def test_a_shard_run_killed_mid_write_is_resubmitted_and_the_set_is_identical(server, reference, tiny_tar,
+                                                                               tmp_path):
     """SIGKILL of a worker's shard flow run after its rows, before its marker: the worker reports
     the run Crashed, the parent resubmits it, no marker vouches for partial data, and the set is
     byte-identical to an uninterrupted in-process run."""
@@ -123,13 +133,8 @@ def test_a_shard_run_killed_mid_write_is_resubmitted_and_the_set_is_identical(se
     out = _run(server, tiny_tar, tmp_path / "crash-store", "runtime.shard_executor=deployment")
     assert killed.exists(), "the fault was not injected"
     assert "ended Crashed; resubmitting (try 2)" in out, out[-3000:]
-    local_env = {k: v for k, v in server.items() if k not in ("PREFECT_API_URL", "ADVFEATURES_TEST_KILL_ONCE")}
-    _run(local_env, tiny_tar, tmp_path / "local")
-    (key,) = [p.name for p in (tmp_path / "local" / "constructed").iterdir() if not p.name.startswith(".")
-              and (tmp_path / "local" / "constructed" / p.name / "_shards").exists()]
-    a = A.read_rows(tmp_path / "crash-store" / "constructed" / key)
-    b = A.read_rows(tmp_path / "local" / "constructed" / key)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    key, b = reference
+    assert _same(A.read_rows(tmp_path / "crash-store" / "constructed" / key), b)
     from advfeatures.stages import verify
     from storage.store import Store
 
