@@ -7,6 +7,7 @@ keys, specs and configs only; tensors never cross a stage boundary.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from collections.abc import Callable
@@ -175,13 +176,13 @@ def train_student(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _
 
 def load_model(store: Store, key: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     man = store.manifest("models", key)
-    weights = store.path("models", key) / "weights.pt"
-    if "weights_sha256" in man and path_sha256(weights) != man["weights_sha256"]:
+    blob = (store.path("models", key) / "weights.pt").read_bytes()  # read once: hashed, then loaded
+    if "weights_sha256" in man and hashlib.sha256(blob).hexdigest() != man["weights_sha256"]:
         raise IntegrityError(f"models/{key}/weights.pt does not match its manifest's sha256; "
                              f"run `advfeatures verify {key} --repair` and rerun to retrain it")
     mc = build_config(ModelConfig, man["stage"]["config"]["model"], "model")
     model = build_model(mc.arch, man["num_classes"], mc.mean, mc.std)
-    model.load_state_dict(torch.load(io.BytesIO(weights.read_bytes()), map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
     return model.to(device).eval()
 
 
