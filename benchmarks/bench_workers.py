@@ -16,8 +16,8 @@ subflow with runtime.shard_executor=deployment: every shard is a flow run of the
 deployment, which a worker runs in a new `python -m prefect.engine` process. The server and the
 workers are stopped afterwards (also on errors). Besides the timing it prints, per worker count,
 the mean shard seconds from the markers, the distinct pids in the markers (one per flow run, since
-a process worker starts a process per flow run) and how many distinct workers those pids were
-children of, which must equal W (a WARNING is printed otherwise).
+a process worker starts a process per flow run) and how many distinct workers ran them (read from
+the workers' logs, which carry their flow runs' logs), which must equal W (a WARNING otherwise).
 
 --mode threads: W threads of this one process (runtime.shard_workers=W, the flow's task runner)
 against Prefect's own ephemeral server (a PREFECT_API_URL in the shell is ignored); each shard is
@@ -36,12 +36,12 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -158,21 +158,6 @@ def _owners(roots: list[int]) -> dict[int, int]:
     return {p: r for p, r in owner.items() if p not in roots}
 
 
-class _Watch(threading.Thread):
-    """Records which worker process each of its descendants (a flow run's process) belongs to, so
-    the pids in the shard markers can be traced to the workers that ran them."""
-
-    def __init__(self, roots: list[int], every: float = 0.25):
-        super().__init__(daemon=True)
-        self.roots, self.every, self.owner, self.done = roots, every, {}, threading.Event()
-
-    def run(self):
-        while not self.done.is_set():
-            for pid, root in _owners(self.roots).items():
-                self.owner.setdefault(pid, root)
-            self.done.wait(self.every)
-
-
 def _stop(procs: list[subprocess.Popen], grace: float = 20) -> None:
     """SIGINT to each process group, up to ``grace`` seconds for all of them to exit, then SIGKILL
     what is left, including any descendant in a session of its own (a worker's flow-run process)."""
@@ -232,7 +217,6 @@ def _processes_one(a, w: int, tmp: Path, tar: Path) -> dict:
                                           start_new_session=True))
         return procs[-1]
 
-    watch = None
     try:
         t0 = time.perf_counter()
         port = api.rsplit(":", 1)[1].split("/")[0]
@@ -262,36 +246,38 @@ def _processes_one(a, w: int, tmp: Path, tar: Path) -> dict:
                 raise TimeoutError(f"{w} shard workers not online after 180 s:\n{_tail(home / 'worker-0.log')}")
             time.sleep(0.5)
         info["workers_online_s"] = time.perf_counter() - t0
-        watch = _Watch([p.pid for p in workers])
-        watch.start()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_one", str(w), "--_tar", str(tar),
                "--_store", str(tmp / f"store-{w}"), "--shards", str(a.shards), "--shard-size", str(a.shard_size),
                "--steps", str(a.steps)]
         child = start(cmd, home / "bench.log")
         child.wait()
-        watch.done.set()
-        watch.join()
         out = _tail(home / "bench.log", 10**9)
         lines = [ln for ln in out.splitlines() if ln.startswith(RESULT)]
         if child.returncode or not lines:
             raise RuntimeError(f"the measurement with {w} workers failed (code {child.returncode}):\n{out[-4000:]}\n"
                                f"worker 0 log:\n{_tail(home / 'worker-0.log')}")
         r = json.loads(lines[-1][len(RESULT):])
-        roots = {p.pid: i for i, p in enumerate(workers)}
-        r["worker_of_pid"] = {m["pid"]: roots.get(watch.owner.get(m["pid"])) for m in r["markers"]}
         r["info"] = info
         r["logs"] = str(home)
         return r
     finally:
-        if watch is not None:
-            watch.done.set()
         _stop(procs)
+
+
+SHARD_DONE = re.compile(r"Flow run 'shard-\w+-(\d+)' - Finished in state Completed")
+
+
+def _worker_of_shard(logs: Path, w: int) -> dict[int, int]:
+    """shard -> the shard worker that ran it: a process worker's log carries its flow runs' logs."""
+    return {int(m.group(1)): i for i in range(w)
+            for m in SHARD_DONE.finditer(_tail(logs / f"worker-{i}.log", 10**9))}
 
 
 def _processes(a, tmp: Path, tar: Path) -> tuple[dict, str]:
     results = {}
     for w in a.workers:
-        results[w] = _processes_one(a, w, tmp, tar)
+        results[w] = _processes_one(a, w, tmp, tar)  # workers stopped: their logs are complete
+        results[w]["worker_of_shard"] = _worker_of_shard(Path(results[w]["logs"]), w)
         i = results[w]["info"]
         print(f"# {w} process worker(s): server healthy in {i['server_s']:.1f} s, deploy {i['deploy_s']:.1f} s, "
               f"workers online in {i['workers_online_s']:.1f} s (untimed); logs in {results[w]['logs']}", flush=True)
@@ -337,18 +323,18 @@ def main(argv=None) -> int:
         pids = len({(m.get("host"), m.get("pid")) for m in ms})
         used = "-"
         if a.mode == "processes":
-            by = set(r["worker_of_pid"].values())
+            of = r["worker_of_shard"]
+            by = {of.get(m["shard"]) for m in ms}
             used = str(len(by - {None}))
             expect = min(w, len(ms))
             if None in by or len(by) != expect:
                 ok = False
-                print(f"WARNING: the {len(ms)} shards of the {w}-worker run were written by {len(by - {None})} of "
-                      f"the {w} shard workers, expected {expect} (pid -> worker: {r['worker_of_pid']}; None: not "
-                      "a child of a benchmark worker)")
+                print(f"WARNING: the {len(ms)} shards of the {w}-worker run were run by {len(by - {None})} of "
+                      f"the {w} shard workers, expected {expect} (shard -> worker from the worker logs: {of})")
         print(f"{w:>7} {r['wall']:>11.1f} {shard:>8.1f} {pgd:>7.1f} {over:>8.2f} s {pct:>4.1f}% {pids:>5} {used:>10}")
     if a.mode == "processes":
         print("# pids: distinct writer pids in the markers (a process worker starts one process per flow run); "
-              f"by workers: distinct shard workers those were children of{'' if ok else ' (see WARNING)'}")
+              f"by workers: distinct shard workers that ran them (from their logs){'' if ok else ' (see WARNING)'}")
     if 1 in results and len(results) > 1:
         best = max(w for w in results if w > 1)
         speed = results[1]["wall"] / results[best]["wall"]

@@ -78,10 +78,9 @@ def is_remote(path: Any) -> bool:
     return not isinstance(path, (str, PurePath))
 
 
-def rmtree(path: Any) -> None:
-    if not is_remote(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
+def _rm_remote(path: Any) -> None:
+    """Delete a folder of an fsspec path, if it exists (local folders use shutil.rmtree)."""
+    if path.exists():
         path.fs.rm(path.path, recursive=True)
 
 
@@ -236,7 +235,7 @@ class Store:
         if self.remote:
             if (final / MANIFEST).is_file():
                 raise StoreError(f"internal: {kind}/{key} is already published")
-            rmtree(final)  # a crashed writer's leftovers (no manifest)
+            _rm_remote(final)  # a crashed writer's leftovers (no manifest)
             final.mkdir(parents=True, exist_ok=True)
             try:
                 yield final
@@ -244,7 +243,7 @@ class Store:
                     raise StoreError(f"internal: staged {kind}/{key} has no {MANIFEST}")
             except BaseException:
                 (final / MANIFEST).unlink(missing_ok=True)
-                rmtree(final)
+                _rm_remote(final)
                 raise
             return
         final.parent.mkdir(parents=True, exist_ok=True)
