@@ -16,10 +16,14 @@ PORT   ?= 4200
 
 .PHONY: demo test install bench serve docker-test clean-store
 
+# torchattacks 3.5.1 (the PGD peer of the tests and benchmarks) pins requests~=2.25.1, which breaks
+# other packages: install it without its dependencies (it needs only torch, numpy, scipy and tqdm,
+# which the dev extra brings).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,14 +35,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# torchattacks 3.5.1 (the PGD peer) pins requests~=2.25.1, which breaks other packages:
-# install it without its dependencies (it needs only torch, numpy, scipy and tqdm).
-$(VENV)/.bench: $(STAMP)
-	$(BIN)/python -m pip install -q scipy tqdm
-	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
-	touch $@
-
-bench: $(VENV)/.bench
+bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pgd.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_scale.py

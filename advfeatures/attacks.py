@@ -110,10 +110,17 @@ def frozen_eval(model: nn.Module):
 
 def pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, threat, steps: int, step_size: float,
         use_best: bool = True, random_start: bool = False,
-        generator: torch.Generator | None = None, amp_dtype: torch.dtype | None = None) -> PGDResult:
-    """Targeted PGD on a batch. ``x`` (B,C,H,W) in [0, 1]; ``target`` (B,) int64 class indices."""
+        generator: torch.Generator | None = None, amp_dtype: torch.dtype | None = None,
+        start: torch.Tensor | None = None) -> PGDResult:
+    """Targeted PGD on a batch. ``x`` (B,C,H,W) in [0, 1]; ``target`` (B,) int64 class indices.
+
+    The first iterate is x, or with ``random_start`` x plus a random point of the threat ball drawn
+    with ``generator``, or x plus ``start`` (B,C,H,W) when given (projected, clamped to [0, 1]):
+    callers that need per-row randomness independent of the batch pass ``start``."""
     x0 = x.detach().float()
     target = target.to(x0.device)
+    if start is None and random_start:
+        start = threat.random_start(x0, generator)
 
     def autocast():
         if amp_dtype is None:
@@ -122,8 +129,8 @@ def pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, threat, steps: 
 
     with frozen_eval(model):
         xa = x0
-        if random_start:
-            xa = (x0 + threat.project(threat.random_start(x0, generator))).clamp(0, 1)
+        if start is not None:
+            xa = (x0 + threat.project(start.to(x0))).clamp(0, 1)
         best_x, best_loss, best_pred = x0, None, None
         for i in range(steps + 1):
             last = i == steps

@@ -26,6 +26,8 @@ import yaml
 PROFILE_DIR = Path(__file__).parent / "profiles"
 SET_KINDS = ("rand", "other", "det", "errors")
 PGD_KINDS = ("rand", "other", "det")
+AUGMENTATIONS = ("none", "crop_flip", "robustness")
+STUDENT_INITS = ("independent", "shared_with_source")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)  # the robustness library's values (SCIENCE.md)
 
@@ -82,12 +84,21 @@ class TrainConfig:
     gamma: float = 0.1
     warmup: float = 0.2
     """onecycle: fraction of all steps spent rising to lr."""
-    augment: bool = True
-    """Random crop (zero padding 4 px) and horizontal flip, done on tensors."""
+    augment: str | bool = "crop_flip"
+    """Augmentation, done on batch tensors on the device: 'none'; 'crop_flip' (random crop with
+    4 px zero padding + horizontal flip); 'robustness' (the robustness library's CIFAR recipe:
+    crop + flip + ColorJitter(0.25, 0.25, 0.25) + RandomRotation(2)). true/false mean
+    'crop_flip'/'none'."""
     seed: int = 0
-    """Seeds initialisation, shuffling and augmentation."""
+    """The model's seed. Its initial weights and its data order/augmentation are seeded by
+    separate seeds derived from this one and the model's role in the plan (source, teacher,
+    student of set K), so no two models of a plan share initial weights or data order."""
 
     def __post_init__(self):
+        if isinstance(self.augment, bool):  # true/false from older profiles
+            object.__setattr__(self, "augment", "crop_flip" if self.augment else "none")
+        _check(self.augment in AUGMENTATIONS,
+               f"train.augment={self.augment!r}; choose one of {list(AUGMENTATIONS)} (or true/false)")
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -134,13 +145,15 @@ class ConstructConfig:
     n_images: int = 0
     """Training images (a seeded random subset) turned into each PGD set; 0 = all."""
     shard_size: int = 1000
-    """Rows per shard: the unit of work of one generation worker."""
+    """Rows per shard: the unit of work of one generation worker. Not in the set's key: a set's
+    content does not depend on it (a set already begun keeps the layout it was created with)."""
     chunk_size: int = 250
-    """Zarr chunk length along N; shard_size must be a multiple, so no two shards share a chunk."""
+    """Zarr chunk length along N; shard_size must be a multiple, so no two shards share a chunk.
+    Not in the key either."""
     dtype: str = "float16"
     """Storage dtype of adversarial images: float16 or float32 (uint8 adds ~0.06 L2 noise)."""
     seed: int = 0
-    """Seeds the subset and the targets."""
+    """Seeds the subset, the targets and each row's random start (from the row's image index)."""
 
     def __post_init__(self):
         bad = [s for s in self.sets if s not in SET_KINDS]
@@ -162,31 +175,50 @@ class StudentConfig:
     seeds: tuple[int, ...] = (0,)
     """One student per seed and set; the seed replaces train.seed."""
     per_set: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Training overrides per set, e.g. {rand: {lr: 0.01}, det: {augment: false}}."""
+    """Overrides per set: train settings and ``arch``, e.g. {rand: {lr: 0.01}, det: {augment:
+    none}, errors: {arch: resnet18}}."""
+    init: str = "independent"
+    """'independent': every student starts from its own initial weights, seeded by its set and
+    seed. 'shared_with_source': every student starts from the source model's initial weights
+    (same architecture needed) -- a control for distillation-like transfer, never a default."""
 
     def __post_init__(self):
         _check(len(self.seeds) >= 1, "student.seeds needs at least one seed")
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        _check(len(set(self.seeds)) == len(self.seeds), f"student.seeds has repeats: {list(self.seeds)}")
+        _check(self.init in STUDENT_INITS, f"student.init={self.init!r}; choose one of {list(STUDENT_INITS)}")
+        names = {f.name for f in dataclasses.fields(TrainConfig)} | {"arch"}
         for kind, over in self.per_set.items():
             _check(kind in SET_KINDS, f"student.per_set.{kind}: unknown set; choose from {list(SET_KINDS)}")
             _check(isinstance(over, dict), f"student.per_set.{kind} must be a mapping of train settings")
             for k in over:
-                _check(k in names, f"student.per_set.{kind}.{k}: not a train setting; known: {sorted(names)}")
+                _check(k in names, f"student.per_set.{kind}.{k}: not a train setting or arch; known: {sorted(names)}")
             self.train_for(kind, self.seeds[0])  # validates the values
+            self.model_for(kind)
 
     def train_for(self, kind: str, seed: int) -> TrainConfig:
         """The training recipe of the student of ``kind`` with ``seed``."""
-        over = dict(self.per_set.get(kind, {}))
+        over = {k: v for k, v in self.per_set.get(kind, {}).items() if k != "arch"}
         base = dataclasses.asdict(self.train)
         for k, v in over.items():
             base[k] = v
         base["seed"] = seed
         return build_config(TrainConfig, base, f"student.per_set.{kind}")
 
+    def model_for(self, kind: str) -> ModelConfig:
+        """The architecture of the students of ``kind`` (``per_set.<kind>.arch`` or ``model``)."""
+        arch = self.per_set.get(kind, {}).get("arch")
+        if arch is None:
+            return self.model
+        _check(isinstance(arch, str), f"student.per_set.{kind}.arch must be a model name")
+        return dataclasses.replace(self.model, arch=arch)
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """How and where to run. Never part of a cache key: it does not change results."""
+    """How and where to run. Only ``amp`` enters cache keys (bf16 changes PGD gradients and
+    training); the rest changes at most floating-point rounding (device, threads, batch sizes of
+    inference and attack, channels_last, compile): random numbers are drawn on the CPU whatever
+    the device. Every manifest and shard marker records the whole runtime."""
     device: str = "auto"
     """'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
     threads: int = 0
@@ -197,7 +229,8 @@ class RuntimeConfig:
     """channels_last memory format for training, PGD and inference (2x faster PGD on 2 CPU cores)."""
     amp: str = "none"
     """'bf16': run the model under bf16 autocast in training and PGD (x and delta stay fp32;
-    PGD records are re-checked in fp32). 'none': fp32 throughout."""
+    PGD records are computed in fp32 on the stored images). 'none': fp32 throughout.
+    Part of the keys of models, students and PGD sets."""
     compile: bool = False
     """torch.compile the model (not the PGD loop) for training, PGD and inference."""
     cudnn_benchmark: bool = True

@@ -5,8 +5,11 @@
     det:    t = (y + 1) mod C
     errors: unmodified images, relabelled with a teacher's prediction, kept only where it is wrong
 
-Targets and the subset are drawn once for the whole set from ``seed`` (numpy PCG64), so a row's
-target does not depend on how the set is sharded or which worker runs which shard.
+Targets and the subset are drawn once for the whole set from ``seed`` (numpy PCG64), and a row's
+random start (if any) from ``seed`` and the row's image index, so nothing about a row depends on
+how the set is sharded or batched, or which worker runs which shard. The records stored beside
+each row (fooled, loss, norm) describe the image as stored (float16 after rounding), not the
+fp32 iterate.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from advfeatures.attacks import pgd, threat_model
+from advfeatures.attacks import frozen_eval, pgd, threat_model
 from advfeatures.config import AttackConfig
+from advfeatures.seeds import cpu_generator, derive_seed
 from advfeatures.training import to_unit
 
 
@@ -39,29 +44,58 @@ def make_targets(kind: str, y: np.ndarray, num_classes: int, seed: int) -> np.nd
     raise ValueError(f"no PGD targets for set kind {kind!r}; expected rand, other or det")
 
 
+def random_starts(threat, shape: tuple[int, ...], seed: int, rows: np.ndarray) -> torch.Tensor:
+    """One random start per row (len(rows), *shape), each drawn on the CPU from
+    derive_seed("start", seed, row): the same for a row whatever shard or batch it falls in."""
+    out = torch.empty((len(rows), *shape))
+    for i, r in enumerate(rows):
+        out[i] = threat.random_start(torch.zeros(1, *shape), cpu_generator(derive_seed("start", seed, int(r))))[0]
+    return out
+
+
+@torch.no_grad()
+def stored_records(model: nn.Module, x0: torch.Tensor, x: torch.Tensor, target: torch.Tensor, threat,
+                   store_dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Round adversarial images ``x`` to the storage dtype and compute the records on what is
+    stored, in fp32: whether the model predicts the target, the target loss, ||x_stored - x0||."""
+    xs = x.to(store_dtype).float()
+    with frozen_eval(model):
+        logits = model(xs).float()
+    return xs, {"fooled": logits.argmax(1) == target, "loss": F.cross_entropy(logits, target, reduction="none"),
+                "norm": threat.size(xs - x0).float()}
+
+
 def attack_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, attack: AttackConfig,
                  device: torch.device | str = "cpu", batch_size: int = 250, seed: int = 0,
-                 channels_last: bool = False, amp_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
-    """Targeted PGD on a block of uint8 images (N,C,H,W). Returns float32 x and per-row records."""
+                 channels_last: bool = False, amp_dtype: torch.dtype | None = None,
+                 rows: np.ndarray | None = None, store_dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Targeted PGD on a block of uint8 images (N,C,H,W). Returns x as it will be stored
+    (``store_dtype``) and the per-row records (fooled, loss, norm) computed on those stored images.
+
+    ``rows`` (N,) identifies each row (its training-image index) for its random start, drawn from
+    ``seed`` and the row alone; defaults to 0..N-1."""
     device = torch.device(device)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     threat = threat_model(attack.norm, attack.eps)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    rows = np.arange(images.shape[0]) if rows is None else np.asarray(rows)
+    sdtype = getattr(torch, store_dtype)
     out = {k: [] for k in ("x", "fooled", "loss", "norm")}
     for s in range(0, images.shape[0], batch_size):
         xb = to_unit(torch.from_numpy(images[s:s + batch_size]).to(device))
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         tb = torch.from_numpy(targets[s:s + batch_size]).to(device)
+        start = None
+        if attack.random_start:
+            start = random_starts(threat, tuple(xb.shape[1:]), seed, rows[s:s + batch_size]).to(device)
         r = pgd(model, xb, tb, threat, attack.steps, attack.step_size, use_best=attack.use_best,
-                random_start=attack.random_start, generator=gen, amp_dtype=amp_dtype)
-        out["x"].append(r.x.contiguous().cpu().numpy())
-        out["fooled"].append(r.fooled.cpu().numpy())
-        out["loss"].append(r.loss.cpu().numpy())
-        out["norm"].append(r.norm.cpu().numpy())
+                start=start, amp_dtype=amp_dtype)
+        xs, rec = stored_records(model, xb, r.x, tb, threat, sdtype)
+        out["x"].append(xs.to(sdtype).contiguous().cpu().numpy())
+        for k, v in rec.items():
+            out[k].append(v.cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
 
 

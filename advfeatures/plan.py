@@ -4,9 +4,19 @@
        │        └─ eval                                                       ▲
        └──────► teacher ─► construct(errors) ─► student(errors, seed) ─► eval ┘
 
-key = stage_key(stage, SCHEMA[stage], own config, upstream keys). Runtime settings (device,
-threads, store path, batch sizes of inference) are never in a key: they do not change results.
-Bump a stage's schema number when its semantics change.
+key = stage_key(stage, SCHEMA[stage], own config, upstream keys). A key holds every setting that
+can change a result and nothing else:
+
+- models and students: their role in the plan, architecture, training recipe, the seeds derived
+  from role and seed (initial weights; data order + augmentation), and ``runtime.amp``;
+- PGD sets: kind, attack, subset size, seed, storage dtype and ``runtime.amp``. How a set is cut
+  into shards and chunks (``construct.shard_size``/``chunk_size``) is an execution option
+  (``StageSpec.options``), not in the key: a row's content does not depend on it.
+
+The device, threads, store, batch sizes, channels_last and compile change at most floating-point
+rounding (random numbers are drawn on the CPU), so they are not in keys; every manifest records
+them. Bump a stage's schema number (SCHEMA) when what it computes for the same config changes;
+the history of bumps is kept beside SCHEMA.
 """
 
 from __future__ import annotations
@@ -14,10 +24,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from advfeatures.config import ExperimentConfig, ModelStageConfig, to_plain
+from advfeatures.config import ConfigError, ExperimentConfig, ModelStageConfig, to_plain
+from advfeatures.seeds import model_seeds
 from storage.hashing import stage_key
 
-SCHEMA = {"dataset": 1, "model": 1, "construct": 1, "student": 1, "eval": 1, "run": 1}
+SCHEMA = {"dataset": 1, "model": 2, "construct": 2, "student": 2, "eval": 1, "run": 2}
+# Bumps (every key of a bumped stage, and so of everything downstream, changes):
+#   model 2, student 2: initial weights and data order seeded from the model's role and seed (no
+#     student shares the source's init); random numbers drawn on the CPU; amp in the key.
+#   construct 2: records (fooled, loss, norm) computed on the stored float16 images; per-row
+#     random start; amp in the key; shard_size/chunk_size out of the key.
+#   run 2: the table gains attack_success_t!=y.
 # store folder of each stage
 FOLDER = {"dataset": "datasets", "model": "models", "construct": "constructed", "student": "models",
           "eval": "evals", "run": "runs"}
@@ -28,6 +45,9 @@ class StageSpec:
     stage: str
     config: dict[str, Any]
     inputs: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict, compare=False)
+    """How to execute the stage, not what it computes (e.g. a PGD set's shard and chunk sizes):
+    never in the key."""
     key: str = field(init=False)
 
     def __post_init__(self):
@@ -39,7 +59,7 @@ class StageSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "schema": SCHEMA[self.stage], "key": self.key,
-                "config": self.config, "inputs": list(self.inputs)}
+                "config": self.config, "inputs": list(self.inputs), "options": dict(self.options)}
 
 
 @dataclass(frozen=True)
@@ -78,36 +98,54 @@ def dataset_spec(source_sha256: str) -> StageSpec:
     return StageSpec("dataset", {"source_sha256": source_sha256})
 
 
-def model_spec(cfg: ModelStageConfig, dataset_key: str) -> StageSpec:
-    return StageSpec("model", to_plain(cfg), (dataset_key,))
+def model_spec(cfg: ModelStageConfig, dataset_key: str, role: str, amp: str) -> StageSpec:
+    """The source or the teacher: trained on the clean training set."""
+    return StageSpec("model", {"role": role, **to_plain(cfg), "seeds": model_seeds(role, (), cfg.train.seed),
+                               "amp": amp}, (dataset_key,))
 
 
-def construct_config(cfg: ExperimentConfig, kind: str) -> dict[str, Any]:
+def construct_spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) -> StageSpec:
     c = cfg.construct
     if kind == "errors":  # the whole training set through the teacher; images are not modified
-        return {"kind": "errors"}
-    return {"kind": kind, "attack": to_plain(cfg.attack), "n_images": c.n_images, "seed": c.seed,
-            "shard_size": c.shard_size, "chunk_size": c.chunk_size, "dtype": c.dtype}
+        return StageSpec("construct", {"kind": "errors"}, inputs)
+    return StageSpec("construct", {"kind": kind, "attack": to_plain(cfg.attack), "n_images": c.n_images,
+                                   "seed": c.seed, "dtype": c.dtype, "amp": cfg.runtime.amp}, inputs,
+                     options={"shard_size": c.shard_size, "chunk_size": c.chunk_size})
+
+
+def student_spec(cfg: ExperimentConfig, kind: str, seed: int, construct: StageSpec, source: StageSpec) -> StageSpec:
+    """A student of set ``kind`` with ``seed``: its own initial weights and data order, unless
+    ``student.init`` is shared_with_source (then the source's initial weights)."""
+    model = to_plain(cfg.student.model_for(kind))
+    seeds = model_seeds("student", (kind,), seed)
+    if cfg.student.init == "shared_with_source":
+        if model["arch"] != source.config["model"]["arch"]:
+            raise ConfigError(f"student.init=shared_with_source needs the {kind} students to have the source's "
+                              f"architecture ({source.config['model']['arch']}), not {model['arch']}; "
+                              "set student.init=independent or the same arch")
+        seeds["init"] = source.config["seeds"]["init"]
+    return StageSpec("student", {"role": "student", "set": kind, "init": cfg.student.init, "model": model,
+                                 "train": to_plain(cfg.student.train_for(kind, seed)), "seeds": seeds,
+                                 "amp": cfg.runtime.amp}, (construct.key,))
 
 
 def make_plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
     ds = dataset_spec(source_sha256)
-    source = model_spec(cfg.source, ds.key)
+    amp = cfg.runtime.amp
+    source = model_spec(cfg.source, ds.key, "source", amp)
     source_eval = StageSpec("eval", {"labels": "clean"}, (source.key, ds.key))
     teacher = teacher_eval = None
     if "errors" in cfg.construct.sets:
-        teacher = model_spec(cfg.teacher, ds.key)
+        teacher = model_spec(cfg.teacher, ds.key, "teacher", amp)
         teacher_eval = StageSpec("eval", {"labels": "clean"}, (teacher.key, ds.key))
     constructs: dict[str, StageSpec] = {}
     for kind in cfg.construct.sets:
         upstream = teacher.key if kind == "errors" else source.key
-        constructs[kind] = StageSpec("construct", construct_config(cfg, kind), (ds.key, upstream))
+        constructs[kind] = construct_spec(cfg, kind, (ds.key, upstream))
     students = []
     for kind, cspec in constructs.items():
         for seed in cfg.student.seeds:
-            train = cfg.student.train_for(kind, seed)
-            sspec = StageSpec("student", {"model": to_plain(cfg.student.model), "train": to_plain(train)},
-                              (cspec.key,))
+            sspec = student_spec(cfg, kind, seed, cspec, source)
             espec = StageSpec("eval", {"labels": "clean"}, (sspec.key, ds.key))
             students.append(StudentPlan(kind, seed, cspec, sspec, espec))
     evals = [source_eval.key] + ([teacher_eval.key] if teacher_eval else []) + [s.eval.key for s in students]

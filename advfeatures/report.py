@@ -3,6 +3,9 @@
 One row per (set, model, seed): the source (trained on D), the teacher of `errors`, and every
 student. Accuracies are on the original, clean test set, in percent, with a 95% Wilson interval;
 ``vs_chance`` says whether that interval lies above or below chance (1/C) or contains it.
+``attack_success`` is the source's fooling rate on the stored images, over all rows and over the
+rows whose target differs from the true label. ``init`` is a short hash of the model's initial
+weights: the Markdown table says whether any two models of the run share them.
 """
 
 from __future__ import annotations
@@ -37,13 +40,16 @@ def _vs_chance(ci: list[float], chance: float) -> str:
     return "at chance"
 
 
-def _row(store: Store, set_name: str, model_spec: StageSpec, eval_spec: StageSpec, seed: int, n_train: int,
-         construct: dict[str, Any] | None, source_acc: float) -> dict[str, Any]:
+def _row(store: Store, set_name: str, model_spec: StageSpec, eval_spec: StageSpec, construct: dict[str, Any] | None,
+         source_acc: float) -> dict[str, Any]:
     m = store.manifest("evals", eval_spec.key)["metrics"]
+    man = store.manifest("models", model_spec.key)
     summary = (construct or {}).get("summary", {})
     return {
-        "set": set_name, "model": model_spec.config["model"]["arch"], "seed": seed, "n_train": n_train,
+        "set": set_name, "model": model_spec.config["model"]["arch"], "seed": man["seeds"]["train"],
+        "n_train": summary["n"] if construct else man["n_train"], "init": man.get("init_sha256", "")[:8],
         "attack_success_%": _pct(summary.get("attack_success")),
+        "attack_success_t≠y_%": _pct(summary.get("attack_success_t_ne_y")),
         "acc_xy_%": _pct(m["acc_xy"]), "ci95_lo_%": _pct(m["ci95_xy"][0]), "ci95_hi_%": _pct(m["ci95_xy"][1]),
         "acc_xy+1_%": _pct(m["acc_xy1"]), "vs_chance": _vs_chance(m["ci95_xy"], m["chance"]),
         "chance_%": _pct(m["chance"]), "paper_%": PAPER.get(set_name.split()[0], float("nan")),
@@ -53,34 +59,62 @@ def _row(store: Store, set_name: str, model_spec: StageSpec, eval_spec: StageSpe
 
 
 def build_table(store: Store, plan: Plan) -> pd.DataFrame:
-    src_man = store.manifest("models", plan.source.key)
     source_acc = store.manifest("evals", plan.source_eval.key)["metrics"]["acc_xy"]
-    rows = [_row(store, "D (source)", plan.source, plan.source_eval, src_man["seeds"]["train"],
-                 src_man["n_train"], None, source_acc)]
+    rows = [_row(store, "D (source)", plan.source, plan.source_eval, None, source_acc)]
     if plan.teacher is not None:
-        t_man = store.manifest("models", plan.teacher.key)
-        rows.append(_row(store, "teacher (errors)", plan.teacher, plan.teacher_eval, t_man["seeds"]["train"],
-                         t_man["n_train"], None, source_acc))
+        rows.append(_row(store, "teacher (errors)", plan.teacher, plan.teacher_eval, None, source_acc))
     for s in plan.students:
-        cman = store.manifest("constructed", s.construct.key)
-        rows.append(_row(store, s.kind, s.student, s.eval, s.seed, cman["summary"]["n"], cman, source_acc))
+        rows.append(_row(store, s.kind, s.student, s.eval, store.manifest("constructed", s.construct.key), source_acc))
     return pd.DataFrame(rows)
 
 
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_interval(values: pd.Series) -> tuple[float, float]:
+    """95% t-interval of the mean over seeds: mean +- t(0.975, n-1) * std / sqrt(n); NaN for n < 2."""
+    n = int(values.count())
+    if n < 2:
+        return (float("nan"), float("nan"))
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * float(values.std()) / n ** 0.5
+    return (float(values.mean()) - half, float(values.mean()) + half)
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean, standard deviation and n over seeds, per (set, model)."""
-    g = df.groupby(["set", "model"], sort=False)
-    out = g.agg(n=("seed", "size"), acc_xy_mean=("acc_xy_%", "mean"), acc_xy_std=("acc_xy_%", "std"),
-                acc_xy1_mean=("acc_xy+1_%", "mean"), acc_xy1_std=("acc_xy+1_%", "std"))
-    return out.reset_index()
+    """Per (set, model): n seeds, mean and standard deviation over seeds, and the 95% t-interval
+    of the mean, of acc (X, Y) and acc (X, Y+1); the mean fooling rates beside them."""
+    rows = []
+    for (set_name, model), g in df.groupby(["set", "model"], sort=False):
+        lo, hi = t_interval(g["acc_xy_%"])
+        rows.append({"set": set_name, "model": model, "n": len(g),
+                     "acc_xy_mean": g["acc_xy_%"].mean(), "acc_xy_std": g["acc_xy_%"].std(),
+                     "acc_xy_ci95_lo": lo, "acc_xy_ci95_hi": hi,
+                     "acc_xy1_mean": g["acc_xy+1_%"].mean(), "acc_xy1_std": g["acc_xy+1_%"].std(),
+                     "attack_success_%": g["attack_success_%"].mean(),
+                     "attack_success_t≠y_%": g["attack_success_t≠y_%"].mean()})
+    return pd.DataFrame(rows)
+
+
+def init_note(df: pd.DataFrame) -> str:
+    """One line: do any two models of the table share initial weights?"""
+    inits = df[df["init"] != ""]
+    shared = inits[inits.duplicated("init", keep=False)]
+    if shared.empty:
+        return f"Initial weights: all {len(inits)} models start from different weights."
+    groups = ["; ".join(f"{r.set} seed {r.seed}" for r in g.itertuples()) for _, g in shared.groupby("init")]
+    return "Initial weights SHARED by: " + " | ".join(groups)
 
 
 def to_markdown(df: pd.DataFrame) -> str:
     shown = df.drop(columns=[c for c in df.columns if c.endswith("_key")] + ["n_test"])
     text = shown.to_markdown(index=False, floatfmt=".1f")
     if df["seed"].groupby(df["set"]).size().max() > 1:
-        text += "\n\nOver seeds:\n\n" + summarize(df).to_markdown(index=False, floatfmt=".1f")
-    return text
+        text += "\n\nOver seeds (mean, std, 95% t-interval of the mean):\n\n" + \
+            summarize(df).to_markdown(index=False, floatfmt=".1f")
+    return text + "\n\n" + init_note(df)
 
 
 def write_run(store: Store, plan: Plan, cfg: ExperimentConfig) -> Path:

@@ -21,11 +21,12 @@ import torch
 from advfeatures import construct as C
 from advfeatures import data as D
 from advfeatures.config import (
-    AttackConfig, ConfigError, DataConfig, ModelConfig, RuntimeConfig, TrainConfig, build_config,
+    AttackConfig, ConfigError, ConstructConfig, DataConfig, ModelConfig, RuntimeConfig, TrainConfig, build_config,
+    to_plain,
 )
 from advfeatures.models import build_model
 from advfeatures.plan import FOLDER, StageSpec
-from advfeatures.training import fit, predict, wilson_interval
+from advfeatures.training import accuracy_metrics, fit, predict
 from storage import arrays as A
 from storage.hashing import path_sha256
 from storage.store import IntegrityError, Store, StoreError, atomic_write_json
@@ -55,8 +56,41 @@ def setup_runtime(rt: RuntimeConfig) -> torch.device:
     return dev
 
 
-def amp_dtype(rt: RuntimeConfig) -> torch.dtype | None:
-    return torch.bfloat16 if rt.amp == "bf16" else None
+def amp_dtype(amp: str) -> torch.dtype | None:
+    """The autocast dtype of a stage's keyed ``amp`` setting ('bf16' or 'none')."""
+    return torch.bfloat16 if amp == "bf16" else None
+
+
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """Versions and hardware that produced an artifact (recorded, never keyed)."""
+    import platform
+
+    import zarr
+
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "numpy": np.__version__, "zarr": zarr.__version__, "cuda": torch.version.cuda,
+                           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                           "cpu_threads": torch.get_num_threads(), "machine": platform.machine()}
+    if device is not None:
+        env["device"] = str(device)
+        if device.type == "cuda":
+            env["device_name"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def run_record(rt: RuntimeConfig | None, device: torch.device | None = None) -> dict[str, Any]:
+    """What every manifest and shard marker records about how it was computed."""
+    return {"runtime": to_plain(rt) if rt is not None else None, "environment": environment(device)}
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """sha256 of a model's state (names, dtypes, shapes, values): equal iff the weights are equal."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def compiled(model: torch.nn.Module, rt: RuntimeConfig) -> torch.nn.Module:
@@ -100,7 +134,7 @@ def _ingest(store: Store, data: DataConfig, spec: StageSpec, log: Log) -> str:
     with store.staging(spec.folder, spec.key) as tmp:
         A.write_dataset(tmp, {"train": (raw.train.images, raw.train.labels),
                               "test": (raw.test.images, raw.test.labels)}, attrs)
-        body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), **attrs,
+        body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), **attrs, **run_record(None),
                                    n_train=len(raw.train.labels), n_test=len(raw.test.labels),
                                    image_shape=list(raw.train.images.shape[1:]),
                                    seconds=round(time.perf_counter() - t0, 3))
@@ -119,30 +153,39 @@ def dataset_info(store: Store, dataset_key: str) -> dict[str, Any]:
 
 # --- models ---------------------------------------------------------------------------------------------
 
-def _fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, num_classes: int,
-                  model_cfg: ModelConfig, train_cfg: TrainConfig, rt: RuntimeConfig, log: Log,
-                  extra: dict[str, Any]) -> str:
-    device = setup_runtime(rt)
+def initial_model(spec: StageSpec, num_classes: int) -> torch.nn.Module:
+    """A model stage's initial weights, drawn on the CPU from the seed its spec derives from the
+    model's role and seed (``spec.config['seeds']['init']``)."""
+    mc = build_config(ModelConfig, spec.config["model"], "model")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(train_cfg.seed)
-        model = build_model(model_cfg.arch, num_classes, model_cfg.mean, model_cfg.std)
+        torch.manual_seed(spec.config["seeds"]["init"])
+        return build_model(mc.arch, num_classes, mc.mean, mc.std)
+
+
+def _fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, num_classes: int,
+                  rt: RuntimeConfig, log: Log, extra: dict[str, Any]) -> str:
+    device = setup_runtime(rt)
+    train_cfg = build_config(TrainConfig, spec.config["train"], "train")
+    seeds = spec.config["seeds"]
+    model = initial_model(spec, num_classes)
+    init_sha = state_sha256(model)
 
     def progress(ev: dict) -> None:
         log(f"{spec.stage} {spec.key} epoch {ev['epoch']}/{ev['epochs']}: loss {ev['train_loss']:.3f} "
             f"acc {ev['train_acc']:.3f} ({ev['seconds']:.1f}s)")
 
     res = fit(model, torch.from_numpy(x), torch.from_numpy(y), train_cfg, device=device,
-              channels_last=rt.channels_last, callback=progress, amp_dtype=amp_dtype(rt),
-              forward=compiled(model, rt))
+              channels_last=rt.channels_last, callback=progress, amp_dtype=amp_dtype(spec.config["amp"]),
+              forward=compiled(model, rt), seed=seeds["data"])
     with store.staging(spec.folder, spec.key) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         with (tmp / "weights.pt").open("wb") as f:
             torch.save(state, f)
         body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=num_classes,
-                                   weights_sha256=path_sha256(tmp / "weights.pt"),
-                                   n_train=int(len(y)), seeds={"train": train_cfg.seed}, history=res.history,
+                                   weights_sha256=path_sha256(tmp / "weights.pt"), init_sha256=init_sha,
+                                   n_train=int(len(y)), seeds={"train": train_cfg.seed, **seeds}, history=res.history,
                                    seconds=round(res.seconds, 3), images_per_second=round(res.images_per_second, 1),
-                                   device=str(device), **extra)
+                                   **run_record(rt, device), **extra)
         atomic_write_json(tmp / "manifest.json", body)
     return spec.key
 
@@ -153,9 +196,7 @@ def train_model(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _qu
     (dataset_key,) = spec.inputs
     x, y = load_split(store, dataset_key, "train")
     classes = dataset_info(store, dataset_key)["classes"]
-    model_cfg = build_config(ModelConfig, spec.config["model"], "model")
-    train_cfg = build_config(TrainConfig, spec.config["train"], "train")
-    return _fit_and_save(store, spec, x, y, len(classes), model_cfg, train_cfg, rt, log, {})
+    return _fit_and_save(store, spec, x, y, len(classes), rt, log, {})
 
 
 @_once
@@ -168,10 +209,8 @@ def train_student(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _
         raise IntegrityError(f"constructed/{construct_key} is corrupt ({_describe(problems)}); run "
                              f"`advfeatures verify {construct_key} --repair`, then rerun to regenerate those shards")
     rows = A.read_rows(store.path("constructed", construct_key), names=("x", "y_target"))
-    model_cfg = build_config(ModelConfig, spec.config["model"], "model")
-    train_cfg = build_config(TrainConfig, spec.config["train"], "train")
-    return _fit_and_save(store, spec, rows["x"], rows["y_target"], cman["num_classes"], model_cfg, train_cfg,
-                         rt, log, {"construct_kind": cman["stage"]["config"]["kind"]})
+    return _fit_and_save(store, spec, rows["x"], rows["y_target"], cman["num_classes"], rt, log,
+                         {"construct_kind": cman["stage"]["config"]["kind"]})
 
 
 def load_model(store: Store, key: str, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -198,16 +237,10 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet
     model = load_model(store, model_key, device)
     t0 = time.perf_counter()
     pred = predict(model, torch.from_numpy(x), rt.eval_batch_size, device, rt.channels_last)
-    yt = torch.from_numpy(y)
-    k_xy = int((pred == yt).sum())
-    k_xy1 = int((pred == (yt + 1) % num_classes).sum())
-    n = len(y)
-    metrics = {"n_test": n, "correct_xy": k_xy, "acc_xy": k_xy / n, "ci95_xy": list(wilson_interval(k_xy, n)),
-               "correct_xy1": k_xy1, "acc_xy1": k_xy1 / n, "ci95_xy1": list(wilson_interval(k_xy1, n)),
-               "chance": 1.0 / num_classes}
+    metrics = accuracy_metrics(pred, torch.from_numpy(y), num_classes)
     with store.staging(spec.folder, spec.key) as tmp:
         body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), metrics=metrics,
-                                   seconds=round(time.perf_counter() - t0, 3))
+                                   seconds=round(time.perf_counter() - t0, 3), **run_record(rt, device))
         atomic_write_json(tmp / "manifest.json", body)
     log(f"eval {model_key}: acc(X,Y) {metrics['acc_xy']:.4f}  acc(X,Y+1) {metrics['acc_xy1']:.4f}")
     return spec.key
@@ -215,10 +248,19 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet
 
 # --- constructed sets: PGD, sharded -----------------------------------------------------------------
 
-def _layout(spec: StageSpec, n: int, image_shape: tuple[int, ...]) -> A.Layout:
-    cfg = spec.config
-    return A.Layout(n=n, image_shape=tuple(image_shape), x_dtype=cfg["dtype"], chunk=cfg["chunk_size"],
-                    shard_size=cfg["shard_size"])
+def _layout(store: Store, spec: StageSpec, n: int, image_shape: tuple[int, ...]) -> A.Layout:
+    """The set's shard layout: the one its arrays were created with if they exist (a set begun
+    with other shard sizes is finished with its own), else the spec's options."""
+    stored = A.stored_layout(store.path(spec.folder, spec.key))
+    if stored is not None:
+        if stored.n != n or stored.x_dtype != spec.config["dtype"]:
+            raise StoreError(f"{store.path(spec.folder, spec.key)} holds {stored.n} rows of {stored.x_dtype}, the plan "
+                             f"{n} of {spec.config['dtype']}; delete that folder and rerun")
+        return stored
+    default = ConstructConfig()
+    chunk = spec.options.get("chunk_size", default.chunk_size)
+    return A.Layout(n=n, image_shape=tuple(image_shape), x_dtype=spec.config["dtype"], chunk=chunk,
+                    shard_size=spec.options.get("shard_size", default.shard_size))
 
 
 @dataclass(frozen=True)
@@ -238,7 +280,7 @@ def pgd_set(store: Store, spec: StageSpec) -> PGDSet:
     idx = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
     y = y_all[idx]
     t = C.make_targets(cfg["kind"], y, len(info["classes"]), cfg["seed"])
-    return PGDSet(idx, y, t, _layout(spec, len(idx), info["image_shape"]), len(info["classes"]))
+    return PGDSet(idx, y, t, _layout(store, spec, len(idx), info["image_shape"]), len(info["classes"]))
 
 
 def prepare_construct(store: Store, spec: StageSpec) -> list[int]:
@@ -275,15 +317,28 @@ def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log
     attack = build_config(AttackConfig, spec.config["attack"], "attack")
     t_attack = time.perf_counter()
     out = C.attack_block(compiled(model, rt), block, t[start:stop], attack, device, rt.attack_batch_size,
-                         seed=spec.config["seed"] * 1_000_003 + shard,
-                         channels_last=rt.channels_last, amp_dtype=amp_dtype(rt))
+                         seed=spec.config["seed"], rows=idx[start:stop], store_dtype=layout.x_dtype,
+                         channels_last=rt.channels_last, amp_dtype=amp_dtype(spec.config["amp"]))
     attack_s = time.perf_counter() - t_attack
     rows = {"x": out["x"], "y_target": t[start:stop], "y_true": y[start:stop], "index": idx[start:stop],
             "fooled": out["fooled"], "loss": out["loss"], "norm": out["norm"]}
-    marker = A.write_shard(path, layout, shard, rows, seconds=time.perf_counter() - t0, attack_seconds=attack_s)
+    marker = A.write_shard(path, layout, shard, rows, seconds=time.perf_counter() - t0, attack_seconds=attack_s,
+                           meta=run_record(rt, device))
     log(f"construct {spec.config['kind']} {spec.key} shard {shard + 1}/{layout.num_shards}: rows {start}:{stop}, "
         f"fooled {out['fooled'].mean():.3f}, {attack_s:.1f}s in PGD")
     return marker
+
+
+def attack_summary(rec: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Fooling rate (the source predicts the target on the stored image) over all rows and over
+    the rows whose target differs from the true label (for rand, ~1/C of rows have t = y and are
+    "fooled" for free), with the perturbation norms and target losses."""
+    differ = rec["y_target"] != rec["y_true"]
+    return {"n": int(len(differ)), "attack_success": float(rec["fooled"].mean()),
+            "attack_success_t_ne_y": float(rec["fooled"][differ].mean()) if differ.any() else float("nan"),
+            "n_t_ne_y": int(differ.sum()), "mean_norm": float(rec["norm"].mean()),
+            "max_norm": float(rec["norm"].max()), "mean_target_loss": float(rec["loss"].mean()),
+            "share_target_is_true": float(1 - differ.mean())}
 
 
 @_once
@@ -297,13 +352,11 @@ def finalize_construct(store: Store, spec: StageSpec) -> str:
     rec = A.read_rows(path, names=("fooled", "norm", "loss", "y_target", "y_true"))
     if not (np.array_equal(rec["y_target"], t) and np.array_equal(rec["y_true"], y)):
         raise StoreError(f"{path}: stored targets differ from the plan; delete {path} and rerun")
-    summary = {"n": layout.n, "attack_success": float(rec["fooled"].mean()), "mean_norm": float(rec["norm"].mean()),
-               "max_norm": float(rec["norm"].max()), "mean_target_loss": float(rec["loss"].mean()),
-               "share_target_is_true": float((rec["y_target"] == rec["y_true"]).mean())}
+    summary = attack_summary(rec)
     body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=num_classes,
                                classes=info["classes"], layout=dict(vars(layout)), shards=markers,
                                seeds={"construct": spec.config["seed"]}, summary=summary,
-                               seconds=round(sum(m["seconds"] for m in markers), 3))
+                               seconds=round(sum(m["seconds"] for m in markers), 3), **run_record(None))
     store.write_manifest(spec.folder, spec.key, body)
     return spec.key
 
@@ -316,6 +369,22 @@ def generate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet
 
 
 # --- constructed sets: errors (Wallace) --------------------------------------------------------------
+
+def save_set(store: Store, spec: StageSpec, rows: dict[str, np.ndarray], classes: list[str],
+             summary: dict[str, Any], record: dict[str, Any], t0: float, **extra: Any) -> None:
+    """Write a whole constructed set (every field of ``A.CONSTRUCTED_FIELDS`` and x) as one shard,
+    staged, manifest last: for sets computed at once (errors; sets made elsewhere)."""
+    n, chunk = len(rows["y_target"]), 1024
+    layout = A.Layout(n=n, image_shape=tuple(rows["x"].shape[1:]), x_dtype=str(rows["x"].dtype), chunk=chunk,
+                      shard_size=-(-n // chunk) * chunk)
+    with store.staging(spec.folder, spec.key) as tmp:
+        A.create_constructed(tmp, layout)
+        marker = A.write_shard(tmp, layout, 0, rows, seconds=time.perf_counter() - t0, meta=record)
+        body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), **record, num_classes=len(classes),
+                                   classes=classes, layout=dict(vars(layout)), shards=[marker], summary=summary,
+                                   seconds=round(time.perf_counter() - t0, 3), **extra)
+        atomic_write_json(tmp / "manifest.json", body)
+
 
 @_once
 def build_errors(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet) -> str:
@@ -331,22 +400,13 @@ def build_errors(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _q
     if len(idx) == 0:
         raise ValueError(f"the teacher {teacher_key} makes no mistakes on the training set, so the errors set "
                          "is empty; train it less (teacher.train.epochs)")
-    chunk = 1024
-    layout = A.Layout(n=len(idx), image_shape=tuple(x.shape[1:]), x_dtype="uint8", chunk=chunk,
-                      shard_size=-(-len(idx) // chunk) * chunk)
     n = len(idx)
     rows = {"x": x[idx], "y_target": labels, "y_true": y[idx], "index": idx, "fooled": np.ones(n, bool),
             "loss": np.zeros(n, np.float32), "norm": np.zeros(n, np.float32)}
-    with store.staging(spec.folder, spec.key) as tmp:
-        A.create_constructed(tmp, layout)
-        marker = A.write_shard(tmp, layout, 0, rows, seconds=time.perf_counter() - t0)
-        summary = {"n": n, "teacher_train_error": n / len(y), "attack_success": float("nan"),
-                   "share_target_is_true": 0.0}
-        body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=len(info["classes"]),
-                                   classes=info["classes"], layout=dict(vars(layout)), shards=[marker],
-                                   summary=summary, seconds=round(time.perf_counter() - t0, 3),
-                                   records_note="fooled/loss/norm do not apply: images are unmodified")
-        atomic_write_json(tmp / "manifest.json", body)
+    summary = {"n": n, "teacher_train_error": n / len(y), "attack_success": float("nan"),
+               "attack_success_t_ne_y": float("nan"), "share_target_is_true": 0.0}
+    save_set(store, spec, rows, info["classes"], summary, run_record(rt, device), t0,
+             records_note="fooled/loss/norm do not apply: images are unmodified")
     log(f"errors set {spec.key}: teacher wrong on {n} of {len(y)} training images")
     return spec.key
 

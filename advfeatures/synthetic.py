@@ -78,3 +78,52 @@ def write_cifar_tar(path: Path, arrays) -> Path:
             info.size = len(blob)
             tf.addfile(info, io.BytesIO(blob))
     return Path(path)
+
+
+class FeatureArrays:
+    """Synthetic data with a robust and a non-robust feature per class, both predictive:
+
+    - the robust cue: a large class colour (per-image colour jitter of sd ``cue_jitter`` and pixel
+      noise of sd ``noise``), the kind of feature a small perturbation cannot move;
+    - the non-robust feature: a small per-class pattern, a random +-``amp`` 4x4 tile repeated over
+      the image (L2 norm ``amp * sqrt(3 * H * W)``, 3.3 for 32x32 at amp 0.06).
+
+    Clean images carry the cue and the pattern of their class. ``with_pattern(t)`` gives the
+    training images with their pattern switched to class t (what an ideal targeted attack does),
+    ``cue_only()`` the training images without any pattern. Values in [0, 1]; clean splits uint8.
+    """
+
+    def __init__(self, n_train: int, n_test: int, seed: int = 0, amp: float = 0.06, cue_jitter: float = 0.15,
+                 noise: float = 0.03, size: int = 32):
+        rng = np.random.default_rng(seed)
+        c = len(CLASSES)
+        self.colours = rng.uniform(0.2, 0.8, size=(c, 3, 1, 1))
+        self.tiles = rng.choice([-amp, amp], size=(c, 3, 4, 4))
+        self.size = size
+
+        def cue(n):
+            y = np.arange(n) % c
+            return self.colours[y] + rng.normal(0, cue_jitter, (n, 3, 1, 1)) + rng.normal(0, noise, (n, 3, size, size)), y
+
+        self._cue_train, self.train_y = cue(n_train)
+        cue_test, self.test_y = cue(n_test)
+        self.train_x = self._u8(self._cue_train + self._pattern(self.train_y))
+        self.test_x = self._u8(cue_test + self._pattern(self.test_y))
+
+    def _pattern(self, labels: np.ndarray) -> np.ndarray:
+        reps = self.size // 4
+        return np.tile(self.tiles[labels], (1, 1, reps, reps))
+
+    @staticmethod
+    def _u8(x: np.ndarray) -> np.ndarray:
+        return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+    def with_pattern(self, labels: np.ndarray) -> np.ndarray:
+        return np.clip(self._cue_train + self._pattern(labels), 0, 1).astype(np.float16)
+
+    def cue_only(self) -> np.ndarray:
+        return np.clip(self._cue_train, 0, 1).astype(np.float16)
+
+
+def feature_arrays(n_train: int = 1000, n_test: int = 500, seed: int = 0, **kw) -> FeatureArrays:
+    return FeatureArrays(n_train, n_test, seed, **kw)

@@ -13,7 +13,7 @@ from flows.replicate import run_shards
 
 
 def spec_from_dict(d: dict[str, Any]) -> StageSpec:
-    spec = StageSpec(d["stage"], d["config"], tuple(d["inputs"]))
+    spec = StageSpec(d["stage"], d["config"], tuple(d["inputs"]), options=d.get("options") or {})
     if spec.key != d["key"]:
         raise ValueError(f"stage spec key {d['key']} does not match its config (recomputed {spec.key}): "
                          "the worker runs different advfeatures code than the flow that sent it")

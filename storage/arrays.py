@@ -120,6 +120,17 @@ def create_constructed(path: Path, layout: Layout) -> None:
     (open_root(path) / SHARDS_DIR).mkdir(exist_ok=True)
 
 
+def stored_layout(path: Path) -> Layout | None:
+    """The layout a constructed set's arrays were created with, or None if they do not exist yet."""
+    if not (open_root(path) / "zarr.json").is_file():
+        return None
+    lay = zarr.open_group(str(path), mode="r").attrs.get("layout")
+    if lay is None:
+        return None
+    return Layout(n=lay["n"], image_shape=tuple(lay["image_shape"]), x_dtype=lay["x_dtype"], chunk=lay["chunk"],
+                  shard_size=lay["shard_size"])
+
+
 def marker_path(path: Path, i: int) -> Path:
     return open_root(path) / SHARDS_DIR / f"{i:05d}.json"
 
@@ -143,9 +154,9 @@ def rows_sha256(arrays: dict[str, np.ndarray]) -> str:
 
 
 def write_shard(path: Path, layout: Layout, i: int, arrays: dict[str, np.ndarray], seconds: float,
-                **timings: float) -> dict:
+                meta: dict | None = None, **timings: float) -> dict:
     """Write shard i's rows (one assignment per array), then its marker. Returns the marker.
-    ``timings`` (e.g. attack_seconds) are recorded in the marker."""
+    ``timings`` (e.g. attack_seconds) and ``meta`` (runtime settings, versions) are recorded in it."""
     start, stop = layout.rows(i)
     want = layout.dtypes()
     if set(arrays) != set(want):
@@ -160,7 +171,7 @@ def write_shard(path: Path, layout: Layout, i: int, arrays: dict[str, np.ndarray
     marker = {"shard": i, "start": start, "stop": stop, "count": stop - start,
               "sha256": rows_sha256(cast), "seconds": round(seconds, 3), "written": time.time(),
               "host": socket.gethostname(), "pid": os.getpid(),
-              **{k: round(v, 3) for k, v in timings.items()}}
+              **{k: round(v, 3) for k, v in timings.items()}, **(meta or {})}
     atomic_write_json(marker_path(path, i), marker)
     return marker
 

@@ -14,14 +14,22 @@ def test_paper_profile_has_the_papers_settings():
     s = cfg.source.train
     assert (cfg.source.model.arch, s.lr, s.momentum, s.weight_decay, s.batch_size, s.epochs) == \
         ("resnet50", 0.1, 0.9, 5e-4, 128, 150)
-    assert (s.schedule, s.step_epochs, s.gamma, s.augment) == ("step", 50, 0.1, True)
+    assert (s.schedule, s.step_epochs, s.gamma, s.augment) == ("step", 50, 0.1, "robustness")
     a = cfg.attack
     assert (a.norm, a.eps, a.step_size, a.steps, a.random_start, a.use_best) == ("l2", 0.5, 0.1, 100, False, True)
     assert cfg.student.model.arch == "resnet50"
     assert cfg.student.train_for("rand", 0).lr == 0.01
-    assert cfg.student.train_for("det", 0).augment is False
+    assert cfg.student.train_for("det", 0).augment == "none"
+    assert cfg.student.train_for("other", 0).augment == "robustness"
     assert cfg.student.train_for("other", 0).lr == 0.1 and cfg.student.train_for("other", 0).epochs == 150
-    assert cfg.teacher.train.epochs == 2
+    assert cfg.student.model_for("errors").arch == "resnet18" and cfg.student.model_for("rand").arch == "resnet50"
+    assert cfg.teacher.train.epochs == 2 and cfg.teacher.model.arch == "resnet18"
+    assert cfg.student.init == "independent"
+
+
+def test_augment_accepts_booleans_of_older_profiles():
+    cfg = resolve("tiny", ["source.train.augment=true", "student.train.augment=false"])
+    assert cfg.source.train.augment == "crop_flip" and cfg.student.train.augment == "none"
 
 
 def test_overrides_are_parsed_as_yaml_and_applied():
@@ -47,6 +55,10 @@ def test_teacher_inherits_source_with_two_epochs():
     ("construct.dtype=uint8", "float16 or float32"),
     ("construct.sets=[rand, bogus]", "unknown"),
     ("student.per_set.rand={lrr: 0.1}", "not a train setting"),
+    ("student.per_set.errors={arch: vgg}", "unknown; choose one of"),
+    ("student.init=shared", "student.init='shared'; choose one of"),
+    ("student.seeds=[0, 0]", "repeats"),
+    ("source.train.augment=jitter", "train.augment='jitter'; choose one of"),
     ("student.train.lr=0", "train.lr must be > 0"),
     ("runtime.device=tpu", "runtime.device"),
     ("attack", "section.key=value"),

@@ -45,6 +45,10 @@ def test_first_run_writes_the_table(first):
     assert csv.loc[0, "acc_xy_%"] > 50  # the synthetic classes are easy: the source learns them
     md = (run_dir / "table.md").read_text()
     assert "| det" in md and "acc_xy+1_%" in md
+    # source, teacher and the 4 students: six different initial weights, and the table says so
+    assert csv["init"].nunique() == 6 and "all 6 models start from different weights" in md
+    rand = csv[csv["set"] == "rand"].iloc[0]
+    assert 0 <= rand["attack_success_t≠y_%"] <= 100
     assert all(t["computed"] for t in out["timings"])
 
 
@@ -121,7 +125,8 @@ def test_paper_profile_runs_on_tiny_data(tiny_tar, tmp_path):
               "runtime.device=cpu", "runtime.attack_batch_size=20"]
     out = replicate(profile="paper", overrides=shrink, data=str(tiny_tar), store=str(tmp_path))
     df = pd.read_parquet(tmp_path / "runs" / out["run_key"] / "table.parquet")
-    assert list(df["model"]) == ["resnet50", "resnet18", "resnet50", "resnet50", "resnet50", "resnet50"]
+    # errors: Wallace's ResNet-18 student beside the ResNet-50 study (student.per_set.errors.arch)
+    assert list(df["model"]) == ["resnet50", "resnet18", "resnet50", "resnet50", "resnet50", "resnet18"]
     assert list(df["paper_%"].iloc[[0, 2, 4, 5]]) == [95.3, 63.3, 43.7, 49.7]
     assert np.isnan(df["paper_%"].iloc[3])  # no D_other in the paper
 

@@ -68,5 +68,54 @@ def test_attack_change_keeps_source_and_errors_chain():
     assert {k for k in a if a[k] != b[k]} == {"c_rand", "c_other", "c_det", "s_rand", "s_other", "s_det"}
 
 
-def test_runtime_settings_change_no_key():
-    assert _keys() == _keys("runtime.threads=1", "runtime.store=/elsewhere", "runtime.attack_batch_size=7")
+def test_runtime_settings_that_only_round_change_no_key():
+    """Device, threads, store, batch sizes, memory format, compile and the shard layout change at
+    most floating-point rounding (random numbers are drawn on the CPU): no key changes."""
+    assert _keys() == _keys("runtime.threads=1", "runtime.store=/elsewhere", "runtime.attack_batch_size=7",
+                            "runtime.eval_batch_size=3", "runtime.device=cuda", "runtime.channels_last=false",
+                            "runtime.compile=true", "runtime.shard_workers=3",
+                            "construct.shard_size=100", "construct.chunk_size=20")
+
+
+def test_amp_changes_every_trained_or_attacked_key():
+    """bf16 autocast changes PGD gradients and training: every model, student and PGD set; the
+    errors set and its teacher's evaluation-only steps are fp32 but sit downstream of the teacher."""
+    a, b = _keys(), _keys("runtime.amp=bf16")
+    assert {k for k in a if a[k] == b[k]} == set()
+
+
+def test_source_and_teacher_with_equal_settings_are_different_models():
+    a = _keys("teacher.train.epochs=2")  # the tiny source trains 2 epochs too: same settings
+    assert a["source"] != a["teacher"]
+
+
+# The keys of the `tiny` profile on a fixed data fingerprint. A change here invalidates every
+# user's store: it must come with a schema bump in advfeatures/plan.py (SCHEMA, and its history)
+# and a line in the README's "Cache keys" section. Update these values only then.
+TINY_KEYS = {
+    ("dataset", "data"): "dcf5356f11c32aff",
+    ("model", "source"): "4ec9532f14e822f1",
+    ("eval", "source"): "833738ed96339ed7",
+    ("model", "teacher"): "4a342d5d415f3c6e",
+    ("eval", "teacher"): "32088e15063fd235",
+    ("construct", "rand"): "ac68cbd342ddafc9",
+    ("construct", "other"): "cdaf0c245cbd65e4",
+    ("construct", "det"): "4f0234b47ffa3cab",
+    ("construct", "errors"): "30487a984a292f52",
+    ("student", "rand seed=0"): "26c7d316e20dd673",
+    ("eval", "rand seed=0"): "2a0a94d985e3fee5",
+    ("student", "other seed=0"): "d5497dfd3b6ae0ed",
+    ("eval", "other seed=0"): "9227fe7425340cd5",
+    ("student", "det seed=0"): "bd9ce74f24306dad",
+    ("eval", "det seed=0"): "01b907d69ac8d3cf",
+    ("student", "errors seed=0"): "f428613b0e05516c",
+    ("eval", "errors seed=0"): "1fc08da9105520b4",
+    ("run", "table"): "99ee9cca73f2ad76",
+}
+
+
+def test_tiny_profile_keys_are_pinned():
+    from advfeatures.plan import plan_summary
+
+    got = {(r["stage"], r["what"]): r["key"] for r in plan_summary(make_plan(resolve("tiny"), "0" * 64))}
+    assert got == TINY_KEYS

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from advfeatures import stages
+from advfeatures.config import resolve
+from advfeatures.plan import make_plan
 from conftest import build
 from storage import arrays as A
 from storage.store import Store
@@ -51,11 +53,33 @@ def test_pgd_sets_obey_their_definition(built, tiny_arrays, kind):
     d = r["x"].astype(np.float32) - x0
     norms = np.sqrt((d.reshape(n, -1) ** 2).sum(1))
     assert (norms <= cfg.attack.eps + 0.01).all()  # float16 storage rounding: < 0.01
-    assert np.allclose(norms, r["norm"], atol=0.01)
     assert r["x"].min() >= 0 and r["x"].max() <= 1
+    # the records describe the images as stored (float16), recomputed here in fp32
+    source = stages.load_model(st, plan.source.key)
+    with torch.no_grad():
+        logits = source(torch.from_numpy(r["x"].astype(np.float32)))
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(r["y_target"]), reduction="none").numpy()
+    assert np.array_equal(r["fooled"], logits.argmax(1).numpy() == r["y_target"])
+    assert np.allclose(r["loss"], loss, rtol=1e-5, atol=1e-6)
+    assert np.allclose(r["norm"], norms, rtol=1e-6, atol=1e-6)
     man = st.manifest("constructed", spec.key)
     assert len(man["shards"]) == 3 and man["summary"]["n"] == n
     assert man["summary"]["attack_success"] == pytest.approx(r["fooled"].mean())
+    differ = r["y_target"] != r["y_true"]
+    assert man["summary"]["attack_success_t_ne_y"] == pytest.approx(r["fooled"][differ].mean())
+    assert man["summary"]["n_t_ne_y"] == differ.sum() and man["summary"]["share_target_is_true"] == 1 - differ.mean()
+
+
+def test_manifests_and_markers_record_runtime_and_versions(built):
+    cfg, st, plan = built
+    spec = plan.constructs["det"]
+    records = [st.manifest("models", plan.source.key), st.manifest("constructed", plan.constructs["errors"].key),
+               *A.read_markers(st.path("constructed", spec.key), stages.pgd_set(st, spec).layout)]
+    for rec in records:
+        assert rec["runtime"]["amp"] == cfg.runtime.amp and rec["runtime"]["device"] == cfg.runtime.device
+        assert rec["environment"]["torch"] == torch.__version__ and "cuda" in rec["environment"]
+    man = st.manifest("models", plan.source.key)
+    assert man["seeds"] == {"train": 0, **plan.source.config["seeds"]} and len(man["init_sha256"]) == 64
 
 
 def test_errors_set_is_the_teachers_mistakes_on_unmodified_images(built, tiny_arrays):
@@ -95,14 +119,53 @@ def test_same_config_generates_bit_identical_shards(built, tmp_path):
     cfg, st, plan = built
     spec = plan.constructs["rand"]
     other = Store(tmp_path)
-    import shutil
-
-    for folder, key in (("datasets", plan.dataset.key), ("models", plan.source.key)):
-        shutil.copytree(st.path(folder, key), other.path(folder, key))
+    _copy_inputs(st, plan, other)
     for i in reversed(stages.prepare_construct(other, spec)):
         stages.run_shard(other, spec, i, cfg.runtime)
     a = A.read_rows(st.path("constructed", spec.key))
     b = A.read_rows(other.path("constructed", spec.key))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _copy_inputs(st, plan, other):
+    import shutil
+
+    for folder, key in (("datasets", plan.dataset.key), ("models", plan.source.key)):
+        shutil.copytree(st.path(folder, key), other.path(folder, key))
+
+
+def test_shard_size_changes_neither_key_nor_bytes(tmp_path, tiny_tar):
+    """The same set built with two shard/chunk sizes (random start on, so per-row randomness is
+    exercised) has one key and identical rows; a set begun with one shard size and finished by a
+    run with another keeps the layout it was created with, and the same bytes."""
+    common = ["construct.sets=[rand]", "attack.random_start=true", "runtime.attack_batch_size=25"]
+    cfg, st, plan = build(tiny_tar, tmp_path / "a", common + ["construct.shard_size=50", "construct.chunk_size=25"])
+    spec = plan.constructs["rand"]
+    stages.generate(st, spec, cfg.runtime)
+    rows = {}
+    for sizes in (("100", "50"), ("40", "20")):
+        other = Store(tmp_path / f"s{sizes[0]}")
+        _copy_inputs(st, plan, other)
+        cfg2 = resolve("tiny", common + [f"construct.shard_size={sizes[0]}", f"construct.chunk_size={sizes[1]}"],
+                       data=str(tiny_tar), store=str(other.root))
+        spec2 = make_plan(cfg2, plan.dataset.config["source_sha256"]).constructs["rand"]
+        assert spec2.key == spec.key and spec2.options != spec.options
+        stages.generate(other, spec2, cfg2.runtime)
+        rows[sizes[0]] = A.read_rows(other.path("constructed", spec.key))
+        assert stages.pgd_set(other, spec2).layout.shard_size == int(sizes[0])
+    a = A.read_rows(st.path("constructed", spec.key))
+    assert all(np.array_equal(a[k], rows[s][k]) for s in rows for k in a)
+    # begun with shard size 50 (one shard done), finished by a run asking for 100
+    resumed = Store(tmp_path / "resumed")
+    _copy_inputs(st, plan, resumed)
+    stages.prepare_construct(resumed, spec)
+    stages.run_shard(resumed, spec, 1, cfg.runtime)
+    cfg3 = resolve("tiny", common + ["construct.shard_size=100", "construct.chunk_size=50"],
+                   data=str(tiny_tar), store=str(resumed.root))
+    spec3 = make_plan(cfg3, plan.dataset.config["source_sha256"]).constructs["rand"]
+    stages.generate(resumed, spec3, cfg3.runtime)
+    assert resumed.manifest("constructed", spec.key)["layout"]["shard_size"] == 50
+    b = A.read_rows(resumed.path("constructed", spec.key))
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -118,7 +181,8 @@ def test_compiled_model_gives_the_same_results(tmp_path, tiny_tar):
         w = stages.load_model(st, plan.source.key).state_dict()
         out[flag] = (w, A.read_rows(st.path("constructed", spec.key)))
     (w0, r0), (w1, r1) = out[False], out[True]
-    assert all(torch.allclose(w0[k].float(), w1[k].float(), atol=1e-4) for k in w0)
+    # float noise only (measured: <= 3e-4, in BatchNorm running statistics)
+    assert all(torch.allclose(w0[k].float(), w1[k].float(), atol=1e-3) for k in w0)
     # normalised steps amplify float noise a little (measured: <= 0.004 per pixel, 0.005 in norm)
     assert np.allclose(r0["x"].astype(np.float32), r1["x"].astype(np.float32), atol=1e-2)
     assert np.allclose(r0["norm"], r1["norm"], atol=1e-2) and r0["norm"].mean() > 0.1

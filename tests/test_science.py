@@ -1,0 +1,253 @@
+"""Tests that check the science: every number-producing step against a known answer.
+
+- evaluation: stub models whose predictions are known give exactly the accuracies they must;
+- students learn the constructed set's targets (y_target), not the true labels;
+- on synthetic data with a large robust cue and a small per-class pattern, a `det` student learns
+  the pattern (above chance on (X, Y)) and a student of the cue alone learns the shifted labels;
+- PGD agrees per example with a transcription of the robustness library's loop and with
+  torchattacks' PGDL2;
+- no two models of a plan start from the same initial weights (unless the control asks for it).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from advfeatures import stages
+from advfeatures import synthetic as S
+from advfeatures.attacks import L2, pgd
+from advfeatures.config import CIFAR_MEAN, CIFAR_STD, ConfigError, TrainConfig, resolve
+from advfeatures.data import source_sha256
+from advfeatures.models import build_model
+from advfeatures.plan import StageSpec, make_plan, student_spec
+from advfeatures.training import fit, predict
+from storage.store import Store
+
+C = 10
+
+
+def _ingest(tmp_path, arrays, name="data"):
+    """A store holding ``arrays`` (train_x, train_y, test_x, test_y) as an ingested dataset."""
+    tar = S.write_cifar_tar(tmp_path / f"{name}.tar.gz", arrays)
+    cfg = resolve("tiny", ["student.train.epochs=6", "student.train.batch_size=64"], data=str(tar),
+                  store=str(tmp_path / "store"))
+    st, plan = Store(cfg.runtime.store), make_plan(cfg, source_sha256(tar))
+    stages.ingest(st, cfg.data, plan.dataset)
+    return cfg, st, plan
+
+
+def _set(st, plan, name, x, y_target, y_true):
+    """A constructed set made here (not by PGD), saved like every other: its key."""
+    spec = StageSpec("construct", {"kind": name}, (plan.dataset.key,))
+    n = len(y_target)
+    rows = {"x": x, "y_target": y_target.astype(np.int64), "y_true": y_true.astype(np.int64),
+            "index": np.arange(n, dtype=np.int64), "fooled": np.zeros(n, bool),
+            "loss": np.zeros(n, np.float32), "norm": np.zeros(n, np.float32)}
+    stages.save_set(st, spec, rows, S.CLASSES, {"n": n}, stages.run_record(None), time.perf_counter())
+    return spec
+
+
+def _student(cfg, st, plan, cspec, kind="rand", seed=0):
+    """Train a student on set ``cspec`` through the stage executor; its spec."""
+    sspec = student_spec(cfg, kind, seed, cspec, plan.source)
+    stages.train_student(st, sspec, cfg.runtime)
+    return sspec
+
+
+def _evaluate(cfg, st, plan, model_key):
+    spec = StageSpec("eval", {"labels": "clean"}, (model_key, plan.dataset.key))
+    stages.evaluate(st, spec, cfg.runtime)
+    return st.manifest("evals", spec.key)["metrics"]
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+class LookupStub(nn.Module):
+    """Predicts (label of the nearest test image + shift) mod C: exact on the test set, arbitrary
+    anywhere else (so evaluating on any other images gives other numbers)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, shift: int):
+        super().__init__()
+        self.x = torch.from_numpy(x).float().flatten(1) / 255
+        self.y, self.shift = torch.from_numpy(y), shift
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        nearest = torch.cdist(xb.flatten(1), self.x).argmin(1)
+        return F.one_hot((self.y[nearest] + self.shift) % C, C).float()
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory, tiny_arrays):
+    return _ingest(tmp_path_factory.mktemp("tiny"), tiny_arrays)
+
+
+@pytest.mark.parametrize("shift,acc_xy,acc_xy1", [(1, 0.0, 1.0), (0, 1.0, 0.0), (5, 0.0, 0.0)])
+def test_evaluate_gives_a_stubs_known_accuracy(tiny_store, tiny_arrays, monkeypatch, shift, acc_xy, acc_xy1):
+    cfg, st, plan = tiny_store
+    _, _, vx, vy = tiny_arrays
+    monkeypatch.setattr(stages, "load_model", lambda store, key, device="cpu": LookupStub(vx, vy, shift))
+    m = _evaluate(cfg, st, plan, f"stub-{shift}")
+    assert (m["acc_xy"], m["acc_xy1"], m["n_test"], m["chance"]) == (acc_xy, acc_xy1, len(vy), 0.1)
+    assert m["ci95_xy"][0] <= acc_xy <= m["ci95_xy"][1]
+
+
+# --- students learn the targets -----------------------------------------------------------------------
+
+PERM = np.array([3, 7, 0, 9, 1, 8, 2, 5, 4, 6])  # a fixed permutation of the labels, no fixed point
+
+
+@pytest.fixture(scope="module")
+def colour_store(tmp_path_factory):
+    return _ingest(tmp_path_factory.mktemp("colours"), S.make_arrays(n_train=600, n_test=300, seed=1))
+
+
+def test_students_learn_the_sets_targets_not_the_true_labels(colour_store):
+    cfg, st, plan = colour_store
+    tx, ty = stages.load_split(st, plan.dataset.key, "train")
+    vx, vy = stages.load_split(st, plan.dataset.key, "test")
+    cspec = _set(st, plan, "permuted", tx, PERM[ty], ty)
+    sspec = _student(cfg, st, plan, cspec)
+    pred = predict(stages.load_model(st, sspec.key), torch.from_numpy(vx)).numpy()
+    assert (pred == PERM[vy]).mean() > 0.8  # the targets' labelling, on the clean test images
+    assert (pred == vy).mean() < 0.05
+
+
+# --- det on synthetic features ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    f = S.feature_arrays(n_train=1000, n_test=500, seed=0)
+    cfg, st, plan = _ingest(tmp_path_factory.mktemp("features"), (f.train_x, f.train_y, f.test_x, f.test_y))
+    return f, cfg, st, plan
+
+
+def test_det_student_learns_the_small_pattern_above_chance(features):
+    """det: each image's pattern is switched to the target's (t = y+1), its robust cue left alone.
+    Clean test images carry the cue and the pattern of their own class, so a student that learned
+    the patterns scores on (X, Y) although every training label was 'wrong' for the cue."""
+    f, cfg, st, plan = features
+    t = (f.train_y + 1) % C
+    cspec = _set(st, plan, "det-synthetic", f.with_pattern(t), t, f.train_y)
+    m = _evaluate(cfg, st, plan, _student(cfg, st, plan, cspec, "det").key)
+    assert m["ci95_xy"][0] > m["chance"] + 0.4, m  # measured: 0.69 (interval 0.64-0.73)
+    assert m["acc_xy"] > m["acc_xy1"] + 0.3  # the pattern wins over the cue (measured: 0.18 on (X, Y+1))
+
+
+def test_det_student_of_the_robust_cue_alone_learns_the_shifted_labels(features):
+    f, cfg, st, plan = features
+    t = (f.train_y + 1) % C
+    cspec = _set(st, plan, "det-cue-only", f.cue_only(), t, f.train_y)
+    m = _evaluate(cfg, st, plan, _student(cfg, st, plan, cspec, "det").key)
+    assert m["ci95_xy1"][0] > m["chance"] + 0.3, m  # measured: 0.59 (interval 0.54-0.63)
+    assert m["acc_xy"] < 0.1
+
+
+# --- PGD against peers ----------------------------------------------------------------------------------
+
+def robustness_targeted_l2(model, x, target, eps, step_size, steps):
+    """A straightforward transcription of MadryLab/robustness's targeted L2 PGD with use_best and no
+    random start (attacker.Attacker.forward + attack_steps.L2Step): loss = CE(reduction=none),
+    grad of m * mean(loss) with m = -1, step x + alpha g / (||g|| + 1e-10), projection by
+    renorm(2, 0, eps) and clamp to [0, 1]; best = lowest loss, the last iterate checked after."""
+    orig, m = x.clone().detach(), -1
+
+    def replace_best(loss, bloss, x, bx):
+        if bloss is None:
+            return loss.clone().detach(), x.clone().detach()
+        replace = m * bloss < m * loss
+        bx[replace] = x[replace].clone().detach()
+        bloss[replace] = loss[replace]
+        return bloss, bx
+
+    best_loss = best_x = None
+    for _ in range(steps):
+        x = x.clone().detach().requires_grad_(True)
+        losses = F.cross_entropy(model(x), target, reduction="none")
+        (grad,) = torch.autograd.grad(m * losses.mean(), [x])
+        with torch.no_grad():
+            best_loss, best_x = replace_best(losses, best_loss, x, best_x)
+            g_norm = torch.norm(grad.view(grad.shape[0], -1), dim=1).view(-1, 1, 1, 1)
+            x = x + grad / (g_norm + 1e-10) * step_size
+            x = torch.clamp(orig + (x - orig).renorm(p=2, dim=0, maxnorm=eps), 0, 1)
+    losses = F.cross_entropy(model(x), target, reduction="none")
+    return replace_best(losses, best_loss, x, best_x)[1]
+
+
+@pytest.fixture(scope="module")
+def trained_small_model():
+    """small_cnn trained on the synthetic colours, and 200 test images with targets y + 1. The
+    synthetic classes are far apart, so eps = 3 (10 steps) fools about 40%: neither 0 nor all."""
+    tx, ty, vx, vy = S.make_arrays(600, 200, seed=1)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", C, CIFAR_MEAN, CIFAR_STD)
+    fit(model, torch.from_numpy(tx), torch.from_numpy(ty),
+        TrainConfig(epochs=4, batch_size=64, lr=0.05, schedule="onecycle", augment="none"), seed=1)
+    model.eval()
+    return model, torch.from_numpy(vx).float() / 255, (torch.from_numpy(vy) + 1) % C
+
+
+def _fooled(model, x, t):
+    with torch.no_grad():
+        return model(x).argmax(1) == t
+
+
+def test_pgd_agrees_with_the_robustness_librarys_loop(trained_small_model):
+    model, x, t = trained_small_model
+    eps, alpha, steps = 3.0, 0.75, 10
+    ours = pgd(model, x, t, L2(eps), steps, alpha, use_best=True)
+    ref = robustness_targeted_l2(model, x, t, eps, alpha, steps)
+    fooled_ref = _fooled(model, ref, t)
+    assert 0.2 < fooled_ref.float().mean() < 0.8  # a test that can disagree
+    assert (ours.fooled == fooled_ref).float().mean() >= 0.99
+    assert torch.equal(ours.fooled, _fooled(model, ours.x, t))
+    close = (ours.x - ref).flatten(1).norm(dim=1) < 1e-3
+    assert close.float().mean() >= 0.99
+
+
+def test_pgd_agrees_with_torchattacks_pgdl2(trained_small_model):
+    torchattacks = pytest.importorskip("torchattacks", reason="the PGD peer; `make test` installs it (--no-deps)")
+    model, x, t = trained_small_model
+    eps, alpha, steps = 3.0, 0.75, 10
+    atk = torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
+    atk.set_mode_targeted_by_label(quiet=True)
+    ref = atk(x, t)
+    ours = pgd(model, x, t, L2(eps), steps, alpha, use_best=False)  # torchattacks keeps the last iterate
+    fooled_ref = _fooled(model, ref, t)
+    assert 0.2 < fooled_ref.float().mean() < 0.8
+    assert (ours.fooled == fooled_ref).float().mean() >= 0.99
+
+
+# --- initialisation -----------------------------------------------------------------------------------
+
+def _inits(plan):
+    specs = [plan.source, plan.teacher] + [s.student for s in plan.students]
+    return specs, [stages.state_sha256(stages.initial_model(s, C)) for s in specs]
+
+
+def test_every_model_of_a_plan_starts_from_its_own_weights():
+    plan = make_plan(resolve("tiny", ["student.seeds=[0, 1]"]), "0" * 64)
+    specs, inits = _inits(plan)
+    assert len(specs) == 2 + 4 * 2
+    # one architecture and seed 0 for the source and the first students: only the roles differ
+    assert {s.config["model"]["arch"] for s in specs} == {"small_cnn"}
+    assert plan.source.config["train"]["seed"] == plan.students[0].student.config["train"]["seed"] == 0
+    assert len(set(inits)) == len(specs)
+    assert len({s.config["seeds"]["data"] for s in specs}) == len(specs)  # data order too
+
+
+def test_shared_init_is_an_explicit_control():
+    plan = make_plan(resolve("tiny", ["student.init=shared_with_source"]), "0" * 64)
+    specs, inits = _inits(plan)
+    assert set(inits[2:]) == {inits[0]} and inits[1] != inits[0]  # students share the source's; teacher not
+    assert len({s.config["seeds"]["data"] for s in specs}) == len(specs)
+    independent = make_plan(resolve("tiny"), "0" * 64)
+    assert {s.student.key for s in plan.students}.isdisjoint(s.student.key for s in independent.students)
+    with pytest.raises(ConfigError, match="shared_with_source needs"):
+        make_plan(resolve("tiny", ["student.init=shared_with_source", "student.per_set.errors={arch: resnet9}"]),
+                  "0" * 64)
