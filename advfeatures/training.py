@@ -76,7 +76,9 @@ def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     a = torch.deg2rad(degrees.to(x.dtype))
     cos, sin = torch.cos(a), torch.sin(a)
     zero = torch.zeros_like(a)
-    theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)  # (B,2,3)
+    # output pixel -> input location in normalised coordinates (y pointing down): rotating the
+    # image counter-clockwise samples it clockwise
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B,2,3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 

@@ -51,3 +51,17 @@ def test_training_on_cuda_is_seeded():
         fit(m, x, y, TrainConfig(epochs=1, batch_size=64, augment=True), device="cuda")
         res.append(next(m.parameters()).detach().cpu())
     assert torch.allclose(res[0], res[1], atol=1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+def test_random_streams_are_the_same_on_cuda_and_cpu():
+    """Random numbers are drawn on the CPU, so the device is not in any key: the same crops and
+    flips on both devices, and PGD random starts that do not depend on the device."""
+    from advfeatures.training import augment_batch, robustness_augment
+
+    x = torch.rand(64, 3, 32, 32)
+    for aug in (augment_batch, robustness_augment):
+        cpu = aug(x, torch.Generator().manual_seed(3))
+        gpu = aug(x.cuda(), torch.Generator().manual_seed(3)).cpu()
+        assert torch.allclose(cpu, gpu, atol=1e-5)

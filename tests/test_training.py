@@ -4,7 +4,9 @@ import torch
 
 from advfeatures.config import CIFAR_MEAN, CIFAR_STD, TrainConfig
 from advfeatures.models import build_model
-from advfeatures.training import augment_batch, fit, lr_lambda, predict, wilson_interval
+from advfeatures.training import (
+    augment_batch, color_jitter, fit, lr_lambda, predict, robustness_augment, rotate, wilson_interval,
+)
 
 
 def _model(seed=0):
@@ -84,3 +86,57 @@ def test_bf16_autocast_training_learns_and_keeps_fp32_weights():
     res = fit(m, x, y, cfg, amp_dtype=torch.bfloat16)
     assert all(p.dtype == torch.float32 for p in m.parameters())
     assert res.history[-1]["train_loss"] < 0.5 * res.history[0]["train_loss"]
+
+
+def test_color_jitter_matches_torchvision_in_each_examples_order():
+    """Our batched ColorJitter equals torchvision's adjust_brightness/contrast/saturation, applied
+    per example with the same factors in the same order."""
+    import torchvision.transforms.functional as TF
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 3, 32, 32, generator=g)
+    factors = 0.75 + 0.5 * torch.rand(12, 3, generator=g)
+    order = torch.stack([torch.randperm(3, generator=g) for _ in range(12)])
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    out = color_jitter(x, factors, order)
+    for i in range(12):
+        ref = x[i]
+        for op in order[i].tolist():
+            ref = ops[op](ref, factors[i, op].item())
+        assert torch.allclose(out[i], ref, atol=1e-5), i
+
+
+@pytest.mark.parametrize("degrees", [2.0, -1.5, 30.0])
+def test_rotate_matches_torchvision(degrees):
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = rotate(x, torch.full((4,), degrees))
+    ref = TF.rotate(x, degrees, interpolation=InterpolationMode.NEAREST)
+    assert (out == ref).float().mean() >= 0.99  # nearest-neighbour ties at a few pixels at most
+    assert torch.equal(rotate(x, torch.zeros(4)), x)
+
+
+def test_robustness_augmentation_is_seeded_and_stays_in_range():
+    x = torch.rand(32, 3, 32, 32)
+    a = robustness_augment(x, torch.Generator().manual_seed(0))
+    b = robustness_augment(x, torch.Generator().manual_seed(0))
+    c = augment_batch(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a, c)  # jitter and rotation on top of the same crop + flip
+    m = _model()
+    fit(m, (x * 255).to(torch.uint8), torch.arange(32) % 10, TrainConfig(epochs=1, batch_size=16, augment="robustness"))
+
+
+def test_data_order_and_augmentation_come_from_the_given_seed():
+    """fit(seed=...) seeds shuffling and augmentation (the stage passes the role-derived seed)."""
+    x = torch.rand(64, 3, 32, 32)
+    y = torch.arange(64) % 10
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, augment=True, seed=0)
+    a, b, c = _model(), _model(), _model()
+    fit(a, x, y, cfg, seed=11)
+    fit(b, x, y, cfg, seed=11)
+    fit(c, x, y, cfg, seed=12)
+    assert torch.equal(next(a.parameters()), next(b.parameters()))
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))
