@@ -57,12 +57,20 @@ def random_starts(threat, shape: tuple[int, ...], seed: int, rows: np.ndarray) -
 def stored_records(model: nn.Module, x0: torch.Tensor, x: torch.Tensor, target: torch.Tensor, threat,
                    store_dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Round adversarial images ``x`` to the storage dtype and compute the records on what is
-    stored, in fp32: whether the model predicts the target, the target loss, ||x_stored - x0||."""
+    stored, in fp32: whether the model predicts the target, the target loss, ||x_stored - x0||,
+    and the target margin logit_t - max_{j != t} logit_j (> 0 exactly when fooled, up to ties)."""
     xs = x.to(store_dtype).float()
     with frozen_eval(model):
         logits = model(xs).float()
     return xs, {"fooled": logits.argmax(1) == target, "loss": F.cross_entropy(logits, target, reduction="none"),
-                "norm": threat.size(xs - x0).float()}
+                "norm": threat.size(xs - x0).float(), "margin": target_margin(logits, target)}
+
+
+def target_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) logit of the target minus the largest other logit."""
+    t = logits.gather(1, target[:, None])[:, 0]
+    others = logits.scatter(1, target[:, None], float("-inf"))
+    return t - others.amax(1)
 
 
 def attack_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, attack: AttackConfig,
@@ -70,7 +78,7 @@ def attack_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, atta
                  channels_last: bool = False, amp_dtype: torch.dtype | None = None,
                  rows: np.ndarray | None = None, store_dtype: str = "float32") -> dict[str, np.ndarray]:
     """Targeted PGD on a block of uint8 images (N,C,H,W). Returns x as it will be stored
-    (``store_dtype``) and the per-row records (fooled, loss, norm) computed on those stored images.
+    (``store_dtype``) and the per-row records (fooled, loss, norm, margin) computed on those stored images.
 
     ``rows`` (N,) identifies each row (its training-image index) for its random start, drawn from
     ``seed`` and the row alone; defaults to 0..N-1."""
@@ -81,7 +89,7 @@ def attack_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, atta
     threat = threat_model(attack.norm, attack.eps)
     rows = np.arange(images.shape[0]) if rows is None else np.asarray(rows)
     sdtype = getattr(torch, store_dtype)
-    out = {k: [] for k in ("x", "fooled", "loss", "norm")}
+    out = {k: [] for k in ("x", "fooled", "loss", "norm", "margin")}
     for s in range(0, images.shape[0], batch_size):
         xb = to_unit(torch.from_numpy(images[s:s + batch_size]).to(device))
         if channels_last:
@@ -97,6 +105,14 @@ def attack_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, atta
         for k, v in rec.items():
             out[k].append(v.cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def select_by_margin(margin: np.ndarray, fraction: float) -> np.ndarray:
+    """Sorted indices of the ceil(fraction * N) rows with the largest margin (ties: lower index)."""
+    n = len(margin)
+    k = max(1, int(np.ceil(fraction * n - 1e-9)))
+    order = np.argsort(-margin.astype(np.float64), kind="stable")
+    return np.sort(order[:k]).astype(np.int64)
 
 
 def select_errors(pred: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -28,16 +28,16 @@ from advfeatures.config import ConfigError, ExperimentConfig, ModelStageConfig, 
 from advfeatures.seeds import model_seeds
 from storage.hashing import stage_key
 
-SCHEMA = {"dataset": 1, "model": 2, "construct": 2, "student": 2, "eval": 1, "run": 2}
+SCHEMA = {"dataset": 1, "model": 2, "construct": 2, "select": 1, "student": 2, "eval": 1, "run": 2}
 # Bumps (every key of a bumped stage, and so of everything downstream, changes):
 #   model 2, student 2: initial weights and data order seeded from the model's role and seed (no
 #     student shares the source's init); random numbers drawn on the CPU; amp in the key.
-#   construct 2: records (fooled, loss, norm) computed on the stored float16 images; per-row
-#     random start; amp in the key; shard_size/chunk_size out of the key.
+#   construct 2: records (fooled, loss, norm, and the new target margin) computed on the stored
+#     float16 images; per-row random start; amp in the key; shard_size/chunk_size out of the key.
 #   run 2: the table gains attack_success_t!=y.
 # store folder of each stage
-FOLDER = {"dataset": "datasets", "model": "models", "construct": "constructed", "student": "models",
-          "eval": "evals", "run": "runs"}
+FOLDER = {"dataset": "datasets", "model": "models", "construct": "constructed", "select": "constructed",
+          "student": "models", "eval": "evals", "run": "runs"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class StudentPlan:
     kind: str
     seed: int
     construct: StageSpec
+    """The set the student trains on: the PGD or errors set, or its margin selection."""
     student: StageSpec
     eval: StageSpec
 
@@ -81,13 +82,15 @@ class Plan:
     constructs: dict[str, StageSpec]
     students: list[StudentPlan]
     run: StageSpec
+    selections: dict[str, StageSpec] = field(default_factory=dict)
+    """kind -> the margin selection of that PGD set (construct.select < 1)."""
 
     def stages(self) -> list[StageSpec]:
         """Every stage once, in an order that respects dependencies."""
         out = [self.dataset, self.source, self.source_eval]
         if self.teacher is not None:
             out += [self.teacher, self.teacher_eval]
-        out += list(self.constructs.values())
+        out += list(self.constructs.values()) + list(self.selections.values())
         for s in self.students:
             out += [s.student, s.eval]
         out.append(self.run)
@@ -111,6 +114,11 @@ def construct_spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) ->
     return StageSpec("construct", {"kind": kind, "attack": to_plain(cfg.attack), "n_images": c.n_images,
                                    "seed": c.seed, "dtype": c.dtype, "amp": cfg.runtime.amp}, inputs,
                      options={"shard_size": c.shard_size, "chunk_size": c.chunk_size})
+
+
+def select_spec(cfg: ExperimentConfig, construct: StageSpec, source: StageSpec) -> StageSpec:
+    """The rows of a PGD set with the largest target margin under the source (construct.select)."""
+    return StageSpec("select", {"fraction": cfg.construct.select, "by": "target_margin"}, (construct.key, source.key))
 
 
 def student_spec(cfg: ExperimentConfig, kind: str, seed: int, construct: StageSpec, source: StageSpec) -> StageSpec:
@@ -142,15 +150,18 @@ def make_plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
     for kind in cfg.construct.sets:
         upstream = teacher.key if kind == "errors" else source.key
         constructs[kind] = construct_spec(cfg, kind, (ds.key, upstream))
+    selections = {kind: select_spec(cfg, spec, source) for kind, spec in constructs.items()
+                  if kind != "errors" and cfg.construct.select < 1}
     students = []
     for kind, cspec in constructs.items():
+        trained_on = selections.get(kind, cspec)
         for seed in cfg.student.seeds:
-            sspec = student_spec(cfg, kind, seed, cspec, source)
+            sspec = student_spec(cfg, kind, seed, trained_on, source)
             espec = StageSpec("eval", {"labels": "clean"}, (sspec.key, ds.key))
-            students.append(StudentPlan(kind, seed, cspec, sspec, espec))
+            students.append(StudentPlan(kind, seed, trained_on, sspec, espec))
     evals = [source_eval.key] + ([teacher_eval.key] if teacher_eval else []) + [s.eval.key for s in students]
     run = StageSpec("run", {"name": cfg.name}, tuple(evals))
-    return Plan(ds, source, source_eval, teacher, teacher_eval, constructs, students, run)
+    return Plan(ds, source, source_eval, teacher, teacher_eval, constructs, students, run, selections)
 
 
 def labels(plan: Plan) -> dict[str, str]:
@@ -160,6 +171,7 @@ def labels(plan: Plan) -> dict[str, str]:
     if plan.teacher is not None:
         out[plan.teacher.key] = out[plan.teacher_eval.key] = "teacher"
     out.update({s.key: kind for kind, s in plan.constructs.items()})
+    out.update({s.key: f"{kind} top {s.config['fraction']:g}" for kind, s in plan.selections.items()})
     for s in plan.students:
         out[s.student.key] = out[s.eval.key] = f"{s.kind} seed={s.seed}"
     return out

@@ -20,6 +20,7 @@ import yaml
 
 from advfeatures.config import ExperimentConfig
 from advfeatures.plan import Plan, StageSpec
+from advfeatures.stages import run_record
 from storage.store import Store, atomic_write_json, open_root
 
 # Clean test accuracy (%) reported for CIFAR-10: Ilyas et al. Table 1 (ResNet-50) and, for
@@ -139,7 +140,8 @@ def _write_run(store: Store, plan: Plan, cfg: ExperimentConfig, spec: StageSpec)
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         atomic_write_json(tmp / "plan.json", [s.as_dict() for s in plan.stages()])
         atomic_write_json(tmp / "manifest.json", store.manifest_body(
-            spec.folder, spec.key, spec.as_dict(), files=list(TABLE_FILES), seconds=round(time.perf_counter() - t0, 3)))
+            spec.folder, spec.key, spec.as_dict(), files=list(TABLE_FILES), seconds=round(time.perf_counter() - t0, 3),
+            **run_record(cfg.runtime)))
 
 
 def read_table(run_dir: Path) -> pd.DataFrame:

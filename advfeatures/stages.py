@@ -210,7 +210,7 @@ def train_student(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _
                              f"`advfeatures verify {construct_key} --repair`, then rerun to regenerate those shards")
     rows = A.read_rows(store.path("constructed", construct_key), names=("x", "y_target"))
     return _fit_and_save(store, spec, rows["x"], rows["y_target"], cman["num_classes"], rt, log,
-                         {"construct_kind": cman["stage"]["config"]["kind"]})
+                         {"construct_kind": spec.config["set"]})
 
 
 def load_model(store: Store, key: str, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -321,7 +321,7 @@ def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log
                          channels_last=rt.channels_last, amp_dtype=amp_dtype(spec.config["amp"]))
     attack_s = time.perf_counter() - t_attack
     rows = {"x": out["x"], "y_target": t[start:stop], "y_true": y[start:stop], "index": idx[start:stop],
-            "fooled": out["fooled"], "loss": out["loss"], "norm": out["norm"]}
+            "fooled": out["fooled"], "loss": out["loss"], "norm": out["norm"], "margin": out["margin"]}
     marker = A.write_shard(path, layout, shard, rows, seconds=time.perf_counter() - t0, attack_seconds=attack_s,
                            meta=run_record(rt, device))
     log(f"construct {spec.config['kind']} {spec.key} shard {shard + 1}/{layout.num_shards}: rows {start}:{stop}, "
@@ -368,6 +368,28 @@ def generate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet
     return finalize_construct(store, spec)
 
 
+# --- margin selection ----------------------------------------------------------------------------------
+
+@_once
+def select_rows(store: Store, spec: StageSpec, rt: RuntimeConfig | None = None, log: Log = _quiet) -> str:
+    """The ``fraction`` of a PGD set's rows with the largest target margin under the source (the
+    ``margin`` record, computed on the stored images), in their original order, as a set of its own."""
+    (construct_key, _source_key), fraction = spec.inputs, spec.config["fraction"]
+    t0 = time.perf_counter()
+    cman = store.manifest("constructed", construct_key)
+    rows = A.read_rows(store.path("constructed", construct_key))
+    keep = C.select_by_margin(rows["margin"], fraction)
+    kept = {k: v[keep] for k, v in rows.items()}
+    summary = {**attack_summary(kept), "fraction": fraction, "n_parent": int(len(rows["margin"])),
+               "min_margin_kept": float(kept["margin"].min()),
+               "attack_success_parent": cman["summary"]["attack_success"]}
+    save_set(store, spec, kept, cman["classes"], summary, run_record(rt), t0, parent=construct_key,
+             seeds=cman.get("seeds", {}))
+    log(f"selected {len(keep)} of {len(rows['margin'])} rows of {construct_key} by target margin "
+        f"(>= {summary['min_margin_kept']:.3f}); fooled {summary['attack_success']:.3f}")
+    return spec.key
+
+
 # --- constructed sets: errors (Wallace) --------------------------------------------------------------
 
 def save_set(store: Store, spec: StageSpec, rows: dict[str, np.ndarray], classes: list[str],
@@ -402,11 +424,12 @@ def build_errors(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _q
                          "is empty; train it less (teacher.train.epochs)")
     n = len(idx)
     rows = {"x": x[idx], "y_target": labels, "y_true": y[idx], "index": idx, "fooled": np.ones(n, bool),
-            "loss": np.zeros(n, np.float32), "norm": np.zeros(n, np.float32)}
+            "loss": np.zeros(n, np.float32), "norm": np.zeros(n, np.float32),
+            "margin": np.zeros(n, np.float32)}
     summary = {"n": n, "teacher_train_error": n / len(y), "attack_success": float("nan"),
                "attack_success_t_ne_y": float("nan"), "share_target_is_true": 0.0}
     save_set(store, spec, rows, info["classes"], summary, run_record(rt, device), t0,
-             records_note="fooled/loss/norm do not apply: images are unmodified")
+             records_note="fooled/loss/norm/margin do not apply: images are unmodified")
     log(f"errors set {spec.key}: teacher wrong on {n} of {len(y)} training images")
     return spec.key
 

@@ -161,6 +161,8 @@ def replicate(profile: str = "demo", overrides: list[str] | None = None, data: s
             run_stage(T.finalize_set, spec, root)  # sealed already: Cached, no generation subflow
         else:
             _generate(spec, root, rt)
+    for spec in plan.selections.values():
+        run_stage(T.select_set, spec, root, rt)
     for s in plan.students:
         run_stage(T.train_student, s.student, root, rt)
         run_stage(T.evaluate, s.eval, root, rt)

@@ -9,7 +9,7 @@ Dataset group ``datasets/<key>/``::
 Constructed group ``constructed/<key>/``::
 
     x (N,3,H,W) float16|float32|uint8   y_target, y_true, index (N,) int64
-    fooled (N,) bool   loss (N,) float32   norm (N,) float32
+    fooled (N,) bool   loss (N,) float32   norm (N,) float32   margin (N,) float32
     _shards/<i>.json   completion marker of shard i: rows, count, sha256 of its rows, seconds,
                        the host and pid that wrote it
 
@@ -35,7 +35,7 @@ from storage.store import StoreError, atomic_write_json, open_root, read_json
 
 CONSTRUCTED_FIELDS: dict[str, str] = {  # name -> dtype (x's dtype is chosen per set)
     "y_target": "int64", "y_true": "int64", "index": "int64",
-    "fooled": "bool", "loss": "float32", "norm": "float32",
+    "fooled": "bool", "loss": "float32", "norm": "float32", "margin": "float32",
 }
 SHARDS_DIR = "_shards"
 

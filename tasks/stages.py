@@ -135,6 +135,11 @@ def build_errors(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> st
     return stages.build_errors(Store(store_root), spec, runtime, _log)
 
 
+@task(name="select-set", task_run_name="select-{spec.key}", **_cached)
+def select_set(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
+    return stages.select_rows(Store(store_root), spec, runtime, _log)
+
+
 @task(name="train-student", task_run_name="train-student-{spec.key}", **_cached)
 def train_student(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
     return stages.train_student(Store(store_root), spec, runtime, _log)

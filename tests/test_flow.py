@@ -101,6 +101,17 @@ def test_attack_change_recomputes_generation_not_source(first, tiny_tar):
     assert sum(1 for s, _ in computed if s == "student") == 3
 
 
+def test_margin_selection_is_a_cached_stage_over_the_pgd_sets(first, tiny_tar):
+    store, _ = first
+    out = replicate(profile="tiny", overrides=["construct.select=0.4"], data=str(tiny_tar), store=str(store))
+    computed = _computed(out)
+    assert [w for s, w in computed if s == "select"] == ["det top 0.4", "other top 0.4", "rand top 0.4"]
+    assert not any(s in ("model", "construct") for s, _ in computed)  # sources and PGD sets reused
+    assert sum(1 for s, _ in computed if s == "student") == 3  # errors students reused too
+    df = pd.read_csv(store / "runs" / out["run_key"] / "table.csv")
+    assert list(df.loc[df["set"].isin(["rand", "other", "det"]), "n_train"]) == [48, 48, 48]
+
+
 def test_cli_show_config_prints_every_key(tiny_tar, capsys):
     assert cli_main(["show-config", "--profile", "tiny", "--data", str(tiny_tar)]) == 0
     text = capsys.readouterr().out

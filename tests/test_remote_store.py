@@ -53,7 +53,7 @@ def test_url_store_shards_roundtrip_and_detect_corruption():
         n = 5
         rows = {"x": rng.random((n, 3, 2, 2)).astype("float16"), "y_target": np.arange(n), "y_true": np.arange(n),
                 "index": np.arange(n) + 5 * i, "fooled": np.ones(n, bool), "loss": np.zeros(n, "float32"),
-                "norm": np.ones(n, "float32")}
+                "norm": np.ones(n, "float32"), "margin": np.ones(n, "float32")}
         A.write_shard(path, layout, i, rows, seconds=0.1)
     markers = A.read_markers(path, layout)
     assert [m["count"] for m in markers] == [5, 5] and A.verify_shards(path, markers) == []

@@ -48,7 +48,7 @@ def _set(st, plan, name, x, y_target, y_true):
     n = len(y_target)
     rows = {"x": x, "y_target": y_target.astype(np.int64), "y_true": y_true.astype(np.int64),
             "index": np.arange(n, dtype=np.int64), "fooled": np.zeros(n, bool),
-            "loss": np.zeros(n, np.float32), "norm": np.zeros(n, np.float32)}
+            "loss": np.zeros(n, np.float32), "norm": np.zeros(n, np.float32), "margin": np.zeros(n, np.float32)}
     stages.save_set(st, spec, rows, S.CLASSES, {"n": n}, stages.run_record(None), time.perf_counter())
     return spec
 

@@ -60,6 +60,10 @@ def test_pgd_sets_obey_their_definition(built, tiny_arrays, kind):
         logits = source(torch.from_numpy(r["x"].astype(np.float32)))
     loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(r["y_target"]), reduction="none").numpy()
     assert np.array_equal(r["fooled"], logits.argmax(1).numpy() == r["y_target"])
+    lt = logits.gather(1, torch.from_numpy(r["y_target"])[:, None])[:, 0]
+    others = logits.scatter(1, torch.from_numpy(r["y_target"])[:, None], -1e9).amax(1)
+    assert np.allclose(r["margin"], (lt - others).numpy(), atol=1e-5)
+    assert np.array_equal(r["margin"] > 0, r["fooled"])
     assert np.allclose(r["loss"], loss, rtol=1e-5, atol=1e-6)
     assert np.allclose(r["norm"], norms, rtol=1e-6, atol=1e-6)
     man = st.manifest("constructed", spec.key)
@@ -187,3 +191,27 @@ def test_compiled_model_gives_the_same_results(tmp_path, tiny_tar):
     assert np.allclose(r0["x"].astype(np.float32), r1["x"].astype(np.float32), atol=1e-2)
     assert np.allclose(r0["norm"], r1["norm"], atol=1e-2) and r0["norm"].mean() > 0.1
     assert np.array_equal(r0["y_target"], r1["y_target"])
+
+
+def test_margin_selection_keeps_the_largest_margin_rows_and_nothing_else(built):
+    cfg, st, plan = built
+    cfg2 = resolve("tiny", ["construct.select=0.4"], data=cfg.data.source, store=str(st.root))
+    plan2 = make_plan(cfg2, plan.dataset.config["source_sha256"])
+    assert plan2.constructs == plan.constructs  # the PGD sets are reused, not rebuilt
+    spec = plan2.selections["rand"]
+    assert set(plan2.selections) == {"rand", "other", "det"}  # not errors
+    assert next(s for s in plan2.students if s.kind == "rand").construct == spec
+    stages.select_rows(st, spec, cfg2.runtime)
+    parent = A.read_rows(st.path("constructed", plan.constructs["rand"].key))
+    kept = A.read_rows(st.path("constructed", spec.key))
+    n = len(parent["margin"])
+    assert len(kept["margin"]) == int(np.ceil(0.4 * n)) == 48
+    idx = np.flatnonzero(np.isin(parent["index"], kept["index"]))
+    assert all(np.array_equal(parent[k][idx], kept[k]) for k in parent)  # whole rows, original order
+    dropped = np.setdiff1d(np.arange(n), idx)
+    assert kept["margin"].min() >= parent["margin"][dropped].max()
+    man = st.manifest("constructed", spec.key)
+    assert man["stage"]["config"]["fraction"] == 0.4 and man["parent"] == plan.constructs["rand"].key
+    assert man["summary"]["attack_success"] == pytest.approx(kept["fooled"].mean())
+    assert make_plan(resolve("tiny", ["construct.select=0.5"]), "0" * 64).selections["rand"].key != \
+        make_plan(resolve("tiny", ["construct.select=0.4"]), "0" * 64).selections["rand"].key

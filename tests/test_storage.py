@@ -17,7 +17,7 @@ def _rows(layout, i, fill):
     k = e - s
     return {"x": np.full((k, 3, 4, 4), fill, np.float32), "y_target": np.arange(s, e), "y_true": np.arange(s, e),
             "index": np.arange(s, e), "fooled": np.ones(k, bool), "loss": np.zeros(k, np.float32),
-            "norm": np.full(k, fill, np.float32)}
+            "norm": np.full(k, fill, np.float32), "margin": np.full(k, fill, np.float32)}
 
 
 def _chunk_files(path):
