@@ -107,12 +107,20 @@ def attack_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, atta
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def select_by_margin(margin: np.ndarray, fraction: float) -> np.ndarray:
-    """Sorted indices of the ceil(fraction * N) rows with the largest margin (ties: lower index)."""
-    n = len(margin)
-    k = max(1, int(np.ceil(fraction * n - 1e-9)))
-    order = np.argsort(-margin.astype(np.float64), kind="stable")
-    return np.sort(order[:k]).astype(np.int64)
+def select_by_margin(margin: np.ndarray, fraction: float, strata: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of the rows with the largest margin: ceil(fraction * n) of the n rows of each
+    stratum (ties: lower index). For rand the strata are t = y and t != y: rows whose target is
+    their own label have large margins without any attack, and a selection over all rows would
+    raise their share (measured: 9.9% -> 24.3% at fraction 0.4), training students on more
+    correctly labelled clean images; per stratum, the share stays what it was."""
+    strata = np.zeros(len(margin), bool) if strata is None else np.asarray(strata)
+    keep = []
+    for s in np.unique(strata):
+        rows = np.flatnonzero(strata == s)
+        k = max(1, int(np.ceil(fraction * len(rows) - 1e-9)))
+        order = np.argsort(-margin[rows].astype(np.float64), kind="stable")
+        keep.append(rows[order[:k]])
+    return np.sort(np.concatenate(keep)).astype(np.int64)
 
 
 def select_errors(pred: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

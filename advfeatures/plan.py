@@ -118,7 +118,8 @@ def construct_spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) ->
 
 def select_spec(cfg: ExperimentConfig, construct: StageSpec, source: StageSpec) -> StageSpec:
     """The rows of a PGD set with the largest target margin under the source (construct.select)."""
-    return StageSpec("select", {"fraction": cfg.construct.select, "by": "target_margin"}, (construct.key, source.key))
+    return StageSpec("select", {"fraction": cfg.construct.select, "by": "target_margin", "strata": "t==y"},
+                     (construct.key, source.key))
 
 
 def student_spec(cfg: ExperimentConfig, kind: str, seed: int, construct: StageSpec, source: StageSpec) -> StageSpec:

@@ -4,7 +4,8 @@ One row per (set, model, seed): the source (trained on D), the teacher of `error
 student. Accuracies are on the original, clean test set, in percent, with a 95% Wilson interval;
 ``vs_chance`` says whether that interval lies above or below chance (1/C) or contains it.
 ``attack_success`` is the source's fooling rate on the stored images, over all rows and over the
-rows whose target differs from the true label. ``init`` is a short hash of the model's initial
+rows whose target differs from the true label; ``share_t=y`` is the share of rows whose target is
+their own label (about 1/C for rand, 0 for the others). ``init`` is a short hash of the model's initial
 weights: the Markdown table says whether any two models of the run share them.
 """
 
@@ -51,6 +52,7 @@ def _row(store: Store, set_name: str, model_spec: StageSpec, eval_spec: StageSpe
         "n_train": summary["n"] if construct else man["n_train"], "init": man.get("init_sha256", "")[:8],
         "attack_success_%": _pct(summary.get("attack_success")),
         "attack_success_t≠y_%": _pct(summary.get("attack_success_t_ne_y")),
+        "share_t=y_%": _pct(summary.get("share_target_is_true")),
         "acc_xy_%": _pct(m["acc_xy"]), "ci95_lo_%": _pct(m["ci95_xy"][0]), "ci95_hi_%": _pct(m["ci95_xy"][1]),
         "acc_xy+1_%": _pct(m["acc_xy1"]), "vs_chance": _vs_chance(m["ci95_xy"], m["chance"]),
         "chance_%": _pct(m["chance"]), "paper_%": PAPER.get(set_name.split()[0], float("nan")),

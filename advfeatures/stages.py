@@ -373,12 +373,14 @@ def generate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet
 @_once
 def select_rows(store: Store, spec: StageSpec, rt: RuntimeConfig | None = None, log: Log = _quiet) -> str:
     """The ``fraction`` of a PGD set's rows with the largest target margin under the source (the
-    ``margin`` record, computed on the stored images), in their original order, as a set of its own."""
+    ``margin`` record, computed on the stored images), in their original order, as a set of its own.
+    The fraction is taken separately among rows with t = y and t != y, so selection does not change
+    their shares (rand)."""
     (construct_key, _source_key), fraction = spec.inputs, spec.config["fraction"]
     t0 = time.perf_counter()
     cman = store.manifest("constructed", construct_key)
     rows = A.read_rows(store.path("constructed", construct_key))
-    keep = C.select_by_margin(rows["margin"], fraction)
+    keep = C.select_by_margin(rows["margin"], fraction, strata=rows["y_target"] == rows["y_true"])
     kept = {k: v[keep] for k, v in rows.items()}
     summary = {**attack_summary(kept), "fraction": fraction, "n_parent": int(len(rows["margin"])),
                "min_margin_kept": float(kept["margin"].min()),

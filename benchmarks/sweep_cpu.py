@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FIELDS = ["lever", "profile", "overrides", "date", "run_wall_s", "set", "model", "seed", "n_train",
-          "attack_success_%", "attack_success_t≠y_%", "acc_xy_%", "ci95_lo_%", "ci95_hi_%", "acc_xy+1_%",
-          "source_acc_%", "model_s", "set_s", "computed", "run_key"]
+          "attack_success_%", "attack_success_t≠y_%", "share_t=y_%", "acc_xy_%", "ci95_lo_%", "ci95_hi_%", "acc_xy+1_%",
+          "source_acc_%", "model_s", "set_s", "computed", "run_key", "note"]
 
 
 def set_seconds(store, key) -> float:
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lever", required=True, help="a short name for this point")
     p.add_argument("--set", action="append", default=[], dest="overrides")
     p.add_argument("--out", default=str(ROOT / "results" / "cpu" / "sweep.csv"))
+    p.add_argument("--note", default="", help="free text stored with every row of this point")
+    p.add_argument("--since", type=float, default=0.0,
+                   help="count models made up to this many seconds before the start as computed by this point")
     a = p.parse_args(argv)
 
     from storage.store import Store
@@ -55,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         return proc.returncode
-    run_dir = next(line.split("run folder:", 1)[1].strip() for line in proc.stdout.splitlines()
-                   if "run folder:" in line)
+    text = proc.stdout + proc.stderr  # Prefect's print logging may go to either
+    run_dir = next(line.split("run folder:", 1)[1].strip() for line in text.splitlines() if "run folder:" in line)
     import pandas as pd
 
     st = Store(a.store)
@@ -71,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             w.writeheader()
         for r in table.to_dict("records"):
             man = st.manifest("models", r["model_key"])
-            computed = pd.Timestamp(man["created"]).timestamp() >= started
+            computed = pd.Timestamp(man["created"]).timestamp() >= started - a.since
             w.writerow({"lever": a.lever, "profile": a.profile, "overrides": " ".join(a.overrides),
                         "date": time.strftime("%Y-%m-%d"), "run_wall_s": round(wall, 1),
                         **{k: r.get(k) for k in FIELDS if k in r},
                         "model_s": round(float(man.get("seconds", float("nan"))), 1),
                         "set_s": round(set_seconds(st, r.get("construct_key")), 1),
-                        "computed": computed, "run_key": Path(run_dir).name})
-    print(proc.stdout[proc.stdout.find("| set"):proc.stdout.find("run folder:")])
+                        "computed": computed, "run_key": Path(run_dir).name, "note": a.note})
+    print(text[text.find("| set"):text.find("run folder:")])
     print(f"{a.lever}: {wall:.0f} s wall; rows appended to {out}")
     return 0
 

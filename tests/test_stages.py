@@ -205,11 +205,16 @@ def test_margin_selection_keeps_the_largest_margin_rows_and_nothing_else(built):
     parent = A.read_rows(st.path("constructed", plan.constructs["rand"].key))
     kept = A.read_rows(st.path("constructed", spec.key))
     n = len(parent["margin"])
-    assert len(kept["margin"]) == int(np.ceil(0.4 * n)) == 48
     idx = np.flatnonzero(np.isin(parent["index"], kept["index"]))
     assert all(np.array_equal(parent[k][idx], kept[k]) for k in parent)  # whole rows, original order
-    dropped = np.setdiff1d(np.arange(n), idx)
-    assert kept["margin"].min() >= parent["margin"][dropped].max()
+    same = parent["y_target"] == parent["y_true"]
+    for stratum in (same, ~same):  # t = y and t != y: the top 40% of each, by margin
+        rows = np.flatnonzero(stratum)
+        k = int(np.ceil(0.4 * len(rows)))
+        kept_here, dropped = np.intersect1d(idx, rows), np.setdiff1d(rows, idx)
+        assert len(kept_here) == k and len(rows) > k
+        assert parent["margin"][kept_here].min() >= parent["margin"][dropped].max()
+    assert len(idx) < n
     man = st.manifest("constructed", spec.key)
     assert man["stage"]["config"]["fraction"] == 0.4 and man["parent"] == plan.constructs["rand"].key
     assert man["summary"]["attack_success"] == pytest.approx(kept["fooled"].mean())
