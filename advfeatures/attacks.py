@@ -111,12 +111,14 @@ def frozen_eval(model: nn.Module):
 def pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, threat, steps: int, step_size: float,
         use_best: bool = True, random_start: bool = False,
         generator: torch.Generator | None = None, amp_dtype: torch.dtype | None = None,
-        start: torch.Tensor | None = None) -> PGDResult:
+        start: torch.Tensor | None = None, fp32_records: bool = True) -> PGDResult:
     """Targeted PGD on a batch. ``x`` (B,C,H,W) in [0, 1]; ``target`` (B,) int64 class indices.
 
     The first iterate is x, or with ``random_start`` x plus a random point of the threat ball drawn
     with ``generator``, or x plus ``start`` (B,C,H,W) when given (projected, clamped to [0, 1]):
-    callers that need per-row randomness independent of the batch pass ``start``."""
+    callers that need per-row randomness independent of the batch pass ``start``.
+    With ``amp_dtype``, loss and fooled are recomputed in fp32 at the end unless ``fp32_records``
+    is False (for callers that compute their own records, e.g. on the images as stored)."""
     x0 = x.detach().float()
     target = target.to(x0.device)
     if start is None and random_start:
@@ -152,7 +154,7 @@ def pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, threat, steps: 
             if not last:
                 stepped = threat.step(xa.detach(), grad, step_size)
                 xa = (x0 + threat.project(stepped - x0)).clamp(0, 1)
-        if amp_dtype is not None:  # the records must not depend on low-precision logits
+        if amp_dtype is not None and fp32_records:  # the records must not depend on low-precision logits
             with torch.no_grad():
                 logits = model(best_x).float()
             best_loss = F.cross_entropy(logits, target, reduction="none")

@@ -99,7 +99,7 @@ def attack_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, atta
         if attack.random_start:
             start = random_starts(threat, tuple(xb.shape[1:]), seed, rows[s:s + batch_size]).to(device)
         r = pgd(model, xb, tb, threat, attack.steps, attack.step_size, use_best=attack.use_best,
-                start=start, amp_dtype=amp_dtype)
+                start=start, amp_dtype=amp_dtype, fp32_records=False)  # records: on the stored images, below
         xs, rec = stored_records(model, xb, r.x, tb, threat, sdtype)
         out["x"].append(xs.to(sdtype).contiguous().cpu().numpy())
         for k, v in rec.items():

@@ -34,7 +34,7 @@ SCHEMA = {"dataset": 1, "model": 2, "construct": 2, "select": 1, "student": 2, "
 #     student shares the source's init); random numbers drawn on the CPU; amp in the key.
 #   construct 2: records (fooled, loss, norm, and the new target margin) computed on the stored
 #     float16 images; per-row random start; amp in the key; shard_size/chunk_size out of the key.
-#   run 2: the table gains attack_success_t!=y.
+#   run 2: the table gains init, attack_success_t!=y and share_t=y.
 # store folder of each stage
 FOLDER = {"dataset": "datasets", "model": "models", "construct": "constructed", "select": "constructed",
           "student": "models", "eval": "evals", "run": "runs"}

@@ -49,7 +49,7 @@ def _row(store: Store, set_name: str, model_spec: StageSpec, eval_spec: StageSpe
     summary = (construct or {}).get("summary", {})
     return {
         "set": set_name, "model": model_spec.config["model"]["arch"], "seed": man["seeds"]["train"],
-        "n_train": summary["n"] if construct else man["n_train"], "init": man.get("init_sha256", "")[:8],
+        "n_train": man["n_train"], "init": man.get("init_sha256", "")[:8],
         "attack_success_%": _pct(summary.get("attack_success")),
         "attack_success_t≠y_%": _pct(summary.get("attack_success_t_ne_y")),
         "share_t=y_%": _pct(summary.get("share_target_is_true")),

@@ -199,16 +199,22 @@ def train_model(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _qu
     return _fit_and_save(store, spec, x, y, len(classes), rt, log, {})
 
 
+def verified_set(store: Store, key: str, names: tuple[str, ...] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """A constructed set's manifest and rows (``names``, default all), after re-checking every
+    shard against its marker's checksum: a corrupt set raises instead of feeding a later stage."""
+    cman = store.manifest("constructed", key)
+    problems = A.verify_shards(store.path("constructed", key), cman["shards"])
+    if problems:
+        raise IntegrityError(f"constructed/{key} is corrupt ({_describe(problems)}); run "
+                             f"`advfeatures verify {key} --repair`, then rerun to regenerate those shards")
+    return cman, A.read_rows(store.path("constructed", key), names=names)
+
+
 @_once
 def train_student(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = _quiet) -> str:
     """A fresh model trained only on the constructed set ``spec.inputs[0]`` (x, y_target)."""
     (construct_key,) = spec.inputs
-    cman = store.manifest("constructed", construct_key)
-    problems = A.verify_shards(store.path("constructed", construct_key), cman["shards"])
-    if problems:
-        raise IntegrityError(f"constructed/{construct_key} is corrupt ({_describe(problems)}); run "
-                             f"`advfeatures verify {construct_key} --repair`, then rerun to regenerate those shards")
-    rows = A.read_rows(store.path("constructed", construct_key), names=("x", "y_target"))
+    cman, rows = verified_set(store, construct_key, names=("x", "y_target"))
     return _fit_and_save(store, spec, rows["x"], rows["y_target"], cman["num_classes"], rt, log,
                          {"construct_kind": spec.config["set"]})
 
@@ -378,8 +384,7 @@ def select_rows(store: Store, spec: StageSpec, rt: RuntimeConfig | None = None, 
     their shares (rand)."""
     (construct_key, _source_key), fraction = spec.inputs, spec.config["fraction"]
     t0 = time.perf_counter()
-    cman = store.manifest("constructed", construct_key)
-    rows = A.read_rows(store.path("constructed", construct_key))
+    cman, rows = verified_set(store, construct_key)
     keep = C.select_by_margin(rows["margin"], fraction, strata=rows["y_target"] == rows["y_true"])
     kept = {k: v[keep] for k, v in rows.items()}
     summary = {**attack_summary(kept), "fraction": fraction, "n_parent": int(len(rows["margin"])),

@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
 
     st = Store(a.store)
     table = pd.read_csv(Path(run_dir) / "table.csv")
-    started = t0
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     new = not out.exists()
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             w.writeheader()
         for r in table.to_dict("records"):
             man = st.manifest("models", r["model_key"])
-            computed = pd.Timestamp(man["created"]).timestamp() >= started - a.since
+            computed = pd.Timestamp(man["created"]).timestamp() >= t0 - a.since
             w.writerow({"lever": a.lever, "profile": a.profile, "overrides": " ".join(a.overrides),
                         "date": time.strftime("%Y-%m-%d"), "run_wall_s": round(wall, 1),
                         **{k: r.get(k) for k in FIELDS if k in r},

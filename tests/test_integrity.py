@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from advfeatures import stages
+from advfeatures.config import resolve
 from conftest import build
 from flows.cli import main as cli_main
 from storage import arrays as A
@@ -46,6 +47,12 @@ def test_corrupt_chunk_is_detected_repaired_and_regenerated(made, damage, capsys
     with pytest.raises(IntegrityError, match="verify .* --repair"):
         stages.train_student(st, student, cfg.runtime)
     assert not st.is_complete("models", student.key)
+    from advfeatures.plan import select_spec
+
+    selection = select_spec(resolve("tiny", ["construct.select=0.5"]), spec, plan.source)
+    with pytest.raises(IntegrityError, match="verify .* --repair"):  # nor is a selection made of it
+        stages.select_rows(st, selection, cfg.runtime)
+    assert not st.is_complete("constructed", selection.key)
     assert cli_main(["verify", spec.key, "--store", str(st.root)]) == 1
     assert "CORRUPT" in capsys.readouterr().out
     marker0 = A.marker_path(path, 0).stat().st_mtime_ns
