@@ -160,6 +160,12 @@ class ConstructConfig:
     image), taken separately among rows with t = y and t != y so their shares do not change.
     1 = every row (no selection stage). A public replication: the top 40% of D_other gave 78.2%
     against 66.0% for the whole set."""
+    augment_copies: int = 0
+    """Augmentation-aware PGD: 0 = attack each image as it is (one row per image); k >= 1 = attack
+    k fixed random crops (zero padding 4) + horizontal flips of each image, every copy stored as a
+    row of its own (an image's copies are consecutive rows, all with its target). The crop and flip
+    of copy j of image i come from the set's seed, i and j. A public replication: attacking several
+    augmented copies and training students without augmentation gave 74.7% against 67.3% on D_other."""
 
     def __post_init__(self):
         bad = [s for s in self.sets if s not in SET_KINDS]
@@ -170,6 +176,8 @@ class ConstructConfig:
         _check(self.shard_size % self.chunk_size == 0,
                f"construct.shard_size={self.shard_size} must be a multiple of construct.chunk_size="
                f"{self.chunk_size} so that no two shards write the same Zarr chunk")
+        _check(self.augment_copies >= 0, f"construct.augment_copies={self.augment_copies} must be >= 0 "
+               "(0 = no augmentation; k = k augmented copies of each image)")
         _check(0 < self.select <= 1, f"construct.select={self.select} must be in (0, 1]: the fraction of rows kept")
         _check(self.dtype in ("float16", "float32"),
                f"construct.dtype={self.dtype!r}; choose float16 or float32 (uint8 would add ~0.06 L2 noise)")

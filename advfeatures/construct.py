@@ -46,10 +46,44 @@ def make_targets(kind: str, y: np.ndarray, num_classes: int, seed: int) -> np.nd
 
 def random_starts(threat, shape: tuple[int, ...], seed: int, rows: np.ndarray) -> torch.Tensor:
     """One random start per row (len(rows), *shape), each drawn on the CPU from
-    derive_seed("start", seed, row): the same for a row whatever shard or batch it falls in."""
+    derive_seed("start", seed, *row): the same for a row whatever shard or batch it falls in.
+    ``rows`` is (N,) image indices, or (N, 2) (image index, copy) for augmented copies."""
     out = torch.empty((len(rows), *shape))
     for i, r in enumerate(rows):
-        out[i] = threat.random_start(torch.zeros(1, *shape), cpu_generator(derive_seed("start", seed, int(r))))[0]
+        parts = [int(v) for v in np.atleast_1d(r)]
+        out[i] = threat.random_start(torch.zeros(1, *shape), cpu_generator(derive_seed("start", seed, *parts)))[0]
+    return out
+
+
+def copy_rows(idx: np.ndarray, copies: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a set with ``copies`` augmented copies per image (0 = none, one row per image):
+    (image index, copy number) per row, an image's copies consecutive."""
+    if copies <= 0:
+        return np.asarray(idx, np.int64), np.zeros(len(idx), np.int64)
+    return np.repeat(idx, copies).astype(np.int64), np.tile(np.arange(copies, dtype=np.int64), len(idx))
+
+
+def copy_params(seed: int, idx: np.ndarray, copy: np.ndarray, pad: int = 4) -> np.ndarray:
+    """(N, 3) int: crop offsets (oy, ox) in [0, 2*pad] and flip (0/1) of each augmented copy, drawn
+    on the CPU from derive_seed("copy", seed, image index, copy)."""
+    out = np.empty((len(idx), 3), np.int64)
+    for n, (i, j) in enumerate(zip(idx, copy)):
+        g = cpu_generator(derive_seed("copy", seed, int(i), int(j)))
+        out[n, :2] = torch.randint(0, 2 * pad + 1, (2,), generator=g).numpy()
+        out[n, 2] = int(torch.rand(1, generator=g).item() < 0.5)
+    return out
+
+
+def crop_flip(images: np.ndarray, params: np.ndarray, pad: int = 4) -> np.ndarray:
+    """Apply (oy, ox, flip) per image to (N, C, H, W) images: a crop of the image zero-padded by
+    ``pad``, then a horizontal flip where flip = 1 (the training augmentation crop_flip, fixed)."""
+    n, c, h, w = images.shape
+    padded = np.zeros((n, c, h + 2 * pad, w + 2 * pad), images.dtype)
+    padded[:, :, pad:pad + h, pad:pad + w] = images
+    out = np.empty_like(images)
+    for k, (oy, ox, flip) in enumerate(params):
+        crop = padded[k, :, oy:oy + h, ox:ox + w]
+        out[k] = crop[:, :, ::-1] if flip else crop
     return out
 
 

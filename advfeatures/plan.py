@@ -9,7 +9,8 @@ can change a result and nothing else:
 
 - models and students: their role in the plan, architecture, training recipe, the seeds derived
   from role and seed (initial weights; data order + augmentation), and ``runtime.amp``;
-- PGD sets: kind, attack, subset size, seed, storage dtype and ``runtime.amp``. How a set is cut
+- PGD sets: kind, attack, subset size, seed, storage dtype, ``runtime.amp`` and, when on, the
+  number of augmented copies per image. How a set is cut
   into shards and chunks (``construct.shard_size``/``chunk_size``) is an execution option
   (``StageSpec.options``), not in the key: a row's content does not depend on it.
 
@@ -35,6 +36,8 @@ SCHEMA = {"dataset": 1, "model": 2, "construct": 2, "select": 1, "student": 2, "
 #   construct 2: records (fooled, loss, norm, and the new target margin) computed on the stored
 #     float16 images; per-row random start; amp in the key; shard_size/chunk_size out of the key.
 #   run 2: the table gains init, attack_success_t!=y and share_t=y.
+# A setting added later whose default reproduces the old result is keyed only when set away from
+# its default (construct.augment_copies), so existing keys stay valid without a bump.
 # store folder of each stage
 FOLDER = {"dataset": "datasets", "model": "models", "construct": "constructed", "select": "constructed",
           "student": "models", "eval": "evals", "run": "runs"}
@@ -111,8 +114,11 @@ def construct_spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) ->
     c = cfg.construct
     if kind == "errors":  # the whole training set through the teacher; images are not modified
         return StageSpec("construct", {"kind": "errors"}, inputs)
-    return StageSpec("construct", {"kind": kind, "attack": to_plain(cfg.attack), "n_images": c.n_images,
-                                   "seed": c.seed, "dtype": c.dtype, "amp": cfg.runtime.amp}, inputs,
+    config = {"kind": kind, "attack": to_plain(cfg.attack), "n_images": c.n_images, "seed": c.seed,
+              "dtype": c.dtype, "amp": cfg.runtime.amp}
+    if c.augment_copies:  # keyed only when on, so the keys of sets without copies stay as they were
+        config["augment_copies"] = c.augment_copies
+    return StageSpec("construct", config, inputs,
                      options={"shard_size": c.shard_size, "chunk_size": c.chunk_size})
 
 

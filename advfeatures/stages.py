@@ -277,16 +277,35 @@ class PGDSet:
     t: np.ndarray  # (N,) targets
     layout: A.Layout
     num_classes: int
+    copy: np.ndarray | None = None  # (N,) augmented copy number of each row (construct.augment_copies)
+    seed: int = 0  # the set's seed: subset, targets, random starts, copies' crops and flips
+
+    def images(self, store: Store, dataset_key: str, start: int, stop: int) -> np.ndarray:
+        """The clean images that rows start:stop attack (uint8; each copy cropped and flipped)."""
+        uniq, inverse = np.unique(self.idx[start:stop], return_inverse=True)
+        block = A.read_images(store.path("datasets", dataset_key), "train", uniq)[inverse]
+        if self.copy is None:
+            return block
+        return C.crop_flip(block, C.copy_params(self.seed, self.idx[start:stop], self.copy[start:stop]))
+
+    def start_ids(self, start: int, stop: int) -> np.ndarray:
+        """What a row's random start is drawn from: its image index (and copy number)."""
+        if self.copy is None:
+            return self.idx[start:stop]
+        return np.stack([self.idx[start:stop], self.copy[start:stop]], 1)
 
 
 def pgd_set(store: Store, spec: StageSpec) -> PGDSet:
     dataset_key, cfg = spec.inputs[0], spec.config
     info = dataset_info(store, dataset_key)
     y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
-    idx = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
-    y = y_all[idx]
-    t = C.make_targets(cfg["kind"], y, len(info["classes"]), cfg["seed"])
-    return PGDSet(idx, y, t, _layout(store, spec, len(idx), info["image_shape"]), len(info["classes"]))
+    images = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
+    t_images = C.make_targets(cfg["kind"], y_all[images], len(info["classes"]), cfg["seed"])
+    copies = cfg.get("augment_copies", 0)
+    idx, copy = C.copy_rows(images, copies)
+    t = np.repeat(t_images, max(copies, 1))  # every copy of an image has the image's target
+    return PGDSet(idx, y_all[idx], t, _layout(store, spec, len(idx), info["image_shape"]), len(info["classes"]),
+                  copy if copies else None, cfg["seed"])
 
 
 def prepare_construct(store: Store, spec: StageSpec) -> list[int]:
@@ -318,12 +337,12 @@ def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log
     s = pgd_set(store, spec)
     idx, y, t, layout = s.idx, s.y, s.t, s.layout
     start, stop = layout.rows(shard)
-    block = A.read_images(store.path("datasets", spec.inputs[0]), "train", idx[start:stop])  # (S,C,H,W) uint8
+    block = s.images(store, spec.inputs[0], start, stop)  # (S,C,H,W) uint8
     model = load_model(store, spec.inputs[1], device)
     attack = build_config(AttackConfig, spec.config["attack"], "attack")
     t_attack = time.perf_counter()
     out = C.attack_block(compiled(model, rt), block, t[start:stop], attack, device, rt.attack_batch_size,
-                         seed=spec.config["seed"], rows=idx[start:stop], store_dtype=layout.x_dtype,
+                         seed=spec.config["seed"], rows=s.start_ids(start, stop), store_dtype=layout.x_dtype,
                          channels_last=rt.channels_last, amp_dtype=amp_dtype(spec.config["amp"]))
     attack_s = time.perf_counter() - t_attack
     rows = {"x": out["x"], "y_target": t[start:stop], "y_true": y[start:stop], "index": idx[start:stop],

@@ -3,7 +3,7 @@ import pytest
 from advfeatures.config import ConfigError, ExperimentConfig, parse_override, resolve
 
 
-@pytest.mark.parametrize("profile", ["demo", "paper", "tiny", "fast"])
+@pytest.mark.parametrize("profile", ["demo", "cpu", "paper", "tiny", "fast"])
 def test_bundled_profiles_validate(profile):
     cfg = resolve(profile)
     assert isinstance(cfg, ExperimentConfig) and cfg.name == profile

@@ -27,6 +27,7 @@ def test_normalisation_lives_inside_the_model():
 def test_parameter_counts_match_their_names():
     count = {a: sum(p.numel() for p in build_model(a, 10, CIFAR_MEAN, CIFAR_STD).parameters()) for a in MODELS}
     assert 80_000 < count["small_cnn"] < 120_000
+    assert 350_000 < count["cnn_wide"] < 420_000
     assert 6_000_000 < count["resnet9"] < 7_000_000
     assert 11_000_000 < count["resnet18"] < 11_400_000  # CIFAR ResNet-18: 11.17 M
     assert 23_000_000 < count["resnet50"] < 24_000_000  # CIFAR ResNet-50: 23.5 M

@@ -220,3 +220,50 @@ def test_margin_selection_keeps_the_largest_margin_rows_and_nothing_else(built):
     assert man["summary"]["attack_success"] == pytest.approx(kept["fooled"].mean())
     assert make_plan(resolve("tiny", ["construct.select=0.5"]), "0" * 64).selections["rand"].key != \
         make_plan(resolve("tiny", ["construct.select=0.4"]), "0" * 64).selections["rand"].key
+
+
+def test_augmented_copies_are_crops_and_flips_of_their_image_within_eps(built, tiny_arrays):
+    """construct.augment_copies=k: k rows per image, consecutive, each the attack of a fixed crop
+    (zero padding 4) + flip of the image drawn from (seed, image, copy), within eps of that copy."""
+    from advfeatures import construct as C
+
+    cfg, st, plan = built
+    k, n = 3, 30
+    over = ["construct.sets=[other]", f"construct.n_images={n}", "attack.random_start=true"]
+    cfg2 = resolve("tiny", over + [f"construct.augment_copies={k}"], data=cfg.data.source, store=str(st.root))
+    plan2 = make_plan(cfg2, plan.dataset.config["source_sha256"])
+    plain = make_plan(resolve("tiny", over), plan.dataset.config["source_sha256"]).constructs["other"]
+    spec = plan2.constructs["other"]
+    assert spec.key != plain.key and spec.config["augment_copies"] == k
+    assert "augment_copies" not in plain.config  # off: keyed as before (pinned tiny keys unchanged)
+    stages.generate(st, spec, cfg2.runtime)
+    r = A.read_rows(st.path("constructed", spec.key))
+    assert r["x"].shape == (n * k, 3, 32, 32)
+    images = r["index"][::k]
+    assert len(np.unique(images)) == n and np.array_equal(r["index"], np.repeat(images, k))
+    assert np.array_equal(r["y_target"], np.repeat(r["y_target"][::k], k))  # one target per image
+    assert np.array_equal(r["y_true"], tiny_arrays[1][r["index"]]) and (r["y_target"] != r["y_true"]).all()
+    params = C.copy_params(cfg2.construct.seed, r["index"], np.tile(np.arange(k), n))
+    assert ((params[:, :2] >= 0) & (params[:, :2] <= 8)).all() and set(params[:, 2]) == {0, 1}
+    distinct = [len({tuple(p) for p in params[i * k:(i + 1) * k]}) for i in range(n)]
+    assert np.mean(np.array(distinct) > 1) > 0.9  # an image's copies are different crops/flips
+    x0 = tiny_arrays[0][r["index"]]
+    copies = C.crop_flip(x0, params).astype(np.float32) / 255
+    dist = np.sqrt(((r["x"].astype(np.float32) - copies) ** 2).reshape(n * k, -1).sum(1))
+    assert (dist <= cfg2.attack.eps + 0.01).all()
+    assert np.allclose(dist, r["norm"], atol=1e-5)  # the norm record is measured from the copy
+    moved = (params != [4, 4, 0]).any(1)  # not the identity crop: far from the unaugmented image
+    raw = np.sqrt(((r["x"].astype(np.float32) - x0 / 255) ** 2).reshape(n * k, -1).sum(1))
+    assert moved.any() and (raw[moved] > cfg2.attack.eps + 0.5).all()
+    assert np.array_equal(r["margin"] > 0, r["fooled"])
+
+
+def test_crop_flip_is_a_padded_crop_and_a_mirror():
+    from advfeatures import construct as C
+
+    x = np.arange(2 * 3 * 5 * 6, dtype=np.uint8).reshape(2, 3, 5, 6) + 1
+    same = C.crop_flip(x, np.array([[4, 4, 0], [4, 4, 1]]))
+    assert np.array_equal(same[0], x[0]) and np.array_equal(same[1], x[1][:, :, ::-1])
+    shifted = C.crop_flip(x, np.array([[0, 0, 0], [8, 5, 0]]))
+    assert np.array_equal(shifted[0][:, 4:, 4:], x[0][:, :1, :2]) and (shifted[0][:, :4] == 0).all()
+    assert np.array_equal(shifted[1][:, :1, :5], x[1][:, 4:, 1:]) and (shifted[1][:, 1:] == 0).all()
