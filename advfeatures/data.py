@@ -25,8 +25,6 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from storage.hashing import path_sha256
-
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
 CIFAR_BATCHES = "cifar-10-batches-py"
 EXPECTED = ("an ImageFolder directory or zip with train/<class>/<image> and test/<class>/<image>, "
@@ -63,13 +61,6 @@ class RawDataset:
 
 def _fail(source: str | os.PathLike, why: str) -> DataSourceError:
     return DataSourceError(f"cannot read data source {str(source)!r}: {why}. Expected {EXPECTED}.")
-
-
-# --- fingerprints: cheap content hashes of the *source*, used to memoise ingestion -------------
-
-def source_sha256(path: str | os.PathLike) -> str:
-    """The data source's fingerprint: sha256 of the file, or of a folder's (path, bytes) pairs."""
-    return path_sha256(path)
 
 
 # --- decoding -------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     ok = True
     trained, models = None, a.models
     if a.key:
-        from advfeatures.stages import load_model
+        from pipeline.stages import load_model
         from storage.store import Store
 
         store = Store(a.store or ".advstore")

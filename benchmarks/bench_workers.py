@@ -67,7 +67,7 @@ def _config(a, tar: Path, store: Path, extra: list[str]):
 
 def _measure(a, tar: Path, store: Path, extra: list[str]) -> dict:
     """Ingest and train the source (untimed), then time the generation subflow alone."""
-    from advfeatures import stages
+    from pipeline import stages
     from flows.replicate import _generate, plan_for
     from storage.store import Store
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve(args.profile, args.overrides, data=args.data, store=args.store)
         if args.command == "show-config":
             return _show(cfg)
-        from advfeatures.stages import locate_source
+        from pipeline.stages import locate_source
 
         locate_source(cfg.data)  # a missing or malformed source fails here, before Prefect starts
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _verify(args) -> int:
-    from advfeatures.stages import find, verify
+    from pipeline.stages import find, verify
     from storage.store import Store, StoreError
 
     store = Store(args.store)
@@ -117,9 +117,10 @@ def _verify(args) -> int:
 
 
 def _show(cfg) -> int:
-    from advfeatures.data import DataSourceError, source_sha256
-    from advfeatures.plan import make_plan, plan_summary
-    from advfeatures.stages import locate_source
+    from advfeatures.data import DataSourceError
+    from pipeline.stages.dataset import source_sha256
+    from pipeline.plan import make_plan, plan_summary
+    from pipeline.stages import locate_source
 
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     try:

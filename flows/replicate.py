@@ -19,9 +19,9 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures.config import ExperimentConfig, resolve, to_plain
-from advfeatures.data import source_sha256
-from advfeatures.plan import Plan, StageSpec, labels, make_plan
-from advfeatures.stages import locate_source
+from pipeline.stages.dataset import source_sha256
+from pipeline.plan import Plan, StageSpec, labels, make_plan
+from pipeline.stages import locate_source
 from storage.arrays import shard_done
 from storage.store import Store
 from tasks import stages as T
@@ -167,7 +167,7 @@ def replicate(profile: str = "demo", overrides: list[str] | None = None, data: s
         run_stage(T.train_student, s.student, root, rt)
         run_stage(T.evaluate, s.eval, root, rt)
 
-    from advfeatures import report  # pandas: imported here, not at the start of every shard worker's flow run
+    from pipeline import report  # pandas: imported here, not at the start of every shard worker's flow run
 
     run_dir = report.write_run(st, plan, cfg)
     df = report.read_table(run_dir)

@@ -8,16 +8,8 @@ from typing import Any
 from prefect import flow
 
 from advfeatures.config import RuntimeConfig, build_config
-from advfeatures.plan import StageSpec
+from pipeline.kinds import spec_from_dict
 from flows.replicate import run_shards
-
-
-def spec_from_dict(d: dict[str, Any]) -> StageSpec:
-    spec = StageSpec(d["stage"], d["config"], tuple(d["inputs"]), options=d.get("options") or {})
-    if spec.key != d["key"]:
-        raise ValueError(f"stage spec key {d['key']} does not match its config (recomputed {spec.key}): "
-                         "the worker runs different advfeatures code than the flow that sent it")
-    return spec
 
 
 @flow(name="generate-shard", flow_run_name="shard-{spec[key]}-{shard}")

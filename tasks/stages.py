@@ -1,4 +1,4 @@
-"""Prefect tasks: thin adapters around ``advfeatures.stages``. Each takes keys/specs/configs, calls
+"""Prefect tasks: thin adapters around ``pipeline.stages``. Each takes keys/specs/configs, calls
 one library function, and returns a key (or a small dict). No tensors cross a task boundary.
 
 Cache: a task's Prefect cache key is its stage key once the store holds the artifact, and None
@@ -29,9 +29,9 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import RemoteFileSystem
 
-from advfeatures import stages
+from pipeline import stages
 from advfeatures.config import DataConfig, RuntimeConfig
-from advfeatures.plan import StageSpec
+from pipeline.plan import StageSpec
 from storage.arrays import shard_done
 from storage.store import Store
 

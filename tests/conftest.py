@@ -46,10 +46,10 @@ def tiny_tar(tiny_sources):
 
 def build(tar, store, overrides=(), profile="tiny"):
     """Resolve a profile on ``tar`` into ``store``, ingest, train the source: (cfg, store, plan)."""
-    from advfeatures import stages
+    from pipeline import stages
     from advfeatures.config import resolve
-    from advfeatures.data import source_sha256
-    from advfeatures.plan import make_plan
+    from pipeline.stages.dataset import source_sha256
+    from pipeline.plan import make_plan
     from storage.store import Store
 
     cfg = resolve(profile, list(overrides), data=str(tar), store=str(store))

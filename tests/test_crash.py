@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from advfeatures import stages
+from pipeline import stages
 from advfeatures.config import resolve
-from advfeatures.data import source_sha256
-from advfeatures.plan import make_plan
+from pipeline.stages.dataset import source_sha256
+from pipeline.plan import make_plan
 from conftest import build
 from storage import arrays as A
 from storage.store import Store
@@ -27,10 +27,10 @@ OVERRIDES = ["construct.sets=[rand]", "construct.n_images=150", "source.train.ep
 WORKER = textwrap.dedent("""
     import os, signal, sys
     import zarr
-    from advfeatures import stages
+    from pipeline import stages
     from advfeatures.config import resolve
-    from advfeatures.data import source_sha256
-    from advfeatures.plan import make_plan
+    from pipeline.stages.dataset import source_sha256
+    from pipeline.plan import make_plan
     from storage import arrays as A
     from storage.store import Store
 

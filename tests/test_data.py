@@ -7,7 +7,7 @@ import pytest
 
 from advfeatures import data as D
 from advfeatures.config import DataConfig
-from advfeatures.stages import locate_source
+from pipeline.stages import locate_source, source_sha256
 
 
 @pytest.mark.parametrize("fmt", ["folder", "zip", "zip_top", "tar", "cifar_dir", "cifar_parent"])
@@ -35,8 +35,8 @@ def test_source_fingerprint_is_content_based(tiny_sources, tmp_path):
 
     copy = tmp_path / "copy.tar.gz"
     shutil.copy(tiny_sources["tar"], copy)
-    assert D.source_sha256(copy) == D.source_sha256(tiny_sources["tar"])
-    assert D.source_sha256(tiny_sources["folder"]) != D.source_sha256(tiny_sources["cifar_dir"])
+    assert source_sha256(copy) == source_sha256(tiny_sources["tar"])
+    assert source_sha256(tiny_sources["folder"]) != source_sha256(tiny_sources["cifar_dir"])
 
 
 def _expect(path, match):

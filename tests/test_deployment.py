@@ -135,7 +135,7 @@ def test_a_shard_run_killed_mid_write_is_resubmitted_and_the_set_is_identical(se
     assert "ended Crashed; resubmitting (try 2)" in out, out[-3000:]
     key, b = reference
     assert _same(A.read_rows(tmp_path / "crash-store" / "constructed" / key), b)
-    from advfeatures.stages import verify
+    from pipeline.stages import verify
     from storage.store import Store
 
     assert verify(Store(tmp_path / "crash-store"), key) == []

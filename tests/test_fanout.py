@@ -8,7 +8,7 @@ import pytest
 
 import flows.replicate as R
 from advfeatures.config import RuntimeConfig
-from advfeatures.plan import StageSpec
+from pipeline.plan import StageSpec
 from storage import arrays as A
 
 

@@ -65,12 +65,15 @@ def test_table_artifact_published(first):
 def test_second_run_computes_nothing(first, tiny_tar, monkeypatch):
     store, out = first
     import advfeatures.construct as C
-    import advfeatures.stages as S
+    from pipeline.stages import construct as SC
+    from pipeline.stages import dataset as SD
+    from pipeline.stages import evaluation as SE
+    from pipeline.stages import model as SM
 
     def boom(*a, **k):
         raise AssertionError("a cached stage was recomputed")
 
-    for mod, name in ((S, "fit"), (S, "predict"), (C, "pgd"), (S.D, "read_source")):
+    for mod, name in ((SM, "fit"), (SE, "predict"), (SC, "predict"), (C, "pgd"), (SD.D, "read_source")):
         monkeypatch.setattr(mod, name, boom)
     before = _manifest_mtimes(store)
     again = replicate(profile="tiny", data=str(tiny_tar), store=str(store))
@@ -167,11 +170,12 @@ def test_two_concurrent_runs_compute_each_stage_once(kind, tiny_tar, tmp_path, m
     import time
     from collections import Counter
 
-    import advfeatures.stages as S
+    from pipeline.stages import model as SM
+    from pipeline.stages import student as SS
     from storage import arrays as A
 
     trained, written, guard = Counter(), Counter(), threading.Lock()
-    fit_and_save, write_shard = S._fit_and_save, A.write_shard
+    fit_and_save, write_shard = SM.fit_and_save, A.write_shard
 
     def counting_fit(store, spec, *a, **k):
         with guard:
@@ -184,8 +188,9 @@ def test_two_concurrent_runs_compute_each_stage_once(kind, tiny_tar, tmp_path, m
             written[(str(path), i)] += 1
         return write_shard(path, layout, i, *a, **k)
 
-    monkeypatch.setattr(S, "_fit_and_save", counting_fit)
-    monkeypatch.setattr(S.A, "write_shard", counting_write)
+    monkeypatch.setattr(SM, "fit_and_save", counting_fit)
+    monkeypatch.setattr(SS, "fit_and_save", counting_fit)
+    monkeypatch.setattr(A, "write_shard", counting_write)
     store = tmp_path / "shared" if kind == "path" else f"file://{tmp_path}/shared"
     locked = Counter()
     if kind == "url":  # count the Prefect concurrency-limit locks the URL store takes
@@ -220,7 +225,7 @@ def test_two_concurrent_runs_compute_each_stage_once(kind, tiny_tar, tmp_path, m
     assert len(trained) == 4
     pgd_shards = [k for k in written if "constructed" in k[0]]
     assert written and set(written.values()) == {1} and len(pgd_shards) == 3 + 1  # det 3 shards, errors 1
-    from advfeatures import stages as stages_mod
+    from pipeline import stages as stages_mod
     from storage.store import Store
 
     key = next(t["key"] for t in results[0]["timings"] if t["stage"] == "construct" and t["what"] == "det")

@@ -6,7 +6,7 @@ import torch
 from advfeatures.attacks import L2, pgd
 from advfeatures.config import CIFAR_MEAN, CIFAR_STD, RuntimeConfig
 from advfeatures.models import build_model
-from advfeatures.stages import device_of
+from pipeline.common import device_of
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

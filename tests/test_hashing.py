@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from advfeatures.config import AttackConfig, resolve
-from advfeatures.plan import make_plan
+from pipeline.plan import make_plan
 from storage.hashing import HashingError, canonical_json, stage_key
 
 
@@ -90,7 +90,7 @@ def test_source_and_teacher_with_equal_settings_are_different_models():
 
 
 # The keys of the `tiny` profile on a fixed data fingerprint. A change here invalidates every
-# user's store: it must come with a schema bump in advfeatures/plan.py (SCHEMA, and its history)
+# user's store: it must come with a schema bump in pipeline/kinds.py (the kind's schema number, and its history)
 # and a line in the README's "Cache keys" section. Update these values only then.
 TINY_KEYS = {
     ("dataset", "data"): "dcf5356f11c32aff",
@@ -115,7 +115,7 @@ TINY_KEYS = {
 
 
 def test_tiny_profile_keys_are_pinned():
-    from advfeatures.plan import plan_summary
+    from pipeline.plan import plan_summary
 
     got = {(r["stage"], r["what"]): r["key"] for r in plan_summary(make_plan(resolve("tiny"), "0" * 64))}
     assert got == TINY_KEYS

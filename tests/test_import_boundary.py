@@ -1,31 +1,53 @@
-"""advfeatures/ and storage/ must work without prefect (blocked in sys.modules)."""
+"""The layers, proven by blocking modules in sys.modules in a fresh interpreter:
+
+    advfeatures/  the maths: imports neither storage nor prefect
+    storage/      imports neither torch nor prefect
+    pipeline/     stage executors, plans, reports: imports no prefect
+    tasks/, flows/ alone import prefect
+"""
 
 import pkgutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _modules(pkg):
-    return [f"{pkg}.{m.name}" for m in pkgutil.iter_modules([str(ROOT / pkg)])]
+    return [m.name for m in pkgutil.walk_packages([str(ROOT / pkg)], prefix=f"{pkg}.")]
 
 
-def test_library_and_storage_import_without_prefect():
-    mods = _modules("advfeatures") + _modules("storage")
-    assert "advfeatures.attacks" in mods and "storage.arrays" in mods
-    code = ("import sys; sys.modules['prefect'] = None\n"
+def _import_with_blocked(mods, blocked):
+    code = (f"import sys\nfor b in {blocked!r}: sys.modules[b] = None\n"
             f"import importlib\nfor m in {mods!r}: importlib.import_module(m)\n"
-            "assert not any(k == 'prefect' or k.startswith('prefect.') for k, v in sys.modules.items() if v)\n"
-            "print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
+            f"bad = [k for k, v in sys.modules.items() if v and k.split('.')[0] in {blocked!r}]\n"
+            "assert not bad, bad\nprint('ok')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("pkg, blocked", [("advfeatures", ["prefect", "storage", "pipeline", "tasks", "flows"]),
+                                          ("storage", ["prefect", "torch", "advfeatures", "pipeline"]),
+                                          ("pipeline", ["prefect", "tasks", "flows"])])
+def test_layer_imports_nothing_above_it(pkg, blocked):
+    mods = _modules(pkg)
+    assert len(mods) >= 3, mods
+    out = _import_with_blocked(mods, blocked)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
 
 
-def test_blocking_works():
-    """The check above can fail: importing tasks/ with prefect blocked raises."""
-    code = "import sys; sys.modules['prefect'] = None\nimport tasks.stages"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode != 0 and "prefect" in out.stderr
+def test_pipeline_layer_holds_the_executors():
+    mods = _modules("pipeline")
+    assert {"pipeline.kinds", "pipeline.plan", "pipeline.report", "pipeline.stages.construct"} <= set(mods)
+    assert not (ROOT / "advfeatures" / "stages.py").exists()
+
+
+@pytest.mark.parametrize("mod, blocked", [("tasks.stages", "prefect"), ("pipeline.stages", "storage"),
+                                          ("pipeline.stages.model", "torch")])
+def test_blocking_works(mod, blocked):
+    """The checks above can fail: a module that needs a blocked one does not import."""
+    out = _import_with_blocked([mod], [blocked])
+    assert out.returncode != 0 and blocked in out.stderr

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from advfeatures import stages
+from pipeline import stages
 from advfeatures.config import resolve
 from conftest import build
 from flows.cli import main as cli_main
@@ -47,7 +47,7 @@ def test_corrupt_chunk_is_detected_repaired_and_regenerated(made, damage, capsys
     with pytest.raises(IntegrityError, match="verify .* --repair"):
         stages.train_student(st, student, cfg.runtime)
     assert not st.is_complete("models", student.key)
-    from advfeatures.plan import select_spec
+    from pipeline.plan import select_spec
 
     selection = select_spec(resolve("tiny", ["construct.select=0.5"]), spec, plan.source)
     with pytest.raises(IntegrityError, match="verify .* --repair"):  # nor is a selection made of it

@@ -134,7 +134,7 @@ def test_pipeline_on_s3_matches_a_local_folder(s3, tiny_tar, tmp_path):
         want = sorted(p.name for p in (local / folder).iterdir() if not p.name.startswith("."))
         assert want and all(st.is_complete(folder, k) for k in want)
     (run,) = [p.name for p in (local / "runs").iterdir() if not p.name.startswith(".")]
-    from advfeatures.report import read_table
+    from pipeline.report import read_table
 
     remote_table, local_table = read_table(st.path("runs", run)), read_table(local / "runs" / run)
     assert remote_table["acc_xy_%"].tolist() == local_table["acc_xy_%"].tolist()

@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from advfeatures import stages
+from pipeline import stages
 from advfeatures import synthetic as S
 from advfeatures.attacks import L2, pgd
 from advfeatures.config import CIFAR_MEAN, CIFAR_STD, ConfigError, TrainConfig, resolve
-from advfeatures.data import source_sha256
+from pipeline.stages import evaluation as evaluate_stage
+from pipeline.stages.dataset import source_sha256
 from advfeatures.models import build_model
-from advfeatures.plan import StageSpec, make_plan, student_spec
+from pipeline.plan import StageSpec, make_plan, student_spec
 from advfeatures.training import fit, predict
 from storage.store import Store
 
@@ -91,7 +92,7 @@ def tiny_store(tmp_path_factory, tiny_arrays):
 def test_evaluate_gives_a_stubs_known_accuracy(tiny_store, tiny_arrays, monkeypatch, shift, acc_xy, acc_xy1):
     cfg, st, plan = tiny_store
     _, _, vx, vy = tiny_arrays
-    monkeypatch.setattr(stages, "load_model", lambda store, key, device="cpu": LookupStub(vx, vy, shift))
+    monkeypatch.setattr(evaluate_stage, "load_model", lambda store, key, device="cpu": LookupStub(vx, vy, shift))
     m = _evaluate(cfg, st, plan, f"stub-{shift}")
     assert (m["acc_xy"], m["acc_xy1"], m["n_test"], m["chance"]) == (acc_xy, acc_xy1, len(vy), 0.1)
     assert m["ci95_xy"][0] <= acc_xy <= m["ci95_xy"][1]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from advfeatures import stages
+from pipeline import stages
 from advfeatures.config import resolve
-from advfeatures.plan import make_plan
+from pipeline.plan import make_plan
 from conftest import build
 from storage import arrays as A
 from storage.store import Store
@@ -102,14 +102,15 @@ def test_errors_set_is_the_teachers_mistakes_on_unmodified_images(built, tiny_ar
 def test_finished_stages_are_not_recomputed(built, monkeypatch):
     cfg, st, plan = built
     import advfeatures.construct as C
-    import advfeatures.stages as S
+    from pipeline.stages import construct as SC
+    from pipeline.stages import model as SM
 
     def boom(*a, **k):
         raise AssertionError("recomputed a finished stage")
 
-    monkeypatch.setattr(S, "fit", boom)
+    monkeypatch.setattr(SM, "fit", boom)
     monkeypatch.setattr(C, "pgd", boom)
-    monkeypatch.setattr(S, "predict", boom)
+    monkeypatch.setattr(SC, "predict", boom)
     stages.train_model(st, plan.source, cfg.runtime)
     for kind, spec in plan.constructs.items():
         assert stages.prepare_construct(st, spec) == [] if kind != "errors" else True

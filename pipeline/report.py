@@ -20,8 +20,8 @@ import pandas as pd
 import yaml
 
 from advfeatures.config import ExperimentConfig
-from advfeatures.plan import Plan, StageSpec
-from advfeatures.stages import run_record
+from pipeline.common import run_record
+from pipeline.plan import Plan, StageSpec
 from storage.store import Store, atomic_write_json, open_root
 
 # Clean test accuracy (%) reported for CIFAR-10: Ilyas et al. Table 1 (ResNet-50) and, for

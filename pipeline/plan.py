@@ -4,7 +4,7 @@
        │        └─ eval                                                       ▲
        └──────► teacher ─► construct(errors) ─► student(errors, seed) ─► eval ┘
 
-key = stage_key(stage, SCHEMA[stage], own config, upstream keys). A key holds every setting that
+key = stage_key(stage, SCHEMA[stage], own config, upstream keys) (``pipeline.kinds``). A key holds every setting that
 can change a result and nothing else:
 
 - models and students: their role in the plan, architecture, training recipe, the seeds derived
@@ -16,8 +16,8 @@ can change a result and nothing else:
 
 The device, threads, store, batch sizes, channels_last and compile change at most floating-point
 rounding (random numbers are drawn on the CPU), so they are not in keys; every manifest records
-them. Bump a stage's schema number (SCHEMA) when what it computes for the same config changes;
-the history of bumps is kept beside SCHEMA.
+them. Bump a stage's schema number (``pipeline.kinds``) when what it computes for the same config
+changes; the history of bumps is kept there.
 """
 
 from __future__ import annotations
@@ -27,42 +27,7 @@ from typing import Any
 
 from advfeatures.config import ConfigError, ExperimentConfig, ModelStageConfig, to_plain
 from advfeatures.seeds import model_seeds
-from storage.hashing import stage_key
-
-SCHEMA = {"dataset": 1, "model": 2, "construct": 2, "select": 1, "student": 2, "eval": 1, "run": 2}
-# Bumps (every key of a bumped stage, and so of everything downstream, changes):
-#   model 2, student 2: initial weights and data order seeded from the model's role and seed (no
-#     student shares the source's init); random numbers drawn on the CPU; amp in the key.
-#   construct 2: records (fooled, loss, norm, and the new target margin) computed on the stored
-#     float16 images; per-row random start; amp in the key; shard_size/chunk_size out of the key.
-#   run 2: the table gains init, attack_success_t!=y and share_t=y.
-# A setting added later whose default reproduces the old result is keyed only when set away from
-# its default (construct.augment_copies), so existing keys stay valid without a bump.
-# store folder of each stage
-FOLDER = {"dataset": "datasets", "model": "models", "construct": "constructed", "select": "constructed",
-          "student": "models", "eval": "evals", "run": "runs"}
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    stage: str
-    config: dict[str, Any]
-    inputs: tuple[str, ...] = ()
-    options: dict[str, Any] = field(default_factory=dict, compare=False)
-    """How to execute the stage, not what it computes (e.g. a PGD set's shard and chunk sizes):
-    never in the key."""
-    key: str = field(init=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "key", stage_key(self.stage, SCHEMA[self.stage], self.config, self.inputs))
-
-    @property
-    def folder(self) -> str:
-        return FOLDER[self.stage]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "schema": SCHEMA[self.stage], "key": self.key,
-                "config": self.config, "inputs": list(self.inputs), "options": dict(self.options)}
+from pipeline.kinds import FOLDER, SCHEMA, StageSpec  # noqa: F401 - re-exported for plans
 
 
 @dataclass(frozen=True)

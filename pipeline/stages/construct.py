@@ -1,0 +1,202 @@
+"""construct: the constructed training sets. PGD sets (rand, other, det; section 3.2) are sharded:
+``prepare_construct`` creates the arrays, ``run_shard`` attacks and writes one shard and its marker
+(any worker, any order, resumable), ``finalize_construct`` checks the markers and writes the
+manifest last. The errors set (Wallace 2019) is the teacher's mistakes on unmodified images,
+written at once."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from advfeatures import construct as C
+from advfeatures.config import AttackConfig, ConstructConfig, RuntimeConfig, build_config
+from advfeatures.training import predict
+from pipeline.common import (
+    Context, Log, amp_dtype, compiled, dataset_info, load_model, load_split, once, quiet, run_record, save_set,
+    setup_runtime,
+)
+from pipeline.kinds import StageSpec
+from storage import arrays as A
+from storage.store import Store, StoreError
+
+
+def _layout(store: Store, spec: StageSpec, n: int, image_shape: tuple[int, ...]) -> A.Layout:
+    """The set's shard layout: the one its arrays were created with if they exist (a set begun
+    with other shard sizes is finished with its own), else the spec's options."""
+    stored = A.stored_layout(store.path(spec.folder, spec.key))
+    if stored is not None:
+        if stored.n != n or stored.x_dtype != spec.config["dtype"]:
+            raise StoreError(f"{store.path(spec.folder, spec.key)} holds {stored.n} rows of {stored.x_dtype}, the plan "
+                             f"{n} of {spec.config['dtype']}; delete that folder and rerun")
+        return stored
+    default = ConstructConfig()
+    chunk = spec.options.get("chunk_size", default.chunk_size)
+    return A.Layout(n=n, image_shape=tuple(image_shape), x_dtype=spec.config["dtype"], chunk=chunk,
+                    shard_size=spec.options.get("shard_size", default.shard_size))
+
+
+@dataclass(frozen=True)
+class PGDSet:
+    """What a PGD set is, derived from its spec and dataset: rows, targets, layout."""
+    idx: np.ndarray  # (N,) training-set indices of the rows
+    y: np.ndarray  # (N,) true labels
+    t: np.ndarray  # (N,) targets
+    layout: A.Layout
+    num_classes: int
+    copy: np.ndarray | None = None  # (N,) augmented copy number of each row (construct.augment_copies)
+    seed: int = 0  # the set's seed: subset, targets, random starts, copies' crops and flips
+
+    def images(self, store: Store, dataset_key: str, start: int, stop: int) -> np.ndarray:
+        """The clean images that rows start:stop attack (uint8; each copy cropped and flipped)."""
+        uniq, inverse = np.unique(self.idx[start:stop], return_inverse=True)
+        block = A.read_images(store.path("datasets", dataset_key), "train", uniq)[inverse]
+        if self.copy is None:
+            return block
+        return C.crop_flip(block, C.copy_params(self.seed, self.idx[start:stop], self.copy[start:stop]))
+
+    def start_ids(self, start: int, stop: int) -> np.ndarray:
+        """What a row's random start is drawn from: its image index (and copy number)."""
+        if self.copy is None:
+            return self.idx[start:stop]
+        return np.stack([self.idx[start:stop], self.copy[start:stop]], 1)
+
+
+def pgd_set(store: Store, spec: StageSpec) -> PGDSet:
+    dataset_key, cfg = spec.inputs[0], spec.config
+    info = dataset_info(store, dataset_key)
+    y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
+    images = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
+    t_images = C.make_targets(cfg["kind"], y_all[images], len(info["classes"]), cfg["seed"])
+    copies = cfg.get("augment_copies", 0)
+    idx, copy = C.copy_rows(images, copies)
+    t = np.repeat(t_images, max(copies, 1))  # every copy of an image has the image's target
+    return PGDSet(idx, y_all[idx], t, _layout(store, spec, len(idx), info["image_shape"]), len(info["classes"]),
+                  copy if copies else None, cfg["seed"])
+
+
+def prepare_construct(store: Store, spec: StageSpec) -> list[int]:
+    """Create the arrays of a PGD set (idempotent); return the indices of unfinished shards."""
+    if store.is_complete(spec.folder, spec.key):
+        return []
+    store.ensure_writable()
+    layout, path = pgd_set(store, spec).layout, store.path(spec.folder, spec.key)
+
+    def create() -> list[int]:
+        A.create_constructed(path, layout)
+        return A.pending_shards(path, layout)
+
+    return store.once(spec.folder, spec.key, lambda: store.is_complete(spec.folder, spec.key), create, skipped=[])
+
+
+def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log = quiet) -> dict[str, Any]:
+    """Attack the rows of one shard and write them, then the shard's marker. Skips finished shards;
+    the per-shard lock means one writer per shard, ever."""
+    path = store.path(spec.folder, spec.key)
+    return store.once(spec.folder, f"{spec.key}-shard{shard}",
+                      lambda: store.is_complete(spec.folder, spec.key) or A.shard_done(path, shard),
+                      lambda: _run_shard(store, spec, shard, rt, log, path), skipped={"shard": shard, "skipped": True})
+
+
+def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log, path: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    device = setup_runtime(rt)
+    s = pgd_set(store, spec)
+    idx, y, t, layout = s.idx, s.y, s.t, s.layout
+    start, stop = layout.rows(shard)
+    block = s.images(store, spec.inputs[0], start, stop)  # (S,C,H,W) uint8
+    model = load_model(store, spec.inputs[1], device)
+    attack = build_config(AttackConfig, spec.config["attack"], "attack")
+    t_attack = time.perf_counter()
+    out = C.attack_block(compiled(model, rt), block, t[start:stop], attack, device, rt.attack_batch_size,
+                         seed=spec.config["seed"], rows=s.start_ids(start, stop), store_dtype=layout.x_dtype,
+                         channels_last=rt.channels_last, amp_dtype=amp_dtype(spec.config["amp"]))
+    attack_s = time.perf_counter() - t_attack
+    rows = {"x": out["x"], "y_target": t[start:stop], "y_true": y[start:stop], "index": idx[start:stop],
+            "fooled": out["fooled"], "loss": out["loss"], "norm": out["norm"], "margin": out["margin"]}
+    marker = A.write_shard(path, layout, shard, rows, seconds=time.perf_counter() - t0, attack_seconds=attack_s,
+                           meta=run_record(rt, device))
+    log(f"construct {spec.config['kind']} {spec.key} shard {shard + 1}/{layout.num_shards}: rows {start}:{stop}, "
+        f"fooled {out['fooled'].mean():.3f}, {attack_s:.1f}s in PGD")
+    return marker
+
+
+def attack_summary(rec: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Fooling rate (the source predicts the target on the stored image) over all rows and over
+    the rows whose target differs from the true label (for rand, ~1/C of rows have t = y and are
+    "fooled" for free), with the perturbation norms and target losses."""
+    differ = rec["y_target"] != rec["y_true"]
+    return {"n": int(len(differ)), "attack_success": float(rec["fooled"].mean()),
+            "attack_success_t_ne_y": float(rec["fooled"][differ].mean()) if differ.any() else float("nan"),
+            "n_t_ne_y": int(differ.sum()), "mean_norm": float(rec["norm"].mean()),
+            "max_norm": float(rec["norm"].max()), "mean_target_loss": float(rec["loss"].mean()),
+            "share_target_is_true": float(1 - differ.mean())}
+
+
+@once
+def finalize_construct(store: Store, spec: StageSpec) -> str:
+    """Check every shard's marker, summarise the attack, and write the manifest last."""
+    info = dataset_info(store, spec.inputs[0])
+    path = store.path(spec.folder, spec.key)
+    s = pgd_set(store, spec)
+    y, t, layout, num_classes = s.y, s.t, s.layout, s.num_classes
+    markers = A.read_markers(path, layout)
+    rec = A.read_rows(path, names=("fooled", "norm", "loss", "y_target", "y_true"))
+    if not (np.array_equal(rec["y_target"], t) and np.array_equal(rec["y_true"], y)):
+        raise StoreError(f"{path}: stored targets differ from the plan; delete {path} and rerun")
+    summary = attack_summary(rec)
+    body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=num_classes,
+                               classes=info["classes"], layout=dict(vars(layout)), shards=markers,
+                               seeds={"construct": spec.config["seed"]}, summary=summary,
+                               seconds=round(sum(m["seconds"] for m in markers), 3), **run_record(None))
+    store.write_manifest(spec.folder, spec.key, body)
+    return spec.key
+
+
+def generate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet) -> str:
+    """A whole PGD set in this process, shard after shard (the flow fans the same calls out)."""
+    for i in prepare_construct(store, spec):
+        run_shard(store, spec, i, rt, log)
+    return finalize_construct(store, spec)
+
+
+
+
+@once
+def build_errors(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet) -> str:
+    """Training images, unmodified, relabelled with the teacher's prediction where it is wrong."""
+    dataset_key, teacher_key = spec.inputs
+    device = setup_runtime(rt)
+    t0 = time.perf_counter()
+    x, y = load_split(store, dataset_key, "train")
+    info = dataset_info(store, dataset_key)
+    model = load_model(store, teacher_key, device)
+    pred = predict(model, torch.from_numpy(x), rt.eval_batch_size, device, rt.channels_last).numpy()
+    idx, labels = C.select_errors(pred, y)
+    if len(idx) == 0:
+        raise ValueError(f"the teacher {teacher_key} makes no mistakes on the training set, so the errors set "
+                         "is empty; train it less (teacher.train.epochs)")
+    n = len(idx)
+    rows = {"x": x[idx], "y_target": labels, "y_true": y[idx], "index": idx, "fooled": np.ones(n, bool),
+            "loss": np.zeros(n, np.float32), "norm": np.zeros(n, np.float32),
+            "margin": np.zeros(n, np.float32)}
+    summary = {"n": n, "teacher_train_error": n / len(y), "attack_success": float("nan"),
+               "attack_success_t_ne_y": float("nan"), "share_target_is_true": 0.0}
+    save_set(store, spec, rows, info["classes"], summary, run_record(rt, device), t0,
+             records_note="fooled/loss/norm/margin do not apply: images are unmodified")
+    log(f"errors set {spec.key}: teacher wrong on {n} of {len(y)} training images")
+    return spec.key
+
+
+
+
+
+def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
+    if spec.config["kind"] == "errors":
+        return build_errors(store, spec, ctx.runtime, ctx.log)
+    return generate(store, spec, ctx.runtime, ctx.log)

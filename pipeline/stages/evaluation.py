@@ -1,0 +1,34 @@
+"""eval: a model's accuracy on the original clean test set, on (X, Y) and on (X, Y+1), with 95%
+Wilson intervals. Never anything but the clean test split."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from advfeatures.config import RuntimeConfig
+from advfeatures.training import accuracy_metrics, predict
+from pipeline.common import Context, Log, dataset_info, load_model, load_split, once, publish, quiet, run_record, setup_runtime
+from pipeline.kinds import StageSpec
+from storage.store import Store
+
+
+@once
+def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet) -> str:
+    """Clean test accuracy of model inputs[0] on dataset inputs[1]: on (X, Y) and on (X, Y+1)."""
+    model_key, dataset_key = spec.inputs
+    device = setup_runtime(rt)
+    x, y = load_split(store, dataset_key, "test")
+    num_classes = len(dataset_info(store, dataset_key)["classes"])
+    model = load_model(store, model_key, device)
+    t0 = time.perf_counter()
+    pred = predict(model, torch.from_numpy(x), rt.eval_batch_size, device, rt.channels_last)
+    metrics = accuracy_metrics(pred, torch.from_numpy(y), num_classes)
+    publish(store, spec, t0, metrics=metrics, **run_record(rt, device))
+    log(f"eval {model_key}: acc(X,Y) {metrics['acc_xy']:.4f}  acc(X,Y+1) {metrics['acc_xy1']:.4f}")
+    return spec.key
+
+
+def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
+    return evaluate(store, spec, ctx.runtime, ctx.log)

@@ -1,0 +1,73 @@
+"""model: a source or teacher trained on the clean training set. ``fit_and_save`` is shared with
+the student kind: fresh initial weights from the spec's derived seed, ``fit``, weights + manifest."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from advfeatures.config import ModelConfig, RuntimeConfig, TrainConfig, build_config
+from advfeatures.models import build_model
+from advfeatures.training import fit
+from pipeline.common import (
+    Context, Log, amp_dtype, compiled, dataset_info, load_split, once, publish, quiet, run_record, setup_runtime,
+    state_sha256,
+)
+from pipeline.kinds import StageSpec
+from storage.hashing import path_sha256
+from storage.store import Store
+
+
+def initial_model(spec: StageSpec, num_classes: int) -> torch.nn.Module:
+    """A model stage's initial weights, drawn on the CPU from the seed its spec derives from the
+    model's role and seed (``spec.config['seeds']['init']``)."""
+    mc = build_config(ModelConfig, spec.config["model"], "model")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.config["seeds"]["init"])
+        return build_model(mc.arch, num_classes, mc.mean, mc.std)
+
+
+def fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, num_classes: int,
+                 rt: RuntimeConfig, log: Log, extra: dict[str, Any]) -> str:
+    device = setup_runtime(rt)
+    train_cfg = build_config(TrainConfig, spec.config["train"], "train")
+    seeds = spec.config["seeds"]
+    model = initial_model(spec, num_classes)
+    init_sha = state_sha256(model)
+
+    def progress(ev: dict) -> None:
+        log(f"{spec.stage} {spec.key} epoch {ev['epoch']}/{ev['epochs']}: loss {ev['train_loss']:.3f} "
+            f"acc {ev['train_acc']:.3f} ({ev['seconds']:.1f}s)")
+
+    res = fit(model, torch.from_numpy(x), torch.from_numpy(y), train_cfg, device=device,
+              channels_last=rt.channels_last, callback=progress, amp_dtype=amp_dtype(spec.config["amp"]),
+              forward=compiled(model, rt), seed=seeds["data"])
+
+    def write(tmp: Path) -> dict[str, Any]:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        with (tmp / "weights.pt").open("wb") as f:
+            torch.save(state, f)
+        return {"weights_sha256": path_sha256(tmp / "weights.pt")}
+
+    publish(store, spec, time.perf_counter(), write, num_classes=num_classes, init_sha256=init_sha,
+            n_train=int(len(y)), seeds={"train": train_cfg.seed, **seeds}, history=res.history,
+            seconds=round(res.seconds, 3), images_per_second=round(res.images_per_second, 1),
+            **run_record(rt, device), **extra)
+    return spec.key
+
+
+@once
+def train_model(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet) -> str:
+    """Source or teacher: a model trained on the clean training set of ``spec.inputs[0]``."""
+    (dataset_key,) = spec.inputs
+    x, y = load_split(store, dataset_key, "train")
+    classes = dataset_info(store, dataset_key)["classes"]
+    return fit_and_save(store, spec, x, y, len(classes), rt, log, {})
+
+
+def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
+    return train_model(store, spec, ctx.runtime, ctx.log)
