@@ -1,7 +1,8 @@
 """`advfeatures` command line.
 
-    advfeatures run --profile demo [--set attack.steps=50 ...] [--data PATH] [--store PATH]
-    advfeatures show-config --profile demo [--set ...] [--data PATH]
+    advfeatures experiments                list the experiments, one line each
+    advfeatures run [--experiment NAME] --profile demo [--set attack.steps=50 ...] [--data PATH] [--store PATH]
+    advfeatures show-config [--experiment NAME] --profile demo [--set ...] [--data PATH]
     advfeatures verify KEY [--store PATH] [--repair]
     advfeatures serve [--workers N]        local server + UI, work pool, deployments, workers
     advfeatures deploy                     work pool + deployments on the server at PREFECT_API_URL
@@ -19,6 +20,7 @@ import yaml
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default="replicate", help="which experiment (`advfeatures experiments`)")
     p.add_argument("--profile", default="demo", help="bundled profile name (demo, paper, tiny) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. attack.steps=50 (repeatable)")
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="advfeatures", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("run", help="run the replicate flow (local ephemeral Prefect server)"))
+    sub.add_parser("experiments", help="list the experiments, one line each")
+    _common(sub.add_parser("run", help="run an experiment's flow (local ephemeral Prefect server)"))
     _common(sub.add_parser("show-config", help="print the resolved config and every stage's key"))
     ver = sub.add_parser("verify", help="check a stored artifact against its recorded checksums")
     ver.add_argument("key", help="an artifact key (see show-config)")
@@ -52,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--train", type=int, default=200, help="training images")
     syn.add_argument("--test", type=int, default=100, help="test images")
     args = parser.parse_args(argv)
+    if args.command == "experiments":
+        from pipeline.experiments import EXPERIMENTS
+
+        for name, e in EXPERIMENTS.items():
+            print(f"{name:<14} {e.summary}")
+        return 0
     if args.command == "synth":
         from advfeatures import synthetic
 
@@ -79,16 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     from storage.store import StoreError
 
     try:
+        from pipeline.experiments import get as get_experiment
+
+        get_experiment(args.experiment)  # an unknown name fails here, with the list
         cfg = resolve(args.profile, args.overrides, data=args.data, store=args.store)
         if args.command == "show-config":
-            return _show(cfg)
+            return _show(cfg, args.experiment)
         from pipeline.stages import locate_source
 
         locate_source(cfg.data)  # a missing or malformed source fails here, before Prefect starts
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        from flows.replicate import replicate
+        from flows.replicate import replicate, run_experiment
 
-        replicate(profile=args.profile, overrides=args.overrides, data=args.data, store=args.store)
+        kwargs = dict(profile=args.profile, overrides=args.overrides, data=args.data, store=args.store)
+        if args.experiment == "replicate":
+            replicate(**kwargs)  # the flow name the deployments and the UI know
+        else:
+            run_experiment(experiment=args.experiment, **kwargs)
         return 0
     except (ConfigError, DataSourceError, StoreError) as e:
         print(f"advfeatures: error: {e}", file=sys.stderr)
@@ -116,11 +132,11 @@ def _verify(args) -> int:
     return 1
 
 
-def _show(cfg) -> int:
+def _show(cfg, experiment: str) -> int:
     from advfeatures.data import DataSourceError
-    from pipeline.stages.dataset import source_sha256
-    from pipeline.plan import make_plan, plan_summary
-    from pipeline.stages import locate_source
+    from pipeline.experiments import get as get_experiment
+    from pipeline.plan import plan_summary
+    from pipeline.stages import locate_source, source_sha256
 
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     try:
@@ -129,7 +145,7 @@ def _show(cfg) -> int:
         print(f"\n# stage keys need the data source: {e}")
         return 0
     print("\n# stage keys")
-    for row in plan_summary(make_plan(cfg, sha)):
+    for row in plan_summary(get_experiment(experiment).plan(cfg, sha)):
         print(f"{row['stage']:<10} {row['what']:<20} {row['key']}")
     return 0
 

@@ -1,8 +1,10 @@
-"""The `replicate` flow: section 3.2 of Ilyas et al. (2019) and Wallace (2019), end to end.
+"""One flow runs any experiment's plan; `replicate` is that flow for the replication.
 
-dataset -> source -> {rand, other, det} via sharded PGD, errors via the teacher -> students ->
-clean-test evaluation -> table (CSV, Markdown, Parquet, and a Prefect table artifact).
-Every stage is cached in the store under its configuration hash.
+An experiment (``pipeline.experiments``) turns the resolved config into a plan: stage specs in
+dependency order. The flow runs each stage through its kind's task (PGD sets fanned out by shard,
+on local threads or the shard deployment), then the experiment's writer makes the tables (CSV,
+Markdown, Parquet, and a Prefect table artifact). Every stage is cached in the store under its
+configuration hash.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures.config import ExperimentConfig, resolve, to_plain
 from pipeline.stages.dataset import source_sha256
-from pipeline.plan import Plan, StageSpec, labels, make_plan
+from pipeline.experiments import get as get_experiment
+from pipeline.plan import Plan, StageSpec
 from pipeline.stages import locate_source
 from storage.arrays import shard_done
 from storage.store import Store
@@ -50,9 +53,9 @@ def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[
             shard_task.with_options(refresh_cache=True)(spec, store_root, shard, runtime_cfg)
 
 
-def plan_for(cfg: ExperimentConfig) -> Plan:
+def plan_for(cfg: ExperimentConfig, experiment: str = "replicate") -> Plan:
     """Fingerprint the data source (sha256 of its bytes) and derive every stage key."""
-    return make_plan(cfg, source_sha256(locate_source(cfg.data)))
+    return get_experiment(experiment).plan(cfg, source_sha256(locate_source(cfg.data)))
 
 
 @flow(name="generate-set", flow_run_name="generate-{spec.config[kind]}-{spec.key}")
@@ -122,7 +125,7 @@ def _generate(spec: StageSpec, store_root: str, rt: Any) -> str:
 
 def stage_timings(store: Store, plan: Plan, since: float) -> list[dict[str, Any]]:
     """Per stage: seconds it took and whether this run computed it or found it cached."""
-    rows, names = [], labels(plan)
+    rows, names = [], plan.labels()
     for spec in plan.stages():
         if not store.is_complete(spec.folder, spec.key):
             continue
@@ -133,53 +136,64 @@ def stage_timings(store: Store, plan: Plan, since: float) -> list[dict[str, Any]
     return rows
 
 
-@flow(name="replicate", log_prints=True)
-def replicate(profile: str = "demo", overrides: list[str] | None = None, data: str | None = None,
-              store: str | None = None) -> dict[str, Any]:
-    """Run the replication for a profile (name or YAML path) with `section.key=value` overrides."""
+def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
+    """Every stage of ``plan`` in its dependency order, each through its kind's task."""
+    root, rt = st.url, cfg.runtime
+    for spec in plan.stages():
+        if spec.stage == "run":
+            continue  # the experiment's writer, once every stage is done
+        if spec.stage == "dataset":
+            run_stage(T.ingest, spec, root, cfg.data)
+        elif spec.stage == "construct" and spec.config["kind"] != "errors":
+            if st.is_complete(spec.folder, spec.key):
+                run_stage(T.finalize_set, spec, root)  # sealed already: Cached, no generation subflow
+            else:
+                _generate(spec, root, rt)
+        else:
+            run_stage(T.task_for(spec), spec, root, rt)
+
+
+def run_experiment_body(experiment: str, profile: str, overrides: list[str] | None, data: str | None,
+                        store: str | None) -> dict[str, Any]:
     t_start = time.time()
     cfg = resolve(profile, overrides or [], data=data, store=store)
     st = Store(cfg.runtime.store)
     st.ensure_writable()
-    root, rt = st.url, cfg.runtime
     if st.remote and not os.environ.get("PREFECT_API_URL"):
-        print(f"note: the store {root} is a URL and this run uses a temporary Prefect server, so its "
+        print(f"note: the store {st.url} is a URL and this run uses a temporary Prefect server, so its "
               "artifact locks are not shared with other runs: give every run writing to this store "
               "one server (PREFECT_API_URL)")
-    plan = plan_for(cfg)
-
-    run_stage(T.ingest, plan.dataset, root, cfg.data)
-    run_stage(T.train_model, plan.source, root, rt)
-    run_stage(T.evaluate, plan.source_eval, root, rt)
-    if plan.teacher is not None:
-        run_stage(T.train_model, plan.teacher, root, rt)
-        run_stage(T.evaluate, plan.teacher_eval, root, rt)
-    for kind, spec in plan.constructs.items():
-        if kind == "errors":
-            run_stage(T.build_errors, spec, root, rt)
-        elif st.is_complete(spec.folder, spec.key):
-            run_stage(T.finalize_set, spec, root)  # sealed already: Cached, no generation subflow
-        else:
-            _generate(spec, root, rt)
-    for spec in plan.selections.values():
-        run_stage(T.select_set, spec, root, rt)
-    for s in plan.students:
-        run_stage(T.train_student, s.student, root, rt)
-        run_stage(T.evaluate, s.eval, root, rt)
+    plan = plan_for(cfg, experiment)
+    run_plan(plan, cfg, st)
 
     from pipeline import report  # pandas: imported here, not at the start of every shard worker's flow run
 
-    run_dir = report.write_run(st, plan, cfg)
+    run_dir = get_experiment(experiment).write(st, plan, cfg)
     df = report.read_table(run_dir)
     table_md = (run_dir / "table.md").read_text()
-    create_table_artifact(table=df.drop(columns=["model_key", "construct_key", "eval_key"]).to_dict("records"),
-                          key="replicate-table", description=f"{cfg.name}: clean test accuracy (%), run {plan.run.key}")
+    create_table_artifact(table=df.drop(columns=[c for c in df.columns if c.endswith("_key")]).to_dict("records"),
+                          key=f"{experiment}-table",
+                          description=f"{cfg.name}: clean test accuracy (%), run {plan.run.key}")
     timings = stage_timings(st, plan, t_start)
-    create_markdown_artifact(markdown=_timings_md(timings), key="replicate-timings",
+    create_markdown_artifact(markdown=_timings_md(timings), key=f"{experiment}-timings",
                              description="seconds per stage; computed in this run or cached")
     print(f"\n{table_md}\nrun folder: {run_dir}\n")
     print(_timings_md(timings))
-    return {"run_key": plan.run.key, "run_dir": str(run_dir), "timings": timings}
+    return {"run_key": plan.run.key, "run_dir": str(run_dir), "timings": timings, "experiment": experiment}
+
+
+@flow(name="experiment", flow_run_name="{experiment}", log_prints=True)
+def run_experiment(experiment: str = "replicate", profile: str = "demo", overrides: list[str] | None = None,
+                   data: str | None = None, store: str | None = None) -> dict[str, Any]:
+    """Run any experiment (`advfeatures experiments` lists them) for a profile with overrides."""
+    return run_experiment_body(experiment, profile, overrides, data, store)
+
+
+@flow(name="replicate", log_prints=True)
+def replicate(profile: str = "demo", overrides: list[str] | None = None, data: str | None = None,
+              store: str | None = None) -> dict[str, Any]:
+    """Run the replication for a profile (name or YAML path) with `section.key=value` overrides."""
+    return run_experiment_body("replicate", profile, overrides, data, store)
 
 
 def _timings_md(timings: list[dict[str, Any]]) -> str:

@@ -40,6 +40,8 @@ class Context:
     """The plan a run stage tabulates (``pipeline.plan.Plan``)."""
     config: Any = None
     """The resolved ``ExperimentConfig`` (written beside a run's table)."""
+    experiment: str = "replicate"
+    """The experiment whose writer makes a run stage's tables (``pipeline.experiments``)."""
 
 
 def device_of(rt: RuntimeConfig) -> torch.device:

@@ -102,3 +102,11 @@ def executor(kind: str) -> Callable[..., str]:
 def execute(store: Any, spec: StageSpec, ctx: Any) -> str:
     """Run ``spec``'s executor (it returns at once if the artifact is complete)."""
     return executor(spec.stage)(store, spec, ctx)
+
+
+def run_all(store: Any, plan: Any, ctx: Any) -> str:
+    """Every stage of ``plan`` in order, in this process, without Prefect (tests, notebooks,
+    benchmarks); ``ctx`` must carry the plan and config for the run stage. Returns the run key."""
+    for spec in plan.stages():
+        execute(store, spec, ctx)
+    return plan.run.key

@@ -64,6 +64,10 @@ class Plan:
         out.append(self.run)
         return out
 
+    def labels(self) -> dict[str, str]:
+        """A readable name for every stage key."""
+        return labels(self)
+
 
 def dataset_spec(source_sha256: str) -> StageSpec:
     return StageSpec("dataset", {"source_sha256": source_sha256})
@@ -149,7 +153,8 @@ def labels(plan: Plan) -> dict[str, str]:
     return out
 
 
-def plan_summary(plan: Plan) -> list[dict[str, Any]]:
-    """One line per stage: its name, what it is and its key (for `advfeatures show-config`)."""
-    names = labels(plan)
+def plan_summary(plan: Any) -> list[dict[str, Any]]:
+    """One line per stage of any experiment's plan: its kind, what it is and its key (for
+    `advfeatures show-config`)."""
+    names = plan.labels()
     return [{"stage": s.stage, "what": names[s.key], "key": s.key} for s in plan.stages()]

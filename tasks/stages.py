@@ -143,3 +143,15 @@ def select_set(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
 @task(name="train-student", task_run_name="train-student-{spec.key}", **_cached)
 def train_student(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
     return stages.train_student(Store(store_root), spec, runtime, _log)
+
+
+def task_for(spec: StageSpec) -> Task:
+    """The task that runs a stage of this kind (PGD sets are fanned out by the flow instead)."""
+    if spec.stage == "construct":
+        if spec.config["kind"] != "errors":
+            raise ValueError("PGD sets run as prepare-set, generate-shard and finalize-set tasks")
+        return build_errors
+    tasks = {"model": train_model, "student": train_student, "eval": evaluate, "select": select_set}
+    if spec.stage not in tasks:
+        raise ValueError(f"no task for stage kind {spec.stage!r}; known: {sorted(tasks)}, construct, dataset")
+    return tasks[spec.stage]

@@ -1,5 +1,5 @@
-"""run: a plan's table (CSV, Markdown, Parquet), its resolved config and its stages, under
-runs/<run key>/ (``pipeline.report``)."""
+"""run: a plan's tables (CSV, Markdown, Parquet), its resolved config and its stages, under
+runs/<run key>/, written by the experiment's writer (``pipeline.experiments``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from storage.store import Store
 
 
 def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
-    from pipeline import report  # pandas: only where a table is written
+    from pipeline.experiments import get
 
     if ctx.plan is None or ctx.config is None or ctx.plan.run.key != spec.key:
         raise ValueError(f"the run stage {spec.key} needs its plan and config in the context")
-    report.write_run(store, ctx.plan, ctx.config)
+    get(ctx.experiment).write(store, ctx.plan, ctx.config)
     return spec.key
