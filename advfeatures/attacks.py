@@ -111,8 +111,10 @@ def frozen_eval(model: nn.Module):
 def pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, threat, steps: int, step_size: float,
         use_best: bool = True, random_start: bool = False,
         generator: torch.Generator | None = None, amp_dtype: torch.dtype | None = None,
-        start: torch.Tensor | None = None, fp32_records: bool = True) -> PGDResult:
+        start: torch.Tensor | None = None, fp32_records: bool = True, untargeted: bool = False) -> PGDResult:
     """Targeted PGD on a batch. ``x`` (B,C,H,W) in [0, 1]; ``target`` (B,) int64 class indices.
+    With ``untargeted``, ``target`` is the true label and PGD maximises its loss instead (``fooled``:
+    the prediction differs from it; ``use_best`` keeps the iterate of largest loss).
 
     The first iterate is x, or with ``random_start`` x plus a random point of the threat ball drawn
     with ``generator``, or x plus ``start`` (B,C,H,W) when given (projected, clamped to [0, 1]):
@@ -141,15 +143,16 @@ def pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, threat, steps: 
                 with autocast():
                     logits = model(xa)
                 loss = F.cross_entropy(logits.float(), target, reduction="none")  # (B,) fp32
+                objective = -loss if untargeted else loss  # minimised
             if not last:
-                (grad,) = torch.autograd.grad(loss.sum(), xa)
-            loss_d, pred = loss.detach(), logits.detach().argmax(1)
+                (grad,) = torch.autograd.grad(objective.sum(), xa)
+            obj_d, pred = objective.detach(), logits.detach().argmax(1)
             if best_loss is None or not use_best:
-                best_x, best_loss, best_pred = xa.detach(), loss_d, pred
+                best_x, best_loss, best_pred = xa.detach(), obj_d, pred
             else:
-                better = loss_d < best_loss
+                better = obj_d < best_loss
                 best_x = torch.where(_bcast(better, xa), xa.detach(), best_x)
-                best_loss = torch.where(better, loss_d, best_loss)
+                best_loss = torch.where(better, obj_d, best_loss)
                 best_pred = torch.where(better, pred, best_pred)
             if not last:
                 stepped = threat.step(xa.detach(), grad, step_size)
@@ -159,5 +162,25 @@ def pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, threat, steps: 
                 logits = model(best_x).float()
             best_loss = F.cross_entropy(logits, target, reduction="none")
             best_pred = logits.argmax(1)
-    return PGDResult(x=best_x, fooled=best_pred == target, loss=best_loss.float(),
-                     norm=threat.size(best_x - x0).float())
+        elif untargeted:
+            best_loss = -best_loss
+    fooled = best_pred != target if untargeted else best_pred == target
+    return PGDResult(x=best_x, fooled=fooled, loss=best_loss.float(), norm=threat.size(best_x - x0).float())
+
+
+def robust_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat, steps: int, step_size: float,
+                       batch_size: int = 500, device: torch.device | str = "cpu",
+                       amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(N,) predictions on untargeted PGD adversarial examples of x (uint8 or [0, 1] floats) with
+    true labels y, no random start: the iterate with the largest loss on the true label."""
+    device = torch.device(device)
+    model = model.to(device)
+    out = []
+    for s in range(0, len(y), batch_size):
+        xb = x[s:s + batch_size].to(device)
+        xb = xb.float().div(255.0) if xb.dtype == torch.uint8 else xb.float()
+        yb = y[s:s + batch_size].to(device)
+        r = pgd(model, xb, yb, threat, steps, step_size, use_best=True, amp_dtype=amp_dtype, untargeted=True)
+        with torch.no_grad(), frozen_eval(model):
+            out.append(model(r.x).float().argmax(1).cpu())
+    return torch.cat(out)

@@ -26,6 +26,11 @@ import yaml
 PROFILE_DIR = Path(__file__).parent / "profiles"
 SET_KINDS = ("rand", "other", "det", "errors")
 PGD_KINDS = ("rand", "other", "det")
+CONTROL_KINDS = ("leak-rand", "leak-other", "leak-det", "rand-clean-only")
+"""Controls without PGD: ``leak-K`` relabels as set K does and adds one fixed random pattern of
+norm eps per target class (a shortcut with none of the source's features); ``rand-clean-only``
+keeps only D_rand's rows whose target is their own label, unperturbed."""
+ALL_SET_KINDS = SET_KINDS + CONTROL_KINDS
 AUGMENTATIONS = ("none", "crop_flip", "robustness")
 STUDENT_INITS = ("independent", "shared_with_source")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -167,9 +172,13 @@ class ConstructConfig:
     of copy j of image i come from the set's seed, i and j. A public replication: attacking several
     augmented copies and training students without augmentation gave 74.7% against 67.3% on D_other."""
 
+    leak_keep_t_eq_y: bool = False
+    """leak sets: leave rows whose target is their own label unperturbed (as a public replication
+    did), instead of adding their class pattern to them too."""
+
     def __post_init__(self):
-        bad = [s for s in self.sets if s not in SET_KINDS]
-        _check(not bad, f"construct.sets has unknown {bad}; choose from {list(SET_KINDS)}")
+        bad = [s for s in self.sets if s not in ALL_SET_KINDS]
+        _check(not bad, f"construct.sets has unknown {bad}; choose from {list(ALL_SET_KINDS)}")
         _check(len(set(self.sets)) == len(self.sets) and self.sets, "construct.sets must be non-empty, without repeats")
         _check(self.n_images >= 0, "construct.n_images must be >= 0 (0 = the whole training set)")
         _check(self.chunk_size >= 1 and self.shard_size >= 1, "construct.shard_size and chunk_size must be >= 1")
@@ -203,7 +212,7 @@ class StudentConfig:
         _check(self.init in STUDENT_INITS, f"student.init={self.init!r}; choose one of {list(STUDENT_INITS)}")
         names = {f.name for f in dataclasses.fields(TrainConfig)} | {"arch"}
         for kind, over in self.per_set.items():
-            _check(kind in SET_KINDS, f"student.per_set.{kind}: unknown set; choose from {list(SET_KINDS)}")
+            _check(kind in ALL_SET_KINDS, f"student.per_set.{kind}: unknown set; choose from {list(ALL_SET_KINDS)}")
             _check(isinstance(over, dict), f"student.per_set.{kind} must be a mapping of train settings")
             for k in over:
                 _check(k in names, f"student.per_set.{kind}.{k}: not a train setting or arch; known: {sorted(names)}")
@@ -275,6 +284,28 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    robust_eps: tuple[float, ...] = ()
+    """Robust accuracy: every model of the plan is also evaluated on untargeted PGD adversarial
+    examples of the clean test set at each of these radii (e.g. [0.25, 0.5]); () = clean only."""
+    robust_norm: str = "l2"
+    robust_steps: int = 20
+    robust_step_size: float = 0.0
+    """0 = 2.5 * eps / steps (Madry et al.)."""
+
+    def __post_init__(self):
+        _check(all(e > 0 for e in self.robust_eps), f"evaluate.robust_eps={list(self.robust_eps)} must be > 0")
+        _check(len(set(self.robust_eps)) == len(self.robust_eps), "evaluate.robust_eps has repeats")
+        _check(self.robust_norm in ("l2", "linf"), f"evaluate.robust_norm={self.robust_norm!r}; choose 'l2' or 'linf'")
+        _check(self.robust_steps >= 1, "evaluate.robust_steps must be >= 1")
+        _check(self.robust_step_size >= 0, "evaluate.robust_step_size must be >= 0 (0 = 2.5 * eps / steps)")
+
+    def attack_for(self, eps: float) -> dict[str, Any]:
+        step = self.robust_step_size or 2.5 * eps / self.robust_steps
+        return {"norm": self.robust_norm, "eps": eps, "steps": self.robust_steps, "step_size": step}
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "custom"
     data: DataConfig = field(default_factory=DataConfig)
@@ -283,6 +314,7 @@ class ExperimentConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     construct: ConstructConfig = field(default_factory=ConstructConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -33,7 +33,16 @@ def choose_subset(n_total: int, n_images: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_total, size=n_images, replace=False)).astype(np.int64)
 
 
+def base_kind(kind: str) -> str:
+    """The set whose targets a control uses: leak-rand -> rand; rand-clean-only -> rand."""
+    if kind.startswith("leak-"):
+        return kind[len("leak-"):]
+    return "rand" if kind == "rand-clean-only" else kind
+
+
 def make_targets(kind: str, y: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
+    """Targets of a set (controls: those of the set they mirror, so leak-rand's targets are D_rand's)."""
+    kind = base_kind(kind)
     rng = np.random.default_rng([seed, 0x7A6])
     if kind == "rand":
         return rng.integers(0, num_classes, size=y.shape[0]).astype(np.int64)
@@ -42,6 +51,26 @@ def make_targets(kind: str, y: np.ndarray, num_classes: int, seed: int) -> np.nd
     if kind == "det":
         return ((y + 1) % num_classes).astype(np.int64)
     raise ValueError(f"no PGD targets for set kind {kind!r}; expected rand, other or det")
+
+
+def leak_patterns(num_classes: int, shape: tuple[int, ...], norm: str, eps: float, seed: int) -> torch.Tensor:
+    """(C, *shape): one fixed random pattern per class, of L2 norm eps (l2) or entries +-eps
+    (linf), drawn on the CPU from derive_seed("leak", seed, class)."""
+    out = torch.empty((num_classes, *shape))
+    for c in range(num_classes):
+        z = torch.randn(shape, generator=cpu_generator(derive_seed("leak", seed, c)))
+        out[c] = z * (eps / z.norm()) if norm == "l2" else z.sign() * eps
+    return out
+
+
+def add_leak(images: torch.Tensor, targets: torch.Tensor, patterns: torch.Tensor,
+             keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Float images in [0, 1] plus their target's pattern, clipped to [0, 1]; rows where ``keep``
+    is true stay unperturbed."""
+    x = (images + patterns[targets]).clamp_(0, 1)
+    if keep is not None:
+        x[keep] = images[keep]
+    return x
 
 
 def random_starts(threat, shape: tuple[int, ...], seed: int, rows: np.ndarray) -> torch.Tensor:

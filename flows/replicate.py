@@ -24,6 +24,7 @@ from advfeatures.config import ExperimentConfig, resolve, to_plain
 from pipeline.stages.dataset import source_sha256
 from pipeline.experiments import get as get_experiment
 from pipeline.plan import Plan, StageSpec
+from pipeline.stages.construct import is_sharded
 from pipeline.stages import locate_source
 from storage.arrays import shard_done
 from storage.store import Store
@@ -144,7 +145,7 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
             continue  # the experiment's writer, once every stage is done
         if spec.stage == "dataset":
             run_stage(T.ingest, spec, root, cfg.data)
-        elif spec.stage == "construct" and spec.config["kind"] != "errors":
+        elif is_sharded(spec):
             if st.is_complete(spec.folder, spec.key):
                 run_stage(T.finalize_set, spec, root)  # sealed already: Cached, no generation subflow
             else:

@@ -52,15 +52,17 @@ class Plan:
     run: StageSpec
     selections: dict[str, StageSpec] = field(default_factory=dict)
     """kind -> the margin selection of that PGD set (construct.select < 1)."""
+    robust: dict[str, list[StageSpec]] = field(default_factory=dict)
+    """model key -> its robust-accuracy evaluations (evaluate.robust_eps), one per radius."""
 
     def stages(self) -> list[StageSpec]:
         """Every stage once, in an order that respects dependencies."""
-        out = [self.dataset, self.source, self.source_eval]
+        out = [self.dataset, self.source, self.source_eval, *self.robust.get(self.source.key, [])]
         if self.teacher is not None:
-            out += [self.teacher, self.teacher_eval]
+            out += [self.teacher, self.teacher_eval, *self.robust.get(self.teacher.key, [])]
         out += list(self.constructs.values()) + list(self.selections.values())
         for s in self.students:
-            out += [s.student, s.eval]
+            out += [s.student, s.eval, *self.robust.get(s.student.key, [])]
         out.append(self.run)
         return out
 
@@ -83,6 +85,13 @@ def construct_spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) ->
     c = cfg.construct
     if kind == "errors":  # the whole training set through the teacher; images are not modified
         return StageSpec("construct", {"kind": "errors"}, inputs)
+    if kind == "rand-clean-only":  # D_rand's t = y rows, unperturbed: records under the source
+        return StageSpec("construct", {"kind": kind, "n_images": c.n_images, "seed": c.seed, "dtype": c.dtype},
+                         inputs)
+    if kind.startswith("leak-"):  # no PGD: a fixed pattern of norm eps per target class
+        return StageSpec("construct", {"kind": kind, "norm": cfg.attack.norm, "eps": cfg.attack.eps,
+                                       "n_images": c.n_images, "seed": c.seed, "dtype": c.dtype,
+                                       "keep_t_eq_y": c.leak_keep_t_eq_y}, inputs)
     config = {"kind": kind, "attack": to_plain(cfg.attack), "n_images": c.n_images, "seed": c.seed,
               "dtype": c.dtype, "amp": cfg.runtime.amp}
     if c.augment_copies:  # keyed only when on, so the keys of sets without copies stay as they were
@@ -135,9 +144,19 @@ def make_plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
             sspec = student_spec(cfg, kind, seed, trained_on, source)
             espec = StageSpec("eval", {"labels": "clean"}, (sspec.key, ds.key))
             students.append(StudentPlan(kind, seed, trained_on, sspec, espec))
+    models = [source] + ([teacher] if teacher else []) + [s.student for s in students]
+    robust = {m.key: [robust_eval_spec(cfg, m, ds, eps) for eps in cfg.evaluate.robust_eps] for m in models}
+    robust = {k: v for k, v in robust.items() if v}
     evals = [source_eval.key] + ([teacher_eval.key] if teacher_eval else []) + [s.eval.key for s in students]
+    evals += [r.key for rs in robust.values() for r in rs]  # only when on: the run key is unchanged otherwise
     run = StageSpec("run", {"name": cfg.name}, tuple(evals))
-    return Plan(ds, source, source_eval, teacher, teacher_eval, constructs, students, run, selections)
+    return Plan(ds, source, source_eval, teacher, teacher_eval, constructs, students, run, selections, robust)
+
+
+def robust_eval_spec(cfg: ExperimentConfig, model: StageSpec, ds: StageSpec, eps: float) -> StageSpec:
+    """Accuracy of ``model`` on untargeted PGD adversarial examples of the clean test set at ``eps``."""
+    return StageSpec("eval", {"labels": "clean", "robust": cfg.evaluate.attack_for(eps), "amp": cfg.runtime.amp},
+                     (model.key, ds.key))
 
 
 def labels(plan: Plan) -> dict[str, str]:
@@ -150,6 +169,9 @@ def labels(plan: Plan) -> dict[str, str]:
     out.update({s.key: f"{kind} top {s.config['fraction']:g}" for kind, s in plan.selections.items()})
     for s in plan.students:
         out[s.student.key] = out[s.eval.key] = f"{s.kind} seed={s.seed}"
+    for model_key, specs in plan.robust.items():
+        for r in specs:
+            out[r.key] = f"{out[model_key]} eps={r.config['robust']['eps']:g}"
     return out
 
 

@@ -6,7 +6,9 @@ student. Accuracies are on the original, clean test set, in percent, with a 95% 
 ``attack_success`` is the source's fooling rate on the stored images, over all rows and over the
 rows whose target differs from the true label; ``share_t=y`` is the share of rows whose target is
 their own label (about 1/C for rand, 0 for the others). ``init`` is a short hash of the model's initial
-weights: the Markdown table says whether any two models of the run share them.
+weights: the Markdown table says whether any two models of the run share them. With
+``evaluate.robust_eps``, ``robust_acc_eps<r>_%`` is the accuracy on untargeted PGD adversarial
+examples of the clean test set at radius r.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def _vs_chance(ci: list[float], chance: float) -> str:
 
 
 def _row(store: Store, set_name: str, model_spec: StageSpec, eval_spec: StageSpec, construct: dict[str, Any] | None,
-         source_acc: float) -> dict[str, Any]:
+         source_acc: float, robust: list[StageSpec] = ()) -> dict[str, Any]:
     m = store.manifest("evals", eval_spec.key)["metrics"]
     man = store.manifest("models", model_spec.key)
     summary = (construct or {}).get("summary", {})
@@ -58,16 +60,21 @@ def _row(store: Store, set_name: str, model_spec: StageSpec, eval_spec: StageSpe
         "chance_%": _pct(m["chance"]), "paper_%": PAPER.get(set_name.split()[0], float("nan")),
         "source_acc_%": _pct(source_acc), "n_test": m["n_test"],
         "model_key": model_spec.key, "construct_key": construct["key"] if construct else "", "eval_key": eval_spec.key,
+        **{f"robust_acc_eps{r.config['robust']['eps']:g}_%": _pct(store.manifest("evals", r.key)["metrics"]["acc_xy"])
+           for r in robust},
     }
 
 
 def build_table(store: Store, plan: Plan) -> pd.DataFrame:
     source_acc = store.manifest("evals", plan.source_eval.key)["metrics"]["acc_xy"]
-    rows = [_row(store, "D (source)", plan.source, plan.source_eval, None, source_acc)]
+    robust = plan.robust
+    rows = [_row(store, "D (source)", plan.source, plan.source_eval, None, source_acc, robust.get(plan.source.key, []))]
     if plan.teacher is not None:
-        rows.append(_row(store, "teacher (errors)", plan.teacher, plan.teacher_eval, None, source_acc))
+        rows.append(_row(store, "teacher (errors)", plan.teacher, plan.teacher_eval, None, source_acc,
+                         robust.get(plan.teacher.key, [])))
     for s in plan.students:
-        rows.append(_row(store, s.kind, s.student, s.eval, store.manifest("constructed", s.construct.key), source_acc))
+        rows.append(_row(store, s.kind, s.student, s.eval, store.manifest("constructed", s.construct.key), source_acc,
+                         robust.get(s.student.key, [])))
     return pd.DataFrame(rows)
 
 

@@ -30,7 +30,7 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import RemoteFileSystem
 
 from pipeline import stages
-from advfeatures.config import DataConfig, RuntimeConfig
+from advfeatures.config import PGD_KINDS, DataConfig, RuntimeConfig
 from pipeline.plan import StageSpec
 from storage.arrays import shard_done
 from storage.store import Store
@@ -135,6 +135,11 @@ def build_errors(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> st
     return stages.build_errors(Store(store_root), spec, runtime, _log)
 
 
+@task(name="build-control", task_run_name="control-{spec.config[kind]}-{spec.key}", **_cached)
+def build_control(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
+    return stages.build_control(Store(store_root), spec, runtime, _log)
+
+
 @task(name="select-set", task_run_name="select-{spec.key}", **_cached)
 def select_set(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
     return stages.select_rows(Store(store_root), spec, runtime, _log)
@@ -148,9 +153,9 @@ def train_student(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> s
 def task_for(spec: StageSpec) -> Task:
     """The task that runs a stage of this kind (PGD sets are fanned out by the flow instead)."""
     if spec.stage == "construct":
-        if spec.config["kind"] != "errors":
+        if spec.config["kind"] in PGD_KINDS:
             raise ValueError("PGD sets run as prepare-set, generate-shard and finalize-set tasks")
-        return build_errors
+        return build_errors if spec.config["kind"] == "errors" else build_control
     tasks = {"model": train_model, "student": train_student, "eval": evaluate, "select": select_set}
     if spec.stage not in tasks:
         raise ValueError(f"no task for stage kind {spec.stage!r}; known: {sorted(tasks)}, construct, dataset")

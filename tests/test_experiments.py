@@ -5,7 +5,9 @@ import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from advfeatures.config import ConfigError, resolve  # noqa: E402
@@ -72,3 +74,121 @@ def test_the_flow_and_the_bare_executors_compute_the_same_bytes(tmp_path, tiny_t
     assert a.keys() == b.keys() and len(a) == len([s for s in plan.stages() if s.stage != "dataset"])
     for key in a:
         assert a[key] == b[key], key
+
+
+def test_controls_reuse_every_replicate_stage_and_add_only_controls(tiny_tar):
+    cfg = resolve("tiny", [], data=str(tiny_tar))
+    sha = source_sha256(tiny_tar)
+    rep, ctl = get("replicate").plan(cfg, sha), get("controls").plan(cfg, sha)
+    rep_keys = {s.key for s in rep.stages() if s.stage != "run"}
+    assert rep_keys < {s.key for s in ctl.stages()}  # a controls run after replicate recomputes none of these
+    assert set(ctl.constructs) - set(rep.constructs) == {"leak-rand", "leak-other", "leak-det", "rand-clean-only"}
+    with pytest.raises(ConfigError, match="no PGD set"):
+        get("controls").plan(resolve("tiny", ["construct.sets=[errors]"]), sha)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_leak_and_clean_only_sets_obey_their_definition(tmp_path, tiny_tar, tiny_arrays, keep):
+    """leak-K: K's targets; every row is its clean image plus its target class's pattern (norm eps),
+    clipped: rows of one target share one perturbation wherever nothing clipped; with keep_t_eq_y
+    rows with t = y are clean. rand-clean-only: exactly D_rand's t = y rows, unperturbed."""
+    from conftest import build
+
+    from advfeatures import construct as C
+    from pipeline import stages
+
+    cfg, st, _ = build(tiny_tar, tmp_path, [f"construct.leak_keep_t_eq_y={str(keep).lower()}"])
+    plan = get("controls").plan(cfg, source_sha256(tiny_tar))
+    n, eps = cfg.construct.n_images, cfg.attack.eps
+    rows = {}
+    for kind in ("leak-rand", "leak-det", "rand-clean-only"):
+        stages.build_control(st, plan.constructs[kind], cfg.runtime)
+        rows[kind] = A.read_rows(st.path("constructed", plan.constructs[kind].key))
+    x_all, y_all = tiny_arrays[0], tiny_arrays[1]
+    idx = C.choose_subset(len(y_all), n, cfg.construct.seed)
+    t_rand = C.make_targets("rand", y_all[idx], 10, cfg.construct.seed)
+    r = rows["leak-rand"]
+    assert np.array_equal(r["index"], idx) and np.array_equal(r["y_target"], t_rand)
+    assert np.array_equal(rows["leak-det"]["y_target"], (y_all[idx] + 1) % 10)
+    patterns = C.leak_patterns(10, (3, 32, 32), "l2", eps, cfg.construct.seed).numpy()
+    assert np.allclose(np.sqrt((patterns.reshape(10, -1) ** 2).sum(1)), eps, atol=1e-5)
+    x0 = x_all[idx].astype(np.float32) / 255
+    expect = np.clip(x0 + patterns[t_rand], 0, 1)
+    same = t_rand == y_all[idx]
+    if keep:
+        expect[same] = x0[same]
+    assert np.allclose(r["x"].astype(np.float32), expect, atol=2e-3)  # float16 storage
+    assert (r["norm"] <= eps + 0.01).all()
+    assert ((r["norm"][same] < 0.01).all() if keep else (r["norm"][same] > eps / 2).all())  # float16: < 0.01
+    assert len(np.unique(r["y_target"])) > 5
+    c = rows["rand-clean-only"]
+    assert np.array_equal(c["index"], idx[same]) and (c["y_target"] == c["y_true"]).all()
+    assert np.allclose(c["x"].astype(np.float32), x0[same], atol=2e-3) and (c["norm"] < 0.01).all()
+    man = st.manifest("constructed", plan.constructs["leak-rand"].key)
+    assert man["summary"]["attack_success"] == pytest.approx(r["fooled"].mean())
+
+
+class _Linear(torch.nn.Module):
+    """Two classes split by a unit vector w through c = 0.5: logits (s, -s) with s = w.(x - c). An
+    L2 perturbation of norm eps moves s by at most eps, so an example is robust iff |s| > eps with
+    the right sign: the robust accuracy is known exactly."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(w)
+
+    def forward(self, x):
+        s = ((x - 0.5).flatten(1) * self.w).sum(1)
+        return torch.stack([s, -s], 1)
+
+
+def test_untargeted_pgd_robust_accuracy_is_the_known_answer():
+    from advfeatures.attacks import L2, robust_predictions
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3 * 8 * 8, generator=g)
+    w /= w.norm()
+    s = torch.rand(400, generator=g) * 2 - 1
+    s = s[(s.abs() - 0.25).abs() > 0.01]  # no example within 0.01 of the boundary
+    y = torch.randint(0, 2, (len(s),), generator=g)
+    x = (0.5 + s[:, None] * w[None]).reshape(-1, 3, 8, 8)  # entries stay inside [0, 1]
+    assert x.min() > 0 and x.max() < 1
+    model = _Linear(w)
+    clean = (model(x).argmax(1) == y).float().mean().item()
+    expected = (((s > 0.25) & (y == 0)) | ((s < -0.25) & (y == 1))).float().mean().item()
+    pred = robust_predictions(model, x, y, L2(0.25), steps=20, step_size=2.5 * 0.25 / 20, batch_size=64)
+    assert (pred == y).float().mean().item() == pytest.approx(expected, abs=1e-9)
+    assert expected < clean - 0.1  # the attack matters here
+
+
+def test_robust_evaluations_are_extra_stages_and_columns(tmp_path, tiny_tar):
+    from conftest import build
+
+    from advfeatures.attacks import L2, robust_predictions
+    from pipeline import stages
+
+    cfg, st, _ = build(tiny_tar, tmp_path, ["evaluate.robust_eps=[0.25,0.5]"])
+    sha = source_sha256(tiny_tar)
+    plan, plain = get("replicate").plan(cfg, sha), get("replicate").plan(resolve("tiny", []), sha)
+    models = [plan.source, plan.teacher] + [s.student for s in plan.students]
+    assert set(plan.robust) == {m.key for m in models} and all(len(v) == 2 for v in plan.robust.values())
+    assert {s.key for s in plain.stages() if s.stage != "run"} < {s.key for s in plan.stages()}
+    assert plain.robust == {} and plain.run.key != plan.run.key
+    spec = plan.robust[plan.source.key][0]
+    assert spec.config["robust"] == {"norm": "l2", "eps": 0.25, "steps": 20, "step_size": 0.03125}
+    stages.evaluate(st, plan.source_eval, cfg.runtime)
+    stages.evaluate(st, spec, cfg.runtime)
+    x, y = stages.load_split(st, plan.dataset.key, "test")
+    pred = robust_predictions(stages.load_model(st, plan.source.key), torch.from_numpy(x), torch.from_numpy(y),
+                              L2(0.25), 20, 0.03125, batch_size=cfg.runtime.eval_batch_size)
+    robust = st.manifest("evals", spec.key)["metrics"]["acc_xy"]
+    assert robust == pytest.approx((pred.numpy() == y).mean())
+    clean = st.manifest("evals", plan.source_eval.key)["metrics"]["acc_xy"]
+    assert robust <= clean
+    assert plan.labels()[spec.key] == "source eps=0.25"
+    stages.evaluate(st, plan.robust[plan.source.key][1], cfg.runtime)
+    from pipeline.report import _row
+
+    row = _row(st, "D (source)", plan.source, plan.source_eval, None, clean, plan.robust[plan.source.key])
+    assert row["robust_acc_eps0.25_%"] == pytest.approx(100 * robust, abs=0.01)
+    assert row["robust_acc_eps0.5_%"] <= row["robust_acc_eps0.25_%"] <= row["acc_xy_%"]

@@ -52,4 +52,5 @@ def get(name: str) -> Experiment:
     return EXPERIMENTS[name]
 
 
-from pipeline.experiments import replicate as _replicate  # noqa: E402, F401 - registers itself
+from pipeline.experiments import replicate as _replicate  # noqa: E402, F401, I001 - each registers itself
+from pipeline.experiments import controls as _controls  # noqa: E402, F401

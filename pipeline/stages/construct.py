@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from advfeatures import construct as C
-from advfeatures.config import AttackConfig, ConstructConfig, RuntimeConfig, build_config
-from advfeatures.training import predict
+from advfeatures.config import CONTROL_KINDS, PGD_KINDS, AttackConfig, ConstructConfig, RuntimeConfig, build_config
+from advfeatures.attacks import threat_model
+from advfeatures.training import predict, to_unit
 from pipeline.common import (
     Context, Log, amp_dtype, compiled, dataset_info, load_model, load_split, once, quiet, run_record, save_set,
     setup_runtime,
@@ -196,7 +197,63 @@ def build_errors(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = qu
 
 
 
+# --- controls: no PGD -----------------------------------------------------------------------------------
+
+@once
+def build_control(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet) -> str:
+    """leak-K: the rows and targets of set K (same subset and seed), each image plus one fixed
+    random pattern of norm eps per target class (clipped to [0, 1]); with ``keep_t_eq_y``, rows
+    whose target is their own label stay unperturbed. rand-clean-only: D_rand's rows whose target
+    is their own label, unperturbed. Records (fooled, loss, norm, margin) under the source, on the
+    stored images, as for PGD sets, so margin selection applies to controls alike."""
+    dataset_key, source_key = spec.inputs
+    cfg, kind = spec.config, spec.config["kind"]
+    device = setup_runtime(rt)
+    t0 = time.perf_counter()
+    info = dataset_info(store, dataset_key)
+    num_classes = len(info["classes"])
+    x_all, y_all = load_split(store, dataset_key, "train")
+    idx = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
+    t = C.make_targets(kind, y_all[idx], num_classes, cfg["seed"])
+    if kind == "rand-clean-only":
+        keep = t == y_all[idx]
+        idx, t = idx[keep], t[keep]
+    norm, eps = cfg.get("norm", "l2"), cfg.get("eps", 0.0)
+    patterns = C.leak_patterns(num_classes, tuple(info["image_shape"]), norm, eps, cfg["seed"]) \
+        if kind.startswith("leak-") else None
+    threat = threat_model(norm, max(eps, 1e-12))
+    model = load_model(store, source_key, device)
+    sdtype = getattr(torch, cfg["dtype"])
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("x", "fooled", "loss", "norm", "margin")}
+    for s in range(0, len(idx), rt.eval_batch_size):
+        x0 = to_unit(torch.from_numpy(x_all[idx[s:s + rt.eval_batch_size]]))
+        tb = torch.from_numpy(t[s:s + rt.eval_batch_size])
+        x = x0.clone()
+        if patterns is not None:
+            same = tb == torch.from_numpy(y_all[idx[s:s + rt.eval_batch_size]])
+            x = C.add_leak(x0, tb, patterns, same if cfg.get("keep_t_eq_y") else None)
+        xs, rec = C.stored_records(model, x0.to(device), x.to(device), tb.to(device), threat, sdtype)
+        out["x"].append(xs.to(sdtype).cpu().numpy())
+        for k, v in rec.items():
+            out[k].append(v.cpu().numpy())
+    arrays = {k: np.concatenate(v) for k, v in out.items()}
+    rows = {**arrays, "y_target": t, "y_true": y_all[idx], "index": idx}
+    summary = attack_summary(rows)
+    save_set(store, spec, rows, info["classes"], summary, run_record(rt, device), t0,
+             seeds={"construct": cfg["seed"]})
+    log(f"control {kind} {spec.key}: {len(idx)} rows, the source predicts the target on "
+        f"{summary['attack_success']:.3f}")
+    return spec.key
+
+
+def is_sharded(spec: StageSpec) -> bool:
+    """A PGD set, built shard by shard (the flow fans its shards out)."""
+    return spec.stage == "construct" and spec.config["kind"] in PGD_KINDS
+
+
 def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
     if spec.config["kind"] == "errors":
         return build_errors(store, spec, ctx.runtime, ctx.log)
+    if spec.config["kind"] in CONTROL_KINDS:
+        return build_control(store, spec, ctx.runtime, ctx.log)
     return generate(store, spec, ctx.runtime, ctx.log)

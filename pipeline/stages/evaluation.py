@@ -1,5 +1,6 @@
 """eval: a model's accuracy on the original clean test set, on (X, Y) and on (X, Y+1), with 95%
-Wilson intervals. Never anything but the clean test split."""
+Wilson intervals; with ``robust`` in the config, on untargeted PGD adversarial examples of that
+test set (robust accuracy). Never anything but the clean test split."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import time
 import torch
 
 from advfeatures.config import RuntimeConfig
+from advfeatures.attacks import robust_predictions, threat_model
 from advfeatures.training import accuracy_metrics, predict
-from pipeline.common import Context, Log, dataset_info, load_model, load_split, once, publish, quiet, run_record, setup_runtime
+from pipeline.common import (
+    Context, Log, amp_dtype, dataset_info, load_model, load_split, once, publish, quiet, run_record, setup_runtime,
+)
 from pipeline.kinds import StageSpec
 from storage.store import Store
 
@@ -23,7 +27,13 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet)
     num_classes = len(dataset_info(store, dataset_key)["classes"])
     model = load_model(store, model_key, device)
     t0 = time.perf_counter()
-    pred = predict(model, torch.from_numpy(x), rt.eval_batch_size, device, rt.channels_last)
+    if "robust" in spec.config:  # untargeted PGD on the clean test set, then the same metrics
+        a = spec.config["robust"]
+        pred = robust_predictions(model, torch.from_numpy(x), torch.from_numpy(y), threat_model(a["norm"], a["eps"]),
+                                  a["steps"], a["step_size"], rt.eval_batch_size, device,
+                                  amp_dtype(spec.config["amp"]))
+    else:
+        pred = predict(model, torch.from_numpy(x), rt.eval_batch_size, device, rt.channels_last)
     metrics = accuracy_metrics(pred, torch.from_numpy(y), num_classes)
     publish(store, spec, t0, metrics=metrics, **run_record(rt, device))
     log(f"eval {model_key}: acc(X,Y) {metrics['acc_xy']:.4f}  acc(X,Y+1) {metrics['acc_xy1']:.4f}")
