@@ -306,6 +306,18 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ErrorsSweepConfig:
+    teacher_epochs: tuple[int, ...] = (1, 2, 4, 8)
+    """The errors-sweep experiment: one teacher (the teacher recipe) per number of epochs, its
+    mistakes as a set, students of it; how student accuracy follows teacher accuracy."""
+
+    def __post_init__(self):
+        _check(len(self.teacher_epochs) >= 1 and all(e >= 1 for e in self.teacher_epochs),
+               f"errors_sweep.teacher_epochs={list(self.teacher_epochs)} needs epochs >= 1")
+        _check(len(set(self.teacher_epochs)) == len(self.teacher_epochs), "errors_sweep.teacher_epochs has repeats")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "custom"
     data: DataConfig = field(default_factory=DataConfig)
@@ -315,6 +327,7 @@ class ExperimentConfig:
     construct: ConstructConfig = field(default_factory=ConstructConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    errors_sweep: ErrorsSweepConfig = field(default_factory=ErrorsSweepConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     advfeatures experiments                list the experiments, one line each
     advfeatures run [--experiment NAME] --profile demo [--set attack.steps=50 ...] [--data PATH] [--store PATH]
+                    [--sweep construct.n_images=2000,8000 --sweep attack.steps=5,20 ...] [--seeds N]
     advfeatures show-config [--experiment NAME] --profile demo [--set ...] [--data PATH]
     advfeatures verify KEY [--store PATH] [--repair]
     advfeatures serve [--workers N]        local server + UI, work pool, deployments, workers
@@ -27,6 +28,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="data source: a zip/folder of train/ and test/, "
                    "cifar-10-python.tar.gz or its folder, or 'torchvision' to download")
     p.add_argument("--store", default=None, help="artifact store root (default: runtime.store)")
+    p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                   help="run: one point per value (axes multiply), then a long-format table over all points")
+    p.add_argument("--seeds", type=int, default=None, help="student seeds 0..N-1 (student.seeds)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.experiments import get as get_experiment
 
         get_experiment(args.experiment)  # an unknown name fails here, with the list
+        if args.seeds is not None:
+            from pipeline.sweep import seeds_override
+
+            args.overrides = args.overrides + [seeds_override(args.seeds)]
+        if args.sweeps:
+            from pipeline.sweep import axes, points
+
+            for point in points(axes(args.sweeps)):  # every point's config is valid before anything runs
+                resolve(args.profile, args.overrides + point, data=args.data, store=args.store)
         cfg = resolve(args.profile, args.overrides, data=args.data, store=args.store)
         if args.command == "show-config":
             return _show(cfg, args.experiment)
@@ -98,10 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 
         locate_source(cfg.data)  # a missing or malformed source fails here, before Prefect starts
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        from flows.replicate import replicate, run_experiment
+        from flows.replicate import replicate, run_experiment, sweep
 
         kwargs = dict(profile=args.profile, overrides=args.overrides, data=args.data, store=args.store)
-        if args.experiment == "replicate":
+        if args.sweeps:
+            sweep(experiment=args.experiment, sweeps=args.sweeps, **kwargs)
+        elif args.experiment == "replicate":
             replicate(**kwargs)  # the flow name the deployments and the UI know
         else:
             run_experiment(experiment=args.experiment, **kwargs)

@@ -190,6 +190,25 @@ def run_experiment(experiment: str = "replicate", profile: str = "demo", overrid
     return run_experiment_body(experiment, profile, overrides, data, store)
 
 
+@flow(name="sweep", log_prints=True)
+def sweep(experiment: str = "replicate", profile: str = "demo", overrides: list[str] | None = None,
+          sweeps: list[str] | None = None, data: str | None = None, store: str | None = None) -> dict[str, Any]:
+    """Run ``experiment`` at every point of the sweep axes (``section.key=V1,V2``; cartesian product),
+    each point cached like any run, then write one long-format table over all points."""
+    from pipeline import sweep as S
+
+    ax = S.axes(list(sweeps or []))
+    runs = []
+    for i, point in enumerate(S.points(ax)):
+        print(f"sweep point {i + 1}: {' '.join(point)}")
+        out = run_experiment_body(experiment, profile, list(overrides or []) + point, data, store)
+        runs.append((point, out["run_dir"]))
+    cfg = resolve(profile, list(overrides or []), data=data, store=store)
+    path = S.write_sweep(Store(cfg.runtime.store), experiment, ax, runs, cfg)
+    print(f"\n{(path / 'sweep.md').read_text()}\nsweep folder: {path}")
+    return {"sweep_dir": str(path), "points": [{"overrides": p, "run_dir": str(d)} for p, d in runs]}
+
+
 @flow(name="replicate", log_prints=True)
 def replicate(profile: str = "demo", overrides: list[str] | None = None, data: str | None = None,
               store: str | None = None) -> dict[str, Any]:

@@ -127,25 +127,28 @@ def to_markdown(df: pd.DataFrame) -> str:
     return text + "\n\n" + init_note(df)
 
 
-def write_run(store: Store, plan: Plan, cfg: ExperimentConfig) -> Path:
-    """Write table.{csv,md,parquet}, the resolved config and the plan under runs/<run key>/."""
+def write_run(store: Store, plan: Any, cfg: ExperimentConfig, build: Any = None, markdown: Any = None) -> Path:
+    """Write table.{csv,md,parquet}, the resolved config and the plan under runs/<run key>/.
+    ``build(store, plan)`` makes the table (default: Table 1 of the replication) and
+    ``markdown(df)`` its Markdown."""
     spec = plan.run
     if store.is_complete(spec.folder, spec.key):
         return store.path(spec.folder, spec.key)
     store.once(spec.folder, spec.key, lambda: store.is_complete(spec.folder, spec.key),
-               lambda: _write_run(store, plan, cfg, spec), skipped=None)
+               lambda: _write_run(store, plan, cfg, spec, build or build_table, markdown or to_markdown),
+               skipped=None)
     return store.path(spec.folder, spec.key)
 
 
-def _write_run(store: Store, plan: Plan, cfg: ExperimentConfig, spec: StageSpec) -> None:
+def _write_run(store: Store, plan: Any, cfg: ExperimentConfig, spec: StageSpec, build: Any, markdown: Any) -> None:
     t0 = time.perf_counter()
-    df = build_table(store, plan)
+    df = build(store, plan)
     with store.staging(spec.folder, spec.key) as tmp:
         with (tmp / "table.csv").open("w") as f:
             df.to_csv(f, index=False)
         with (tmp / "table.parquet").open("wb") as f:
             df.to_parquet(f, index=False)
-        (tmp / "table.md").write_text(to_markdown(df) + "\n")
+        (tmp / "table.md").write_text(markdown(df) + "\n")
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         atomic_write_json(tmp / "plan.json", [s.as_dict() for s in plan.stages()])
         atomic_write_json(tmp / "manifest.json", store.manifest_body(

@@ -192,3 +192,68 @@ def test_robust_evaluations_are_extra_stages_and_columns(tmp_path, tiny_tar):
     row = _row(st, "D (source)", plan.source, plan.source_eval, None, clean, plan.robust[plan.source.key])
     assert row["robust_acc_eps0.25_%"] == pytest.approx(100 * robust, abs=0.01)
     assert row["robust_acc_eps0.5_%"] <= row["robust_acc_eps0.25_%"] <= row["acc_xy_%"]
+
+
+def test_errors_sweep_plan_table_and_reuse(tmp_path, tiny_tar, tiny_arrays):
+    """One teacher per epochs entry; the errors set holds exactly the teacher's mistakes; the
+    teacher with replicate's recipe is replicate's (same keys: reused); students differ in init."""
+    from advfeatures.training import predict
+    from pipeline import stages
+    from pipeline.experiments.errors_sweep import build_table, to_markdown
+
+    cfg = resolve("tiny", ["errors_sweep.teacher_epochs=[1,2]", "student.seeds=[0,1]"], data=str(tiny_tar),
+                  store=str(tmp_path))
+    sha = source_sha256(tiny_tar)
+    plan, rep = get("errors-sweep").plan(cfg, sha), get("replicate").plan(cfg, sha)
+    assert plan.points[0].teacher.key == rep.teacher.key and plan.points[0].errors.key == rep.constructs["errors"].key
+    assert plan.points[1].teacher.config["train"]["epochs"] == 2
+    st = Store(tmp_path)
+    kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg,
+                                    experiment="errors-sweep"))
+    df = build_table(st, plan)
+    assert list(df["teacher_epochs"]) == [1, 1, 2, 2] and df["student_init"].nunique() == 4
+    x, y = tiny_arrays[0], tiny_arrays[1]
+    for p in plan.points:
+        wrong = predict(stages.load_model(st, p.teacher.key), torch.from_numpy(x)).numpy() != y
+        assert (df[df["teacher_epochs"] == p.epochs]["n_mistakes"] == wrong.sum()).all()
+    assert ((df["ci95_lo_%"] <= df["student_acc_%"]) & (df["student_acc_%"] <= df["ci95_hi_%"])).all()
+    md = to_markdown(df)
+    assert "Student against teacher" in md and "all students start from different weights" in md
+    assert (st.path("runs", plan.run.key) / "table.csv").is_file()
+
+
+def test_sweep_axes_points_and_errors():
+    from pipeline import sweep as S
+
+    ax = S.axes(["construct.n_images=40,80", "construct.sets=[rand, det],[det]"])
+    assert ax == [("construct.n_images", ["40", "80"]), ("construct.sets", ["[rand, det]", "[det]"])]
+    assert S.points(ax) == [["construct.n_images=40", "construct.sets=[rand, det]"],
+                            ["construct.n_images=40", "construct.sets=[det]"],
+                            ["construct.n_images=80", "construct.sets=[rand, det]"],
+                            ["construct.n_images=80", "construct.sets=[det]"]]
+    for bad, msg in (("attack.steps", "section.key=V1,V2"), ("attack.steps=5,5", "repeats"),
+                     ("attack.steps=", "non-empty")):
+        with pytest.raises(ConfigError, match=msg):
+            S.axes([bad])
+    with pytest.raises(ConfigError, match="twice"):
+        S.axes(["attack.steps=1", "attack.steps=2"])
+    assert S.seeds_override(3) == "student.seeds=[0, 1, 2]"
+    assert main(["run", "--profile", "tiny", "--sweep", "attack.steps=1,-1"]) == 2  # every point checked first
+
+
+def test_a_sweep_runs_every_point_once_and_tabulates_them(tmp_path, tiny_tar):
+    """Two points of attack.steps over rand only: the source and the dataset are computed once
+    (the second point reuses them), and the long table has one row per (point, set, seed)."""
+    from flows.replicate import sweep
+
+    over = ["construct.sets=[rand]", "construct.n_images=50"]
+    with prefect_test_harness():
+        out = sweep(experiment="replicate", profile="tiny", overrides=over, sweeps=["attack.steps=1,2"],
+                    data=str(tiny_tar), store=str(tmp_path))
+    import pandas as pd
+
+    table = pd.read_csv(f"{out['sweep_dir']}/sweep.csv")
+    assert list(table["attack.steps"]) == [1, 1, 2, 2] and list(table["set"]) == ["D (source)", "rand"] * 2
+    assert table.loc[0, "model_key"] == table.loc[2, "model_key"]  # the source: one model for both points
+    assert table.loc[1, "construct_key"] != table.loc[3, "construct_key"]
+    assert len({p["run_dir"] for p in out["points"]}) == 2
