@@ -318,6 +318,20 @@ class ErrorsSweepConfig:
 
 
 @dataclass(frozen=True)
+class ReleasedConfig:
+    root: str = ""
+    """The released-sets experiment: a folder holding the paper's released datasets, each a
+    subfolder with ``CIFAR_ims`` and ``CIFAR_lab`` (torch-saved lists of tensors, loaded by
+    concatenation; images float in [0, 1])."""
+    sets: tuple[str, ...] = ("drand_CIFAR", "ddet_CIFAR", "robust_CIFAR", "non_robust_CIFAR")
+    """Subfolders of ``root`` to import; a missing one is an error naming it."""
+
+    def __post_init__(self):
+        _check(len(self.sets) >= 1 and len(set(self.sets)) == len(self.sets),
+               "released.sets needs at least one folder name, without repeats")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "custom"
     data: DataConfig = field(default_factory=DataConfig)
@@ -328,6 +342,7 @@ class ExperimentConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     errors_sweep: ErrorsSweepConfig = field(default_factory=ErrorsSweepConfig)
+    released: ReleasedConfig = field(default_factory=ReleasedConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -106,12 +106,16 @@ def select_spec(cfg: ExperimentConfig, construct: StageSpec, source: StageSpec) 
                      (construct.key, source.key))
 
 
-def student_spec(cfg: ExperimentConfig, kind: str, seed: int, construct: StageSpec, source: StageSpec) -> StageSpec:
+def student_spec(cfg: ExperimentConfig, kind: str, seed: int, construct: StageSpec,
+                 source: StageSpec | None) -> StageSpec:
     """A student of set ``kind`` with ``seed``: its own initial weights and data order, unless
     ``student.init`` is shared_with_source (then the source's initial weights)."""
     model = to_plain(cfg.student.model_for(kind))
     seeds = model_seeds("student", (kind,), seed)
     if cfg.student.init == "shared_with_source":
+        if source is None:
+            raise ConfigError(f"student.init=shared_with_source: the {kind} students have no source model in this "
+                              "experiment; set student.init=independent")
         if model["arch"] != source.config["model"]["arch"]:
             raise ConfigError(f"student.init=shared_with_source needs the {kind} students to have the source's "
                               f"architecture ({source.config['model']['arch']}), not {model['arch']}; "

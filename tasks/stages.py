@@ -140,6 +140,11 @@ def build_control(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> s
     return stages.build_control(Store(store_root), spec, runtime, _log)
 
 
+@task(name="import-released", task_run_name="released-{spec.config[name]}-{spec.key}", **_cached)
+def import_released(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
+    return stages.import_released(Store(store_root), spec, runtime, _log)
+
+
 @task(name="select-set", task_run_name="select-{spec.key}", **_cached)
 def select_set(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
     return stages.select_rows(Store(store_root), spec, runtime, _log)
@@ -155,7 +160,7 @@ def task_for(spec: StageSpec) -> Task:
     if spec.stage == "construct":
         if spec.config["kind"] in PGD_KINDS:
             raise ValueError("PGD sets run as prepare-set, generate-shard and finalize-set tasks")
-        return build_errors if spec.config["kind"] == "errors" else build_control
+        return {"errors": build_errors, "released": import_released}.get(spec.config["kind"], build_control)
     tasks = {"model": train_model, "student": train_student, "eval": evaluate, "select": select_set}
     if spec.stage not in tasks:
         raise ValueError(f"no task for stage kind {spec.stage!r}; known: {sorted(tasks)}, construct, dataset")

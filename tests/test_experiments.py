@@ -257,3 +257,60 @@ def test_a_sweep_runs_every_point_once_and_tabulates_them(tmp_path, tiny_tar):
     assert table.loc[0, "model_key"] == table.loc[2, "model_key"]  # the source: one model for both points
     assert table.loc[1, "construct_key"] != table.loc[3, "construct_key"]
     assert len({p["run_dir"] for p in out["points"]}) == 2
+
+
+def _write_released(folder, x, y, chunks=3):
+    """The release format: CIFAR_ims / CIFAR_lab, torch-saved lists of tensors (concatenated on load)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(list(torch.from_numpy(x).chunk(chunks)), folder / "CIFAR_ims")
+    torch.save(list(torch.from_numpy(y).chunk(chunks)), folder / "CIFAR_lab")
+
+
+def test_released_sets_import_by_content_and_train_students(tmp_path, tiny_tar, tiny_arrays):
+    import shutil
+
+    from pipeline.experiments.released import build_table
+
+    x = tiny_arrays[0][:90].astype(np.float32) / 255
+    y_rand = np.random.default_rng(0).integers(0, 10, 90)
+    _write_released(tmp_path / "rel" / "drand_CIFAR", x, y_rand)
+    _write_released(tmp_path / "rel" / "robust_CIFAR", x[:60], tiny_arrays[1][:60])
+    over = [f"released.root={tmp_path / 'rel'}", "released.sets=[drand_CIFAR, robust_CIFAR]"]
+    cfg = resolve("tiny", over, data=str(tiny_tar), store=str(tmp_path / "store"))
+    sha = source_sha256(tiny_tar)
+    plan = get("released").plan(cfg, sha)
+    st = Store(tmp_path / "store")
+    kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg, experiment="released"))
+    rows = A.read_rows(st.path("constructed", plan.sets["drand_CIFAR"].key))
+    assert np.array_equal(rows["y_target"], y_rand) and np.allclose(rows["x"].astype(np.float32), x, atol=1e-3)
+    assert (rows["y_true"] == -1).all() and np.isnan(rows["margin"]).all()
+    df = build_table(st, plan)
+    assert list(df["set"]) == ["drand_CIFAR", "robust_CIFAR"] and list(df["n_train"]) == [90, 60]
+    # keyed by content: the same files elsewhere give the same key, other content another key
+    shutil.copytree(tmp_path / "rel", tmp_path / "copy")
+    moved = get("released").plan(resolve("tiny", [f"released.root={tmp_path / 'copy'}", over[1]]), sha)
+    assert moved.sets["drand_CIFAR"].key == plan.sets["drand_CIFAR"].key
+    _write_released(tmp_path / "copy" / "drand_CIFAR", x, (y_rand + 1) % 10)
+    changed = get("released").plan(resolve("tiny", [f"released.root={tmp_path / 'copy'}", over[1]]), sha)
+    assert changed.sets["drand_CIFAR"].key != plan.sets["drand_CIFAR"].key
+
+
+def test_released_sets_refuse_bad_input(tmp_path, tiny_tar, tiny_arrays):
+    from pipeline import stages
+    from storage.store import StoreError
+
+    sha = source_sha256(tiny_tar)
+    with pytest.raises(ConfigError, match="released.root"):
+        get("released").plan(resolve("tiny", []), sha)
+    (tmp_path / "rel" / "ddet_CIFAR").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="lacks"):
+        get("released").plan(resolve("tiny", [f"released.root={tmp_path / 'rel'}", "released.sets=[ddet_CIFAR]"]), sha)
+    _write_released(tmp_path / "rel" / "ddet_CIFAR", tiny_arrays[0][:30].astype(np.float32), tiny_arrays[1][:30])
+    cfg = resolve("tiny", [f"released.root={tmp_path / 'rel'}", "released.sets=[ddet_CIFAR]"], data=str(tiny_tar),
+                  store=str(tmp_path / "store"))
+    plan = get("released").plan(cfg, sha)
+    st = Store(tmp_path / "store")
+    stages.ingest(st, cfg.data, plan.dataset)
+    with pytest.raises(StoreError, match=r"floats in \[0, 1\]"):  # 0..255 images: the release is in [0, 1]
+        stages.import_released(st, plan.sets["ddet_CIFAR"], cfg.runtime)
+    assert not st.is_complete("constructed", plan.sets["ddet_CIFAR"].key)

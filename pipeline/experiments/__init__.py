@@ -55,3 +55,4 @@ def get(name: str) -> Experiment:
 from pipeline.experiments import replicate as _replicate  # noqa: E402, F401, I001 - each registers itself
 from pipeline.experiments import controls as _controls  # noqa: E402, F401
 from pipeline.experiments import errors_sweep as _errors_sweep  # noqa: E402, F401
+from pipeline.experiments import released as _released  # noqa: E402, F401

@@ -246,6 +246,50 @@ def build_control(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = q
     return spec.key
 
 
+# --- released sets (imported) ----------------------------------------------------------------------------
+
+@once
+def import_released(store: Store, spec: StageSpec, rt: RuntimeConfig | None = None, log: Log = quiet) -> str:
+    """A released dataset (``CIFAR_ims``/``CIFAR_lab``: torch-saved lists of tensors, concatenated)
+    as a constructed set, after checking the files still have the sha256 in the key and that the
+    images and labels fit the dataset (shape, [0, 1], classes)."""
+    from storage.hashing import path_sha256
+
+    (dataset_key,) = spec.inputs
+    folder = Path(spec.options.get("path", ""))
+    t0 = time.perf_counter()
+    for name, sha in spec.config["sha256"].items():
+        if not (folder / name).is_file() or path_sha256(folder / name) != sha:
+            raise StoreError(f"{folder / name} is missing or changed since the plan was made (its sha256 is in "
+                             f"the key); rerun to plan with the files as they are now")
+    info = dataset_info(store, dataset_key)
+
+    def load(name: str) -> torch.Tensor:
+        items = torch.load(folder / name, map_location="cpu", weights_only=True)
+        return torch.cat(list(items)) if isinstance(items, (list, tuple)) else items
+
+    x, y = load("CIFAR_ims").float(), load("CIFAR_lab").long().reshape(-1)
+    where = f"released set {folder}"
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(info["image_shape"]) or len(x) != len(y):
+        raise StoreError(f"{where}: images {tuple(x.shape)} and labels {tuple(y.shape)} do not fit the dataset's "
+                         f"(N, {', '.join(map(str, info['image_shape']))}) images with N labels")
+    if float(x.min()) < 0 or float(x.max()) > 1:
+        raise StoreError(f"{where}: images must be floats in [0, 1], found [{float(x.min()):.3f}, {float(x.max()):.3f}]")
+    if int(y.min()) < 0 or int(y.max()) >= len(info["classes"]):
+        raise StoreError(f"{where}: labels must be 0..{len(info['classes']) - 1}, found {int(y.min())}..{int(y.max())}")
+    n = len(y)
+    nan = np.full(n, np.nan, np.float32)
+    rows = {"x": x.to(getattr(torch, spec.config["dtype"])).numpy(), "y_target": y.numpy(),
+            "y_true": np.full(n, -1, np.int64), "index": np.full(n, -1, np.int64), "fooled": np.zeros(n, bool),
+            "loss": nan, "norm": nan, "margin": nan}
+    summary = {"n": n, "attack_success": float("nan"), "attack_success_t_ne_y": float("nan"),
+               "share_target_is_true": float("nan"), "released": spec.config["name"]}
+    save_set(store, spec, rows, info["classes"], summary, run_record(rt), t0, source_folder=str(folder),
+             records_note="released set: true labels and attack records are not part of the release")
+    log(f"imported released set {spec.config['name']}: {n} rows")
+    return spec.key
+
+
 def is_sharded(spec: StageSpec) -> bool:
     """A PGD set, built shard by shard (the flow fans its shards out)."""
     return spec.stage == "construct" and spec.config["kind"] in PGD_KINDS
@@ -256,4 +300,6 @@ def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
         return build_errors(store, spec, ctx.runtime, ctx.log)
     if spec.config["kind"] in CONTROL_KINDS:
         return build_control(store, spec, ctx.runtime, ctx.log)
+    if spec.config["kind"] == "released":
+        return import_released(store, spec, ctx.runtime, ctx.log)
     return generate(store, spec, ctx.runtime, ctx.log)
