@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline import stages  # noqa: E402
 from advfeatures.config import resolve  # noqa: E402
-from pipeline.stages.dataset import source_sha256  # noqa: E402
-from pipeline.plan import make_plan  # noqa: E402
 from advfeatures.synthetic import make_arrays, write_cifar_tar  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
+from pipeline import stages  # noqa: E402
+from pipeline.plan import make_plan  # noqa: E402
+from pipeline.stages.dataset import source_sha256  # noqa: E402
 from storage.store import Store  # noqa: E402
 
 

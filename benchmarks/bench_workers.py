@@ -67,8 +67,8 @@ def _config(a, tar: Path, store: Path, extra: list[str]):
 
 def _measure(a, tar: Path, store: Path, extra: list[str]) -> dict:
     """Ingest and train the source (untimed), then time the generation subflow alone."""
-    from pipeline import stages
     from flows.replicate import _generate, plan_for
+    from pipeline import stages
     from storage.store import Store
 
     cfg = _config(a, tar, store, extra)

@@ -21,11 +21,11 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures.config import ExperimentConfig, resolve, to_plain
-from pipeline.stages.dataset import source_sha256
 from pipeline.experiments import get as get_experiment
 from pipeline.plan import Plan, StageSpec
-from pipeline.stages.construct import is_sharded
 from pipeline.stages import locate_source
+from pipeline.stages.construct import is_sharded
+from pipeline.stages.dataset import source_sha256
 from storage.arrays import shard_done
 from storage.store import Store
 from tasks import stages as T

@@ -8,8 +8,8 @@ from typing import Any
 from prefect import flow
 
 from advfeatures.config import RuntimeConfig, build_config
-from pipeline.kinds import spec_from_dict
 from flows.replicate import run_shards
+from pipeline.kinds import spec_from_dict
 
 
 @flow(name="generate-shard", flow_run_name="shard-{spec[key]}-{shard}")

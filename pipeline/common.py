@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from advfeatures.config import DataConfig, ModelConfig, RuntimeConfig, build_config, to_plain
+from advfeatures.config import ConfigError, DataConfig, ModelConfig, RuntimeConfig, build_config, to_plain
 from advfeatures.models import build_model
 from pipeline.kinds import StageSpec
 from storage import arrays as A

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import time
 from pathlib import Path
-from typing import Any
 
 from advfeatures.config import ConfigError, ExperimentConfig
 from pipeline.kinds import StageSpec

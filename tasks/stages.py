@@ -29,8 +29,8 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import RemoteFileSystem
 
-from pipeline import stages
 from advfeatures.config import PGD_KINDS, DataConfig, RuntimeConfig
+from pipeline import stages
 from pipeline.plan import StageSpec
 from storage.arrays import shard_done
 from storage.store import Store

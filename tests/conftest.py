@@ -46,10 +46,10 @@ def tiny_tar(tiny_sources):
 
 def build(tar, store, overrides=(), profile="tiny"):
     """Resolve a profile on ``tar`` into ``store``, ingest, train the source: (cfg, store, plan)."""
-    from pipeline import stages
     from advfeatures.config import resolve
-    from pipeline.stages.dataset import source_sha256
+    from pipeline import stages
     from pipeline.plan import make_plan
+    from pipeline.stages.dataset import source_sha256
     from storage.store import Store
 
     cfg = resolve(profile, list(overrides), data=str(tar), store=str(store))

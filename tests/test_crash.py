@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pipeline import stages
-from advfeatures.config import resolve
-from pipeline.stages.dataset import source_sha256
-from pipeline.plan import make_plan
 from conftest import build
+
+from advfeatures.config import resolve
+from pipeline import stages
+from pipeline.plan import make_plan
+from pipeline.stages.dataset import source_sha256
 from storage import arrays as A
 from storage.store import Store
 

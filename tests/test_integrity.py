@@ -4,11 +4,11 @@ import shutil
 
 import numpy as np
 import pytest
-
-from pipeline import stages
-from advfeatures.config import resolve
 from conftest import build
+
+from advfeatures.config import resolve
 from flows.cli import main as cli_main
+from pipeline import stages
 from storage import arrays as A
 from storage.store import IntegrityError
 

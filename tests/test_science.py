@@ -19,15 +19,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline import stages
 from advfeatures import synthetic as S
 from advfeatures.attacks import L2, pgd
 from advfeatures.config import CIFAR_MEAN, CIFAR_STD, ConfigError, TrainConfig, resolve
+from advfeatures.models import build_model
+from advfeatures.training import fit, predict
+from pipeline import stages
+from pipeline.plan import StageSpec, make_plan, student_spec
 from pipeline.stages import evaluation as evaluate_stage
 from pipeline.stages.dataset import source_sha256
-from advfeatures.models import build_model
-from pipeline.plan import StageSpec, make_plan, student_spec
-from advfeatures.training import fit, predict
 from storage.store import Store
 
 C = 10

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-
-from pipeline import stages
-from advfeatures.config import resolve
-from pipeline.plan import make_plan
 from conftest import build
+
+from advfeatures.config import resolve
+from pipeline import stages
+from pipeline.plan import make_plan
 from storage import arrays as A
 from storage.store import Store
 

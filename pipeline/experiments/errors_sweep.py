@@ -66,8 +66,8 @@ def plan(cfg: ExperimentConfig, source_sha256: str) -> ErrorsSweepPlan:
         students = []
         for seed in cfg.student.seeds:
             s = student_spec(cfg, "errors", seed, errors, teacher)
-            s = StageSpec("student", {**s.config, "seeds": model_seeds("student", ("errors", f"teacher-{epochs}ep"), seed)},
-                          s.inputs)
+            seeds = model_seeds("student", ("errors", f"teacher-{epochs}ep"), seed)
+            s = StageSpec("student", {**s.config, "seeds": seeds}, s.inputs)
             students.append((seed, s, StageSpec("eval", {"labels": "clean"}, (s.key, ds.key))))
         points.append(Point(epochs, teacher, StageSpec("eval", {"labels": "clean"}, (teacher.key, ds.key)), errors,
                             students))

@@ -6,7 +6,14 @@ that drive stages by hand (tests, benchmarks)."""
 from pipeline.common import load_model, load_split, run_record, save_set, state_sha256  # noqa: F401
 from pipeline.integrity import find, verify  # noqa: F401
 from pipeline.stages.construct import (  # noqa: F401
-    build_control, build_errors, finalize_construct, generate, import_released, pgd_set, prepare_construct, run_shard,
+    build_control,
+    build_errors,
+    finalize_construct,
+    generate,
+    import_released,
+    pgd_set,
+    prepare_construct,
+    run_shard,
 )
 from pipeline.stages.dataset import ingest, locate_source, source_sha256  # noqa: F401
 from pipeline.stages.evaluation import evaluate  # noqa: F401

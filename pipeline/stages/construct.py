@@ -15,11 +15,21 @@ import numpy as np
 import torch
 
 from advfeatures import construct as C
-from advfeatures.config import CONTROL_KINDS, PGD_KINDS, AttackConfig, ConstructConfig, RuntimeConfig, build_config
 from advfeatures.attacks import threat_model
+from advfeatures.config import CONTROL_KINDS, PGD_KINDS, AttackConfig, ConstructConfig, RuntimeConfig, build_config
 from advfeatures.training import predict, to_unit
 from pipeline.common import (
-    Context, Log, amp_dtype, compiled, dataset_info, load_model, load_split, once, quiet, run_record, save_set,
+    Context,
+    Log,
+    amp_dtype,
+    compiled,
+    dataset_info,
+    load_model,
+    load_split,
+    once,
+    quiet,
+    run_record,
+    save_set,
     setup_runtime,
 )
 from pipeline.kinds import StageSpec
@@ -274,7 +284,8 @@ def import_released(store: Store, spec: StageSpec, rt: RuntimeConfig | None = No
         raise StoreError(f"{where}: images {tuple(x.shape)} and labels {tuple(y.shape)} do not fit the dataset's "
                          f"(N, {', '.join(map(str, info['image_shape']))}) images with N labels")
     if float(x.min()) < 0 or float(x.max()) > 1:
-        raise StoreError(f"{where}: images must be floats in [0, 1], found [{float(x.min()):.3f}, {float(x.max()):.3f}]")
+        raise StoreError(f"{where}: images must be floats in [0, 1], "
+                         f"found [{float(x.min()):.3f}, {float(x.max()):.3f}]")
     if int(y.min()) < 0 or int(y.max()) >= len(info["classes"]):
         raise StoreError(f"{where}: labels must be 0..{len(info['classes']) - 1}, found {int(y.min())}..{int(y.max())}")
     n = len(y)

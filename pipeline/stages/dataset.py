@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from advfeatures import data as D
-from advfeatures.config import DataConfig, ConfigError
+from advfeatures.config import ConfigError, DataConfig
 from pipeline.common import Context, Log, once, publish, quiet, run_record
 from pipeline.kinds import StageSpec
 from storage import arrays as A

@@ -8,11 +8,21 @@ import time
 
 import torch
 
-from advfeatures.config import RuntimeConfig
 from advfeatures.attacks import robust_predictions, threat_model
+from advfeatures.config import RuntimeConfig
 from advfeatures.training import accuracy_metrics, predict
 from pipeline.common import (
-    Context, Log, amp_dtype, dataset_info, load_model, load_split, once, publish, quiet, run_record, setup_runtime,
+    Context,
+    Log,
+    amp_dtype,
+    dataset_info,
+    load_model,
+    load_split,
+    once,
+    publish,
+    quiet,
+    run_record,
+    setup_runtime,
 )
 from pipeline.kinds import StageSpec
 from storage.store import Store

@@ -14,7 +14,17 @@ from advfeatures.config import ModelConfig, RuntimeConfig, TrainConfig, build_co
 from advfeatures.models import build_model
 from advfeatures.training import fit
 from pipeline.common import (
-    Context, Log, amp_dtype, compiled, dataset_info, load_split, once, publish, quiet, run_record, setup_runtime,
+    Context,
+    Log,
+    amp_dtype,
+    compiled,
+    dataset_info,
+    load_split,
+    once,
+    publish,
+    quiet,
+    run_record,
+    setup_runtime,
     state_sha256,
 )
 from pipeline.kinds import StageSpec
