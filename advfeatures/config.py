@@ -259,6 +259,10 @@ class RuntimeConfig:
     """torch.compile the model (not the PGD loop) for training, PGD and inference."""
     cudnn_benchmark: bool = True
     """Let cuDNN pick the fastest convolution algorithms (CUDA only)."""
+    stage_workers: int = 1
+    """Independent stages (two students, a student and a set, ...) run at once in this process, up
+    to this many (a thread pool; torch's CPU threads are split between them unless runtime.threads
+    is set). 1 = one stage after another, in the plan's order."""
     shard_workers: int = 1
     """Shards generated at once in this process (a thread pool bounds it); torch's CPU threads are
     split between them unless runtime.threads is set."""
@@ -274,6 +278,7 @@ class RuntimeConfig:
     def __post_init__(self):
         _check(self.threads >= 0, "runtime.threads must be >= 0")
         _check(self.shard_workers >= 1, "runtime.shard_workers must be >= 1")
+        _check(self.stage_workers >= 1, "runtime.stage_workers must be >= 1")
         _check(self.shard_executor in ("local", "deployment"),
                f"runtime.shard_executor={self.shard_executor!r}; choose local or deployment")
         _check(self.shard_retries >= 0, "runtime.shard_retries must be >= 0")

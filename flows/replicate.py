@@ -22,6 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures.config import ExperimentConfig, resolve, to_plain
 from pipeline.experiments import get as get_experiment
+from pipeline.kinds import waves
 from pipeline.plan import Plan, StageSpec
 from pipeline.stages import locate_source
 from pipeline.stages.construct import is_sharded
@@ -138,20 +139,60 @@ def stage_timings(store: Store, plan: Plan, since: float) -> list[dict[str, Any]
 
 
 def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
-    """Every stage of ``plan`` in its dependency order, each through its kind's task."""
+    """Every stage of ``plan`` through its kind's task: one after another in the plan's order, or
+    with runtime.stage_workers > 1, level by level (``waves``), the independent stages of a level
+    submitted together (PGD sets fan out by shard either way)."""
     root, rt = st.url, cfg.runtime
-    for spec in plan.stages():
+
+    def one(spec: StageSpec) -> None:
         if spec.stage == "run":
-            continue  # the experiment's writer, once every stage is done
-        if spec.stage == "dataset":
-            run_stage(T.ingest, spec, root, cfg.data)
-        elif is_sharded(spec):
-            if st.is_complete(spec.folder, spec.key):
-                run_stage(T.finalize_set, spec, root)  # sealed already: Cached, no generation subflow
-            else:
-                _generate(spec, root, rt)
+            return  # the experiment's writer, once every stage is done
+        if not is_sharded(spec):
+            run_stage(*_task_and_args(spec, cfg))
+        elif st.is_complete(spec.folder, spec.key):
+            run_stage(T.finalize_set, spec, root)  # sealed already: Cached, no generation subflow
         else:
-            run_stage(T.task_for(spec), spec, root, rt)
+            _generate(spec, root, rt)
+
+    if rt.stage_workers == 1:
+        for spec in plan.stages():
+            one(spec)
+        return
+    for level in waves(plan.stages()):
+        rest = [s for s in level if not is_sharded(s) and s.stage != "run"]
+        if len(rest) > 1:
+            _run_level(rest, cfg, root)
+        for spec in level:
+            one(spec)  # PGD sets; for the rest only the store-truth check (cached by now)
+
+
+def _task_and_args(spec: StageSpec, cfg: ExperimentConfig, rt: Any = None) -> tuple:
+    root = Store(cfg.runtime.store).url
+    if spec.stage == "dataset":
+        return T.ingest, spec, root, cfg.data
+    return T.task_for(spec), spec, root, rt or cfg.runtime
+
+
+def _run_level(specs: list[StageSpec], cfg: ExperimentConfig, root: str) -> None:
+    """Submit independent stages together on a pool of runtime.stage_workers threads, splitting
+    torch's CPU threads between them unless runtime.threads is set."""
+    rt = cfg.runtime
+    workers = min(rt.stage_workers, len(specs))
+    if rt.threads == 0:
+        rt = dataclasses.replace(rt, threads=max(1, (os.cpu_count() or 1) // workers))
+    runner = ThreadPoolTaskRunner(max_workers=workers)
+
+    @flow(name="stage-level", flow_run_name=f"level-{len(specs)}-stages")
+    def level() -> None:
+        futures = []
+        for spec in specs:
+            task, *args = _task_and_args(spec, cfg, rt)
+            futures.append(T.for_store(task, root).submit(*args))
+        wait(futures)
+        for f in futures:
+            f.result()  # raises the first failure
+
+    level.with_options(task_runner=runner)()
 
 
 def run_experiment_body(experiment: str, profile: str, overrides: list[str] | None, data: str | None,

@@ -110,3 +110,16 @@ def run_all(store: Any, plan: Any, ctx: Any) -> str:
     for spec in plan.stages():
         execute(store, spec, ctx)
     return plan.run.key
+
+
+def waves(stages: list[StageSpec]) -> list[list[StageSpec]]:
+    """The stages in dependency levels: each stage's inputs (those in the list) lie in earlier
+    levels, so the stages of one level are independent and may run at once; the order within a
+    level is the list's."""
+    level: dict[str, int] = {}
+    for spec in stages:  # a plan lists every stage after its inputs
+        level[spec.key] = 1 + max((level[k] for k in spec.inputs if k in level), default=-1)
+    out: list[list[StageSpec]] = [[] for _ in range(1 + max(level.values(), default=-1))]
+    for spec in stages:
+        out[level[spec.key]].append(spec)
+    return out

@@ -314,3 +314,33 @@ def test_released_sets_refuse_bad_input(tmp_path, tiny_tar, tiny_arrays):
     with pytest.raises(StoreError, match=r"floats in \[0, 1\]"):  # 0..255 images: the release is in [0, 1]
         stages.import_released(st, plan.sets["ddet_CIFAR"], cfg.runtime)
     assert not st.is_complete("constructed", plan.sets["ddet_CIFAR"].key)
+
+
+def test_waves_put_every_stage_after_its_inputs(tiny_tar):
+    plan = get("replicate").plan(resolve("tiny", ["construct.select=0.5"]), source_sha256(tiny_tar))
+    levels = kinds.waves(plan.stages())
+    where = {s.key: i for i, level in enumerate(levels) for s in level}
+    assert sorted(where) == sorted(s.key for s in plan.stages())
+    for spec in plan.stages():
+        assert all(where[k] < where[spec.key] for k in spec.inputs if k in where)
+    assert [s.stage for s in levels[0]] == ["dataset"] and levels[-1] == [plan.run]
+    assert len({where[s.student.key] for s in plan.students if s.kind != "errors"}) == 1  # PGD students: one level
+
+
+def test_independent_stages_run_together_with_the_same_results(tmp_path, tiny_tar):
+    """runtime.stage_workers=2 (two stages at once, threads fixed so rounding is the same) gives
+    the bytes of the bare executors run one after another."""
+    over = ["construct.sets=[rand, errors]", "construct.n_images=50", "student.seeds=[0, 1]", "runtime.threads=1"]
+    cfg = resolve("tiny", over, data=str(tiny_tar), store=str(tmp_path / "bare"))
+    plan = get("replicate").plan(cfg, source_sha256(tiny_tar))
+    bare = Store(cfg.runtime.store)
+    kinds.run_all(bare, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg))
+    from flows.replicate import run_experiment
+
+    with prefect_test_harness():
+        out = run_experiment(experiment="replicate", profile="tiny", overrides=over + ["runtime.stage_workers=2"],
+                             data=str(tiny_tar), store=str(tmp_path / "flow"))
+    assert out["run_key"] == plan.run.key
+    a, b = _artifacts(bare, plan), _artifacts(Store(tmp_path / "flow"), plan)
+    assert a.keys() == b.keys()
+    assert [plan.labels()[k] for k in a if a[k] != b[k]] == []

@@ -3,6 +3,7 @@ the student kind: fresh initial weights from the spec's derived seed, ``fit``, w
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,15 @@ from storage.hashing import path_sha256
 from storage.store import Store
 
 
+_GLOBAL_RNG = threading.Lock()  # layers draw their initial weights from torch's global generator
+
+
 def initial_model(spec: StageSpec, num_classes: int) -> torch.nn.Module:
     """A model stage's initial weights, drawn on the CPU from the seed its spec derives from the
-    model's role and seed (``spec.config['seeds']['init']``)."""
+    model's role and seed (``spec.config['seeds']['init']``). Under a lock: two stages building
+    models at once in one process (runtime.stage_workers) would otherwise reseed each other."""
     mc = build_config(ModelConfig, spec.config["model"], "model")
-    with torch.random.fork_rng(devices=[]):
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.config["seeds"]["init"])
         return build_model(mc.arch, num_classes, mc.mean, mc.std)
 
