@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from advfeatures.config import ExperimentConfig
-from pipeline.common import run_record
+from pipeline.common import publish, run_record
 from pipeline.plan import Plan, StageSpec
 from storage.store import Store, atomic_write_json, open_root
 
@@ -143,7 +143,8 @@ def write_run(store: Store, plan: Any, cfg: ExperimentConfig, build: Any = None,
 def _write_run(store: Store, plan: Any, cfg: ExperimentConfig, spec: StageSpec, build: Any, markdown: Any) -> None:
     t0 = time.perf_counter()
     df = build(store, plan)
-    with store.staging(spec.folder, spec.key) as tmp:
+
+    def write(tmp: Path) -> dict[str, Any]:
         with (tmp / "table.csv").open("w") as f:
             df.to_csv(f, index=False)
         with (tmp / "table.parquet").open("wb") as f:
@@ -151,9 +152,9 @@ def _write_run(store: Store, plan: Any, cfg: ExperimentConfig, spec: StageSpec, 
         (tmp / "table.md").write_text(markdown(df) + "\n")
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         atomic_write_json(tmp / "plan.json", [s.as_dict() for s in plan.stages()])
-        atomic_write_json(tmp / "manifest.json", store.manifest_body(
-            spec.folder, spec.key, spec.as_dict(), files=list(TABLE_FILES), seconds=round(time.perf_counter() - t0, 3),
-            **run_record(cfg.runtime)))
+        return {}
+
+    publish(store, spec, t0, write, files=list(TABLE_FILES), **run_record(cfg.runtime))
 
 
 def read_table(run_dir: Path) -> pd.DataFrame:

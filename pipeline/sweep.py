@@ -11,10 +11,12 @@ from __future__ import annotations
 import itertools
 import time
 from pathlib import Path
+from typing import Any
 
 from advfeatures.config import ConfigError, ExperimentConfig
+from pipeline.common import publish
 from pipeline.kinds import StageSpec
-from storage.store import Store, atomic_write_json
+from storage.store import Store
 
 
 def _split_values(raw: str) -> list[str]:
@@ -85,7 +87,7 @@ def write_sweep(store: Store, experiment: str, ax: list[tuple[str, list[str]]],
         df.insert(0, "run_key", Path(str(run_dir)).name)
         frames.append(df)
     table = pd.concat(frames, ignore_index=True)
-    with store.staging(spec.folder, spec.key) as tmp:
+    def write(tmp: Path) -> dict[str, Any]:
         with (tmp / "sweep.csv").open("w") as f:
             table.to_csv(f, index=False)
         with (tmp / "sweep.parquet").open("wb") as f:
@@ -93,8 +95,8 @@ def write_sweep(store: Store, experiment: str, ax: list[tuple[str, list[str]]],
         shown = table.drop(columns=[c for c in table.columns if c.endswith("_key")])
         (tmp / "sweep.md").write_text(shown.to_markdown(index=False, floatfmt=".1f") + "\n")
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        atomic_write_json(tmp / "manifest.json", store.manifest_body(
-            spec.folder, spec.key, spec.as_dict(), files=["sweep.csv", "sweep.md", "sweep.parquet"],
-            points=[{"overrides": o, "run": Path(str(d)).name} for o, d in runs],
-            seconds=round(time.perf_counter() - t0, 3)))
+        return {}
+
+    publish(store, spec, t0, write, files=["sweep.csv", "sweep.md", "sweep.parquet"],
+            points=[{"overrides": o, "run": Path(str(d)).name} for o, d in runs])
     return store.path(spec.folder, spec.key)

@@ -32,7 +32,6 @@ from pipeline.kinds import StageSpec
 from storage.hashing import path_sha256
 from storage.store import Store
 
-
 _GLOBAL_RNG = threading.Lock()  # layers draw their initial weights from torch's global generator
 
 
