@@ -22,8 +22,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FIELDS = ["lever", "profile", "overrides", "date", "run_wall_s", "set", "model", "seed", "n_train",
-          "attack_success_%", "attack_success_t≠y_%", "share_t=y_%", "acc_xy_%", "ci95_lo_%", "ci95_hi_%", "acc_xy+1_%",
+          "attack_success_%", "attack_success_t≠y_%", "share_t=y_%", "pgd_fooled_%", "pgd_fooled_t≠y_%",
+          "acc_xy_%", "ci95_lo_%", "ci95_hi_%", "acc_xy+1_%",
           "source_acc_%", "model_s", "set_s", "computed", "run_key", "note"]
+
+
+def pgd_fooling(store, key) -> dict[str, float]:
+    """The fooling rates of the whole PGD set behind a set students trained on (before selection)."""
+    nan = float("nan")
+    if not isinstance(key, str) or not store.is_complete("constructed", key):
+        return {"pgd_fooled_%": nan, "pgd_fooled_t≠y_%": nan}
+    man = store.manifest("constructed", key)
+    if "parent" in man:
+        return pgd_fooling(store, man["parent"])
+    summary = man.get("summary", {})
+    def pct(v):
+        return round(100 * v, 2) if isinstance(v, (int, float)) else nan
+
+    return {"pgd_fooled_%": pct(summary.get("attack_success")),
+            "pgd_fooled_t≠y_%": pct(summary.get("attack_success_t_ne_y"))}
 
 
 def set_seconds(store, key) -> float:
@@ -79,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         **{k: r.get(k) for k in FIELDS if k in r},
                         "model_s": round(float(man.get("seconds", float("nan"))), 1),
                         "set_s": round(set_seconds(st, r.get("construct_key")), 1),
+                        **pgd_fooling(st, r.get("construct_key")),
                         "computed": computed, "run_key": Path(run_dir).name, "note": a.note})
     print(text[text.find("| set"):text.find("run folder:")])
     print(f"{a.lever}: {wall:.0f} s wall; rows appended to {out}")
