@@ -207,7 +207,9 @@ def test_pgd_agrees_with_the_robustness_librarys_loop(trained_small_model):
     assert 0.2 < fooled_ref.float().mean() < 0.8  # a test that can disagree
     assert (ours.fooled == fooled_ref).float().mean() >= 0.99
     assert torch.equal(ours.fooled, _fooled(model, ours.x, t))
-    close = (ours.x - ref).flatten(1).norm(dim=1) < 1e-3
+    # Rounding alone (sum vs mean of the losses, channels_last, the torch build) moves an iterate by
+    # up to ~0.0025 (of eps 3) after 10 steps on torch 2.14; ignoring use_best moves 20% of them by > 0.6.
+    close = (ours.x - ref).flatten(1).norm(dim=1) < 1e-2
     assert close.float().mean() >= 0.99
 
 
