@@ -3,6 +3,7 @@ smoke runs). Class c images are noise around a class-specific colour, so they ar
 
 from __future__ import annotations
 
+import gzip
 import io
 import pickle
 import tarfile
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -50,7 +52,8 @@ def write_image_zip(path: Path, arrays, top: str = "") -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
         for split, xs, ys in (("train", tx, ty), ("test", vx, vy)):
             for i, (x, y) in enumerate(zip(xs, ys)):
-                zf.writestr(f"{top}{split}/{CLASSES[y]}/{i:04d}.png", _png(x))
+                # a fixed timestamp: the same arrays give the same bytes, so the same dataset key
+                zf.writestr(zipfile.ZipInfo(f"{top}{split}/{CLASSES[y]}/{i:04d}.png", date_time=_EPOCH), _png(x))
     return Path(path)
 
 
@@ -72,7 +75,9 @@ def write_cifar_folder(root: Path, arrays) -> Path:
 
 
 def write_cifar_tar(path: Path, arrays) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
+    """The official archive's layout; byte-identical for the same arrays (gzip and tar times 0)."""
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w") as tf:
         for name, blob in _batches(arrays).items():
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
