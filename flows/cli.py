@@ -84,21 +84,22 @@ def main(argv: list[str] | None = None) -> int:
         synthetic.write_image_zip(out, synthetic.make_arrays(args.train, args.test))
         print(f"wrote {out} ({args.train} train, {args.test} test images)")
         return 0
-    if args.command == "deploy":
-        from flows.serve import deploy
-
-        deploy(pool_limit=args.pool_limit, shard_limit=args.shard_limit, heartbeat=args.heartbeat,
-               heartbeat_multiple=args.heartbeat_multiple)
-        print(f"deployed to {os.environ.get('PREFECT_API_URL', '(no PREFECT_API_URL)')}")
-        return 0
     if args.command == "verify":
         return _verify(args)
-    if args.command == "serve":
-        from flows.serve import serve
+    if args.command in ("deploy", "serve"):
+        from flows.serve import deploy, serve
 
-        return serve(workers=args.workers, port=args.port, pool_limit=args.pool_limit,
-                     shard_limit=args.shard_limit, heartbeat=args.heartbeat,
-                     heartbeat_multiple=args.heartbeat_multiple)
+        beat = dict(heartbeat=args.heartbeat, heartbeat_multiple=args.heartbeat_multiple)
+        try:
+            if args.command == "serve":
+                return serve(workers=args.workers, port=args.port, pool_limit=args.pool_limit,
+                             shard_limit=args.shard_limit, **beat)
+            deploy(pool_limit=args.pool_limit, shard_limit=args.shard_limit, **beat)
+        except (ValueError, RuntimeError, TimeoutError) as e:
+            print(f"advfeatures: error: {e}", file=sys.stderr)
+            return 2
+        print(f"deployed to {os.environ.get('PREFECT_API_URL', '(no PREFECT_API_URL)')}")
+        return 0
 
     from advfeatures.config import ConfigError, resolve
     from advfeatures.data import DataSourceError

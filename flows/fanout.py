@@ -70,16 +70,17 @@ def fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], child
             now: Callable[[], _dt.datetime] = lambda: _dt.datetime.now(_dt.timezone.utc)) -> None:
     """Run ``pending`` shards of ``spec`` as child flow runs until each has its marker; raise when a
     shard has used up its tries or the set its deadline."""
+    if not pending:
+        return
     path = Store(store_root).path(spec.folder, spec.key)
     workers = children.shard_workers() if rt.shards_per_run == 0 else 0
     attempts = dict.fromkeys(pending, 0)
     live: dict[UUID, list[int]] = {}
     for batch in batches(pending, rt.shards_per_run, workers):
         live[children.submit(batch, 0)] = batch
-    how = f"up to {len(live[next(iter(live))])} per run" if live else ""
     print(f"set {spec.key}: {len(live)} shard runs submitted to deployment {rt.shard_deployment} "
-          f"({len(pending)} shards, {how})")
-    period = children.heartbeat_period() if live else None
+          f"({len(pending)} shards, up to {max(map(len, live.values()))} per run)")
+    period = children.heartbeat_period()
     every = max(1.0, (period or 0) / 2)  # heartbeats are read at most this often per child
     checked: dict[UUID, float] = {}
     deadline = clock() + rt.shard_timeout if rt.shard_timeout else None

@@ -58,14 +58,8 @@ def deploy(env: dict[str, str] | None = None, pool_limit: int | None = None, sha
            heartbeat: int = 30, heartbeat_multiple: float | None = None) -> None:
     """Work pool, queues (with optional limits), the deployments of prefect.yaml with their
     heartbeat period, and the zombie-run automation."""
-    from advfeatures.config import RuntimeConfig
-    from flows import liveness
-
     env = dict(os.environ if env is None else env)
-    multiple = heartbeat_multiple or RuntimeConfig().heartbeat_multiple
-    if heartbeat < liveness.min_period() or multiple <= 1:
-        raise ValueError(f"--heartbeat {heartbeat} --heartbeat-multiple {multiple:g}: the period must be >= "
-                         f"{liveness.min_period()} s (Prefect's minimum) and the multiple > 1")
+    multiple = _check_heartbeat(heartbeat, heartbeat_multiple)
     if not (ROOT / "prefect.yaml").is_file():
         raise RuntimeError(f"no prefect.yaml in {ROOT}: run from the advfeatures checkout or set ADVFEATURES_HOME")
     env.setdefault("ADVFEATURES_HOME", str(ROOT))
@@ -80,6 +74,18 @@ def deploy(env: dict[str, str] | None = None, pool_limit: int | None = None, sha
     if shard_limit:
         _prefect("work-queue", "set-concurrency-limit", SHARD_QUEUE, str(shard_limit), "--pool", POOL, env=env)
     _heartbeats(env["PREFECT_API_URL"] if "PREFECT_API_URL" in env else None, heartbeat, multiple)
+
+
+def _check_heartbeat(heartbeat: int, multiple: float | None) -> float:
+    """The multiple to use (runtime.heartbeat_multiple's default unless given), after checking both."""
+    from advfeatures.config import RuntimeConfig
+    from flows import liveness
+
+    multiple = multiple or RuntimeConfig().heartbeat_multiple
+    if heartbeat < liveness.min_period() or multiple <= 1:
+        raise ValueError(f"--heartbeat {heartbeat} --heartbeat-multiple {multiple:g}: the period must be >= "
+                         f"{liveness.min_period()} s (Prefect's minimum) and the multiple > 1")
+    return multiple
 
 
 def _heartbeats(api: str | None, heartbeat: int, multiple: float) -> None:
@@ -111,6 +117,7 @@ def serve(workers: int = 2, port: int = 4200, host: str = "127.0.0.1", pool_limi
     from flows.fanout import CONTROL_WORKER_PREFIX
     from flows.supervise import Child, Stop, Supervisor, become_subreaper, install_sigterm
 
+    _check_heartbeat(heartbeat, heartbeat_multiple)  # before anything starts
     install_sigterm()
     become_subreaper()
     api = f"http://{host}:{port}/api"

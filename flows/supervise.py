@@ -114,6 +114,7 @@ class Supervisor:
     backoff: float = 1.0  # first restart delay, seconds; doubles per quick failure
     max_backoff: float = 60.0
     stable: float = 60.0  # a child that ran this long before exiting restarts after ``backoff``
+    orphans: bool = True  # stop() also ends every other descendant of this process (serve: orphans it reaped)
     children: list[Child] = field(default_factory=list)
 
     def start(self, child: Child) -> Child:
@@ -144,6 +145,8 @@ class Supervisor:
     def reap(self) -> None:
         """Collect exited orphans that were re-parented to this process (never our own children,
         whose exit status Popen reads)."""
+        if not self.orphans:
+            return
         mine, me = {c.proc.pid for c in self.children if c.proc is not None}, os.getpid()
         for pid, parent in parents().items():
             if parent == me and pid not in mine:
@@ -163,7 +166,8 @@ class Supervisor:
         orphans included), then ``last`` (the server): SIGTERM, up to ``grace`` s each, SIGKILL."""
         keep = {c.proc.pid for c in last if c.proc is not None}
         keep |= set(descendants(list(keep))) if keep else set()
-        tree = {p: started(p) for p in descendants([os.getpid()]) if p not in keep}
+        roots = [os.getpid()] if self.orphans else [c.proc.pid for c in first if c.proc is not None]
+        tree = {p: started(p) for p in descendants(roots) if p not in keep}
         self._terminate([c for c in first if c.proc is not None], tree, grace)
         self._terminate([c for c in last if c.proc is not None], {}, grace)
 

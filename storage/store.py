@@ -3,6 +3,7 @@
     <root>/<kind>/<key>/manifest.json     written last and atomically: the artifact is complete
                                           exactly when its manifest exists
     <root>/<kind>/.staging-<key>-<uuid>/  where whole-folder artifacts are built before a rename
+                                          (a killed writer's is swept by a later write of its kind)
 
 Readers trust manifests only. Every manifest records the stage's config, its inputs, the schema,
 the code version, the seeds and the time it took.
