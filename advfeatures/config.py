@@ -246,7 +246,8 @@ class RuntimeConfig:
     device: str = "auto"
     """'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
     threads: int = 0
-    """CPU threads for torch; 0 = all cores."""
+    """CPU threads for torch; 0 = every CPU this process may use (its affinity mask and cgroup
+    quota, so a container limited to 2 CPUs uses 2 threads, not the host's core count)."""
     store: str = ".advstore"
     """Root of the artifact store (Zarr arrays, models, runs)."""
     channels_last: bool = True
@@ -271,7 +272,20 @@ class RuntimeConfig:
     ``shard_deployment`` deployment, taken by that work pool's workers."""
     shard_deployment: str = "generate-shard/generate-shard"
     shard_retries: int = 2
-    """With 'deployment': how often a failed or crashed shard run is submitted again."""
+    """With 'deployment': how often a shard whose run failed, crashed or was lost is submitted
+    again (each shard counts its own tries, whatever batch it ran in)."""
+    shards_per_run: int = 0
+    """With 'deployment': shards per flow run of the shard deployment, run one after another by
+    one worker (each shard keeps its own marker and retry count). 0 = auto: the pending shards
+    split evenly over the pool's online shard workers, so each worker pays a flow run's start
+    (~6-8 s with process workers) once per set instead of once per shard."""
+    heartbeat_multiple: float = 3.0
+    """With 'deployment': a shard run that is Running (or Pending on a worker) and whose last
+    Prefect heartbeat is older than this many heartbeat periods is lost (its worker died with
+    it): it is marked Crashed and its shards are resubmitted, within shard_retries."""
+    shard_timeout: float = 0.0
+    """With 'deployment': seconds a set's shards may take from submission until all are done;
+    past it the set fails with an error naming the shards and their runs. 0 = no deadline."""
     attack_batch_size: int = 250
     eval_batch_size: int = 1000
 
@@ -282,6 +296,10 @@ class RuntimeConfig:
         _check(self.shard_executor in ("local", "deployment"),
                f"runtime.shard_executor={self.shard_executor!r}; choose local or deployment")
         _check(self.shard_retries >= 0, "runtime.shard_retries must be >= 0")
+        _check(self.shards_per_run >= 0, "runtime.shards_per_run must be >= 0 (0 = auto)")
+        _check(self.heartbeat_multiple > 1, "runtime.heartbeat_multiple must be > 1 (heartbeat periods "
+               "without a heartbeat before a shard run counts as lost; 3 is a safe choice)")
+        _check(self.shard_timeout >= 0, "runtime.shard_timeout must be >= 0 seconds (0 = no deadline)")
         _check(self.amp in ("none", "bf16"), f"runtime.amp={self.amp!r}; choose none or bf16")
         _check(self.attack_batch_size >= 1 and self.eval_batch_size >= 1, "runtime batch sizes must be >= 1")
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),

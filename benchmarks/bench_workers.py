@@ -4,7 +4,7 @@ spent per shard, wall x workers / shards, minus the PGD seconds recorded in the 
 process start, imports, loading, Zarr writes, markers, Prefect bookkeeping and polling).
 
     python benchmarks/bench_workers.py [--mode processes|threads] [--shards 4] [--shard-size 1000]
-                                       [--steps 45] [--workers 1 2]
+                                       [--steps 45] [--workers 1 2] [--shards-per-run 0]
 
 --mode processes (default): real Prefect process workers. For each worker count W a fresh local
 Prefect server is started (its own PREFECT_HOME under a temp dir, a free port), the `advfeatures`
@@ -12,11 +12,12 @@ work pool and prefect.yaml's deployments are registered (flows.serve.deploy) and
 (`prefect worker start ... --work-queue shards --limit 1`, separate OS processes) are started and
 waited for until online. A child of this script (with PREFECT_API_URL pointing at that server)
 ingests the data and trains the source model outside the timing, then times the generate-set
-subflow with runtime.shard_executor=deployment: every shard is a flow run of the `generate-shard`
-deployment, which a worker runs in a new `python -m prefect.engine` process. The server and the
+subflow with runtime.shard_executor=deployment: the shards go as flow runs of the `generate-shard`
+deployment (``--shards-per-run`` per run; 0 = auto, one run per online worker), each of which a
+worker runs in a new `python -m prefect.engine` process. The server and the
 workers are stopped afterwards (also on errors). Besides the timing it prints, per worker count,
 the mean shard seconds from the markers, the distinct pids in the markers (one per flow run, since
-a process worker starts a process per flow run) and how many distinct workers ran them (read from
+a process worker starts a process per flow run, so fewer than shards when runs are batched) and how many distinct workers ran them (read from
 the workers' logs, which carry their flow runs' logs), which must equal W (a WARNING otherwise).
 
 --mode threads: W threads of this one process (runtime.shard_workers=W, the flow's task runner)
@@ -49,6 +50,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from advfeatures.synthetic import make_arrays, write_cifar_tar
+from flows.supervise import descendants as _owners
+from flows.supervise import started as _started
 
 RESULT = "BENCH_RESULT "  # prefix of the JSON line a --_one child prints
 
@@ -106,7 +109,8 @@ def _one(a) -> int:
     from benchmarks.common import machine
 
     flow(lambda: None, name="warm-up")()  # the client's first flow run, outside the timing
-    r = _measure(a, Path(a.tar), Path(a.store), ["runtime.shard_executor=deployment"])
+    r = _measure(a, Path(a.tar), Path(a.store), ["runtime.shard_executor=deployment",
+                                                 f"runtime.shards_per_run={a.shards_per_run}"])
     r["machine"] = machine("cpu")
     print(RESULT + json.dumps(r), flush=True)
     return 0
@@ -116,46 +120,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every process (Linux /proc; empty elsewhere)."""
-    out = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return out
-    for d in names:
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    out[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def _started(pid: int) -> str | None:
-    """A process's start time (clock ticks since boot), to tell it from a later one with its pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _owners(roots: list[int]) -> dict[int, int]:
-    """Every live descendant of the given processes -> the root it descends from."""
-    parents, owner = _parents(), {r: r for r in roots}
-    for pid in parents:
-        chain, p = [], pid
-        while p not in owner and p in parents and p > 1 and len(chain) < 64:
-            chain.append(p)
-            p = parents[p]
-        if p in owner:
-            for c in chain:
-                owner[c] = owner[p]
-    return {p: r for p, r in owner.items() if p not in roots}
 
 
 def _stop(procs: list[subprocess.Popen], grace: float = 20) -> None:
@@ -248,7 +212,7 @@ def _processes_one(a, w: int, tmp: Path, tar: Path) -> dict:
         info["workers_online_s"] = time.perf_counter() - t0
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_one", str(w), "--_tar", str(tar),
                "--_store", str(tmp / f"store-{w}"), "--shards", str(a.shards), "--shard-size", str(a.shard_size),
-               "--steps", str(a.steps)]
+               "--steps", str(a.steps), "--shards-per-run", str(a.shards_per_run)]
         child = start(cmd, home / "bench.log")
         child.wait()
         out = _tail(home / "bench.log", 10**9)
@@ -264,13 +228,14 @@ def _processes_one(a, w: int, tmp: Path, tar: Path) -> dict:
         _stop(procs)
 
 
-SHARD_DONE = re.compile(r"Flow run 'shard-\w+-(\d+)' - Finished in state Completed")
+SHARD_DONE = re.compile(r"Flow run 'shard-\w+-([\d+]+)' - Finished in state Completed")
 
 
 def _worker_of_shard(logs: Path, w: int) -> dict[int, int]:
-    """shard -> the shard worker that ran it: a process worker's log carries its flow runs' logs."""
-    return {int(m.group(1)): i for i in range(w)
-            for m in SHARD_DONE.finditer(_tail(logs / f"worker-{i}.log", 10**9))}
+    """shard -> the shard worker that ran it: a process worker's log carries its flow runs' logs
+    (a run of a batch is named shard-<set>-<i>+<j>+...)."""
+    return {int(s): i for i in range(w)
+            for m in SHARD_DONE.finditer(_tail(logs / f"worker-{i}.log", 10**9)) for s in m.group(1).split("+")}
 
 
 def _processes(a, tmp: Path, tar: Path) -> tuple[dict, str]:
@@ -292,6 +257,9 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--steps", type=int, default=45)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--shards-per-run", type=int, default=0,
+                   help="processes mode: runtime.shards_per_run (0 = auto: the shards split evenly over the "
+                        "online shard workers; 1 = one flow run per shard, as before batching)")
     p.add_argument("--_one", dest="one", type=int, help=argparse.SUPPRESS)  # child of --mode processes
     p.add_argument("--_tar", dest="tar", help=argparse.SUPPRESS)
     p.add_argument("--_store", dest="store", help=argparse.SUPPRESS)
@@ -307,7 +275,8 @@ def main(argv=None) -> int:
     _config(a, tar, tmp / "store", [])  # a bad configuration fails here, before any server starts
     results, mach = (_processes if a.mode == "processes" else _threads)(a, tmp, tar)
 
-    what = "process workers (Prefect work pool)" if a.mode == "processes" else "threads of one process"
+    what = (f"process workers (Prefect work pool), shards_per_run={a.shards_per_run or 'auto'}"
+            if a.mode == "processes" else "threads of one process")
     print(f"# {a.shards} shards x {a.shard_size} images x {a.steps} steps, small_cnn, shard workers = {what}, "
           f"1 torch thread per worker; {mach}")
     print(f"{'workers':>7} {'flow wall s':>11} {'shard s':>8} {'PGD s':>7} {'overhead/shard':>15} "
@@ -333,7 +302,7 @@ def main(argv=None) -> int:
                       f"the {w} shard workers, expected {expect} (shard -> worker from the worker logs: {of})")
         print(f"{w:>7} {r['wall']:>11.1f} {shard:>8.1f} {pgd:>7.1f} {over:>8.2f} s {pct:>4.1f}% {pids:>5} {used:>10}")
     if a.mode == "processes":
-        print("# pids: distinct writer pids in the markers (a process worker starts one process per flow run); "
+        print("# pids: distinct writer pids in the markers (one process per flow run: a run may take several shards); "
               f"by workers: distinct shard workers that ran them (from their logs){'' if ok else ' (see WARNING)'}")
     if 1 in results and len(results) > 1:
         best = max(w for w in results if w > 1)

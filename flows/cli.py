@@ -33,6 +33,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="student seeds 0..N-1 (student.seeds)")
 
 
+def _heartbeat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heartbeat", type=int, default=30, metavar="SECONDS",
+                   help="heartbeat period of the deployments' flow runs (Prefect's minimum, 30, by default)")
+    p.add_argument("--heartbeat-multiple", type=float, default=None, metavar="K",
+                   help="the zombie-run automation marks a run Crashed after K periods without a heartbeat "
+                        "(default: runtime.heartbeat_multiple's default, 3)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="advfeatures", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     _common(sub.add_parser("show-config", help="print the resolved config and every stage's key"))
     ver = sub.add_parser("verify", help="check a stored artifact against its recorded checksums")
     ver.add_argument("key", help="an artifact key (see show-config)")
-    ver.add_argument("--store", default=".advstore", help="artifact store root")
+    ver.add_argument("--store", default=None,
+                     help="artifact store root (default: $ADVFEATURES_STORE, else .advstore)")
     ver.add_argument("--repair", action="store_true",
                      help="unseal what is corrupt so the next run recomputes exactly that")
     srv = sub.add_parser("serve", help="local Prefect server + UI, work pool, deployments and N process workers")
@@ -50,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, default=4200)
     srv.add_argument("--pool-limit", type=int, default=None, help="work pool concurrency limit")
     srv.add_argument("--shard-limit", type=int, default=None, help="concurrency limit of the shards queue")
+    _heartbeat_args(srv)
     dep = sub.add_parser("deploy", help="create the work pool and register prefect.yaml's deployments "
                                         "on the server at PREFECT_API_URL")
     dep.add_argument("--pool-limit", type=int, default=None, help="work pool concurrency limit")
     dep.add_argument("--shard-limit", type=int, default=None, help="concurrency limit of the shards queue")
+    _heartbeat_args(dep)
     syn = sub.add_parser("synth", help="write a tiny synthetic CIFAR-like data set (a zip of PNGs) for smoke runs")
     syn.add_argument("path", help="the zip to write")
     syn.add_argument("--train", type=int, default=200, help="training images")
@@ -73,19 +84,22 @@ def main(argv: list[str] | None = None) -> int:
         synthetic.write_image_zip(out, synthetic.make_arrays(args.train, args.test))
         print(f"wrote {out} ({args.train} train, {args.test} test images)")
         return 0
-    if args.command == "deploy":
-        from flows.serve import deploy
-
-        deploy(pool_limit=args.pool_limit, shard_limit=args.shard_limit)
-        print(f"deployed to {os.environ.get('PREFECT_API_URL', '(no PREFECT_API_URL)')}")
-        return 0
     if args.command == "verify":
         return _verify(args)
-    if args.command == "serve":
-        from flows.serve import serve
+    if args.command in ("deploy", "serve"):
+        from flows.serve import deploy, serve
 
-        return serve(workers=args.workers, port=args.port, pool_limit=args.pool_limit,
-                     shard_limit=args.shard_limit)
+        beat = dict(heartbeat=args.heartbeat, heartbeat_multiple=args.heartbeat_multiple)
+        try:
+            if args.command == "serve":
+                return serve(workers=args.workers, port=args.port, pool_limit=args.pool_limit,
+                             shard_limit=args.shard_limit, **beat)
+            deploy(pool_limit=args.pool_limit, shard_limit=args.shard_limit, **beat)
+        except (ValueError, RuntimeError, TimeoutError) as e:
+            print(f"advfeatures: error: {e}", file=sys.stderr)
+            return 2
+        print(f"deployed to {os.environ.get('PREFECT_API_URL', '(no PREFECT_API_URL)')}")
+        return 0
 
     from advfeatures.config import ConfigError, resolve
     from advfeatures.data import DataSourceError
@@ -107,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve(args.profile, args.overrides, data=args.data, store=args.store)
         if args.command == "show-config":
             return _show(cfg, args.experiment)
-        from pipeline.stages import locate_source
-
-        locate_source(cfg.data)  # a missing or malformed source fails here, before Prefect starts
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        from flows.replicate import replicate, run_experiment, sweep
+        from flows.replicate import check_shared_locks, replicate, run_experiment, sweep
+        from pipeline.stages import locate_source
+        from storage.store import Store
 
+        check_shared_locks(Store(cfg.runtime.store))  # a URL store needs a shared server: refused here
+        locate_source(cfg.data)  # a missing or malformed source fails here, before Prefect starts
         kwargs = dict(profile=args.profile, overrides=args.overrides, data=args.data, store=args.store)
         if args.sweeps:
             sweep(experiment=args.experiment, sweeps=args.sweeps, **kwargs)
@@ -130,7 +145,9 @@ def _verify(args) -> int:
     from pipeline.stages import find, verify
     from storage.store import Store, StoreError
 
-    store = Store(args.store)
+    from advfeatures.config import STORE_ENV, RuntimeConfig
+
+    store = Store(args.store or os.environ.get(STORE_ENV) or RuntimeConfig().store)
     try:
         folder = find(store, args.key)
         problems = verify(store, args.key, repair=args.repair)

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import os
 import time
 from typing import Any
 
-from prefect import flow
+from prefect import flow, tags
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures.config import ExperimentConfig, resolve, to_plain
+from advfeatures.cpus import split_threads
 from pipeline.experiments import get as get_experiment
 from pipeline.kinds import waves
 from pipeline.plan import Plan, StageSpec
@@ -28,7 +28,7 @@ from pipeline.stages import locate_source
 from pipeline.stages.construct import is_sharded
 from pipeline.stages.dataset import source_sha256
 from storage.arrays import shard_done
-from storage.store import Store
+from storage.store import Store, StoreError
 from tasks import stages as T
 
 
@@ -42,14 +42,28 @@ def run_stage(task, spec: StageSpec, store_root: str, *args: Any) -> Any:
     return out
 
 
-def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[int]) -> None:
-    """Shard tasks on the flow's task runner, with the same store-truth check per shard."""
+def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[int], one_by_one: bool = False) -> None:
+    """Shard tasks on the flow's task runner (or one after another: a shard flow run's batch on
+    its worker's cores), with the same store-truth check per shard. Every shard is tried even if
+    one fails; then the first failure is raised."""
     shard_task = T.for_store(T.generate_shard, store_root)
+    path = Store(store_root).path(spec.folder, spec.key)
+    if one_by_one:
+        errors = []
+        for shard in shards:
+            try:
+                shard_task(spec, store_root, shard, runtime_cfg)
+                if not shard_done(path, shard):
+                    shard_task.with_options(refresh_cache=True)(spec, store_root, shard, runtime_cfg)
+            except Exception as e:  # noqa: BLE001 - the next shard of the batch still runs
+                errors.append(e)
+        if errors:
+            raise errors[0]
+        return
     futures = [shard_task.submit(spec, store_root, shard, runtime_cfg) for shard in shards]
     wait(futures)
     for f in futures:
         f.result()  # raises the first shard failure
-    path = Store(store_root).path(spec.folder, spec.key)
     for shard in shards:
         if not shard_done(path, shard):
             shard_task.with_options(refresh_cache=True)(spec, store_root, shard, runtime_cfg)
@@ -78,49 +92,20 @@ def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any) -> str:
 
 
 def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll: float = 1.0) -> None:
-    """Each pending shard becomes a flow run of the shard deployment; wait for all, resubmitting a
-    failed or crashed one up to rt.shard_retries times. Idempotency keys are scoped to this flow
-    run, the set and the attempt, so a retried parent does not duplicate its children. How many
-    run at once is the work pool's business (its workers and concurrency limit)."""
+    """Each batch of pending shards becomes a flow run of the shard deployment; wait for all,
+    resubmitting the unfinished shards of a failed, crashed or lost run (``flows.fanout``)."""
     from prefect.client.orchestration import get_client
-    from prefect.context import get_run_context
-    from prefect.deployments import run_deployment  # looked up per call, so tests can stand in
 
-    parent = get_run_context().flow_run.id
-    runtime = to_plain(rt)
+    from flows.fanout import PrefectChildren, fan_out
 
-    def submit(shard: int, attempt: int):
-        return run_deployment(rt.shard_deployment, timeout=0, as_subflow=True,
-                              idempotency_key=f"{parent}:{spec.key}:{shard}:{attempt}",
-                              parameters={"spec": spec.as_dict(), "store_root": store_root, "shard": shard,
-                                          "runtime": runtime})
-
-    attempts = dict.fromkeys(pending, 0)
-    runs = {shard: submit(shard, 0) for shard in pending}
-    print(f"set {spec.key}: {len(runs)} shard runs submitted to deployment {rt.shard_deployment}")
-    path = Store(store_root).path(spec.folder, spec.key)
     with get_client(sync_client=True) as client:
-        while runs:
-            time.sleep(poll)
-            for shard, run in list(runs.items()):
-                state = client.read_flow_run(run.id).state
-                if state is None or not state.is_final():
-                    continue
-                if state.is_completed() and shard_done(path, shard):
-                    del runs[shard]
-                elif attempts[shard] < rt.shard_retries:
-                    attempts[shard] += 1
-                    print(f"shard {shard} of {spec.key} ended {state.name}; resubmitting (try {attempts[shard] + 1})")
-                    runs[shard] = submit(shard, attempts[shard])
-                else:
-                    raise RuntimeError(f"shard {shard} of set {spec.key} failed {attempts[shard] + 1} times "
-                                       f"(last: {state.name}: {state.message}); see flow run {run.id}")
+        fan_out(spec, store_root, rt, pending, PrefectChildren(client, spec, store_root, rt, to_plain(rt)), poll=poll)
 
 
 def _generate(spec: StageSpec, store_root: str, rt: Any) -> str:
     workers = rt.shard_workers
     if workers > 1 and rt.threads == 0:  # split the cores between concurrent shards
-        rt = dataclasses.replace(rt, threads=max(1, (os.cpu_count() or 1) // workers))
+        rt = dataclasses.replace(rt, threads=split_threads(workers))
     runner = ThreadPoolTaskRunner(max_workers=workers)
     return generate_set.with_options(task_runner=runner)(spec, store_root, rt)
 
@@ -179,7 +164,7 @@ def _run_level(specs: list[StageSpec], cfg: ExperimentConfig, root: str) -> None
     rt = cfg.runtime
     workers = min(rt.stage_workers, len(specs))
     if rt.threads == 0:
-        rt = dataclasses.replace(rt, threads=max(1, (os.cpu_count() or 1) // workers))
+        rt = dataclasses.replace(rt, threads=split_threads(workers))
     runner = ThreadPoolTaskRunner(max_workers=workers)
 
     @flow(name="stage-level", flow_run_name=f"level-{len(specs)}-stages")
@@ -195,18 +180,36 @@ def _run_level(specs: list[StageSpec], cfg: ExperimentConfig, root: str) -> None
     level.with_options(task_runner=runner)()
 
 
+def check_shared_locks(st: Store) -> None:
+    """Refuse a URL store when this process has no Prefect server to talk to: Prefect would start a
+    temporary one, and the store's artifact locks (global concurrency limits on that server) would
+    then be private to this process, so a run elsewhere could write the same artifact at once."""
+    from prefect.settings import get_current_settings
+
+    if st.remote and not get_current_settings().api.url:
+        raise StoreError(f"the store {st.url} is a URL, and without PREFECT_API_URL this run would use a "
+                         "temporary Prefect server whose artifact locks no other run sees: start a server "
+                         "(`advfeatures serve`, or `prefect server start`), set PREFECT_API_URL to it for "
+                         "every run writing to this store, or use a local folder")
+
+
+def _run_tags() -> list[str]:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return list(ctx.flow_run.tags) if ctx is not None and ctx.flow_run is not None else []
+
+
 def run_experiment_body(experiment: str, profile: str, overrides: list[str] | None, data: str | None,
                         store: str | None) -> dict[str, Any]:
     t_start = time.time()
     cfg = resolve(profile, overrides or [], data=data, store=store)
     st = Store(cfg.runtime.store)
+    check_shared_locks(st)
     st.ensure_writable()
-    if st.remote and not os.environ.get("PREFECT_API_URL"):
-        print(f"note: the store {st.url} is a URL and this run uses a temporary Prefect server, so its "
-              "artifact locks are not shared with other runs: give every run writing to this store "
-              "one server (PREFECT_API_URL)")
     plan = plan_for(cfg, experiment)
-    run_plan(plan, cfg, st)
+    with tags(*_run_tags()):  # subflows carry the run's tags (the zombie automation's, see flows.liveness)
+        run_plan(plan, cfg, st)
 
     from pipeline import report  # pandas: imported here, not at the start of every shard worker's flow run
 

@@ -1,14 +1,19 @@
 """`advfeatures serve` and `advfeatures deploy`.
 
-``deploy``: against the server at PREFECT_API_URL, create the `advfeatures` process work pool and
+``deploy``: against the server at PREFECT_API_URL, create the `advfeatures` process work pool,
 register prefect.yaml's deployments (`replicate` on the pool's `control` queue, `generate-shard` on
-its `shards` queue). Docker's compose file runs it once before the workers start.
+its `shards` queue), give their runs a heartbeat every ``heartbeat`` seconds (job variable
+PREFECT_FLOWS_HEARTBEAT_FREQUENCY) and install Prefect's zombie-run automation, which marks a run
+of them Crashed once it has sent no heartbeat for ``heartbeat_multiple`` periods
+(``flows.liveness``). Docker's compose file runs it once before the workers start.
 
 ``serve``: a local Prefect server with its UI, ``deploy``, one controller worker (queue `control`:
 runs `replicate` flow runs, which train the models and fan shards out) and N shard workers (queue
-`shards`, one flow run at a time each), until Ctrl-C. Prints ``ready: <api url>`` once all is up.
-How many shards run at once is bounded by the shard workers and, optionally, by a concurrency limit
-on the `shards` queue (``--shard-limit``), never by locks of ours.
+`shards`, one flow run at a time each), supervised (``flows.supervise``): a worker that exits is
+restarted with a back-off and never takes the server or the other workers down; SIGTERM or Ctrl-C
+stops everything. Prints ``ready: <api url>`` once all is up. How many shards run at once is
+bounded by the shard workers and, optionally, by a concurrency limit on the `shards` queue
+(``--shard-limit``), never by locks of ours.
 """
 
 from __future__ import annotations
@@ -46,10 +51,15 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float
     raise TimeoutError(f"the Prefect server at {url} did not become healthy in {timeout:.0f} s")
 
 
-def deploy(env: dict[str, str] | None = None, pool_limit: int | None = None,
-           shard_limit: int | None = None) -> None:
-    """Work pool, queues (with optional limits) and the deployments of prefect.yaml."""
+DEPLOYMENTS = ("replicate/replicate", "generate-shard/generate-shard")
+
+
+def deploy(env: dict[str, str] | None = None, pool_limit: int | None = None, shard_limit: int | None = None,
+           heartbeat: int = 30, heartbeat_multiple: float | None = None) -> None:
+    """Work pool, queues (with optional limits), the deployments of prefect.yaml with their
+    heartbeat period, and the zombie-run automation."""
     env = dict(os.environ if env is None else env)
+    multiple = _check_heartbeat(heartbeat, heartbeat_multiple)
     if not (ROOT / "prefect.yaml").is_file():
         raise RuntimeError(f"no prefect.yaml in {ROOT}: run from the advfeatures checkout or set ADVFEATURES_HOME")
     env.setdefault("ADVFEATURES_HOME", str(ROOT))
@@ -63,41 +73,81 @@ def deploy(env: dict[str, str] | None = None, pool_limit: int | None = None,
         raise RuntimeError(f"prefect deploy failed:\n{deployed.stdout[-2000:]}{deployed.stderr[-2000:]}")
     if shard_limit:
         _prefect("work-queue", "set-concurrency-limit", SHARD_QUEUE, str(shard_limit), "--pool", POOL, env=env)
+    _heartbeats(env["PREFECT_API_URL"] if "PREFECT_API_URL" in env else None, heartbeat, multiple)
 
 
-def worker_command(queue: str, limit: int | None = None) -> list[str]:
+def _check_heartbeat(heartbeat: int, multiple: float | None) -> float:
+    """The multiple to use (runtime.heartbeat_multiple's default unless given), after checking both."""
+    from advfeatures.config import RuntimeConfig
+    from flows import liveness
+
+    multiple = multiple or RuntimeConfig().heartbeat_multiple
+    if heartbeat < liveness.min_period() or multiple <= 1:
+        raise ValueError(f"--heartbeat {heartbeat} --heartbeat-multiple {multiple:g}: the period must be >= "
+                         f"{liveness.min_period()} s (Prefect's minimum) and the multiple > 1")
+    return multiple
+
+
+def _heartbeats(api: str | None, heartbeat: int, multiple: float) -> None:
+    """Each deployment's runs beat every ``heartbeat`` s (their job variables' environment), and
+    the automation crashes those that stop for ``multiple`` periods."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import liveness
+
+    with temporary_settings({PREFECT_API_URL: api} if api else {}), get_client(sync_client=True) as client:
+        for name in DEPLOYMENTS:
+            d = client.read_deployment_by_name(name)
+            job = dict(d.job_variables or {})
+            job["env"] = {**(job.get("env") or {}), liveness.HEARTBEAT_ENV: str(heartbeat)}
+            client.update_deployment(d.id, DeploymentUpdate(job_variables=job))
+        liveness.install_zombie_automation(client, heartbeat, multiple)
+
+
+def worker_command(queue: str, limit: int | None = None, name: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
            "--work-queue", queue]
-    return cmd + (["--limit", str(limit)] if limit else [])
+    return cmd + (["--limit", str(limit)] if limit else []) + (["--name", name] if name else [])
 
 
 def serve(workers: int = 2, port: int = 4200, host: str = "127.0.0.1", pool_limit: int | None = None,
-          shard_limit: int | None = None) -> int:
+          shard_limit: int | None = None, heartbeat: int = 30, heartbeat_multiple: float | None = None) -> int:
+    from flows.fanout import CONTROL_WORKER_PREFIX
+    from flows.supervise import Child, Stop, Supervisor, become_subreaper, install_sigterm
+
+    _check_heartbeat(heartbeat, heartbeat_multiple)  # before anything starts
+    install_sigterm()
+    become_subreaper()
     api = f"http://{host}:{port}/api"
     env = {**os.environ, "PREFECT_API_URL": api, "ADVFEATURES_HOME": str(ROOT),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
-    procs = [subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host,
-                               "--port", str(port)], env=env, cwd=ROOT)]
+    sup = Supervisor(log=lambda msg: print(f"serve: {msg}", flush=True))
+    server = sup.start(Child("prefect server", [sys.executable, "-m", "prefect", "server", "start", "--host", host,
+                                                "--port", str(port)], env, str(ROOT)))
+    workers_: list = []
     try:
-        _wait_healthy(api, procs[0])
-        deploy(env, pool_limit=pool_limit, shard_limit=shard_limit)
-        procs.append(subprocess.Popen(worker_command(CONTROL_QUEUE), env=env, cwd=ROOT))
-        for _ in range(workers):
-            procs.append(subprocess.Popen(worker_command(SHARD_QUEUE, limit=1), env=env, cwd=ROOT))
+        _wait_healthy(api, server.proc)
+        deploy(env, pool_limit=pool_limit, shard_limit=shard_limit, heartbeat=heartbeat,
+               heartbeat_multiple=heartbeat_multiple)
+        name = f"{CONTROL_WORKER_PREFIX}-{port}"
+        workers_.append(sup.start(Child(f"controller worker {name}", worker_command(CONTROL_QUEUE, name=name),
+                                        env, str(ROOT))))
+        for i in range(workers):
+            name = f"shard-{i + 1}-{port}"
+            workers_.append(sup.start(Child(f"shard worker {name}", worker_command(SHARD_QUEUE, limit=1, name=name),
+                                            env, str(ROOT))))
         print(f"ready: {api} (UI at http://{host}:{port}); pool {POOL}: 1 controller worker "
-              f"(queue {CONTROL_QUEUE}), {workers} shard workers (queue {SHARD_QUEUE})", flush=True)
-        while all(p.poll() is None for p in procs):
-            time.sleep(1)
-        return 1  # something died
-    except KeyboardInterrupt:
+              f"(queue {CONTROL_QUEUE}), {workers} shard workers (queue {SHARD_QUEUE}); workers that exit are "
+              "restarted; Ctrl-C or SIGTERM stops all", flush=True)
+        sup.run()
+        return 0
+    except (KeyboardInterrupt, Stop):
+        print("serve: stopping the workers, their flow runs and the server", flush=True)
         return 0
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sup.stop(first=workers_, last=[server])

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from advfeatures.config import ConfigError, DataConfig, ModelConfig, RuntimeConfig, build_config, to_plain
+from advfeatures.cpus import usable_cpus
 from advfeatures.models import build_model
 from pipeline.kinds import StageSpec
 from storage import arrays as A
@@ -54,8 +55,10 @@ def device_of(rt: RuntimeConfig) -> torch.device:
 
 
 def setup_runtime(rt: RuntimeConfig) -> torch.device:
-    if rt.threads:
-        torch.set_num_threads(rt.threads)
+    # threads = 0: the CPUs this process may use (affinity, cgroup quota), not the host's cores
+    want = rt.threads or usable_cpus()
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
     dev = device_of(rt)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = rt.cudnn_benchmark

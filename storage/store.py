@@ -3,6 +3,7 @@
     <root>/<kind>/<key>/manifest.json     written last and atomically: the artifact is complete
                                           exactly when its manifest exists
     <root>/<kind>/.staging-<key>-<uuid>/  where whole-folder artifacts are built before a rename
+                                          (a killed writer's is swept by a later write of its kind)
 
 Readers trust manifests only. Every manifest records the stage's config, its inputs, the schema,
 the code version, the seeds and the time it took.
@@ -30,6 +31,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -135,6 +137,40 @@ def code_version() -> dict[str, Any]:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+STAGING_LEASE_SECONDS = 6 * 3600.0
+"""A staging folder nobody has written to for this long belongs to a dead writer (SIGKILL, lost
+host): a live writer adds files to it as it goes, and no stage writes for hours without a file."""
+
+
+def _last_write(folder: Path) -> float:
+    """The newest mtime of a folder and everything in it (seconds since the epoch)."""
+    newest = folder.stat().st_mtime
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(os.path.join(dirpath, name)).st_mtime)
+        with contextlib.suppress(OSError):
+            newest = max(newest, os.stat(dirpath).st_mtime)
+    return newest
+
+
+def sweep_staging(kind_folder: Path, lease: float | None = None, now: float | None = None) -> list[Path]:
+    """Delete the ``.staging-*`` folders of one kind that no writer has touched for ``lease``
+    seconds (default ``STAGING_LEASE_SECONDS``): leftovers of killed writers, which no reader
+    trusts (no manifest) but which hold disk space. Called before every local staging write."""
+    lease = STAGING_LEASE_SECONDS if lease is None else lease
+    now = time.time() if now is None else now
+    gone = []
+    for d in kind_folder.glob(".staging-*"):
+        try:
+            if d.is_dir() and now - _last_write(d) > lease:
+                shutil.rmtree(d, ignore_errors=True)
+                gone.append(d)
+        except OSError:  # another writer swept or published it meanwhile
+            continue
+    return gone
 
 
 class Store:
@@ -247,6 +283,7 @@ class Store:
                 raise
             return
         final.parent.mkdir(parents=True, exist_ok=True)
+        sweep_staging(final.parent)
         tmp = final.parent / f".staging-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:

@@ -64,3 +64,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_prefect_server(home, log_name="server.log", extra_env=None):
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME: (process, env with
+    PREFECT_API_URL). Waits until healthy (up to 120 s)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(extra_env or {})}
+    log = open(os.path.join(str(home), log_name), "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, env
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"the Prefect server did not come up; see {home}/{log_name}")
+
+
+def stop_process_group(proc, timeout=30):
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

@@ -1,13 +1,22 @@
 """Shards fanned out as flow runs of the `generate-shard` deployment to 2 process workers of a
 real local Prefect server (`advfeatures serve`), against the in-process path: same bytes; and the
 same with the store given as an fsspec URL (file://), where the workers' stage locks are Prefect
-concurrency limits on that server and Prefect's result records live in the store."""
+concurrency limits on that server and Prefect's result records live in the store. Then what
+happens when processes die: a shard run killed alone, a shard worker killed with its run (found
+by its lapsed heartbeats), the controller killed with its `replicate` run (marked Crashed by the
+zombie-run automation), and SIGTERM to `serve`.
+
+Durations on the 2-core machine (shared): the module ~3-4 min, of which serve's start ~40 s, the
+lost-worker test ~50 s, the orphaned-controller test ~60 s, the SIGTERM test ~20 s."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +31,14 @@ pytestmark = pytest.mark.slow
 
 
 # Loaded by every process of the served stack (server, workers, their flow runs) through PYTHONPATH:
-# the first shard marker written to a store whose path contains "crash-" SIGKILLs its own process
-# instead, after the shard's rows and before its marker, as a dying worker would.
+# - the first shard marker written to a store whose path contains "crash-" SIGKILLs its own process
+#   instead, after the shard's rows and before its marker, as a dying flow run would (its worker
+#   lives on and reports the run Crashed);
+# - the first one written to a store whose path contains "lost-" SIGKILLs the shard worker that
+#   runs this flow run and then the flow run itself: a host or container lost mid-shard, after
+#   which nobody reports anything and only the heartbeats tell;
+# - Prefect's 30-s floor on heartbeat periods is lowered (ADVFEATURES_TEST_HEARTBEAT_FLOOR), so
+#   the served deployments beat every few seconds and a lost run is found in seconds, not minutes.
 KILL_ONCE = """
 import os
 if os.environ.get("ADVFEATURES_TEST_KILL_ONCE"):
@@ -33,15 +48,66 @@ if os.environ.get("ADVFEATURES_TEST_KILL_ONCE"):
     import storage.arrays as _arrays
 
     _flag, _write = Path(os.environ["ADVFEATURES_TEST_KILL_ONCE"]), _arrays.atomic_write_json
+    _lost = Path(os.environ["ADVFEATURES_TEST_KILL_ONCE"] + "-worker")
+
+    def _cmdline(pid):
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return b""
 
     def _kill_before_first_marker(path, obj):
         if "crash-" in str(path) and "_shards" in str(path) and not _flag.exists():
             _flag.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
+        if "lost-" in str(path) and "_shards" in str(path) and not _lost.exists():
+            worker = os.getppid()
+            if b"worker" in _cmdline(worker):
+                _lost.write_text(f"{worker} {os.getpid()}")
+                os.kill(worker, signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)
         return _write(path, obj)
 
     _arrays.atomic_write_json = _kill_before_first_marker
+
+if os.environ.get("ADVFEATURES_TEST_HEARTBEAT_FLOOR"):
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    _floor = int(os.environ["ADVFEATURES_TEST_HEARTBEAT_FLOOR"])
+
+    def _relax_settings(mod):  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY is validated >= 30
+        field = mod.FlowsSettings.model_fields["heartbeat_frequency"]
+        field.metadata = [m for m in field.metadata if type(m).__name__ != "Ge"]
+        mod.FlowsSettings.model_rebuild(force=True)
+
+    def _relax_engine(mod):
+        mod.MINIMUM_HEARTBEAT_INTERVAL = _floor
+
+    _hooks = {"prefect.settings.models.flows": _relax_settings, "prefect.flow_engine": _relax_engine}
+
+    class _AfterImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name not in _hooks:
+                return None
+            sys.meta_path.remove(self)
+            try:
+                spec = importlib.util.find_spec(name)
+            finally:
+                sys.meta_path.insert(0, self)
+            load, after = spec.loader.exec_module, _hooks[name]
+
+            def exec_module(module):
+                load(module)
+                after(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _AfterImport())
 """
+HEARTBEAT, MULTIPLE = 3, 5  # seconds between heartbeats of the served runs; periods until lost
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +119,11 @@ def server(tmp_path_factory):
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(home / "site"), os.environ.get("PYTHONPATH")])),
-           "ADVFEATURES_TEST_KILL_ONCE": str(home / "killed")}
+           "ADVFEATURES_TEST_KILL_ONCE": str(home / "killed"), "ADVFEATURES_TEST_HEARTBEAT_FLOOR": "1"}
     log = open(home / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--workers", "2", "--port", str(port),
-                             "--shard-limit", "2"],
+                             "--shard-limit", "2", "--heartbeat", str(HEARTBEAT), "--heartbeat-multiple",
+                             str(MULTIPLE)],
                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.time()
     while "ready:" not in (home / "serve.log").read_text():
@@ -64,12 +131,13 @@ def server(tmp_path_factory):
             proc.kill()
             pytest.fail(f"advfeatures serve did not come up:\n{(home / 'serve.log').read_text()[-4000:]}")
         time.sleep(1)
-    yield env
-    os.killpg(proc.pid, 2)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+    yield {**env, "_SERVE_PID": str(proc.pid), "_SERVE_LOG": str(home / "serve.log")}
+    if proc.poll() is None:
+        os.killpg(proc.pid, 2)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
 
 
 def _run(env, tar, store, *extra):
@@ -77,6 +145,7 @@ def _run(env, tar, store, *extra):
     args = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--data", str(tar), "--store", str(store)]
     for o in over:
         args += ["--set", o]
+    env = {k: v for k, v in env.items() if not k.startswith("_")}
     out = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
@@ -86,7 +155,8 @@ def _run(env, tar, store, *extra):
 def reference(server, tiny_tar, tmp_path_factory):
     """(key, rows) of the det set made in-process, without the server: what every fan-out must equal."""
     local = tmp_path_factory.mktemp("reference") / "local"
-    _run({k: v for k, v in server.items() if k not in ("PREFECT_API_URL", "ADVFEATURES_TEST_KILL_ONCE")},
+    _run({k: v for k, v in server.items() if k not in ("PREFECT_API_URL", "ADVFEATURES_TEST_KILL_ONCE",
+                                                       "ADVFEATURES_TEST_HEARTBEAT_FLOOR")},
          tiny_tar, local)
     (key,) = [p.name for p in (local / "constructed").iterdir() if not p.name.startswith(".")
               and (local / "constructed" / p.name / "_shards").exists()]
@@ -99,7 +169,8 @@ def _same(rows, reference_rows) -> bool:
 
 def test_shards_fan_out_to_deployment_workers(server, reference, tiny_tar, tmp_path):
     key, b = reference
-    fanned = _run(server, tiny_tar, tmp_path / "fanned", "runtime.shard_executor=deployment")
+    fanned = _run(server, tiny_tar, tmp_path / "fanned", "runtime.shard_executor=deployment",
+                  "runtime.shards_per_run=1")
     assert _same(A.read_rows(tmp_path / "fanned" / "constructed" / key), b)
     assert "3 shard runs submitted to deployment generate-shard/generate-shard" in fanned
 
@@ -112,8 +183,8 @@ def test_shards_fan_out_to_deployment_workers(server, reference, tiny_tar, tmp_p
     assert json.loads(queue.stdout)["concurrency_limit"] == 2, queue.stdout + queue.stderr  # serve --shard-limit 2
 
     url = f"file://{tmp_path}/url"
-    on_url = _run(server, tiny_tar, url, "runtime.shard_executor=deployment")
-    assert "3 shard runs submitted to deployment generate-shard/generate-shard" in on_url
+    on_url = _run(server, tiny_tar, url, "runtime.shard_executor=deployment")  # shards_per_run=0: auto
+    assert "2 shard runs submitted to deployment generate-shard/generate-shard (3 shards, up to 2 per run)" in on_url
     assert _same(A.read_rows(url + f"/constructed/{key}"), b)
     markers = [p for p in (tmp_path / "url" / "constructed" / key / "_shards").glob("*.json")]
     assert len(markers) == 3
@@ -139,3 +210,134 @@ def test_a_shard_run_killed_mid_write_is_resubmitted_and_the_set_is_identical(se
     from storage.store import Store
 
     assert verify(Store(tmp_path / "crash-store"), key) == []
+
+
+def _api(env, path, body=None):
+    req = urllib.request.Request(env["PREFECT_API_URL"] + path, method="POST" if body is not None else "GET",
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _runs(env, *state_types, **flow_run_filter):
+    body = {"flow_runs": {"state": {"type": {"any_": list(state_types)}}, **flow_run_filter}, "limit": 200}
+    return _api(env, "/flow_runs/filter", body)
+
+
+def _wait_for(what, cond, timeout):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        got = cond()
+        if got:
+            return got
+        time.sleep(1)
+    pytest.fail(f"{what}: not after {timeout} s")
+
+
+def _online_shard_workers(env):
+    workers = _api(env, "/work_pools/advfeatures/workers/filter", {})
+    return sum(1 for w in workers if w["status"] == "ONLINE" and w["name"].startswith("shard-"))
+
+
+def test_a_lost_shard_worker_is_restarted_and_its_shards_resubmitted(server, reference, tiny_tar, tmp_path):
+    """SIGKILL of a shard worker together with the shard flow run it was executing, mid-shard
+    (rows written, marker not): nobody reports the run, so it stays Running until its heartbeats
+    lapse; then it is marked Crashed and its shards resubmitted. The server stays healthy, serve
+    restarts the worker, the set is byte-identical to an uninterrupted run, no run is left Running."""
+    flag = Path(server["ADVFEATURES_TEST_KILL_ONCE"] + "-worker")
+    assert not flag.exists()
+    out = _run(server, tiny_tar, tmp_path / "lost-store", "runtime.shard_executor=deployment",
+               f"runtime.heartbeat_multiple={MULTIPLE}")
+    assert flag.exists(), "the fault was not injected"
+    worker_pid, run_pid = map(int, flag.read_text().split())
+    print("\n".join(ln for ln in out.splitlines() if "lost" in ln or "resubmitting" in ln))
+    assert "resubmitting (try 2)" in out, out[-3000:]
+    # found by its heartbeats: by this parent ("lost: no heartbeat"), or first by the zombie automation
+    assert "lost: no heartbeat for over" in out or "ended Crashed; resubmitting" in out, out[-3000:]
+    key, b = reference
+    assert _same(A.read_rows(tmp_path / "lost-store" / "constructed" / key), b)
+    from pipeline.stages import verify
+    from storage.store import Store
+
+    assert verify(Store(tmp_path / "lost-store"), key) == []
+    assert _api(server, "/health") is True  # the server never went down
+    log = Path(server["_SERVE_LOG"]).read_text()
+    assert f"(pid {worker_pid}) exited with code -9" in log and "restarted" in log, log[-3000:]
+    _wait_for("2 shard workers online again", lambda: _online_shard_workers(server) == 2, 60)
+    assert _runs(server, "RUNNING", "PENDING") == []  # nothing left Running
+
+
+def _flow_run_pid(run_id):
+    """The pid of the process executing a flow run (its environment names the run)."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                env = Path(f"/proc/{d}/environ").read_bytes()
+            except OSError:
+                continue
+            if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in env:
+                return int(d)
+    return None
+
+
+def _deployment_run(env, params):
+    out = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "replicate/replicate",
+                          "--params", json.dumps(params)], env={k: v for k, v in env.items() if not k.startswith("_")},
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+
+
+def _state(env, run_id):
+    return _api(env, f"/flow_runs/{run_id}")["state"]
+
+
+def test_an_orphaned_replicate_run_is_marked_crashed_and_a_rerun_completes(server, tiny_tar, tmp_path):
+    """SIGKILL of the controller worker together with the `replicate` deployment run it executes:
+    the zombie-run automation (created by `advfeatures deploy`) marks the run Crashed once its
+    heartbeats stop, serve restarts the controller, and a rerun completes from the store."""
+    store = tmp_path / "orphan-store"
+    params = {"profile": "tiny", "data": str(tiny_tar), "store": str(store),
+              "overrides": ["runtime.shard_executor=deployment", "construct.sets=[det]", "runtime.threads=1"]}
+    run_id = _deployment_run(server, params)
+    _wait_for("the source model", lambda: list(store.glob("models/*/manifest.json")), 180)
+    pid = _wait_for("the run's process", lambda: _flow_run_pid(run_id), 30)
+    worker = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert b"control" in Path(f"/proc/{worker}/cmdline").read_bytes()
+    os.kill(worker, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    state = _wait_for("replicate marked Crashed", lambda: (s := _state(server, run_id))["type"] == "CRASHED" and s,
+                      HEARTBEAT * MULTIPLE + 60)
+    print(f"marked Crashed {time.time() - t0:.0f} s after the kill: {state['message']}")
+    assert "no heartbeat" in state["message"]
+    _wait_for("no run left Running", lambda: _runs(server, "RUNNING", "PENDING") == [], HEARTBEAT * MULTIPLE + 60)
+    assert "controller worker" in Path(server["_SERVE_LOG"]).read_text().split("exited with code -9")[-2][-200:]
+    again = _deployment_run(server, params)
+    done = _wait_for("the rerun", lambda: (s := _state(server, again))["type"] in ("COMPLETED", "FAILED", "CRASHED")
+                     and s, 300)
+    assert done["type"] == "COMPLETED", done
+    assert list(store.glob("runs/*/table.csv"))
+
+
+def test_sigterm_stops_serve_and_every_child_within_30_s(server, tiny_tar, tmp_path):
+    """Last (it stops the module's server): SIGTERM to `serve` while a run executes stops the
+    server, every worker and every flow-run process within 30 s."""
+    from flows.supervise import descendants
+
+    serve = int(server["_SERVE_PID"])
+    store = tmp_path / "sigterm-store"
+    run_id = _deployment_run(server, {"profile": "tiny", "data": str(tiny_tar), "store": str(store),
+                                      "overrides": ["runtime.shard_executor=deployment", "runtime.threads=1"]})
+    _wait_for("the run's process", lambda: _flow_run_pid(run_id), 60)
+    tree = descendants([serve])
+    assert len(tree) >= 5, tree  # server, controller, 2 shard workers, the run's process
+    t0 = time.time()
+    os.kill(serve, signal.SIGTERM)
+    _wait_for("serve to exit", lambda: not Path(f"/proc/{serve}").exists()
+              or Path(f"/proc/{serve}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", 30)
+    left = [p for p in tree if Path(f"/proc/{p}").exists()
+            and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in left]
+    assert time.time() - t0 < 30

@@ -1,102 +1,211 @@
-"""The deployment fan-out's bookkeeping: failed children are resubmitted with a new idempotency
-key (scoped to parent run, set and attempt) and give up after runtime.shard_retries."""
+"""The deployment fan-out's bookkeeping (flows.fanout), against scripted children instead of a
+server: failed, crashed and lost children are resubmitted with a new idempotency key (scoped to
+parent run, set, batch and try), each shard of a batch is its own retry unit, lost runs are marked
+Crashed, the set's deadline names the shards and runs, and ``liveness.lost`` decides by heartbeat."""
 
+import datetime as dt
 import types
 import uuid
 
 import pytest
 
-import flows.replicate as R
-from advfeatures.config import RuntimeConfig
+from advfeatures.config import ConfigError, RuntimeConfig
+from flows import fanout as F
+from flows.liveness import lost
 from pipeline.plan import StageSpec
 from storage import arrays as A
+from storage.store import Store
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 
-class FakePrefect:
-    """run_deployment + a client whose child runs end in scripted states."""
+class Clock:
+    """Fake time: every poll advances it by ``step`` seconds."""
 
-    def __init__(self, store_root, spec, script):
-        self.script, self.submitted, self.runs = script, [], {}
-        self.path = R.Store(store_root).path(spec.folder, spec.key)
+    def __init__(self, step=1.0):
+        self.t, self.step = 0.0, step
 
-    def run_deployment(self, name, timeout, as_subflow, idempotency_key, parameters):
-        assert timeout == 0 and as_subflow
-        shard = parameters["shard"]
-        attempt = sum(1 for _, p in self.submitted if p["shard"] == shard)
-        self.submitted.append((idempotency_key, parameters))
-        outcome = self.script.get((shard, attempt), "COMPLETED")
-        run = types.SimpleNamespace(id=uuid.uuid4())
-        self.runs[run.id] = outcome
-        if outcome == "COMPLETED":  # the worker wrote the shard's marker
-            A.marker_path(self.path, shard).parent.mkdir(parents=True, exist_ok=True)
-            A.marker_path(self.path, shard).write_text("{}")
+    def tick(self):
+        self.t += self.step
+        return self.t
+
+    def now(self):
+        return T0 + dt.timedelta(seconds=self.t)
+
+
+class FakeChildren:
+    """Children whose runs end as scripted per (batch, try): 'COMPLETED' writes every marker,
+    'PARTIAL' writes the first marker then crashes, 'LOST' stays Running with no heartbeat,
+    anything else ends in that state with no new marker."""
+
+    def __init__(self, path, script, clock, workers=2, period=10.0):
+        self.path, self.script, self.clock, self.workers, self.period = path, script, clock, workers, period
+        self.submitted, self.runs, self.crashed, self.tries = [], {}, [], {}
+
+    def submit(self, shards, attempt):
+        key = tuple(shards)
+        n = self.tries.get(key, 0)
+        self.tries[key] = n + 1
+        self.submitted.append((list(shards), attempt))
+        outcome = self.script.get((key, n), "COMPLETED")
+        done = shards if outcome == "COMPLETED" else shards[:1] if outcome == "PARTIAL" else []
+        for s in done:
+            A.marker_path(self.path, s).parent.mkdir(parents=True, exist_ok=True)
+            A.marker_path(self.path, s).write_text("{}")
+        run = uuid.uuid4()
+        self.runs[run] = ("CRASHED" if outcome == "PARTIAL" else outcome, self.clock.now())
         return run
 
-    def read_flow_run(self, run_id):
-        name = self.runs[run_id]
-        state = types.SimpleNamespace(name=name, message="boom", is_final=lambda: True,
-                                      is_completed=lambda: name == "COMPLETED")
-        return types.SimpleNamespace(state=state)
+    def state(self, run_id):
+        name, since = self.runs[run_id]
+        if name == "LOST":
+            return F.RunState("RUNNING", "Running", None, since, False)
+        return F.RunState(name, name.title(), "boom", since, True)
 
-    def __enter__(self):
-        return self
+    def last_heartbeat(self, run_id):
+        return self.runs[run_id][1] + dt.timedelta(seconds=1)  # one beat, then silence
 
-    def __exit__(self, *a):
-        return False
+    def mark_crashed(self, run_id, message):
+        self.crashed.append(run_id)
+        self.runs[run_id] = ("CRASHED", self.clock.now())
+
+    def heartbeat_period(self):
+        return self.period
+
+    def shard_workers(self):
+        return self.workers
 
 
 @pytest.fixture()
 def setup(tmp_path, monkeypatch):
     spec = StageSpec("construct", {"kind": "det"}, ("d", "s"))
-    parent = uuid.uuid4()
+    root = str(tmp_path)
+    path = Store(root).path(spec.folder, spec.key)
+    clock = Clock()
+    monkeypatch.setattr(F.time, "sleep", lambda s: clock.tick())
 
-    def install(script):
-        fake = FakePrefect(str(tmp_path), spec, script)
-        import prefect.client.orchestration
-        import prefect.context
-        import prefect.deployments
+    def run(script, rt, pending, **kw):
+        kids = FakeChildren(path, script, clock, **kw)
+        F.fan_out(spec, root, rt, pending, kids, poll=1.0, clock=lambda: clock.t, now=clock.now)
+        return kids
 
-        monkeypatch.setattr(prefect.deployments, "run_deployment", fake.run_deployment)
-        monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda sync_client: fake)
-        monkeypatch.setattr(prefect.context, "get_run_context",
-                            lambda: types.SimpleNamespace(flow_run=types.SimpleNamespace(id=parent)))
-        return fake
-
-    return spec, parent, install, str(tmp_path)
+    return spec, path, run
 
 
 def test_failed_and_crashed_children_are_resubmitted(setup):
-    spec, parent, install, root = setup
-    fake = install({(1, 0): "FAILED", (2, 0): "CRASHED", (2, 1): "FAILED"})
-    R._fan_out(spec, root, RuntimeConfig(shard_retries=2), [0, 1, 2], poll=0)
-    keys = [k for k, _ in fake.submitted]
-    assert sorted(keys) == sorted([f"{parent}:{spec.key}:0:0", f"{parent}:{spec.key}:1:0",
-                                   f"{parent}:{spec.key}:1:1", f"{parent}:{spec.key}:2:0",
-                                   f"{parent}:{spec.key}:2:1", f"{parent}:{spec.key}:2:2"])
-    assert len(set(keys)) == len(keys)
+    spec, path, run = setup
+    kids = run({((1,), 0): "FAILED", ((2,), 0): "CRASHED", ((2,), 1): "FAILED"},
+               RuntimeConfig(shard_retries=2, shards_per_run=1), [0, 1, 2])
+    assert sorted(map(tuple, (s for s, _ in kids.submitted))) == [(0,), (1,), (1,), (2,), (2,), (2,)]
+    assert [a for s, a in kids.submitted if s == [2]] == [0, 1, 2]  # the try is in the idempotency key
+    assert all(A.shard_done(path, s) for s in (0, 1, 2))
 
 
 def test_gives_up_after_the_retries(setup):
-    spec, parent, install, root = setup
-    install({(0, 0): "FAILED", (0, 1): "FAILED"})
+    spec, path, run = setup
     with pytest.raises(RuntimeError, match="shard 0 of set .* failed 2 times"):
-        R._fan_out(spec, root, RuntimeConfig(shard_retries=1), [0, 1], poll=0)
+        run({((0,), 0): "FAILED", ((0,), 1): "FAILED"}, RuntimeConfig(shard_retries=1, shards_per_run=1), [0, 1])
 
 
-def test_completed_without_marker_counts_as_failed(setup, tmp_path):
+def test_completed_without_marker_counts_as_failed(setup, monkeypatch):
     """A child that reports success but left no marker (e.g. wrote elsewhere) is not trusted."""
-    spec, parent, install, root = setup
-    fake = install({})
-    original = fake.run_deployment
+    spec, path, run = setup
+    monkeypatch.setattr(F, "shard_done", lambda p, s: False)
+    with pytest.raises(RuntimeError, match="failed 1 times"):
+        run({}, RuntimeConfig(shard_retries=0, shards_per_run=1), [0])
 
-    def no_marker(*a, **k):
-        run = original(*a, **k)
-        A.marker_path(fake.path, k["parameters"]["shard"]).unlink()
-        return run
 
-    fake.run_deployment = no_marker
+def test_batches_split_pending_shards_over_the_shard_workers():
+    assert F.batches([0, 1, 2, 3], 0, 2) == [[0, 1], [2, 3]]
+    assert F.batches([0, 1, 2, 3, 4], 0, 2) == [[0, 1, 2], [3, 4]]
+    assert F.batches([0, 1, 2], 0, 0) == [[0, 1, 2]]  # no worker online yet: one run, whoever takes it
+    assert F.batches([0, 1, 2], 1, 2) == [[0], [1], [2]]
+    assert F.batches([5, 7, 9], 2, 9) == [[5, 7], [9]]
+
+
+def test_a_batch_resubmits_only_its_unfinished_shards(setup):
+    """Each shard of a batch is its own marker and retry unit: a batch run that crashed after its
+    first shard is resubmitted with the rest only."""
+    spec, path, run = setup
+    kids = run({((0, 1, 2), 0): "PARTIAL"}, RuntimeConfig(shard_retries=1, shards_per_run=3), [0, 1, 2])
+    assert kids.submitted == [([0, 1, 2], 0), ([1, 2], 1)]
+    assert all(A.shard_done(path, s) for s in (0, 1, 2))
+
+
+def test_auto_batches_give_every_online_shard_worker_one_run(setup):
+    spec, path, run = setup
+    kids = run({}, RuntimeConfig(shards_per_run=0), [0, 1, 2, 3], workers=2)
+    assert kids.submitted == [([0, 1], 0), ([2, 3], 0)]
+
+
+def test_a_lost_child_is_marked_crashed_and_resubmitted(setup, capsys):
+    """Running, one heartbeat, then silence (its worker was SIGKILLed with it): after
+    heartbeat_multiple periods it is marked Crashed and its shard resubmitted."""
+    spec, path, run = setup
+    kids = run({((1,), 0): "LOST"}, RuntimeConfig(shard_retries=1, shards_per_run=1, heartbeat_multiple=3),
+               [0, 1], period=10.0)
+    assert kids.submitted == [([0], 0), ([1], 0), ([1], 1)]
+    assert len(kids.crashed) == 1
+    out = capsys.readouterr().out
+    assert "lost: no heartbeat for over 3 x 10 s while Running" in out
+    assert "shard 1 of" in out and "ended Crashed; resubmitting (try 2)" in out
+
+
+def test_the_set_deadline_names_the_shard_and_its_run(setup):
+    spec, path, run = setup
+    with pytest.raises(TimeoutError, match=r"not done after runtime.shard_timeout=5 s: shard 1 in flow run [0-9a-f-]+"):
+        run({((1,), 0): "LOST"}, RuntimeConfig(shards_per_run=1, shard_timeout=5), [0, 1], period=None)
+
+
+@pytest.mark.parametrize("state, entered, beat, now, period, multiple, want", [
+    ("RUNNING", 0, 50, 75, 10, 3, False),      # last beat 25 s ago < 30 s
+    ("RUNNING", 0, 50, 81, 10, 3, True),       # 31 s > 3 periods
+    ("RUNNING", 0, None, 31, 10, 3, True),     # never beat since it started running
+    ("RUNNING", 0, None, 29, 10, 3, False),    # just started: its start counts as a sign of life
+    ("PENDING", 0, None, 31, 10, 3, True),     # taken by a worker that died before starting it
+    ("SCHEDULED", 0, None, 999, 10, 3, False),  # waiting for a worker is not lost
+    ("COMPLETED", 0, None, 999, 10, 3, False),
+    ("RUNNING", 0, None, 999, None, 3, False),  # heartbeats off: never judged
+    ("RUNNING", 100, 50, 125, 10, 3, False),   # re-entered Running (a retry) after its last beat
+])
+def test_lost_decides_from_the_last_sign_of_life(state, entered, beat, now, period, multiple, want):
+    at = lambda s: None if s is None else T0 + dt.timedelta(seconds=s)  # noqa: E731
+    assert lost(state, at(entered), at(beat), at(now), period, multiple) is want
+
+
+def test_runtime_settings_are_checked():
+    with pytest.raises(ConfigError, match="heartbeat_multiple must be > 1"):
+        RuntimeConfig(heartbeat_multiple=1)
+    with pytest.raises(ConfigError, match="shards_per_run must be >= 0"):
+        RuntimeConfig(shards_per_run=-1)
+    with pytest.raises(ConfigError, match="shard_timeout must be >= 0"):
+        RuntimeConfig(shard_timeout=-1)
+
+
+def test_zombie_automation_is_a_proactive_heartbeat_trigger():
+    from flows.liveness import HEARTBEAT_TAG, zombie_automation
+
+    a = zombie_automation(30, 3)
+    assert a.trigger.posture == "Proactive" and a.trigger.within == dt.timedelta(seconds=90)
+    assert a.trigger.after == {"prefect.flow-run.heartbeat"}
+    assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Crashed"} <= a.trigger.expect
+    assert a.trigger.match_related.get("prefect.resource.id") == [f"prefect.tag.{HEARTBEAT_TAG}"]
+    assert a.actions[0].state.value == "CRASHED"
+    assert zombie_automation(2, 3).trigger.within == dt.timedelta(seconds=10)  # Prefect's floor
+
+
+def test_prefect_children_name_their_idempotency_keys(monkeypatch):
+    """The real submit: key = parent run : set : batch : try; parameters carry the batch."""
+    import prefect.context
     import prefect.deployments
 
-    prefect.deployments.run_deployment = no_marker
-    with pytest.raises(RuntimeError, match="failed 1 times"):
-        R._fan_out(spec, root, RuntimeConfig(shard_retries=0), [0], poll=0)
+    parent, calls = uuid.uuid4(), []
+    monkeypatch.setattr(prefect.context, "get_run_context",
+                        lambda: types.SimpleNamespace(flow_run=types.SimpleNamespace(id=parent)))
+    monkeypatch.setattr(prefect.deployments, "run_deployment",
+                        lambda *a, **k: calls.append(k) or types.SimpleNamespace(id=uuid.uuid4()))
+    spec = StageSpec("construct", {"kind": "det"}, ("d", "s"))
+    kids = F.PrefectChildren(None, spec, "/store", RuntimeConfig(), {"threads": 1})
+    kids.submit([3, 4], 2)
+    assert calls[0]["idempotency_key"] == f"{parent}:{spec.key}:3+4:2"
+    assert calls[0]["parameters"]["shards"] == [3, 4] and calls[0]["as_subflow"] and calls[0]["timeout"] == 0

@@ -86,3 +86,13 @@ def test_unknown_key(made, capsys):
     cfg, st, plan, spec = made
     assert cli_main(["verify", "0123456789abcdef", "--store", str(st.root)]) == 2
     assert "no artifact" in capsys.readouterr().err
+
+
+def test_verify_honours_the_store_environment_variable(made, monkeypatch, capsys):
+    """`advfeatures verify KEY` without --store checks the store of ADVFEATURES_STORE (as a
+    container's or worker's runs do), not ./.advstore."""
+    cfg, st, plan, spec = made
+    monkeypatch.setenv("ADVFEATURES_STORE", str(st.root))
+    monkeypatch.chdir(st.root.parent)
+    assert cli_main(["verify", spec.key]) == 0
+    assert f"constructed/{spec.key}: OK" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, start_prefect_server, stop_process_group
 
 from storage import arrays as A
 from storage.store import Store, StoreError, atomic_write_json
@@ -106,6 +106,28 @@ def s3(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """A Prefect server for the CLI runs on URL stores (refused without one: their locks live there)."""
+    proc, env = start_prefect_server(tmp_path_factory.mktemp("prefect-server"))
+    yield env["PREFECT_API_URL"]
+    stop_process_group(proc)
+
+
+def test_url_store_without_a_prefect_server_is_refused(tmp_path):
+    """A URL store's locks are global concurrency limits on the Prefect server: with the temporary
+    server of a run without PREFECT_API_URL they would be private to that process, so the run is
+    refused before anything starts, naming the fix."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--data", str(tmp_path),
+                          "--store", f"file://{tmp_path}/store"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "temporary Prefect server" in out.stderr and "PREFECT_API_URL" in out.stderr
+    assert not (tmp_path / "store").exists()
+
+
 def _cli(env, *args, check=True):
     home = env["PREFECT_HOME"]
     out = subprocess.run([sys.executable, "-m", "flows.cli", *args], env={**os.environ, **env, "PREFECT_HOME": home},
@@ -116,8 +138,8 @@ def _cli(env, *args, check=True):
 
 
 @pytest.mark.slow
-def test_pipeline_on_s3_matches_a_local_folder(s3, tiny_tar, tmp_path):
-    env = {**s3, "PREFECT_HOME": str(tmp_path / "prefect")}
+def test_pipeline_on_s3_matches_a_local_folder(s3, api, tiny_tar, tmp_path):
+    env = {**s3, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api}
     url, local = "s3://advfeatures/store", tmp_path / "local"
     common = ["--profile", "tiny", "--data", str(tiny_tar), "--set", "construct.sets=[det, errors]"]
     _cli(env, "run", *common, "--store", url)

@@ -138,3 +138,27 @@ def test_staging_loses_a_publish_race_gracefully(tmp_path, monkeypatch):
         atomic_write_json(d / "manifest.json", {"by": "us"})
     assert store.manifest("runs", "k1") == {"by": "other"}
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["k1"]  # no staging leftovers
+
+
+def test_a_killed_writers_staging_folder_is_swept_on_the_next_write(tmp_path):
+    """A writer SIGKILLed mid-publish leaves `.staging-<key>-<id>/`; the next write of that kind
+    deletes it once nobody has written to it for a lease, and never a live writer's folder."""
+    import time
+
+    from storage.store import STAGING_LEASE_SECONDS, sweep_staging
+
+    store = Store(tmp_path)
+    dead, live = tmp_path / "models" / ".staging-k0-dead0000", tmp_path / "models" / ".staging-k2-live0000"
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "weights.pt").write_bytes(b"half")
+    old = time.time() - STAGING_LEASE_SECONDS - 60
+    for p in (dead / "weights.pt", dead):
+        os.utime(p, (old, old))
+    with store.staging("models", "k1") as d:
+        atomic_write_json(d / "manifest.json", {"ok": 1})
+    assert not dead.exists() and live.exists()
+    assert store.is_complete("models", "k1")
+    os.utime(live, (old, old))  # the folder is old but a file in it was written just now: alive
+    assert sweep_staging(tmp_path / "models") == [] and live.exists()
+    assert sweep_staging(tmp_path / "models", now=time.time() + STAGING_LEASE_SECONDS + 60) == [live]

@@ -1,0 +1,78 @@
+"""serve's supervisor on plain processes (no Prefect): a child that exits is restarted with a
+growing back-off while the others run on; stop() ends children, their descendants and orphans."""
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from flows.supervise import Child, Supervisor, descendants
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="Linux /proc")
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def _child(name, cmd):
+    return Child(name, cmd, dict(os.environ), os.getcwd())
+
+
+def _until(cond, timeout=10.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_an_exited_child_is_restarted_with_back_off_and_the_others_keep_running():
+    logs = []
+    sup = Supervisor(log=logs.append, backoff=0.2, max_backoff=0.4, stable=60, orphans=False)
+    steady = sup.start(_child("server", SLEEPER))
+    flaky = sup.start(_child("worker", [sys.executable, "-c", "raise SystemExit(3)"]))
+    try:
+        pid = steady.proc.pid
+        assert _until(lambda: (sup.step(), flaky.restarts >= 3)[1])
+        assert steady.proc.pid == pid and steady.proc.poll() is None  # never touched
+        assert any("worker (pid" in m and "exited with code 3" in m and "restarting it in 0 s" in m for m in logs)
+        assert [sup.delay(_child("x", []), 0) for _ in range(1)] == [0.2]
+        c = _child("y", [])
+        assert [sup.delay(c, 1) for _ in range(4)] == [0.2, 0.4, 0.4, 0.4]  # doubles, capped
+        assert sup.delay(c, 61) == 0.2  # it had run a minute: back to the first delay
+    finally:
+        sup.stop(first=[flaky], last=[steady], grace=5)
+    assert steady.proc.poll() is not None
+
+
+def test_stop_ends_children_their_descendants_and_orphans_quickly():
+    """A worker's flow-run process lives in a session of its own; stop() still ends it. (serve
+    also ends orphans re-parented to it, its subreaper; here orphans=False spares pytest's own
+    children.)"""
+    sup = Supervisor(log=lambda m: None, orphans=False)  # not pytest's other children
+    grandchild = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                  "'import time; time.sleep(60)'], start_new_session=True); time.sleep(60)")
+    worker = sup.start(_child("worker", [sys.executable, "-c", grandchild]))
+    server = sup.start(_child("server", SLEEPER))
+    assert _until(lambda: len(descendants([worker.proc.pid])) == 1)
+    tree = [worker.proc.pid, server.proc.pid, *descendants([worker.proc.pid])]
+    t0 = time.monotonic()
+    sup.stop(first=[worker], last=[server], grace=5)
+    assert time.monotonic() - t0 < 5
+    alive = [p for p in tree if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split(")")[-1].split()[0] != "Z"]
+    assert alive == []
+
+
+def test_sigterm_raises_stop():
+    from flows.supervise import Stop, install_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM)
+    install_sigterm()
+    try:
+        with pytest.raises(Stop):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
