@@ -21,11 +21,12 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures.config import ExperimentConfig, resolve, to_plain
+from pipeline import progress
 from pipeline.experiments import get as get_experiment
 from pipeline.kinds import waves
 from pipeline.plan import Plan, StageSpec
 from pipeline.stages import locate_source
-from pipeline.stages.construct import is_sharded
+from pipeline.stages.construct import is_sharded, shard_event
 from pipeline.stages.dataset import source_sha256
 from storage.arrays import shard_done
 from storage.store import Store
@@ -108,6 +109,7 @@ def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll
                     continue
                 if state.is_completed() and shard_done(path, shard):
                     del runs[shard]
+                    _shard_progress(spec, path, shard)
                 elif attempts[shard] < rt.shard_retries:
                     attempts[shard] += 1
                     print(f"shard {shard} of {spec.key} ended {state.name}; resubmitting (try {attempts[shard] + 1})")
@@ -115,6 +117,16 @@ def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll
                 else:
                     raise RuntimeError(f"shard {shard} of set {spec.key} failed {attempts[shard] + 1} times "
                                        f"(last: {state.name}: {state.message}); see flow run {run.id}")
+
+
+def _shard_progress(spec: StageSpec, path: Any, shard: int) -> None:
+    """A shard finished on another worker: its progress event, from its marker."""
+    from storage import arrays as A
+
+    layout = A.stored_layout(path)
+    if layout is not None:
+        marker = A.read_json(A.marker_path(path, shard))
+        progress.emit(shard_event(spec, marker, layout.num_shards, layout.num_shards - len(A.pending_shards(path, layout))))
 
 
 def _generate(spec: StageSpec, store_root: str, rt: Any) -> str:
@@ -143,10 +155,24 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
     with runtime.stage_workers > 1, level by level (``waves``), the independent stages of a level
     submitted together (PGD sets fan out by shard either way)."""
     root, rt = st.url, cfg.runtime
+    stages = [s for s in plan.stages() if s.stage != "run"]
+    labels = plan.labels()
+    counter = progress.PlanCounter(labels, len(stages), sum(st.is_complete(s.folder, s.key) for s in stages))
+    cached = {s.key for s in stages if st.is_complete(s.folder, s.key)}
+
+    def tell(current: StageSpec | None = None, finished: list[StageSpec] = ()) -> None:
+        counter.done += sum(s.key not in cached for s in finished)
+        progress.emit({**counter.event(labels.get(current.key) if current else None), "run": plan.run.key})
 
     def one(spec: StageSpec) -> None:
         if spec.stage == "run":
             return  # the experiment's writer, once every stage is done
+        if spec.key not in cached:
+            tell(spec)
+        _one(spec)
+        tell(finished=[spec] if spec.key not in cached else [])
+
+    def _one(spec: StageSpec) -> None:
         if not is_sharded(spec):
             run_stage(*_task_and_args(spec, cfg))
         elif st.is_complete(spec.folder, spec.key):
@@ -154,6 +180,7 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
         else:
             _generate(spec, root, rt)
 
+    tell()
     if rt.stage_workers == 1:
         for spec in plan.stages():
             one(spec)
@@ -162,6 +189,8 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
         rest = [s for s in level if not is_sharded(s) and s.stage != "run"]
         if len(rest) > 1:
             _run_level(rest, cfg, root)
+            tell(finished=rest)
+            cached.update(s.key for s in rest)
         for spec in level:
             one(spec)  # PGD sets; for the rest only the store-truth check (cached by now)
 
