@@ -6,7 +6,9 @@ the bars instead of tearing them (Prefect's handler holds its own rich Console o
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -47,3 +49,22 @@ def display(mode: str = "auto") -> Iterator[Any]:
         if sink is not None:
             stack.enter_context(progress.sink(sink))
         yield sink
+
+
+
+_LAST: list[str] = []
+
+
+def print_last(line: str | None) -> None:
+    """Print ``line`` as the process's very last output. Called once with None before a run
+    starts (registering an exit hook that runs after Prefect's own: a temporary server logs its
+    stop at exit), then with the line; with a real server (PREFECT_API_URL) it prints at once."""
+    if line is None:
+        if not os.environ.get("PREFECT_API_URL"):
+            atexit.register(lambda: _LAST and print(_LAST[-1], flush=True))
+            _LAST.append("")
+        return
+    if _LAST:
+        _LAST.append(line)
+    else:
+        print(line, flush=True)

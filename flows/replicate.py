@@ -162,7 +162,8 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
 
     def tell(current: StageSpec | None = None, finished: list[StageSpec] = ()) -> None:
         counter.done += sum(s.key not in cached for s in finished)
-        progress.emit({**counter.event(labels.get(current.key) if current else None), "run": plan.run.key})
+        now = f"{current.stage} {labels.get(current.key, current.key)}" if current else None
+        progress.emit({**counter.event(now), "run": plan.run.key})
 
     def one(spec: StageSpec) -> None:
         if spec.stage == "run":
@@ -250,7 +251,30 @@ def run_experiment_body(experiment: str, profile: str, overrides: list[str] | No
                              description="seconds per stage; computed in this run or cached")
     print(f"\n{table_md}\nrun folder: {run_dir}\n")
     print(_timings_md(timings))
-    return {"run_key": plan.run.key, "run_dir": str(run_dir), "timings": timings, "experiment": experiment}
+    path = publish_report(st, run_dir, f"{experiment}-report", f"{cfg.name}: report of run {plan.run.key}")
+    return {"run_key": plan.run.key, "run_dir": str(run_dir), "timings": timings, "experiment": experiment,
+            "report": str(path) if path else None}
+
+
+def publish_report(st: Store, folder: Any, key: str, description: str) -> Any:
+    """Write the folder's report (HTML, Markdown, figures), publish its Markdown as a Prefect
+    artifact (figures named by path: the UI cannot show local files) and print its path. A report
+    that fails is reported, not raised: the run's tables are written already."""
+    import re
+
+    from pipeline.html_report import write_report
+
+    try:
+        path = write_report(st, folder)
+    except Exception as e:  # noqa: BLE001 - the results are safe in the store; say how to retry
+        print(f"the report could not be written ({type(e).__name__}: {e}); the tables are in {folder}; "
+              f"retry with `advfeatures report {folder}`")
+        return None
+    md = re.sub(r"!\[([^]]*)\]\((figures/[^)]+)\)", lambda m: f"(figure: `{folder}/{m.group(2)}`)",
+                (folder / "report.md").read_text())
+    create_markdown_artifact(markdown=f"HTML report: `{path}`\n\n{md}", key=key, description=description)
+    print(f"report: {path}")
+    return path
 
 
 @flow(name="experiment", flow_run_name="{experiment}", log_prints=True)
@@ -274,9 +298,12 @@ def sweep(experiment: str = "replicate", profile: str = "demo", overrides: list[
         out = run_experiment_body(experiment, profile, list(overrides or []) + point, data, store)
         runs.append((point, out["run_dir"]))
     cfg = resolve(profile, list(overrides or []), data=data, store=store)
-    path = S.write_sweep(Store(cfg.runtime.store), experiment, ax, runs, cfg)
+    st = Store(cfg.runtime.store)
+    path = S.write_sweep(st, experiment, ax, runs, cfg)
     print(f"\n{(path / 'sweep.md').read_text()}\nsweep folder: {path}")
-    return {"sweep_dir": str(path), "points": [{"overrides": p, "run_dir": str(d)} for p, d in runs]}
+    report = publish_report(st, path, "sweep-report", f"sweep of {experiment} over {', '.join(k for k, _ in ax)}")
+    return {"sweep_dir": str(path), "points": [{"overrides": p, "run_dir": str(d)} for p, d in runs],
+            "report": str(report) if report else None}
 
 
 @flow(name="replicate", log_prints=True)

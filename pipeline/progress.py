@@ -137,7 +137,7 @@ class PlainSink:
                 self._print(f"[progress] PGD {ev['kind']} {ev['key']}: shard {ev['shard'] + 1} done "
                             f"({ev['shards_done']}/{ev['total_shards']} shards), {ev['image_steps_per_s']:,.0f} "
                             f"image-steps/s" + (f", ETA {duration(eta)}" if eta is not None else ""))
-            elif kind == "plan":
+            elif kind == "plan" and (ev.get("current") or ev["pending"] == 0):  # a stage starts; or all done
                 cur = f", now: {ev['current']}" if ev.get("current") else ""
                 self._print(f"[progress] stages: {ev['done']} done, {ev['cached']} cached, "
                             f"{ev['pending']} pending of {ev['total']}{cur}")
