@@ -42,7 +42,9 @@ class Artifact:
     @property
     def stage(self) -> str:
         st = self.manifest.get("stage", {})
-        return st.get("stage") or {"datasets": "dataset", "evals": "eval", "runs": "run"}.get(self.folder, "?")
+        # unfinished (no manifest): the folder's main kind (an unfinished student shows as model)
+        return st.get("stage") or {"datasets": "dataset", "models": "model", "constructed": "construct",
+                                   "evals": "eval", "runs": "run"}[self.folder]
 
     @property
     def inputs(self) -> list[str]:
