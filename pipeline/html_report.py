@@ -222,7 +222,10 @@ def build(store: Store, folder: Any, device: str = "cpu") -> tuple[str, str, dic
 def write_report(store: Store, folder: Any, device: str = "cpu") -> Any:
     """Write report.html, report.md and figures/ into ``folder``; return report.html's path."""
     page, md, files = build(store, folder, device)
-    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    try:
+        (folder / "figures").mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # object stores: a "folder" exists as soon as a file under it does
+        pass
     for name, data in files.items():
         D.put(folder / name, data)
     D.put(folder / "report.md", md.encode())

@@ -19,7 +19,7 @@ import pandas as pd
 
 from advfeatures.config import CONTROL_KINDS, PGD_KINDS
 from storage import arrays as A
-from storage.store import Store, StoreError, open_root, read_json
+from storage.store import Store, StoreError, is_remote, open_root, read_json
 
 PERTURBED_KINDS = set(PGD_KINDS) | {k for k in CONTROL_KINDS if k.startswith("leak-")}
 
@@ -234,7 +234,8 @@ def sweep_points(info: RunInfo) -> list[dict[str, Any]]:
 def put(path: Any, data: bytes) -> None:
     """Write a file of a (published) run folder: locally through a temporary file and a rename,
     on a URL store in one write."""
-    if isinstance(path, Path):
+    if not is_remote(path):
+        path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(data)
         tmp.replace(path)
