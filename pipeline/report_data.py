@@ -129,13 +129,18 @@ def set_records(store: Store, key: str) -> dict[str, np.ndarray]:
     return A.read_rows(store.path("constructed", key), names=("y_target", "y_true", "fooled", "loss", "norm"))
 
 
-def example_rows(rec: dict[str, np.ndarray], n: int, within: int) -> np.ndarray:
-    """Up to ``n`` row indices among the first ``within`` rows, preferring rows whose target
-    differs from the true label and that fool the source (the interesting ones)."""
-    m = min(within, len(rec["y_target"]))
-    differ, fooled = rec["y_target"][:m] != rec["y_true"][:m], rec["fooled"][:m]
-    order = np.lexsort((np.arange(m), ~fooled, ~differ))  # differ & fooled first, then row order
-    return np.sort(order[:n])
+def example_rows(rec: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Up to ``n`` sorted row indices, one per true class while classes last (the first such row
+    of each class, classes in order of first appearance), among the rows whose target differs
+    from the true label and that fool the source if there are any (the interesting ones)."""
+    differ, fooled = rec["y_target"] != rec["y_true"], rec["fooled"].astype(bool)
+    pool = next((np.flatnonzero(m) for m in (differ & fooled, differ, np.ones_like(differ)) if m.any()),
+                np.zeros(0, np.int64))
+    _, first = np.unique(rec["y_true"][pool], return_index=True)
+    picked = pool[np.sort(first)][:n]
+    if len(picked) < n:  # fewer classes than examples: the next rows of the pool
+        picked = np.concatenate([picked, np.setdiff1d(pool, picked)[:n - len(picked)]])
+    return np.sort(picked)
 
 
 def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] | None:
@@ -146,10 +151,11 @@ def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] |
     path = store.path("constructed", spec["key"])
     man = store.manifest("constructed", spec["key"])
     rec = set_records(store, spec["key"])
-    chunk = int(man.get("layout", {}).get("chunk", 256))
-    rows = example_rows(rec, n, within=chunk)  # the first chunk: one read
-    head = A.read_rows(path, 0, int(rows.max()) + 1, names=("x", "index"))
-    if (head["index"][rows] < 0).any():
+    rows = example_rows(rec, n)
+    if len(rows) == 0:
+        return None
+    at = A.read_rows_at(path, rows, names=("x", "index"))  # one chunk read per example
+    if (at["index"] < 0).any():
         return None
     dataset_key = spec["inputs"][0]
     if spec["config"].get("augment_copies"):  # a copy's clean image is its crop + flip
@@ -158,11 +164,11 @@ def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] |
         s = pgd_set(store, spec_from_dict(spec))
         clean = np.concatenate([s.images(store, dataset_key, int(r), int(r) + 1) for r in rows])
     else:
-        idx = head["index"][rows]
+        idx = at["index"]
         uniq, inv = np.unique(idx, return_inverse=True)
         clean = A.read_images(store.path("datasets", dataset_key), "train", uniq)[inv]
     clean = clean.astype(np.float32) / 255.0  # (n, C, H, W) in [0, 1]
-    adv = head["x"][rows].astype(np.float32)
+    adv = at["x"].astype(np.float32)
     return {"kind": spec["config"].get("kind"), "key": spec["key"], "clean": clean, "adv": adv, "delta": adv - clean,
             "y_true": rec["y_true"][rows], "y_target": rec["y_target"][rows], "fooled": rec["fooled"][rows],
             "norm": rec["norm"][rows], "classes": man.get("classes") or [str(i) for i in range(man["num_classes"])]}

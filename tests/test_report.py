@@ -120,10 +120,11 @@ def test_intervals_headline_and_example_rows_known_answers():
     h = headline(df).set_index("set")
     assert h.loc["rand", "95% interval"] == f"0.0 – {min(55 + half, 100):.1f}"  # clipped to [0, 100]
     assert h.loc["rand", "acc (X, Y+1) %"] == 2.0 and h.loc["det", "paper %"] == 43.7
-    rec = {"y_target": np.array([0, 1, 2, 3, 4]), "y_true": np.array([0, 0, 0, 0, 0]),
-           "fooled": np.array([True, False, True, True, False])}
-    assert list(D.example_rows(rec, 2, within=5)) == [2, 3]  # t != y and fooled first
-    assert list(D.example_rows(rec, 4, within=3)) == [0, 1, 2]
+    rec = {"y_target": np.array([0, 1, 2, 3, 4, 5]), "y_true": np.array([0, 0, 1, 1, 2, 2]),
+           "fooled": np.array([True, False, True, True, False, True])}
+    assert list(D.example_rows(rec, 2)) == [2, 5]  # t != y and fooled (rows 2, 3, 5), one per true class
+    assert list(D.example_rows(rec, 3)) == [2, 3, 5]  # then the pool's next rows
+    assert list(D.example_rows({**rec, "fooled": np.zeros(6, bool)}, 3)) == [1, 2, 4]  # none fooled: t != y
 
 
 def test_report_of_other_experiments_and_bad_folders(tmp_path, tiny_tar, tiny_run):
