@@ -14,6 +14,8 @@ fp32 iterate.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -139,12 +141,14 @@ def target_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def attack_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, attack: AttackConfig,
                  device: torch.device | str = "cpu", batch_size: int = 250, seed: int = 0,
                  channels_last: bool = False, amp_dtype: torch.dtype | None = None,
-                 rows: np.ndarray | None = None, store_dtype: str = "float32") -> dict[str, np.ndarray]:
+                 rows: np.ndarray | None = None, store_dtype: str = "float32",
+                 on_batch: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """Targeted PGD on a block of uint8 images (N,C,H,W). Returns x as it will be stored
     (``store_dtype``) and the per-row records (fooled, loss, norm, margin) computed on those stored images.
 
     ``rows`` (N,) identifies each row (its training-image index) for its random start, drawn from
-    ``seed`` and the row alone; defaults to 0..N-1."""
+    ``seed`` and the row alone; defaults to 0..N-1. ``on_batch(rows_done, N)`` is called after each
+    batch (progress displays; it sees counts only, so it cannot change a result)."""
     device = torch.device(device)
     model = model.to(device)
     if channels_last:
@@ -167,6 +171,8 @@ def attack_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, atta
         out["x"].append(xs.to(sdtype).contiguous().cpu().numpy())
         for k, v in rec.items():
             out[k].append(v.cpu().numpy())
+        if on_batch is not None:
+            on_batch(min(s + batch_size, images.shape[0]), images.shape[0])
     return {k: np.concatenate(v) for k, v in out.items()}
 
 

@@ -209,7 +209,14 @@ def accuracy_metrics(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> d
     k_xy1 = int((pred == (y + 1) % num_classes).sum())
     return {"n_test": n, "correct_xy": k_xy, "acc_xy": k_xy / n, "ci95_xy": list(wilson_interval(k_xy, n)),
             "correct_xy1": k_xy1, "acc_xy1": k_xy1 / n, "ci95_xy1": list(wilson_interval(k_xy1, n)),
-            "chance": 1.0 / num_classes}
+            "chance": 1.0 / num_classes, "confusion": confusion_matrix(pred, y, num_classes)}
+
+
+def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """Counts (C, C): row = true label, column = prediction. For a det student, mass on the
+    diagonal is (X, Y) accuracy and on the cyclic super-diagonal (column y+1) is (X, Y+1)."""
+    flat = y.cpu().long() * num_classes + pred.cpu().long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes).tolist()
 
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:

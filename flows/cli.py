@@ -5,6 +5,9 @@
                     [--sweep construct.n_images=2000,8000 --sweep attack.steps=5,20 ...] [--seeds N]
     advfeatures show-config [--experiment NAME] --profile demo [--set ...] [--data PATH]
     advfeatures verify KEY [--store PATH] [--repair]
+    advfeatures report RUN [--store PATH]  the run folder's report.html + report.md (figures, tables, timings)
+    advfeatures ls [--store PATH] [--stage S] [--incomplete] [--key PREFIX] [--run RUN ...]
+    advfeatures gc [RUN ...] [--store PATH] [--yes] [--min-age-hours H]   dry run unless --yes
     advfeatures serve [--workers N]        local server + UI, work pool, deployments, workers
     advfeatures deploy                     work pool + deployments on the server at PREFECT_API_URL
     advfeatures synth PATH                 a tiny synthetic data set, for smoke runs
@@ -31,6 +34,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="SECTION.KEY=V1,V2",
                    help="run: one point per value (axes multiply), then a long-format table over all points")
     p.add_argument("--seeds", type=int, default=None, help="student seeds 0..N-1 (student.seeds)")
+    p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain", "none"],
+                   help="run: live bars (rich) on a terminal, plain lines in logs (auto picks by stdout)")
 
 
 def _heartbeat_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     dep.add_argument("--pool-limit", type=int, default=None, help="work pool concurrency limit")
     dep.add_argument("--shard-limit", type=int, default=None, help="concurrency limit of the shards queue")
     _heartbeat_args(dep)
+    rep = sub.add_parser("report", help="write a run folder's report (report.html, report.md, figures/)")
+    rep.add_argument("run", help="a run or sweep folder (runs/<key>/), or a run key with --store")
+    rep.add_argument("--store", default=None, help="artifact store root (default: the folder's store)")
+    rep.add_argument("--device", default="cpu", help="for det confusion matrices of evaluations stored without one")
+    ls = sub.add_parser("ls", help="list the store's artifacts: stage, key, what, size, date, complete")
+    ls.add_argument("--store", default=".advstore", help="artifact store root")
+    ls.add_argument("--stage", default=None, help="only this stage kind (dataset, model, construct, select, "
+                    "student, eval, run)")
+    ls.add_argument("--incomplete", action="store_true", help="only unfinished artifacts (no manifest)")
+    ls.add_argument("--key", default=None, help="only keys starting with this prefix")
+    ls.add_argument("--run", dest="runs", action="append", default=None, help="only what this run reaches")
+    gc = sub.add_parser("gc", help="remove artifacts no run reaches (dry run unless --yes)")
+    gc.add_argument("runs", nargs="*", help="keep what these runs reach (folders or keys; default: every run)")
+    gc.add_argument("--store", default=".advstore", help="artifact store root")
+    gc.add_argument("--yes", "--delete", dest="delete", action="store_true", help="delete (default: only list)")
+    gc.add_argument("--min-age-hours", type=float, default=1.0,
+                    help="keep anything modified more recently (a run in progress writes its plan only at its end)")
     syn = sub.add_parser("synth", help="write a tiny synthetic CIFAR-like data set (a zip of PNGs) for smoke runs")
     syn.add_argument("path", help="the zip to write")
     syn.add_argument("--train", type=int, default=200, help="training images")
@@ -86,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "verify":
         return _verify(args)
+    if args.command in ("report", "ls", "gc"):
+        from flows.store_cli import gc, ls, report
+        from storage.store import StoreError
+
+        try:
+            return {"report": report, "ls": ls, "gc": gc}[args.command](args)
+        except StoreError as e:
+            print(f"advfeatures: error: {e}", file=sys.stderr)
+            return 2
     if args.command in ("deploy", "serve"):
         from flows.serve import deploy, serve
 
@@ -128,13 +159,19 @@ def main(argv: list[str] | None = None) -> int:
 
         check_shared_locks(Store(cfg.runtime.store))  # a URL store needs a shared server: refused here
         locate_source(cfg.data)  # a missing or malformed source fails here, before Prefect starts
+        from flows.console import display, print_last
+
         kwargs = dict(profile=args.profile, overrides=args.overrides, data=args.data, store=args.store)
-        if args.sweeps:
-            sweep(experiment=args.experiment, sweeps=args.sweeps, **kwargs)
-        elif args.experiment == "replicate":
-            replicate(**kwargs)  # the flow name the deployments and the UI know
-        else:
-            run_experiment(experiment=args.experiment, **kwargs)
+        print_last(None)  # before Prefect starts a temporary server, whose stop at exit logs a line
+        with display(args.progress):
+            if args.sweeps:
+                out = sweep(experiment=args.experiment, sweeps=args.sweeps, **kwargs)
+            elif args.experiment == "replicate":
+                out = replicate(**kwargs)  # the flow name the deployments and the UI know
+            else:
+                out = run_experiment(experiment=args.experiment, **kwargs)
+        if out.get("report"):
+            print_last(f"report: {out['report']}")
         return 0
     except (ConfigError, DataSourceError, StoreError) as e:
         print(f"advfeatures: error: {e}", file=sys.stderr)

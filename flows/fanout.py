@@ -67,9 +67,11 @@ def batches(pending: list[int], per_run: int, workers: int) -> list[list[int]]:
 
 def fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], children: Children,
             poll: float = 1.0, clock: Callable[[], float] = time.monotonic,
-            now: Callable[[], _dt.datetime] = lambda: _dt.datetime.now(_dt.timezone.utc)) -> None:
+            now: Callable[[], _dt.datetime] = lambda: _dt.datetime.now(_dt.timezone.utc),
+            on_done: Callable[[int], None] | None = None) -> None:
     """Run ``pending`` shards of ``spec`` as child flow runs until each has its marker; raise when a
-    shard has used up its tries or the set its deadline."""
+    shard has used up its tries or the set its deadline. ``on_done(shard)`` is called once per shard
+    as its marker appears (progress)."""
     if not pending:
         return
     path = Store(store_root).path(spec.folder, spec.key)
@@ -84,8 +86,14 @@ def fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], child
     every = max(1.0, (period or 0) / 2)  # heartbeats are read at most this often per child
     checked: dict[UUID, float] = {}
     deadline = clock() + rt.shard_timeout if rt.shard_timeout else None
+    reported: set[int] = set()
     while live:
         time.sleep(poll)
+        if on_done is not None:
+            for s in sorted({s for shards in live.values() for s in shards} - reported):
+                if shard_done(path, s):
+                    reported.add(s)
+                    on_done(s)
         for run_id, shards in list(live.items()):
             st = children.state(run_id)
             if not st.final:

@@ -21,11 +21,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures.config import ExperimentConfig, resolve, to_plain
 from advfeatures.cpus import split_threads
+from pipeline import progress
 from pipeline.experiments import get as get_experiment
 from pipeline.kinds import waves
 from pipeline.plan import Plan, StageSpec
 from pipeline.stages import locate_source
-from pipeline.stages.construct import is_sharded
+from pipeline.stages.construct import is_sharded, shard_event
 from pipeline.stages.dataset import source_sha256
 from storage.arrays import shard_done
 from storage.store import Store, StoreError
@@ -98,8 +99,20 @@ def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll
 
     from flows.fanout import PrefectChildren, fan_out
 
+    path = Store(store_root).path(spec.folder, spec.key)
     with get_client(sync_client=True) as client:
-        fan_out(spec, store_root, rt, pending, PrefectChildren(client, spec, store_root, rt, to_plain(rt)), poll=poll)
+        fan_out(spec, store_root, rt, pending, PrefectChildren(client, spec, store_root, rt, to_plain(rt)), poll=poll,
+                on_done=lambda shard: _shard_progress(spec, path, shard))
+
+
+def _shard_progress(spec: StageSpec, path: Any, shard: int) -> None:
+    """A shard finished on another worker: its progress event, from its marker."""
+    from storage import arrays as A
+
+    layout = A.stored_layout(path)
+    if layout is not None:
+        marker = A.read_json(A.marker_path(path, shard))
+        progress.emit(shard_event(spec, marker, layout.num_shards, layout.num_shards - len(A.pending_shards(path, layout))))
 
 
 def _generate(spec: StageSpec, store_root: str, rt: Any) -> str:
@@ -128,10 +141,25 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
     with runtime.stage_workers > 1, level by level (``waves``), the independent stages of a level
     submitted together (PGD sets fan out by shard either way)."""
     root, rt = st.url, cfg.runtime
+    stages = [s for s in plan.stages() if s.stage != "run"]
+    labels = plan.labels()
+    counter = progress.PlanCounter(labels, len(stages), sum(st.is_complete(s.folder, s.key) for s in stages))
+    cached = {s.key for s in stages if st.is_complete(s.folder, s.key)}
+
+    def tell(current: StageSpec | None = None, finished: list[StageSpec] = ()) -> None:
+        counter.done += sum(s.key not in cached for s in finished)
+        now = f"{current.stage} {labels.get(current.key, current.key)}" if current else None
+        progress.emit({**counter.event(now), "run": plan.run.key})
 
     def one(spec: StageSpec) -> None:
         if spec.stage == "run":
             return  # the experiment's writer, once every stage is done
+        if spec.key not in cached:
+            tell(spec)
+        _one(spec)
+        tell(finished=[spec] if spec.key not in cached else [])
+
+    def _one(spec: StageSpec) -> None:
         if not is_sharded(spec):
             run_stage(*_task_and_args(spec, cfg))
         elif st.is_complete(spec.folder, spec.key):
@@ -139,6 +167,7 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
         else:
             _generate(spec, root, rt)
 
+    tell()
     if rt.stage_workers == 1:
         for spec in plan.stages():
             one(spec)
@@ -147,6 +176,8 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
         rest = [s for s in level if not is_sharded(s) and s.stage != "run"]
         if len(rest) > 1:
             _run_level(rest, cfg, root)
+            tell(finished=rest)
+            cached.update(s.key for s in rest)
         for spec in level:
             one(spec)  # PGD sets; for the rest only the store-truth check (cached by now)
 
@@ -224,7 +255,30 @@ def run_experiment_body(experiment: str, profile: str, overrides: list[str] | No
                              description="seconds per stage; computed in this run or cached")
     print(f"\n{table_md}\nrun folder: {run_dir}\n")
     print(_timings_md(timings))
-    return {"run_key": plan.run.key, "run_dir": str(run_dir), "timings": timings, "experiment": experiment}
+    path = publish_report(st, run_dir, f"{experiment}-report", f"{cfg.name}: report of run {plan.run.key}")
+    return {"run_key": plan.run.key, "run_dir": str(run_dir), "timings": timings, "experiment": experiment,
+            "report": str(path) if path else None}
+
+
+def publish_report(st: Store, folder: Any, key: str, description: str) -> Any:
+    """Write the folder's report (HTML, Markdown, figures), publish its Markdown as a Prefect
+    artifact (figures named by path: the UI cannot show local files) and print its path. A report
+    that fails is reported, not raised: the run's tables are written already."""
+    import re
+
+    from pipeline.html_report import write_report
+
+    try:
+        path = write_report(st, folder)
+    except Exception as e:  # noqa: BLE001 - the results are safe in the store; say how to retry
+        print(f"the report could not be written ({type(e).__name__}: {e}); the tables are in {folder}; "
+              f"retry with `advfeatures report {folder}`")
+        return None
+    md = re.sub(r"!\[([^]]*)\]\((figures/[^)]+)\)", lambda m: f"(figure: `{folder}/{m.group(2)}`)",
+                (folder / "report.md").read_text())
+    create_markdown_artifact(markdown=f"HTML report: `{path}`\n\n{md}", key=key, description=description)
+    print(f"report: {path}")
+    return path
 
 
 @flow(name="experiment", flow_run_name="{experiment}", log_prints=True)
@@ -248,9 +302,12 @@ def sweep(experiment: str = "replicate", profile: str = "demo", overrides: list[
         out = run_experiment_body(experiment, profile, list(overrides or []) + point, data, store)
         runs.append((point, out["run_dir"]))
     cfg = resolve(profile, list(overrides or []), data=data, store=store)
-    path = S.write_sweep(Store(cfg.runtime.store), experiment, ax, runs, cfg)
+    st = Store(cfg.runtime.store)
+    path = S.write_sweep(st, experiment, ax, runs, cfg)
     print(f"\n{(path / 'sweep.md').read_text()}\nsweep folder: {path}")
-    return {"sweep_dir": str(path), "points": [{"overrides": p, "run_dir": str(d)} for p, d in runs]}
+    report = publish_report(st, path, "sweep-report", f"sweep of {experiment} over {', '.join(k for k, _ in ax)}")
+    return {"sweep_dir": str(path), "points": [{"overrides": p, "run_dir": str(d)} for p, d in runs],
+            "report": str(report) if report else None}
 
 
 @flow(name="replicate", log_prints=True)

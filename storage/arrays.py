@@ -215,3 +215,9 @@ def read_rows(path: Path, start: int = 0, stop: int | None = None,
     g = zarr.open_group(str(path), mode="r")
     names = names or ("x", *CONSTRUCTED_FIELDS)
     return {n: g[n][start:stop] for n in names}
+
+
+def read_rows_at(path: Path, idx: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The rows at sorted indices ``idx`` of the named arrays, reading only the chunks that hold them."""
+    g = zarr.open_group(str(path), mode="r")
+    return {n: g[n].oindex[np.asarray(idx)] for n in names}

@@ -30,10 +30,11 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import RemoteFileSystem
 
 from advfeatures.config import PGD_KINDS, DataConfig, RuntimeConfig
-from pipeline import stages
+from pipeline import progress, stages
 from pipeline.plan import StageSpec
 from storage.arrays import shard_done
 from storage.store import Store
+from tasks.progress import SINK as PREFECT_PROGRESS
 
 LOCK_LEASE_SECONDS = 60.0
 
@@ -54,6 +55,7 @@ def prefect_lock(name: str) -> Iterator[None]:
 
 
 Store.use_remote_lock(prefect_lock)
+progress.add_sink(PREFECT_PROGRESS)  # epochs, shards and stages as progress artifacts of the run
 
 
 @functools.lru_cache(maxsize=16)

@@ -96,7 +96,19 @@ def test_the_flow_and_the_bare_executors_compute_the_same_bytes(tmp_path, tiny_t
     with prefect_test_harness():
         out = run_experiment(experiment="replicate", profile="tiny", overrides=over, data=str(tiny_tar),
                              store=str(tmp_path / "flow"))
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts()
     assert out["run_key"] == plan.run.key and out["experiment"] == "replicate"
+    by_type = {}
+    for art in arts:
+        by_type.setdefault(art.type, set()).add(art.key)
+    assert f"train-{plan.source.key}" in by_type["progress"] and f"pgd-{plan.constructs['rand'].key}" in \
+        by_type["progress"] and f"stages-{plan.run.key}" in by_type["progress"]  # per epoch, shard and stage
+    assert "replicate-report" in by_type["markdown"]
+    assert out["report"] == str(tmp_path / "flow" / "runs" / plan.run.key / "report.html")
+    assert "data:image/png;base64," in open(out["report"]).read()
     a, b = _artifacts(bare, plan), _artifacts(Store(tmp_path / "flow"), plan)
     assert a.keys() == b.keys() and len(a) == len([s for s in plan.stages() if s.stage != "dataset"])
     for key in a:
@@ -286,6 +298,7 @@ def test_a_sweep_runs_every_point_once_and_tabulates_them(tmp_path, tiny_tar):
     assert table.loc[0, "model_key"] == table.loc[2, "model_key"]  # the source: one model for both points
     assert table.loc[1, "construct_key"] != table.loc[3, "construct_key"]
     assert len({p["run_dir"] for p in out["points"]}) == 2
+    assert out["report"].endswith("report.html") and "alt='sweep'" in open(out["report"]).read()
 
 
 def _write_released(folder, x, y, chunks=3):

@@ -1,8 +1,8 @@
 """The layers, proven by blocking modules in sys.modules in a fresh interpreter:
 
-    advfeatures/  the maths: imports neither storage nor prefect
+    advfeatures/  the maths: imports neither storage nor prefect, nor a display library (rich, matplotlib)
     storage/      imports neither torch nor prefect
-    pipeline/     stage executors, plans, reports: imports no prefect
+    pipeline/     stage executors, plans, reports: imports no prefect; executors need no display library
     tasks/, flows/ alone import prefect
 """
 
@@ -28,8 +28,10 @@ def _import_with_blocked(mods, blocked):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("pkg, blocked", [("advfeatures", ["prefect", "storage", "pipeline", "tasks", "flows"]),
-                                          ("storage", ["prefect", "torch", "advfeatures", "pipeline"]),
+@pytest.mark.parametrize("pkg, blocked", [("advfeatures", ["prefect", "storage", "pipeline", "tasks", "flows", "rich",
+                                                          "matplotlib"]),
+                                          ("storage", ["prefect", "torch", "advfeatures", "pipeline", "rich",
+                                                       "matplotlib"]),
                                           ("pipeline", ["prefect", "tasks", "flows"])])
 def test_layer_imports_nothing_above_it(pkg, blocked):
     mods = _modules(pkg)
@@ -41,8 +43,17 @@ def test_layer_imports_nothing_above_it(pkg, blocked):
 
 def test_pipeline_layer_holds_the_executors():
     mods = _modules("pipeline")
-    assert {"pipeline.kinds", "pipeline.plan", "pipeline.report", "pipeline.stages.construct"} <= set(mods)
+    assert {"pipeline.kinds", "pipeline.plan", "pipeline.report", "pipeline.stages.construct", "pipeline.progress",
+            "pipeline.figures", "pipeline.html_report", "pipeline.report_data", "pipeline.inventory"} <= set(mods)
     assert not (ROOT / "advfeatures" / "stages.py").exists()
+
+
+def test_executors_and_progress_need_no_display_library():
+    """Progress is a hook: the executors emit events without rich or matplotlib (the CLI's
+    display imports rich; only the report imports matplotlib)."""
+    mods = ["pipeline.progress", "pipeline.stages", "pipeline.inventory", "pipeline.experiments"]
+    out = _import_with_blocked(mods, ["rich", "matplotlib", "prefect"])
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("mod, blocked", [("tasks.stages", "prefect"), ("pipeline.stages", "storage"),

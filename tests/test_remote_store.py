@@ -160,6 +160,7 @@ def test_pipeline_on_s3_matches_a_local_folder(s3, api, tiny_tar, tmp_path):
 
     remote_table, local_table = read_table(st.path("runs", run)), read_table(local / "runs" / run)
     assert remote_table["acc_xy_%"].tolist() == local_table["acc_xy_%"].tolist()
+    assert (st.path("runs", run) / "report.html").is_file() and (st.path("runs", run) / "figures" / "table1.svg").is_file()
     created = {k: st.manifest("constructed", k)["created"] for k in keys}
     again = _cli(env, "run", *common, "--store", url)
     assert "computed this run: 0.0 s" in again.stdout + again.stderr

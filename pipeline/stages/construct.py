@@ -18,6 +18,7 @@ from advfeatures import construct as C
 from advfeatures.attacks import threat_model
 from advfeatures.config import CONTROL_KINDS, PGD_KINDS, AttackConfig, ConstructConfig, RuntimeConfig, build_config
 from advfeatures.training import predict, to_unit
+from pipeline import progress
 from pipeline.common import (
     Context,
     Log,
@@ -102,7 +103,12 @@ def prepare_construct(store: Store, spec: StageSpec) -> list[int]:
         A.create_constructed(path, layout)
         return A.pending_shards(path, layout)
 
-    return store.once(spec.folder, spec.key, lambda: store.is_complete(spec.folder, spec.key), create, skipped=[])
+    pending = store.once(spec.folder, spec.key, lambda: store.is_complete(spec.folder, spec.key), create, skipped=[])
+    if pending:
+        progress.emit({"event": "pgd_set", "key": spec.key, "kind": spec.config["kind"],
+                       "rows": sum(b - a for a, b in map(layout.rows, pending)), "shards": len(pending),
+                       "total_shards": layout.num_shards})
+    return pending
 
 
 def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log = quiet) -> dict[str, Any]:
@@ -124,9 +130,14 @@ def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log
     model = load_model(store, spec.inputs[1], device)
     attack = build_config(AttackConfig, spec.config["attack"], "attack")
     t_attack = time.perf_counter()
+
+    def on_batch(done: int, total: int) -> None:  # display only
+        progress.emit({"event": "pgd_batch", "key": spec.key, "shard": shard, "rows_done": done, "shard_rows": total,
+                       "image_steps": done * attack.steps, "seconds": time.perf_counter() - t_attack})
+
     out = C.attack_block(compiled(model, rt), block, t[start:stop], attack, device, rt.attack_batch_size,
                          seed=spec.config["seed"], rows=s.start_ids(start, stop), store_dtype=layout.x_dtype,
-                         channels_last=rt.channels_last, amp_dtype=amp_dtype(spec.config["amp"]))
+                         channels_last=rt.channels_last, amp_dtype=amp_dtype(spec.config["amp"]), on_batch=on_batch)
     attack_s = time.perf_counter() - t_attack
     rows = {"x": out["x"], "y_target": t[start:stop], "y_true": y[start:stop], "index": idx[start:stop],
             "fooled": out["fooled"], "loss": out["loss"], "norm": out["norm"], "margin": out["margin"]}
@@ -134,7 +145,17 @@ def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log
                            meta=run_record(rt, device))
     log(f"construct {spec.config['kind']} {spec.key} shard {shard + 1}/{layout.num_shards}: rows {start}:{stop}, "
         f"fooled {out['fooled'].mean():.3f}, {attack_s:.1f}s in PGD")
+    progress.emit(shard_event(spec, marker, layout.num_shards, layout.num_shards - len(A.pending_shards(path, layout))))
     return marker
+
+
+def shard_event(spec: StageSpec, marker: dict[str, Any], total_shards: int, shards_done: int) -> dict[str, Any]:
+    """The progress event of a finished shard, from its marker (rows, seconds in PGD)."""
+    steps = spec.config["attack"]["steps"]
+    secs = marker.get("attack_seconds") or marker.get("seconds") or 0.0
+    return {"event": "shard_done", "key": spec.key, "kind": spec.config["kind"], "shard": marker["shard"],
+            "total_shards": total_shards, "shards_done": shards_done, "rows": marker["count"], "steps": steps,
+            "seconds": secs, "image_steps_per_s": marker["count"] * steps / max(secs, 1e-9)}
 
 
 def attack_summary(rec: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 from advfeatures.config import ModelConfig, RuntimeConfig, TrainConfig, build_config
 from advfeatures.models import build_model
 from advfeatures.training import fit
+from pipeline import progress
 from pipeline.common import (
     Context,
     Log,
@@ -53,12 +54,13 @@ def fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, nu
     model = initial_model(spec, num_classes)
     init_sha = state_sha256(model)
 
-    def progress(ev: dict) -> None:
+    def on_epoch(ev: dict) -> None:  # fit's callback: a log line and a progress event, nothing else
         log(f"{spec.stage} {spec.key} epoch {ev['epoch']}/{ev['epochs']}: loss {ev['train_loss']:.3f} "
             f"acc {ev['train_acc']:.3f} ({ev['seconds']:.1f}s)")
+        progress.emit({"event": "epoch", "stage": spec.stage, "key": spec.key, **ev})
 
     res = fit(model, torch.from_numpy(x), torch.from_numpy(y), train_cfg, device=device,
-              channels_last=rt.channels_last, callback=progress, amp_dtype=amp_dtype(spec.config["amp"]),
+              channels_last=rt.channels_last, callback=on_epoch, amp_dtype=amp_dtype(spec.config["amp"]),
               forward=compiled(model, rt), seed=seeds["data"])
 
     def write(tmp: Path) -> dict[str, Any]:

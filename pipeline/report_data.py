@@ -1,0 +1,249 @@
+"""What a run's report shows, read back from the store: nothing is recomputed except, for stores
+written before evaluations kept a confusion matrix, a det student's test predictions.
+
+A run folder (``runs/<key>/``) holds its table, ``config.yaml``, ``plan.json`` (every stage spec)
+and a manifest; a sweep folder holds ``sweep.parquet`` and a manifest listing its points' runs.
+Everything else (sets, models, evaluations) is found by key in the store around the folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from advfeatures.config import CONTROL_KINDS, PGD_KINDS
+from storage import arrays as A
+from storage.store import Store, StoreError, is_remote, open_root, read_json
+
+PERTURBED_KINDS = set(PGD_KINDS) | {k for k in CONTROL_KINDS if k.startswith("leak-")}
+
+
+@dataclass
+class RunInfo:
+    """One run (or sweep) folder and what the store says about it."""
+    folder: Any
+    key: str
+    kind: str
+    """'table' (replicate, controls, released), 'errors-sweep' or 'sweep'."""
+    table: pd.DataFrame
+    manifest: dict[str, Any]
+    config_text: str
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    """plan.json: every stage spec (stage, key, config, inputs) in dependency order."""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def of(self, stage: str) -> list[dict[str, Any]]:
+        return [s for s in self.stages if s["stage"] == stage]
+
+
+def _read_parquet(path: Any) -> pd.DataFrame:
+    with path.open("rb") as f:
+        return pd.read_parquet(io.BytesIO(f.read()))
+
+
+def resolve_run(store: Store | None, run: str) -> tuple[Store, Any]:
+    """A run folder from a path (its store: two levels up, unless given) or a run key in ``store``."""
+    path = open_root(run)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return (store or Store(path.parent.parent)), path
+    if store is not None and store.is_complete("runs", run):
+        return store, store.path("runs", run)
+    where = f"the store at {store.root}" if store is not None else "this folder"
+    raise StoreError(f"{run!r} is neither a finished run folder (runs/<key>/ with a manifest.json) nor a run key in "
+                     f"{where}; give the folder that `advfeatures run` printed, or --store with a key")
+
+
+def load_run(store: Store, folder: Any) -> RunInfo:
+    man = read_json(folder / "manifest.json")
+    config_text = (folder / "config.yaml").read_text() if (folder / "config.yaml").is_file() else ""
+    if (folder / "sweep.parquet").is_file():
+        return RunInfo(folder, man["key"], "sweep", _read_parquet(folder / "sweep.parquet"), man, config_text)
+    if not (folder / "table.parquet").is_file():
+        raise StoreError(f"{folder} holds no table.parquet or sweep.parquet: not a run folder")
+    table = _read_parquet(folder / "table.parquet")
+    stages = read_json(folder / "plan.json") if (folder / "plan.json").is_file() else []
+    kind = "errors-sweep" if "teacher_epochs" in table.columns else "table"
+    return RunInfo(folder, man["key"], kind, table, man, config_text, stages, stage_labels(stages))
+
+
+def stage_labels(stages: list[dict[str, Any]]) -> dict[str, str]:
+    """A readable name for every stage of a plan.json (plans' own labels need the plan object)."""
+    out: dict[str, str] = {}
+    for s in stages:
+        c, k = s["config"], s["key"]
+        if s["stage"] == "dataset":
+            out[k] = "data"
+        elif s["stage"] == "model":
+            ep = c.get("train", {}).get("epochs")
+            out[k] = c.get("role", "model") + (f" {ep} ep" if c.get("role") == "teacher" else "")
+        elif s["stage"] == "construct":
+            out[k] = c.get("name") or c["kind"]
+        elif s["stage"] == "select":
+            out[k] = f"{out.get(s['inputs'][0], 'set')} top {c['fraction']:g}"
+        elif s["stage"] == "student":
+            out[k] = f"{c['set']} seed={c.get('train', {}).get('seed', '?')}"
+        elif s["stage"] == "eval":
+            eps = c.get("robust", {}).get("eps")
+            out[k] = f"eval {out.get(s['inputs'][0], s['inputs'][0])}" + (f" eps={eps:g}" if eps is not None else "")
+        else:
+            out[k] = "table"
+    return out
+
+
+def timings(store: Store, info: RunInfo) -> pd.DataFrame:
+    """Per stage: seconds it took (from its manifest), when it was made, complete or not."""
+    rows = []
+    for s in info.stages:
+        folder = {"dataset": "datasets", "model": "models", "student": "models", "construct": "constructed",
+                  "select": "constructed", "eval": "evals", "run": "runs"}[s["stage"]]
+        done = store.is_complete(folder, s["key"])
+        man = store.manifest(folder, s["key"]) if done else {}
+        rows.append({"stage": s["stage"], "what": info.labels.get(s["key"], ""), "key": s["key"],
+                     "seconds": float(man.get("seconds", float("nan"))) if done else float("nan"),
+                     "created": man.get("created", "")[:19].replace("T", " "), "complete": done})
+    return pd.DataFrame(rows)
+
+
+def histories(store: Store, info: RunInfo) -> dict[str, list[dict[str, Any]]]:
+    """label -> per-epoch history (train_loss, train_acc) of every model and student of the run."""
+    out = {}
+    for s in info.of("model") + info.of("student"):
+        if store.is_complete("models", s["key"]):
+            out[info.labels[s["key"]]] = store.manifest("models", s["key"]).get("history", [])
+    return out
+
+
+def perturbed_sets(info: RunInfo) -> list[dict[str, Any]]:
+    """The run's sets whose images were perturbed (PGD sets and leak controls), in plan order."""
+    return [s for s in info.of("construct") if s["config"].get("kind") in PERTURBED_KINDS]
+
+
+def set_records(store: Store, key: str) -> dict[str, np.ndarray]:
+    """Per-row records of a constructed set: y_target, y_true, fooled, loss, norm."""
+    return A.read_rows(store.path("constructed", key), names=("y_target", "y_true", "fooled", "loss", "norm"))
+
+
+def example_rows(rec: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Up to ``n`` sorted row indices, one per true class while classes last (the first such row
+    of each class, classes in order of first appearance), among the rows whose target differs
+    from the true label and that fool the source if there are any (the interesting ones)."""
+    differ, fooled = rec["y_target"] != rec["y_true"], rec["fooled"].astype(bool)
+    pool = next((np.flatnonzero(m) for m in (differ & fooled, differ, np.ones_like(differ)) if m.any()),
+                np.zeros(0, np.int64))
+    _, first = np.unique(rec["y_true"][pool], return_index=True)
+    picked = pool[np.sort(first)][:n]
+    if len(picked) < n:  # fewer classes than examples: the next rows of the pool
+        picked = np.concatenate([picked, np.setdiff1d(pool, picked)[:n - len(picked)]])
+    return np.sort(picked)
+
+
+def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] | None:
+    """Clean image, stored (adversarial) image and perturbation of ``n`` rows of a perturbed set,
+    with true and assigned labels; None when the set holds no clean-image index (released sets)."""
+    from pipeline.kinds import spec_from_dict
+
+    path = store.path("constructed", spec["key"])
+    man = store.manifest("constructed", spec["key"])
+    rec = set_records(store, spec["key"])
+    rows = example_rows(rec, n)
+    if len(rows) == 0:
+        return None
+    at = A.read_rows_at(path, rows, names=("x", "index"))  # one chunk read per example
+    if (at["index"] < 0).any():
+        return None
+    dataset_key = spec["inputs"][0]
+    if spec["config"].get("augment_copies"):  # a copy's clean image is its crop + flip
+        from pipeline.stages.construct import pgd_set
+
+        s = pgd_set(store, spec_from_dict(spec))
+        clean = np.concatenate([s.images(store, dataset_key, int(r), int(r) + 1) for r in rows])
+    else:
+        idx = at["index"]
+        uniq, inv = np.unique(idx, return_inverse=True)
+        clean = A.read_images(store.path("datasets", dataset_key), "train", uniq)[inv]
+    clean = clean.astype(np.float32) / 255.0  # (n, C, H, W) in [0, 1]
+    adv = at["x"].astype(np.float32)
+    return {"kind": spec["config"].get("kind"), "key": spec["key"], "clean": clean, "adv": adv, "delta": adv - clean,
+            "y_true": rec["y_true"][rows], "y_target": rec["y_target"][rows], "fooled": rec["fooled"][rows],
+            "norm": rec["norm"][rows], "classes": man.get("classes") or [str(i) for i in range(man["num_classes"])]}
+
+
+def det_confusion(store: Store, info: RunInfo, device: str = "cpu") -> tuple[np.ndarray, list[str], int] | None:
+    """Summed confusion counts (C, C) of the run's det students on the clean test set (rows: true
+    label, columns: prediction), the class names and the number of students; None without det
+    students. Read from the evaluations; computed from the model and the test set for evaluations
+    stored before they kept it (one forward pass over the test set per student)."""
+    students = [s for s in info.of("student") if s["config"].get("set") == "det"]
+    evals = {s["inputs"][0]: s for s in info.of("eval") if "robust" not in s["config"]}
+    total, classes, n = None, None, 0
+    for st in students:
+        ev = evals.get(st["key"])
+        if ev is None or not store.is_complete("evals", ev["key"]):
+            continue
+        m = store.manifest("evals", ev["key"])["metrics"]
+        ds = store.manifest("datasets", ev["inputs"][1])
+        classes = ds["classes"]
+        conf = m.get("confusion")
+        if conf is None:
+            conf = _confusion_now(store, st["key"], ev["inputs"][1], len(classes), device)
+        conf = np.asarray(conf, dtype=np.int64)
+        total = conf if total is None else total + conf
+        n += 1
+    return None if total is None else (total, classes, n)
+
+
+def _confusion_now(store: Store, model_key: str, dataset_key: str, num_classes: int, device: str) -> list[list[int]]:
+    import torch
+
+    from advfeatures.training import confusion_matrix, predict
+    from pipeline.common import load_model, load_split
+
+    x, y = load_split(store, dataset_key, "test")
+    pred = predict(load_model(store, model_key, device), torch.from_numpy(x), device=device)
+    return confusion_matrix(pred, torch.from_numpy(y), num_classes)
+
+
+def environment(store: Store, info: RunInfo) -> dict[str, Any]:
+    """Versions, devices and runtime settings: the run's manifest, the devices its models were
+    trained on (from their manifests), and the versions of this report's libraries."""
+    from importlib import metadata
+
+    man = info.manifest
+    env = dict(man.get("environment") or {})
+    devices = set()
+    for s in info.of("model") + info.of("student"):
+        if store.is_complete("models", s["key"]):
+            e = store.manifest("models", s["key"]).get("environment") or {}
+            devices.add(e.get("device_name") or e.get("device") or "?")
+    report_libs = {}
+    for lib in ("prefect", "matplotlib", "rich", "pandas", "zarr"):
+        try:
+            report_libs[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            report_libs[lib] = "not installed"
+    return {"environment": env, "devices": sorted(devices), "runtime": man.get("runtime") or {},
+            "code_version": man.get("code_version") or {}, "report_libraries": report_libs,
+            "created": man.get("created", ""),
+            "report_made": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def sweep_points(info: RunInfo) -> list[dict[str, Any]]:
+    return list(info.manifest.get("points") or [])
+
+
+def put(path: Any, data: bytes) -> None:
+    """Write a file of a (published) run folder: locally through a temporary file and a rename,
+    on a URL store in one write."""
+    if not is_remote(path):
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    else:
+        path.write_bytes(data)

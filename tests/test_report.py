@@ -1,0 +1,247 @@
+"""The report (figures, HTML, Markdown) of a tiny run, its numbers against known answers, its
+rendering in headless Chromium, and progress events (they must not change any result)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from advfeatures.config import resolve
+from pipeline import kinds, progress
+from pipeline.common import Context
+from pipeline.experiments import get
+from pipeline.stages import source_sha256
+from storage.store import Store, atomic_write_json
+
+FIGURES = ("table1", "images", "attack_histograms", "fooling_per_class", "training", "det_confusion")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_tar):
+    """A finished tiny replicate run (bare executors; margin selection; two seeds), its report
+    written, and the progress events it emitted."""
+    store = tmp_path_factory.mktemp("report-store")
+    cfg = resolve("tiny", ["construct.select=0.5", "student.seeds=[0, 1]", "construct.n_images=100"],
+                  data=str(tiny_tar), store=str(store))
+    plan = get("replicate").plan(cfg, source_sha256(tiny_tar))
+    st = Store(store)
+    events: list[dict] = []
+    with progress.sink(events.append):
+        kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg))
+    from pipeline.html_report import write_report
+
+    folder = st.path("runs", plan.run.key)
+    return st, plan, cfg, folder, write_report(st, folder), events
+
+
+def test_report_files_tables_and_figures(tiny_run):
+    st, plan, _, folder, html_path, _ = tiny_run
+    assert html_path == folder / "report.html"
+    for name in FIGURES:
+        for ext in ("png", "svg"):
+            assert (folder / "figures" / f"{name}.{ext}").stat().st_size > 1000, (name, ext)
+    page = html_path.read_text()
+    head = page[page.index("id=\"headline\""):]
+    head = head[:head.index("</table>")]
+    assert head.count("<tr") == 1 + 6  # header + D, teacher, rand, other, det, errors
+    for word in ("rand", "det", "errors", "63.3", "43.7"):  # sets and the paper's numbers
+        assert word in head
+    srcs = re.findall(r"src='([^']*)'", page)
+    assert len(srcs) == len(FIGURES) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for s in srcs:  # every inlined image decodes
+        img = Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1])))
+        img.load()
+        assert img.width > 200 and img.height > 100
+    assert "href=" not in page and "<script" not in page  # self-contained, nothing to fetch
+    for key in (plan.source.key, plan.run.key, plan.constructs["det"].key):
+        assert key in page  # timings and keys
+    md = (folder / "report.md").read_text()
+    for ref in re.findall(r"\]\((figures/[^)]+)\)", md):
+        assert (folder / ref).is_file()
+    assert "## Environment" in md and "torch" in md
+
+
+def test_det_confusion_is_the_predictions_and_is_recomputed_for_old_evals(tiny_run):
+    from pipeline import report_data as D
+    from pipeline.stages import load_model, load_split
+
+    st, plan, _, folder, _, _ = tiny_run
+    info = D.load_run(st, folder)
+    counts, classes, n = D.det_confusion(st, info)
+    dets = [s for s in plan.students if s.kind == "det"]
+    assert n == len(dets) == 2 and len(classes) == 10
+    x, y = load_split(st, plan.dataset.key, "test")
+    expect = np.zeros((10, 10), np.int64)
+    for s in dets:
+        pred = load_model(st, s.student.key)(torch.from_numpy(x).float() / 255).argmax(1).numpy()
+        np.add.at(expect, (y, pred), 1)
+        m = st.manifest("evals", s.eval.key)["metrics"]
+        assert np.trace(np.asarray(m["confusion"])) == m["correct_xy"]
+    assert np.array_equal(counts, expect)
+    for s in dets:  # an evaluation stored before confusion matrices were kept
+        man = st.manifest("evals", s.eval.key)
+        del man["metrics"]["confusion"]
+        atomic_write_json(st.path("evals", s.eval.key) / "manifest.json", man)
+    assert np.array_equal(D.det_confusion(st, info)[0], expect)
+
+
+def test_confusion_matrix_known_answer():
+    from advfeatures.training import accuracy_metrics, confusion_matrix
+
+    y, pred = torch.tensor([0, 1, 2, 2, 1]), torch.tensor([0, 2, 0, 2, 2])
+    assert confusion_matrix(pred, y, 3) == [[1, 0, 0], [0, 0, 2], [1, 0, 1]]
+    m = accuracy_metrics(pred, y, 3)
+    assert m["correct_xy"] == 2 and m["correct_xy1"] == 3 and m["confusion"][1][2] == 2
+
+
+def test_intervals_headline_and_example_rows_known_answers():
+    from pipeline import report_data as D
+    from pipeline.figures import set_intervals
+    from pipeline.html_report import headline
+
+    df = pd.DataFrame({"set": ["rand", "rand", "det"], "model": ["m"] * 3, "seed": [0, 1, 0],
+                       "acc_xy_%": [50.0, 60.0, 30.0], "acc_xy+1_%": [1.0, 3.0, 40.0], "ci95_lo_%": [0, 0, 25.0],
+                       "ci95_hi_%": [0, 0, 35.0], "paper_%": [63.3, 63.3, 43.7], "chance_%": [10.0] * 3,
+                       "attack_success_%": [80.0, 80.0, 70.0], "attack_success_t≠y_%": [78.0, 78.0, 70.0],
+                       "vs_chance": ["above"] * 3})
+    iv = set_intervals(df).set_index("set")
+    half = 12.706 * np.std([50, 60], ddof=1) / np.sqrt(2)  # t(0.975, 1) * s / sqrt(n)
+    assert iv.loc["rand", "mean"] == 55 and iv.loc["rand", "lo"] == pytest.approx(55 - half)
+    assert (iv.loc["det", "lo"], iv.loc["det", "hi"]) == (25.0, 35.0)  # one seed: its Wilson interval
+    h = headline(df).set_index("set")
+    assert h.loc["rand", "95% interval"] == f"0.0 – {min(55 + half, 100):.1f}"  # clipped to [0, 100]
+    assert h.loc["rand", "acc (X, Y+1) %"] == 2.0 and h.loc["det", "paper %"] == 43.7
+    rec = {"y_target": np.array([0, 1, 2, 3, 4, 5]), "y_true": np.array([0, 0, 1, 1, 2, 2]),
+           "fooled": np.array([True, False, True, True, False, True])}
+    assert list(D.example_rows(rec, 2)) == [2, 5]  # t != y and fooled (rows 2, 3, 5), one per true class
+    assert list(D.example_rows(rec, 3)) == [2, 3, 5]  # then the pool's next rows
+    assert list(D.example_rows({**rec, "fooled": np.zeros(6, bool)}, 3)) == [1, 2, 4]  # none fooled: t != y
+
+
+def test_report_of_other_experiments_and_bad_folders(tmp_path, tiny_tar, tiny_run):
+    """errors-sweep and a sweep folder get their own figure; a folder that is no run is refused."""
+    from pipeline import sweep as S
+    from pipeline.html_report import write_report
+    from pipeline.report_data import resolve_run
+    from storage.store import StoreError
+
+    st, _, cfg, folder, _, _ = tiny_run
+    ecfg = resolve("tiny", ["errors_sweep.teacher_epochs=[1]", "construct.sets=[errors]"], data=str(tiny_tar),
+                   store=str(st.root))
+    eplan = get("errors-sweep").plan(ecfg, source_sha256(tiny_tar))
+    kinds.run_all(st, eplan, Context(runtime=ecfg.runtime, data=ecfg.data, plan=eplan, config=ecfg,
+                                     experiment="errors-sweep"))
+    epage = write_report(st, st.path("runs", eplan.run.key)).read_text()
+    assert "errors_curve" in epage and "teacher_epochs" in epage
+    sweep_dir = S.write_sweep(st, "replicate", [("attack.steps", ["3", "3b"])], [(["attack.steps=3"], folder),
+                                                                                 (["attack.steps=3b"], folder)], cfg)
+    spage = write_report(st, sweep_dir).read_text()
+    assert "alt='sweep'" in spage and "id=\"points\"" in spage
+    assert resolve_run(None, str(folder))[1] == folder
+    assert resolve_run(st, folder.name)[1] == folder
+    with pytest.raises(StoreError, match="neither a finished run folder"):
+        resolve_run(st, str(tmp_path))
+
+
+def test_progress_events_arrive_and_change_nothing(tiny_run, tmp_path, tiny_tar):
+    """Every kind of event is emitted; a PGD set made with a sink that records every event is
+    byte-identical to one made with no sink at all."""
+    from conftest import build
+
+    from pipeline import stages
+    from storage import arrays as A
+
+    st, plan, cfg, _, _, events = tiny_run
+    kinds_seen = {e["event"] for e in events}
+    assert {"epoch", "pgd_set", "pgd_batch", "shard_done"} <= kinds_seen
+    shards = [e for e in events if e["event"] == "shard_done" and e["key"] == plan.constructs["rand"].key]
+    assert [e["shards_done"] for e in shards] == [1, 2] and all(e["image_steps_per_s"] > 0 for e in shards)
+    epochs = [e for e in events if e["event"] == "epoch" and e["key"] == plan.source.key]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert epochs[-1]["train_loss"] == st.manifest("models", plan.source.key)["history"][-1]["train_loss"]
+    _, bare, bplan = build(tiny_tar, tmp_path, ["construct.select=0.5", "student.seeds=[0, 1]",
+                                                "construct.n_images=100"])
+    stages.generate(bare, bplan.constructs["rand"], cfg.runtime)  # no sink
+    a = A.read_rows(st.path("constructed", plan.constructs["rand"].key))
+    b = A.read_rows(bare.path("constructed", bplan.constructs["rand"].key))
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+    assert (st.path("models", plan.source.key) / "weights.pt").read_bytes() == \
+        (bare.path("models", bplan.source.key) / "weights.pt").read_bytes()
+
+
+def test_progress_displays_and_a_failing_sink():
+    from rich.console import Console
+
+    out = io.StringIO()
+    plain = progress.PlainSink(out)
+    evs = [{"event": "plan", "labels": {"k1": "source"}, "total": 4, "done": 1, "cached": 2, "pending": 1,
+            "current": "model source"},
+           {"event": "pgd_set", "key": "k2", "kind": "rand", "rows": 100, "shards": 2, "total_shards": 2},
+           {"event": "pgd_batch", "key": "k2", "shard": 0, "rows_done": 25, "shard_rows": 50, "image_steps": 250,
+            "seconds": 0.1},
+           {"event": "shard_done", "key": "k2", "kind": "rand", "shard": 0, "total_shards": 2, "shards_done": 1,
+            "rows": 50, "steps": 10, "seconds": 0.5, "image_steps_per_s": 1000.0},
+           {"event": "epoch", "stage": "model", "key": "k1", "epoch": 1, "epochs": 2, "train_loss": 1.5,
+            "train_acc": 0.4, "seconds": 1.0, "lr": 0.1}]
+    for e in evs:
+        plain(e)
+    text = out.getvalue()
+    assert "1 done, 2 cached, 1 pending of 4, now: model source" in text
+    assert "shard 1 done (1/2 shards), 1,000 image-steps/s, ETA" in text and "epoch" not in text
+    con = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with progress.RichSink(con) as rich_sink:
+        for e in evs:
+            rich_sink(e)
+        rich_sink.progress.refresh()
+    shown = con.file.getvalue()
+    assert "PGD rand" in shown and "image-steps/s" in shown and "loss 1.500" in shown and "2 cached" in shown
+    assert isinstance(progress.auto_sink("auto"), progress.PlainSink)  # pytest's stdout is no terminal
+
+    def broken(_ev):
+        raise RuntimeError("display gone")
+
+    progress.add_sink(broken)
+    progress.emit(evs[0])  # does not raise, and removes the sink
+    assert broken not in progress._sinks
+    from tasks.progress import artifact_of
+
+    assert artifact_of(evs[3])[:2] == ("pgd-k2", 50.0) and artifact_of(evs[4])[:2] == ("train-k1", 50.0)
+    assert artifact_of({**evs[0], "run": "r1"})[:2] == ("stages-r1", 75.0) and artifact_of(evs[2]) is None
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs headless Chromium (Debian: apt-get install chromium; "
+                                                 ".ci/run installs it)")
+def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
+    """~5 s. The page as a browser sees it: every image decoded (naturalWidth > 0), the tables'
+    rows present, nothing fetched, and a screenshot that is not blank."""
+    _, _, _, folder, html_path, _ = tiny_run
+    probe = tmp_path / "probe.html"
+    check = ("<script>window.addEventListener('load',()=>{const i=[...document.images];"
+             "document.body.dataset.images=i.length;"
+             "document.body.dataset.broken=i.filter(x=>!(x.complete&&x.naturalWidth>0)).length;"
+             "document.body.dataset.rows=document.querySelectorAll('#headline tr').length;"
+             "document.body.dataset.resources=performance.getEntriesByType('resource').length;});</script>")
+    probe.write_text(html_path.read_text().replace("</body>", check + "</body>"))
+    base = [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            "--virtual-time-budget=5000"]
+    dom = subprocess.run(base + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    attrs = dict(re.findall(r'data-(\w+)="(\d+)"', dom[dom.index("<body"):dom.index(">", dom.index("<body"))]))
+    assert attrs == {"images": str(len(FIGURES)), "broken": "0", "rows": "7", "resources": "0"}, attrs
+    shot = tmp_path / "shot.png"
+    subprocess.run(base + ["--window-size=1200,1600", f"--screenshot={shot}", html_path.as_uri()],
+                   capture_output=True, timeout=120, cwd=tmp_path)
+    img = np.asarray(Image.open(shot).convert("L"))
+    assert img.shape == (1600, 1200) and img.std() > 10  # tables and figures, not a blank page
