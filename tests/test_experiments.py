@@ -41,6 +41,9 @@ def test_every_stage_kind_is_declared_once_with_an_executor():
         kinds.StageSpec("nope", {})
 
 
+EVAL_METRICS = ("acc_xy", "acc_xy1", "chance", "ci95_xy", "ci95_xy1", "correct_xy", "correct_xy1", "n_test")
+
+
 def _artifacts(store: Store, plan) -> dict[str, bytes | dict]:
     """What a plan computed, byte for byte: model weights, every constructed set's arrays, the tables."""
     out = {}
@@ -50,8 +53,9 @@ def _artifacts(store: Store, plan) -> dict[str, bytes | dict]:
             out[spec.key] = (path / "weights.pt").read_bytes()
         elif spec.folder == "constructed":
             out[spec.key] = {k: v.tobytes() for k, v in A.read_rows(path).items()}
-        elif spec.folder == "evals":
-            out[spec.key] = store.manifest(spec.folder, spec.key)["metrics"]
+        elif spec.folder == "evals":  # the metrics of before the reshape (later records, e.g. confusion, aside)
+            metrics = store.manifest(spec.folder, spec.key)["metrics"]
+            out[spec.key] = {k: v for k, v in metrics.items() if k in EVAL_METRICS}
         elif spec.folder == "runs":
             out[spec.key] = (path / "table.csv").read_text()
     return out
