@@ -87,13 +87,17 @@ def fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], child
     checked: dict[UUID, float] = {}
     deadline = clock() + rt.shard_timeout if rt.shard_timeout else None
     reported: set[int] = set()
-    while live:
-        time.sleep(poll)
+
+    def report(shards: list[int]) -> None:
         if on_done is not None:
-            for s in sorted({s for shards in live.values() for s in shards} - reported):
+            for s in sorted(set(shards) - reported):
                 if shard_done(path, s):
                     reported.add(s)
                     on_done(s)
+
+    while live:
+        time.sleep(poll)
+        report([s for shards in live.values() for s in shards])
         for run_id, shards in list(live.items()):
             st = children.state(run_id)
             if not st.final:
@@ -105,6 +109,7 @@ def fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], child
                 print(f"{label(shards)} of {spec.key}: flow run {run_id} {msg}")
                 st = RunState("CRASHED", "Crashed", msg, now(), True)
             del live[run_id]
+            report(shards)  # markers written between the report above and the run's end
             left = [s for s in shards if not shard_done(path, s)]
             if not left:
                 continue  # every marker is there (even if the run died after the last one)

@@ -209,3 +209,31 @@ def test_prefect_children_name_their_idempotency_keys(monkeypatch):
     kids.submit([3, 4], 2)
     assert calls[0]["idempotency_key"] == f"{parent}:{spec.key}:3+4:2"
     assert calls[0]["parameters"]["shards"] == [3, 4] and calls[0]["as_subflow"] and calls[0]["timeout"] == 0
+
+
+def test_every_shard_is_reported_once_even_when_its_marker_lands_as_the_run_ends(setup, tmp_path, monkeypatch):
+    """Progress: ``on_done`` once per shard, also for markers written between the poll's report
+    and the run's final state (here: written when the state is read)."""
+    spec, path, _ = setup
+    clock = Clock()
+    monkeypatch.setattr(F.time, "sleep", lambda s: clock.tick())
+
+    class LateMarkers(FakeChildren):
+        def submit(self, shards, attempt):
+            run = super().submit(shards, attempt)
+            for s in shards:  # undo the markers: they land only when the run is seen finished
+                A.marker_path(self.path, s).unlink(missing_ok=True)
+            self.late = {**getattr(self, "late", {}), run: list(shards)}
+            return run
+
+        def state(self, run_id):
+            for s in self.late.pop(run_id, []):
+                A.marker_path(self.path, s).parent.mkdir(parents=True, exist_ok=True)
+                A.marker_path(self.path, s).write_text("{}")
+            return super().state(run_id)
+
+    done = []
+    kids = LateMarkers(path, {}, clock)
+    F.fan_out(spec, str(tmp_path), RuntimeConfig(shards_per_run=2), [0, 1, 2, 3], kids, poll=1.0,
+              clock=lambda: clock.t, now=clock.now, on_done=done.append)
+    assert sorted(done) == [0, 1, 2, 3]
