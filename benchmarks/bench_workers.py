@@ -3,8 +3,8 @@ machine; prints the speed-up and the orchestration overhead per shard (the wall 
 spent per shard, wall x workers / shards, minus the PGD seconds recorded in the shard markers:
 process start, imports, loading, Zarr writes, markers, Prefect bookkeeping and polling).
 
-    python benchmarks/bench_workers.py [--mode processes|threads] [--shards 4] [--shard-size 1000]
-                                       [--steps 45] [--workers 1 2] [--shards-per-run 0]
+    python benchmarks/bench_workers.py [--mode processes|threads] [--shards 10] [--shard-size 1000]
+                                       [--steps 45] [--workers 1 2] [--shards-per-run 0 [1 ...]]
 
 --mode processes (default): real Prefect process workers. For each worker count W a fresh local
 Prefect server is started (its own PREFECT_HOME under a temp dir, a free port), the `advfeatures`
@@ -13,21 +13,28 @@ work pool and prefect.yaml's deployments are registered (flows.serve.deploy) and
 waited for until online. A child of this script (with PREFECT_API_URL pointing at that server)
 ingests the data and trains the source model outside the timing, then times the generate-set
 subflow with runtime.shard_executor=deployment: the shards go as flow runs of the `generate-shard`
-deployment (``--shards-per-run`` per run; 0 = auto, one run per online worker), each of which a
-worker runs in a new `python -m prefect.engine` process. The server and the
+deployment (``--shards-per-run`` per run; 0 = auto, one run per online worker; several values: one
+measurement each, e.g. ``0 1`` for batched against one run per shard), each of which a worker runs
+in a new `python -m prefect.engine` process. The server and the
 workers are stopped afterwards (also on errors). Besides the timing it prints, per worker count,
 the mean shard seconds from the markers, the distinct pids in the markers (one per flow run, since
-a process worker starts a process per flow run, so fewer than shards when runs are batched) and how many distinct workers ran them (read from
-the workers' logs, which carry their flow runs' logs), which must equal W (a WARNING otherwise).
+a process worker starts a process per flow run, so fewer than shards when runs are batched), how
+many distinct workers ran them (read from the workers' logs, which carry their flow runs' logs),
+which must equal W (a WARNING otherwise), and where a run's fixed cost goes: "start", the mean
+seconds from the set's start to a run's first shard computing (submission, pickup by a worker,
+process start, imports), and "end", from the last marker to the set sealed.
 
 --mode threads: W threads of this one process (runtime.shard_workers=W, the flow's task runner)
 against Prefect's own ephemeral server (a PREFECT_API_URL in the shell is ignored); each shard is
 the same code a remote worker runs.
 
 Every worker gets one torch thread (runtime.threads=1), as one process worker per core would have.
-The default configuration (4 shards x 1000 images x 45 steps, small_cnn) is the CPU-bound case of
-the goal: ~29 s shards on a 2-core machine (threads mode: 118 s with 1 worker, 60 s with 2; see
-README), where the goal is >= 1.7x with 2 workers and overhead < 5% of shard time (shards >= 30 s).
+The default configuration (10 shards x 1000 images x 45 steps, small_cnn: 10 shards per set, as the
+demo and cpu profiles cut 50,000 images into shards of 5,000) is the CPU-bound case of the goal:
+18-29 s shards on a 2-core machine (Intel Xeon / AMD EPYC; ``--steps 75`` gives ~30 s on the
+Xeon), where the goal is >= 1.7x with 2 workers and overhead < 5% of shard time (shards >= 30 s).
+With batches the fixed cost of a flow run (~5 s) is paid once per worker per set, so the overhead
+per shard falls with the shards per worker: ``--shards 4`` (2 per worker) is the worst case.
 Processes mode adds ~20 s per worker count of untimed setup (server, deploy, workers, training).
 """
 
@@ -79,11 +86,12 @@ def _measure(a, tar: Path, store: Path, extra: list[str]) -> dict:
     stages.ingest(Store(store), cfg.data, plan.dataset)
     stages.train_model(Store(store), plan.source, cfg.runtime)
     spec = plan.constructs["rand"]
-    t0 = time.perf_counter()
+    t0, epoch0 = time.perf_counter(), time.time()
     _generate(spec, str(store), cfg.runtime)
     wall = time.perf_counter() - t0
     shard_dir = store / "constructed" / spec.key / "_shards"
-    return {"wall": wall, "markers": [json.loads(f.read_text()) for f in sorted(shard_dir.glob("*.json"))]}
+    return {"wall": wall, "epoch0": epoch0, "epoch1": epoch0 + wall,
+            "markers": [json.loads(f.read_text()) for f in sorted(shard_dir.glob("*.json"))]}
 
 
 def _threads(a, tmp: Path, tar: Path) -> tuple[dict, str]:
@@ -96,7 +104,7 @@ def _threads(a, tmp: Path, tar: Path) -> tuple[dict, str]:
     from benchmarks.common import machine
 
     flow(lambda: None, name="warm-up")()  # start the ephemeral Prefect server before timing
-    results = {w: _measure(a, tar, tmp / f"store-{w}", [f"runtime.shard_workers={w}"]) for w in a.workers}
+    results = {("-", w): _measure(a, tar, tmp / f"store-{w}", [f"runtime.shard_workers={w}"]) for w in a.workers}
     return results, machine("cpu")
 
 
@@ -110,7 +118,7 @@ def _one(a) -> int:
 
     flow(lambda: None, name="warm-up")()  # the client's first flow run, outside the timing
     r = _measure(a, Path(a.tar), Path(a.store), ["runtime.shard_executor=deployment",
-                                                 f"runtime.shards_per_run={a.shards_per_run}"])
+                                                 f"runtime.shards_per_run={a.shards_per_run[0]}"])
     r["machine"] = machine("cpu")
     print(RESULT + json.dumps(r), flush=True)
     return 0
@@ -164,10 +172,10 @@ def _online_workers(api: str, pool: str) -> int:
         return sum(1 for wk in json.loads(r.read()) if wk.get("status") == "ONLINE")
 
 
-def _processes_one(a, w: int, tmp: Path, tar: Path) -> dict:
+def _processes_one(a, w: int, spr: int, tmp: Path, tar: Path) -> dict:
     from flows.serve import POOL, SHARD_QUEUE, _wait_healthy, deploy, worker_command
 
-    home = tmp / f"prefect-{w}"
+    home = tmp / f"prefect-{spr}-{w}"
     home.mkdir()
     api = f"http://127.0.0.1:{_free_port()}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "ADVFEATURES_HOME": str(ROOT),
@@ -211,8 +219,8 @@ def _processes_one(a, w: int, tmp: Path, tar: Path) -> dict:
             time.sleep(0.5)
         info["workers_online_s"] = time.perf_counter() - t0
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_one", str(w), "--_tar", str(tar),
-               "--_store", str(tmp / f"store-{w}"), "--shards", str(a.shards), "--shard-size", str(a.shard_size),
-               "--steps", str(a.steps), "--shards-per-run", str(a.shards_per_run)]
+               "--_store", str(tmp / f"store-{spr}-{w}"), "--shards", str(a.shards), "--shard-size", str(a.shard_size),
+               "--steps", str(a.steps), "--shards-per-run", str(spr)]
         child = start(cmd, home / "bench.log")
         child.wait()
         out = _tail(home / "bench.log", 10**9)
@@ -240,25 +248,28 @@ def _worker_of_shard(logs: Path, w: int) -> dict[int, int]:
 
 def _processes(a, tmp: Path, tar: Path) -> tuple[dict, str]:
     results = {}
-    for w in a.workers:
-        results[w] = _processes_one(a, w, tmp, tar)  # workers stopped: their logs are complete
-        results[w]["worker_of_shard"] = _worker_of_shard(Path(results[w]["logs"]), w)
-        i = results[w]["info"]
-        print(f"# {w} process worker(s): server healthy in {i['server_s']:.1f} s, deploy {i['deploy_s']:.1f} s, "
-              f"workers online in {i['workers_online_s']:.1f} s (untimed); logs in {results[w]['logs']}", flush=True)
-    return results, results[a.workers[0]]["machine"] if a.workers else ""
+    for spr in a.shards_per_run:
+        for w in a.workers:
+            r = results[spr, w] = _processes_one(a, w, spr, tmp, tar)  # workers stopped: their logs are complete
+            r["worker_of_shard"] = _worker_of_shard(Path(r["logs"]), w)
+            i = r["info"]
+            print(f"# shards_per_run={spr or 'auto'}, {w} process worker(s): server healthy in {i['server_s']:.1f} s, "
+                  f"deploy {i['deploy_s']:.1f} s, workers online in {i['workers_online_s']:.1f} s (untimed); "
+                  f"logs in {r['logs']}", flush=True)
+    return results, next(iter(results.values()))["machine"] if results else ""
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["processes", "threads"], default="processes",
                    help="shard workers as Prefect process workers of a local server, or as threads of one process")
-    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--shards", type=int, default=10)
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--steps", type=int, default=45)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--shards-per-run", type=int, default=0,
-                   help="processes mode: runtime.shards_per_run (0 = auto: the shards split evenly over the "
+    p.add_argument("--shards-per-run", type=int, nargs="+", default=[0],
+                   help="processes mode: runtime.shards_per_run, one measurement per value (0 = auto: the shards "
+                        "split evenly over the "
                         "online shard workers; 1 = one flow run per shard, as before batching)")
     p.add_argument("--_one", dest="one", type=int, help=argparse.SUPPRESS)  # child of --mode processes
     p.add_argument("--_tar", dest="tar", help=argparse.SUPPRESS)
@@ -275,40 +286,53 @@ def main(argv=None) -> int:
     _config(a, tar, tmp / "store", [])  # a bad configuration fails here, before any server starts
     results, mach = (_processes if a.mode == "processes" else _threads)(a, tmp, tar)
 
-    what = (f"process workers (Prefect work pool), shards_per_run={a.shards_per_run or 'auto'}"
-            if a.mode == "processes" else "threads of one process")
+    what = "process workers (Prefect work pool)" if a.mode == "processes" else "threads of one process"
     print(f"# {a.shards} shards x {a.shard_size} images x {a.steps} steps, small_cnn, shard workers = {what}, "
           f"1 torch thread per worker; {mach}")
-    print(f"{'workers':>7} {'flow wall s':>11} {'shard s':>8} {'PGD s':>7} {'overhead/shard':>15} "
-          f"{'pids':>5} {'by workers':>10}")
+    print(f"{'per run':>7} {'workers':>7} {'flow wall s':>11} {'shard s':>8} {'PGD s':>7} {'overhead/shard':>15} "
+          f"{'runs':>5} {'by workers':>10} {'start s':>7} {'end s':>6}")
     ok = True
-    for w, r in results.items():
+    for (spr, w), r in results.items():
         ms = r["markers"]
         shard = sum(m["seconds"] for m in ms) / len(ms)
         pgd = sum(m["attack_seconds"] for m in ms) / len(ms)
         per_shard_wall = r["wall"] * w / len(ms)  # wall time one worker spent per shard
         over = per_shard_wall - pgd
         pct = 100 * over / per_shard_wall
-        pids = len({(m.get("host"), m.get("pid")) for m in ms})
+        runs: dict = {}
+        for m in ms:  # a writer process per flow run (threads mode: one for all)
+            runs.setdefault((m.get("host"), m.get("pid")), []).append(m)
+        # start: from the set's start to a run's first shard computing (submission, pickup by a worker,
+        # process start, imports), mean over runs; end: from the last marker to the set sealed
+        start = sum(min(m["written"] - m["seconds"] for m in g) for g in runs.values()) / len(runs) - r["epoch0"]
+        end = r["epoch1"] - max(m["written"] for m in ms)
         used = "-"
         if a.mode == "processes":
             of = r["worker_of_shard"]
             by = {of.get(m["shard"]) for m in ms}
             used = str(len(by - {None}))
-            expect = min(w, len(ms))
+            size = spr or math.ceil(len(ms) / w)
+            expect = min(w, math.ceil(len(ms) / size))
             if None in by or len(by) != expect:
                 ok = False
                 print(f"WARNING: the {len(ms)} shards of the {w}-worker run were run by {len(by - {None})} of "
                       f"the {w} shard workers, expected {expect} (shard -> worker from the worker logs: {of})")
-        print(f"{w:>7} {r['wall']:>11.1f} {shard:>8.1f} {pgd:>7.1f} {over:>8.2f} s {pct:>4.1f}% {pids:>5} {used:>10}")
+        label = spr if a.mode == "threads" else (spr or "auto")
+        print(f"{label:>7} {w:>7} {r['wall']:>11.1f} {shard:>8.1f} {pgd:>7.1f} {over:>8.2f} s {pct:>4.1f}% "
+              f"{len(runs):>5} {used:>10} {start:>7.1f} {end:>6.1f}")
     if a.mode == "processes":
-        print("# pids: distinct writer pids in the markers (one process per flow run: a run may take several shards); "
-              f"by workers: distinct shard workers that ran them (from their logs){'' if ok else ' (see WARNING)'}")
-    if 1 in results and len(results) > 1:
-        best = max(w for w in results if w > 1)
-        speed = results[1]["wall"] / results[best]["wall"]
-        print(f"# speed-up {best} workers vs 1: {speed:.2f}x (goal >= 1.7x on 2 cores; "
-              "overhead goal < 5% of shard time for shards of >= 30 s)")
+        print("# per run: runtime.shards_per_run (auto = the shards split evenly over the online workers); runs: "
+              "distinct writer processes in the markers (a process worker starts one per flow run); by workers: "
+              f"distinct shard workers that ran them (from their logs){'' if ok else ' (see WARNING)'}; start: mean "
+              "seconds from the set's start to a run's first shard computing; end: last marker to the set sealed")
+    for spr in dict.fromkeys(spr for spr, _ in results):
+        ws = [w for s_, w in results if s_ == spr]
+        if 1 in ws and len(ws) > 1:
+            best = max(ws)
+            speed = results[spr, 1]["wall"] / results[spr, best]["wall"]
+            label = "" if a.mode == "threads" else f" (shards_per_run={spr or 'auto'})"
+            print(f"# speed-up {best} workers vs 1{label}: {speed:.2f}x (goal >= 1.7x on 2 cores; "
+                  "overhead goal < 5% of shard time for shards of >= 30 s)")
     return 0 if ok else 1
 
 

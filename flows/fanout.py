@@ -4,7 +4,8 @@ Each flow run takes a batch of shards (``runtime.shards_per_run``; 0 = auto: the
 split evenly over the pool's online shard workers) and runs them one after another; every shard
 keeps its own marker and its own count of tries. The parent polls its children:
 
-- a child that ends Completed with all its markers is done;
+- a child whose shards all have their markers is done (as soon as the last one appears: the
+  parent does not wait for the run's own end, which costs ~1 s of the set's critical path);
 - one that ends otherwise (Failed, Crashed, Cancelled), or is *lost* (Running or Pending with no
   heartbeat for ``runtime.heartbeat_multiple`` periods: its worker died with it, so nobody will
   report it; ``flows.liveness.lost``), is marked Crashed if need be, and its unfinished shards
@@ -68,10 +69,12 @@ def batches(pending: list[int], per_run: int, workers: int) -> list[list[int]]:
 def fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], children: Children,
             poll: float = 1.0, clock: Callable[[], float] = time.monotonic,
             now: Callable[[], _dt.datetime] = lambda: _dt.datetime.now(_dt.timezone.utc),
-            on_done: Callable[[int], None] | None = None) -> None:
+            on_done: Callable[[int], None] | None = None, state_poll: float = 0.0) -> None:
     """Run ``pending`` shards of ``spec`` as child flow runs until each has its marker; raise when a
     shard has used up its tries or the set its deadline. ``on_done(shard)`` is called once per shard
-    as its marker appears (progress)."""
+    as its marker appears (progress). The store is looked at every ``poll`` seconds (a batch is
+    done once all its markers are there, without waiting for its run to end), the server asked for
+    a child's state at most every ``state_poll`` seconds."""
     if not pending:
         return
     path = Store(store_root).path(spec.folder, spec.key)
@@ -95,10 +98,18 @@ def fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], child
                     reported.add(s)
                     on_done(s)
 
+    read: dict[UUID, float] = {}  # when each child's state was last read
     while live:
         time.sleep(poll)
         report([s for shards in live.values() for s in shards])
         for run_id, shards in list(live.items()):
+            if all(shard_done(path, s) for s in shards):
+                del live[run_id]  # every marker is in the store: done, whatever the run does next (it
+                report(shards)    # is ending; the zombie-run automation covers it if it dies now)
+                continue
+            if clock() - read.get(run_id, -math.inf) < state_poll:
+                continue
+            read[run_id] = clock()
             st = children.state(run_id)
             if not st.final:
                 if not _lost(children, run_id, st, period, rt.heartbeat_multiple, every, checked, clock, now):

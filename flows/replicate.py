@@ -92,7 +92,8 @@ def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any) -> str:
     return run_stage(T.finalize_set, spec, store_root)
 
 
-def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll: float = 1.0) -> None:
+def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll: float = 0.5,
+             state_poll: float = 2.0) -> None:
     """Each batch of pending shards becomes a flow run of the shard deployment; wait for all,
     resubmitting the unfinished shards of a failed, crashed or lost run (``flows.fanout``)."""
     from prefect.client.orchestration import get_client
@@ -102,7 +103,7 @@ def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll
     path = Store(store_root).path(spec.folder, spec.key)
     with get_client(sync_client=True) as client:
         fan_out(spec, store_root, rt, pending, PrefectChildren(client, spec, store_root, rt, to_plain(rt)), poll=poll,
-                on_done=lambda shard: _shard_progress(spec, path, shard))
+                state_poll=state_poll, on_done=lambda shard: _shard_progress(spec, path, shard))
 
 
 def _shard_progress(spec: StageSpec, path: Any, shard: int) -> None:

@@ -36,11 +36,12 @@ class Clock:
 class FakeChildren:
     """Children whose runs end as scripted per (batch, try): 'COMPLETED' writes every marker,
     'PARTIAL' writes the first marker then crashes, 'LOST' stays Running with no heartbeat,
-    anything else ends in that state with no new marker."""
+    'ENDING' writes every marker but stays Running (silent), anything else ends in that state with
+    no new marker. ``reads`` counts the state reads (each one a request to the server)."""
 
     def __init__(self, path, script, clock, workers=2, period=10.0):
         self.path, self.script, self.clock, self.workers, self.period = path, script, clock, workers, period
-        self.submitted, self.runs, self.crashed, self.tries = [], {}, [], {}
+        self.submitted, self.runs, self.crashed, self.tries, self.reads = [], {}, [], {}, 0
 
     def submit(self, shards, attempt):
         key = tuple(shards)
@@ -48,7 +49,7 @@ class FakeChildren:
         self.tries[key] = n + 1
         self.submitted.append((list(shards), attempt))
         outcome = self.script.get((key, n), "COMPLETED")
-        done = shards if outcome == "COMPLETED" else shards[:1] if outcome == "PARTIAL" else []
+        done = shards if outcome in ("COMPLETED", "ENDING") else shards[:1] if outcome == "PARTIAL" else []
         for s in done:
             A.marker_path(self.path, s).parent.mkdir(parents=True, exist_ok=True)
             A.marker_path(self.path, s).write_text("{}")
@@ -57,8 +58,9 @@ class FakeChildren:
         return run
 
     def state(self, run_id):
+        self.reads += 1
         name, since = self.runs[run_id]
-        if name == "LOST":
+        if name in ("LOST", "ENDING"):
             return F.RunState("RUNNING", "Running", None, since, False)
         return F.RunState(name, name.title(), "boom", since, True)
 
@@ -136,6 +138,15 @@ def test_auto_batches_give_every_online_shard_worker_one_run(setup):
     spec, path, run = setup
     kids = run({}, RuntimeConfig(shards_per_run=0), [0, 1, 2, 3], workers=2)
     assert kids.submitted == [([0, 1], 0), ([2, 3], 0)]
+
+
+def test_a_batch_is_done_when_its_markers_are_there_without_waiting_for_its_run(setup):
+    """The store decides: once every marker of a batch is written the set goes on, though its run
+    is still Running (ending, or silent): no wait for its state, no Crashed mark, no resubmission."""
+    spec, path, run = setup
+    kids = run({((0, 1), 0): "ENDING", ((2, 3), 0): "ENDING"}, RuntimeConfig(shards_per_run=2), [0, 1, 2, 3],
+               period=10.0)
+    assert kids.submitted == [([0, 1], 0), ([2, 3], 0)] and kids.crashed == [] and kids.reads == 0
 
 
 def test_a_lost_child_is_marked_crashed_and_resubmitted(setup, capsys):
