@@ -57,6 +57,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from advfeatures.synthetic import make_arrays, write_cifar_tar
+from flows.serve import QUERY_SECONDS
 from flows.supervise import descendants as _owners
 from flows.supervise import started as _started
 
@@ -179,7 +180,8 @@ def _processes_one(a, w: int, spr: int, tmp: Path, tar: Path) -> dict:
     home.mkdir()
     api = f"http://127.0.0.1:{_free_port()}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "ADVFEATURES_HOME": str(ROOT),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # workers poll as under `serve`, unless set
+           "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", QUERY_SECONDS)}
     procs: list[subprocess.Popen] = []
     info: dict = {}
 
@@ -299,12 +301,14 @@ def main(argv=None) -> int:
         per_shard_wall = r["wall"] * w / len(ms)  # wall time one worker spent per shard
         over = per_shard_wall - pgd
         pct = 100 * over / per_shard_wall
-        runs: dict = {}
-        for m in ms:  # a writer process per flow run (threads mode: one for all)
-            runs.setdefault((m.get("host"), m.get("pid")), []).append(m)
-        # start: from the set's start to a run's first shard computing (submission, pickup by a worker,
-        # process start, imports), mean over runs; end: from the last marker to the set sealed
-        start = sum(min(m["written"] - m["seconds"] for m in g) for g in runs.values()) / len(runs) - r["epoch0"]
+        runs = {(m.get("host"), m.get("pid")) for m in ms}  # a writer process per flow run (threads: one)
+        # start: from the set's start to each worker's first shard computing (submission, pickup by a
+        # worker, process start, imports), mean over workers; end: from the last marker to the set sealed
+        first: dict = {}
+        for m in ms:
+            who = r["worker_of_shard"].get(m["shard"]) if a.mode == "processes" else m["shard"] % w
+            first[who] = min(first.get(who, math.inf), m["written"] - m["seconds"])
+        start = sum(first.values()) / len(first) - r["epoch0"]
         end = r["epoch1"] - max(m["written"] for m in ms)
         used = "-"
         if a.mode == "processes":
@@ -324,7 +328,8 @@ def main(argv=None) -> int:
         print("# per run: runtime.shards_per_run (auto = the shards split evenly over the online workers); runs: "
               "distinct writer processes in the markers (a process worker starts one per flow run); by workers: "
               f"distinct shard workers that ran them (from their logs){'' if ok else ' (see WARNING)'}; start: mean "
-              "seconds from the set's start to a run's first shard computing; end: last marker to the set sealed")
+              "seconds from the set's start to a worker's first shard computing; end: last marker to the set "
+              f"sealed; workers poll every {os.environ.get('PREFECT_WORKER_QUERY_SECONDS', QUERY_SECONDS)} s")
     for spr in dict.fromkeys(spr for spr, _ in results):
         ws = [w for s_, w in results if s_ == spr]
         if 1 in ws and len(ws) > 1:
