@@ -278,7 +278,7 @@ class RuntimeConfig:
     """With 'deployment': shards per flow run of the shard deployment, run one after another by
     one worker (each shard keeps its own marker and retry count). 0 = auto: the pending shards
     split evenly over the pool's online shard workers, so each worker pays a flow run's start
-    (~6-8 s with process workers) once per set instead of once per shard."""
+    (~7-10 s with process workers, measured) once per set instead of once per shard."""
     heartbeat_multiple: float = 3.0
     """With 'deployment': a shard run that is Running (or Pending on a worker) and whose last
     Prefect heartbeat is older than this many heartbeat periods is lost (its worker died with
@@ -495,6 +495,11 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
 STORE_ENV = "ADVFEATURES_STORE"
 """Environment variable naming the store for every run of a process (containers, workers): it
 overrides the profile's ``runtime.store`` and is overridden by ``--set runtime.store=`` / ``--store``."""
+
+
+def default_store() -> str:
+    """The store a command uses when none is given: $ADVFEATURES_STORE, else runtime.store's default."""
+    return os.environ.get(STORE_ENV) or RuntimeConfig().store
 
 
 def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple[str, ...] = (),

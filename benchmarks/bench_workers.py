@@ -311,21 +311,19 @@ def main(argv=None) -> int:
         runs = {(m.get("host"), m.get("pid")) for m in ms}  # a writer process per flow run (threads: one)
         # start: from the set's start to each worker's first shard computing (submission, pickup by a
         # worker, process start, imports), mean over workers; end: from the last marker to the set sealed
-        first: dict = {}
-        for m in ms:
-            who = r["worker_of_shard"].get(m["shard"]) if a.mode == "processes" else m["shard"] % w
-            first[who] = min(first.get(who, math.inf), m["written"] - m["seconds"])
-        start = sum(first.values()) / len(first) - r["epoch0"]
-        end = r["epoch1"] - max(m["written"] for m in ms)
         # orchestration: of each worker's time from the set's start to its last marker, plus the set's
         # sealing, what was not PGD, per shard (unlike overhead/shard, not charged for a worker that
         # finished early while the other still computed: the workers' PGD speeds differ)
+        first: dict = {}
         last: dict = {}
         pgd_of: dict = {}
         for m in ms:
             who = r["worker_of_shard"].get(m["shard"]) if a.mode == "processes" else m["shard"] % w
+            first[who] = min(first.get(who, math.inf), m["written"] - m["seconds"])
             last[who] = max(last.get(who, -math.inf), m["written"])
             pgd_of[who] = pgd_of.get(who, 0.0) + m["attack_seconds"]
+        start = sum(first.values()) / len(first) - r["epoch0"]
+        end = r["epoch1"] - max(m["written"] for m in ms)
         orch = sum(last[i] - r["epoch0"] + end - pgd_of[i] for i in last) / len(ms)
         orch_pct = 100 * orch / (orch + pgd)
         used = "-"

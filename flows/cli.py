@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--store", default=None, help="artifact store root (default: the folder's store)")
     rep.add_argument("--device", default="cpu", help="for det confusion matrices of evaluations stored without one")
     ls = sub.add_parser("ls", help="list the store's artifacts: stage, key, what, size, date, complete")
-    ls.add_argument("--store", default=".advstore", help="artifact store root")
+    ls.add_argument("--store", default=None, help="artifact store root (default: $ADVFEATURES_STORE, else .advstore)")
     ls.add_argument("--stage", default=None, help="only this stage kind (dataset, model, construct, select, "
                     "student, eval, run)")
     ls.add_argument("--incomplete", action="store_true", help="only unfinished artifacts (no manifest)")
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ls.add_argument("--run", dest="runs", action="append", default=None, help="only what this run reaches")
     gc = sub.add_parser("gc", help="remove artifacts no run reaches (dry run unless --yes)")
     gc.add_argument("runs", nargs="*", help="keep what these runs reach (folders or keys; default: every run)")
-    gc.add_argument("--store", default=".advstore", help="artifact store root")
+    gc.add_argument("--store", default=None, help="artifact store root (default: $ADVFEATURES_STORE, else .advstore)")
     gc.add_argument("--yes", "--delete", dest="delete", action="store_true", help="delete (default: only list)")
     gc.add_argument("--min-age-hours", type=float, default=1.0,
                     help="keep anything modified more recently (a run in progress writes its plan only at its end)")
@@ -182,9 +182,9 @@ def _verify(args) -> int:
     from pipeline.stages import find, verify
     from storage.store import Store, StoreError
 
-    from advfeatures.config import STORE_ENV, RuntimeConfig
+    from advfeatures.config import default_store
 
-    store = Store(args.store or os.environ.get(STORE_ENV) or RuntimeConfig().store)
+    store = Store(args.store or default_store())
     try:
         folder = find(store, args.key)
         problems = verify(store, args.key, repair=args.repair)

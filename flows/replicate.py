@@ -49,13 +49,17 @@ def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[
     one fails; then the first failure is raised."""
     shard_task = T.for_store(T.generate_shard, store_root)
     path = Store(store_root).path(spec.folder, spec.key)
+
+    def recheck(shard: int) -> None:  # store truth: a cached result whose marker is gone is recomputed
+        if not shard_done(path, shard):
+            shard_task.with_options(refresh_cache=True)(spec, store_root, shard, runtime_cfg)
+
     if one_by_one:
         errors = []
         for shard in shards:
             try:
                 shard_task(spec, store_root, shard, runtime_cfg)
-                if not shard_done(path, shard):
-                    shard_task.with_options(refresh_cache=True)(spec, store_root, shard, runtime_cfg)
+                recheck(shard)
             except Exception as e:  # noqa: BLE001 - the next shard of the batch still runs
                 errors.append(e)
         if errors:
@@ -66,8 +70,7 @@ def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[
     for f in futures:
         f.result()  # raises the first shard failure
     for shard in shards:
-        if not shard_done(path, shard):
-            shard_task.with_options(refresh_cache=True)(spec, store_root, shard, runtime_cfg)
+        recheck(shard)
 
 
 def plan_for(cfg: ExperimentConfig, experiment: str = "replicate") -> Plan:

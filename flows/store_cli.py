@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from advfeatures.config import default_store
 from storage.store import Store
 
 
@@ -26,7 +27,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def ls(args: Any) -> int:
     from pipeline import inventory as I
 
-    store = Store(args.store)
+    store = Store(args.store or default_store())
     reach = I.reachable(store, I.run_folders(store, args.runs)) if args.runs else None
     arts = I.list_artifacts(store, args.stage, args.incomplete, args.key, reach)
     rows = [[a.stage, a.key, I.summary(a), I.human(a.bytes), a.created, "yes" if a.complete else "NO"] for a in arts]
@@ -40,7 +41,7 @@ def ls(args: Any) -> int:
 def gc(args: Any) -> int:
     from pipeline import inventory as I
 
-    store = Store(args.store)
+    store = Store(args.store or default_store())
     rows = I.collect(store, args.runs or None, args.min_age_hours, delete=args.delete)
     if rows:
         print(_table([[r["action"], r["stage"], r["key"], r["what"], I.human(r["bytes"]), r["created"]] for r in rows],

@@ -72,6 +72,17 @@ def test_ls_lists_and_filters(store, capsys):
         I.run_folders(store, ["nope"])
 
 
+def test_ls_and_gc_honour_the_store_environment_variable(store, monkeypatch, tmp_path, capsys):
+    """Without --store, ls and gc read the store of ADVFEATURES_STORE (as verify does), not ./.advstore."""
+    monkeypatch.setenv("ADVFEATURES_STORE", str(store.root))
+    monkeypatch.chdir(tmp_path)
+    assert main(["ls", "--stage", "construct"]) == 0
+    assert "3 artifacts" in capsys.readouterr().out
+    assert main(["gc"]) == 0
+    out = capsys.readouterr().out  # the env store's unreached artifacts, not an empty ./.advstore
+    assert "ggggg" in out and "would be deleted" in out and not (tmp_path / ".advstore").exists()
+
+
 def test_gc_dry_run_then_delete_keeps_reached_recent_and_locked(store, capsys):
     unreached = {"x" * 16, "h" * 16, "g" * 16, "l" * 16, "p" * 16}
     locks = store.root / ".locks"
