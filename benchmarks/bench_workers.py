@@ -5,12 +5,14 @@ process start, imports, loading, Zarr writes, markers, Prefect bookkeeping and p
 
     python benchmarks/bench_workers.py [--mode processes|threads] [--shards 10] [--shard-size 1000]
                                        [--steps 45] [--workers 1 2] [--shards-per-run 0 [1 ...]]
+                                       [--worker event [stock]] [--repeat R]
 
 --mode processes (default): real Prefect process workers. For each worker count W a fresh local
 Prefect server is started (its own PREFECT_HOME under a temp dir, a free port), the `advfeatures`
 work pool and prefect.yaml's deployments are registered (flows.serve.deploy) and W shard workers
-(`prefect worker start ... --work-queue shards --limit 1`, separate OS processes) are started and
-waited for until online. A child of this script (with PREFECT_API_URL pointing at that server)
+(`advfeatures worker --work-queue shards --limit 1`, flows/worker.py, separate OS processes; with
+``--worker stock`` as well, stock `prefect worker start` ones polling every 5 s, the peer that
+takes runs on its polls only) are started and waited for until online. A child of this script (with PREFECT_API_URL pointing at that server)
 ingests the data and trains the source model outside the timing, then times the generate-set
 subflow with runtime.shard_executor=deployment: the shards go as flow runs of the `generate-shard`
 deployment (``--shards-per-run`` per run; 0 = auto, one run per online worker; several values: one
@@ -175,15 +177,18 @@ def _online_workers(api: str, pool: str) -> int:
         return sum(1 for wk in json.loads(r.read()) if wk.get("status") == "ONLINE")
 
 
-def _processes_one(a, w: int, spr: int, k: int, tmp: Path, tar: Path) -> dict:
+STOCK_QUERY_SECONDS = "5"  # how often stock workers poll here (serve's setting before flows.worker)
+
+
+def _processes_one(a, w: int, spr: int, kind: str, k: int, tmp: Path, tar: Path) -> dict:
     from flows.serve import POOL, SHARD_QUEUE, _wait_healthy, deploy, worker_command
 
-    home = tmp / f"prefect-{spr}-{w}-{k}"
+    home = tmp / f"prefect-{spr}-{kind}-{w}-{k}"
+    query = os.environ.get("PREFECT_WORKER_QUERY_SECONDS", QUERY_SECONDS if kind == "event" else STOCK_QUERY_SECONDS)
     home.mkdir()
     api = f"http://127.0.0.1:{_free_port()}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "ADVFEATURES_HOME": str(ROOT),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # workers poll as under `serve`, unless set
-           "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", QUERY_SECONDS)}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": query}
     procs: list[subprocess.Popen] = []
     info: dict = {}
 
@@ -207,7 +212,10 @@ def _processes_one(a, w: int, spr: int, k: int, tmp: Path, tar: Path) -> dict:
         deploy(env)
         info["deploy_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        workers = [start(worker_command(SHARD_QUEUE, limit=1), home / f"worker-{i}.log") for i in range(w)]
+        cmd = worker_command(SHARD_QUEUE, limit=1) if kind == "event" else [
+            sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
+            "--work-queue", SHARD_QUEUE, "--limit", "1"]
+        workers = [start(cmd, home / f"worker-{i}.log") for i in range(w)]
         while True:
             dead = [i for i, p in enumerate(workers) if p.poll() is not None]
             if dead:
@@ -223,7 +231,7 @@ def _processes_one(a, w: int, spr: int, k: int, tmp: Path, tar: Path) -> dict:
             time.sleep(0.5)
         info["workers_online_s"] = time.perf_counter() - t0
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_one", str(w), "--_tar", str(tar),
-               "--_store", str(tmp / f"store-{spr}-{w}-{k}"), "--shards", str(a.shards), "--shard-size", str(a.shard_size),
+               "--_store", str(tmp / f"store-{spr}-{kind}-{w}-{k}"), "--shards", str(a.shards), "--shard-size", str(a.shard_size),
                "--steps", str(a.steps), "--shards-per-run", str(spr)]
         child = start(cmd, home / "bench.log")
         child.wait()
@@ -233,7 +241,7 @@ def _processes_one(a, w: int, spr: int, k: int, tmp: Path, tar: Path) -> dict:
             raise RuntimeError(f"the measurement with {w} workers failed (code {child.returncode}):\n{out[-4000:]}\n"
                                f"worker 0 log:\n{_tail(home / 'worker-0.log')}")
         r = json.loads(lines[-1][len(RESULT):])
-        r["info"] = info
+        r["info"] = {**info, "query_s": query}
         r["logs"] = str(home)
         return r
     finally:
@@ -253,12 +261,13 @@ def _worker_of_shard(logs: Path, w: int) -> dict[int, int]:
 def _processes(a, tmp: Path, tar: Path) -> tuple[dict, str]:
     results = {}
     for k in range(a.repeat):
-        for spr in a.shards_per_run:
+        for spr, kind in [(spr, kind) for spr in a.shards_per_run for kind in a.worker]:
             for w in (a.workers if k % 2 == 0 else a.workers[::-1]):  # alternate the order: drift cancels
-                r = results[spr, w, k] = _processes_one(a, w, spr, k, tmp, tar)  # workers stopped: logs complete
+                r = results[(spr, kind), w, k] = _processes_one(a, w, spr, kind, k, tmp, tar)  # logs complete
                 r["worker_of_shard"] = _worker_of_shard(Path(r["logs"]), w)
                 i = r["info"]
-                print(f"# shards_per_run={spr or 'auto'}, {w} process worker(s), try {k + 1}: server healthy in "
+                print(f"# shards_per_run={spr or 'auto'}, {w} {kind} process worker(s) polling every "
+                      f"{i['query_s']} s, try {k + 1}: server healthy in "
                       f"{i['server_s']:.1f} s, deploy {i['deploy_s']:.1f} s, workers online in "
                       f"{i['workers_online_s']:.1f} s (untimed); logs in {r['logs']}", flush=True)
     return results, next(iter(results.values()))["machine"] if results else ""
@@ -280,6 +289,10 @@ def main(argv=None) -> int:
                    help="processes mode: runtime.shards_per_run, one measurement per value (0 = auto: the shards "
                         "split evenly over the "
                         "online shard workers; 1 = one flow run per shard, as before batching)")
+    p.add_argument("--worker", nargs="+", choices=["event", "stock"], default=["event"],
+                   help="processes mode: shard workers as `advfeatures worker` (flows.worker: woken by the "
+                        "server's events, polling every flows.serve.QUERY_SECONDS as the fallback) or as stock "
+                        f"`prefect worker start` polling every {STOCK_QUERY_SECONDS} s; one measurement per value")
     p.add_argument("--_one", dest="one", type=int, help=argparse.SUPPRESS)  # child of --mode processes
     p.add_argument("--_tar", dest="tar", help=argparse.SUPPRESS)
     p.add_argument("--_store", dest="store", help=argparse.SUPPRESS)
@@ -298,10 +311,11 @@ def main(argv=None) -> int:
     what = "process workers (Prefect work pool)" if a.mode == "processes" else "threads of one process"
     print(f"# {a.shards} shards x {a.shard_size} images x {a.steps} steps, small_cnn, shard workers = {what}, "
           f"1 torch thread per worker; {mach}")
-    print(f"{'per run':>7} {'workers':>7} {'try':>3} {'flow wall s':>11} {'shard s':>8} {'PGD s':>7} "
+    print(f"{'per run':>10} {'workers':>7} {'try':>3} {'flow wall s':>11} {'shard s':>8} {'PGD s':>7} "
           f"{'overhead/shard':>15} {'orchestration/shard':>19} {'runs':>5} {'by workers':>10} {'start s':>7} {'end s':>6}")
     ok = True
-    for (spr, w, k), r in results.items():
+    for (cfg, w, k), r in results.items():
+        spr, kind = cfg if a.mode == "processes" else (cfg, "-")
         ms = r["markers"]
         shard = sum(m["seconds"] for m in ms) / len(ms)
         pgd = sum(m["attack_seconds"] for m in ms) / len(ms)
@@ -337,23 +351,23 @@ def main(argv=None) -> int:
                 ok = False
                 print(f"WARNING: the {len(ms)} shards of the {w}-worker run were run by {len(by - {None})} of "
                       f"the {w} shard workers, expected {expect} (shard -> worker from the worker logs: {of})")
-        label = spr if a.mode == "threads" else (spr or "auto")
-        print(f"{label:>7} {w:>7} {k + 1:>3} {r['wall']:>11.1f} {shard:>8.1f} {pgd:>7.1f} {over:>8.2f} s {pct:>4.1f}% "
+        label = spr if a.mode == "threads" else f"{spr or 'auto'}{'' if kind == 'event' else ' stock'}"
+        print(f"{label:>10} {w:>7} {k + 1:>3} {r['wall']:>11.1f} {shard:>8.1f} {pgd:>7.1f} {over:>8.2f} s {pct:>4.1f}% "
               f"{orch:>12.2f} s {orch_pct:>4.1f}% {len(runs):>5} {used:>10} {start:>7.1f} {end:>6.1f}")
     if a.mode == "processes":
         print("# per run: runtime.shards_per_run (auto = the shards split evenly over the online workers); runs: "
               "distinct writer processes in the markers (a process worker starts one per flow run); by workers: "
               f"distinct shard workers that ran them (from their logs){'' if ok else ' (see WARNING)'}; start: mean "
               "seconds from the set's start to a worker's first shard computing; end: last marker to the set "
-              f"sealed; workers poll every {os.environ.get('PREFECT_WORKER_QUERY_SECONDS', QUERY_SECONDS)} s")
+              "sealed; stock: `prefect worker start` workers, which take runs on their polls only")
     print("# overhead/shard: wall x workers / shards - PGD seconds (a worker that waits for the other counts); "
           "orchestration/shard: per worker, from the set's start to its last marker plus the set's end, less its PGD")
-    for spr in dict.fromkeys(spr for spr, _, _ in results):
-        walls = {w: statistics.median(r["wall"] for (s_, w_, _), r in results.items() if (s_, w_) == (spr, w))
-                 for w in dict.fromkeys(w for s_, w, _ in results if s_ == spr)}
+    for cfg in dict.fromkeys(c for c, _, _ in results):
+        walls = {w: statistics.median(r["wall"] for (c_, w_, _), r in results.items() if (c_, w_) == (cfg, w))
+                 for w in dict.fromkeys(w for c_, w, _ in results if c_ == cfg)}
         if 1 in walls and len(walls) > 1:
             best = max(walls)
-            label = "" if a.mode == "threads" else f" (shards_per_run={spr or 'auto'})"
+            label = "" if a.mode == "threads" else f" (shards_per_run={cfg[0] or 'auto'}, {cfg[1]} workers)"
             med = " (median walls)" if a.repeat > 1 else ""
             print(f"# speed-up {best} workers vs 1{label}: {walls[1] / walls[best]:.2f}x{med} (goal >= 1.7x on 2 "
                   "cores; overhead goal < 5% of shard time for shards of >= 30 s)")

@@ -10,6 +10,7 @@
     advfeatures gc [RUN ...] [--store PATH] [--yes] [--min-age-hours H]   dry run unless --yes
     advfeatures serve [--workers N]        local server + UI, work pool, deployments, workers
     advfeatures deploy                     work pool + deployments on the server at PREFECT_API_URL
+    advfeatures worker --work-queue shards --limit 1   a worker woken by the server's events (flows.worker)
     advfeatures synth PATH                 a tiny synthetic data set, for smoke runs
 """
 
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--pool-limit", type=int, default=None, help="work pool concurrency limit")
     srv.add_argument("--shard-limit", type=int, default=None, help="concurrency limit of the shards queue")
     _heartbeat_args(srv)
+    wrk = sub.add_parser("worker", help="a process worker of the pool that takes runs as soon as the server's "
+                                        "events say one is scheduled (flows.worker)")
+    from flows.worker import add_arguments
+
+    add_arguments(wrk)
     dep = sub.add_parser("deploy", help="create the work pool and register prefect.yaml's deployments "
                                         "on the server at PREFECT_API_URL")
     dep.add_argument("--pool-limit", type=int, default=None, help="work pool concurrency limit")
@@ -117,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         except StoreError as e:
             print(f"advfeatures: error: {e}", file=sys.stderr)
             return 2
+    if args.command == "worker":
+        from flows.worker import start
+
+        return start(args)
     if args.command in ("deploy", "serve"):
         from flows.serve import deploy, serve
 

@@ -29,12 +29,12 @@ from pathlib import Path
 ROOT = Path(os.environ.get("ADVFEATURES_HOME") or Path(__file__).resolve().parent.parent)
 POOL = "advfeatures"
 CONTROL_QUEUE, SHARD_QUEUE = "control", "shards"
-QUERY_SECONDS = "5"
-"""How often each worker asks the server for runs (PREFECT_WORKER_QUERY_SECONDS, unless set). Each
-poll costs the server CPU (~45 ms here: an idle server with 2 workers used 18.7% of a core polling
-every 1 s, 10.5% every 10 s); two PGD processes beside it ran ~10% slower with 1-s polls and not
-measurably slower with 5-s polls (2 cores). Batches make a worker pick up once per set, so the wait
-(half the period, on average) is paid once per set."""
+QUERY_SECONDS = "15"
+"""How often each worker polls the server for runs (PREFECT_WORKER_QUERY_SECONDS, unless set), as the
+fallback only: workers (``flows.worker``) take runs when the server's events say one was scheduled
+or ended. Each poll costs the server CPU (~45 ms here: an idle server with 2 workers used 18.7% of a
+core polling every 1 s, 12% every 5 s, 8.3% every 30 s with event wake-ups), and two PGD processes
+beside it ran ~10% slower with 1-s polls. Under 60 s, so Prefect's foreman keeps the queues ready."""
 
 
 def _prefect(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
@@ -113,8 +113,7 @@ def _heartbeats(api: str | None, heartbeat: int, multiple: float) -> None:
 
 
 def worker_command(queue: str, limit: int | None = None, name: str | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
-           "--work-queue", queue]
+    cmd = [sys.executable, "-m", "flows.worker", "--pool", POOL, "--work-queue", queue]  # flows/worker.py
     return cmd + (["--limit", str(limit)] if limit else []) + (["--name", name] if name else [])
 
 

@@ -108,6 +108,7 @@ if os.environ.get("ADVFEATURES_TEST_HEARTBEAT_FLOOR"):
     sys.meta_path.insert(0, _AfterImport())
 """
 HEARTBEAT, MULTIPLE = 3, 5  # seconds between heartbeats of the served runs; periods until lost
+POLL = 45  # seconds between the workers' polls: runs are taken on the server's events (flows.worker)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def server(tmp_path_factory):
     (home / "site" / "sitecustomize.py").write_text(KILL_ONCE)
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": str(POLL),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(home / "site"), os.environ.get("PYTHONPATH")])),
            "ADVFEATURES_TEST_KILL_ONCE": str(home / "killed"), "ADVFEATURES_TEST_HEARTBEAT_FLOOR": "1"}
     log = open(home / "serve.log", "w")
@@ -167,6 +168,23 @@ def _same(rows, reference_rows) -> bool:
     return set(rows) == set(reference_rows) and all(np.array_equal(rows[k], reference_rows[k]) for k in rows)
 
 
+def _pickups(env) -> dict[str, float]:
+    """Seconds from Scheduled to Pending (taken by a worker) of each generate-shard run so far."""
+    code = """
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+with get_client(sync_client=True) as c:
+    for r in c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["generate-shard"]))):
+        t = {s.type.value: s.timestamp for s in reversed(c.read_flow_run_states(r.id))}
+        if "SCHEDULED" in t and "PENDING" in t:
+            print(r.id, (t["PENDING"] - t["SCHEDULED"]).total_seconds())
+"""
+    out = subprocess.run([sys.executable, "-c", code], env={k: v for k, v in env.items() if not k.startswith("_")},
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {run: float(w) for run, w in (line.split() for line in out.stdout.splitlines())}
+
+
 def test_shards_fan_out_to_deployment_workers(server, reference, tiny_tar, tmp_path):
     key, b = reference
     fanned = _run(server, tiny_tar, tmp_path / "fanned", "runtime.shard_executor=deployment",
@@ -178,6 +196,7 @@ def test_shards_fan_out_to_deployment_workers(server, reference, tiny_tar, tmp_p
                                   "--state", "COMPLETED", "--limit", "50"], env=server, cwd=ROOT,
                                  capture_output=True, text=True)
     assert from_server.stdout.count("shard-") >= 3, from_server.stdout  # 3 shards ran on the workers
+    before = _pickups(server)
     queue = subprocess.run([sys.executable, "-m", "prefect", "work-queue", "inspect", "shards", "--pool", "advfeatures",
                             "-o", "json"], env=server, cwd=ROOT, capture_output=True, text=True)
     assert json.loads(queue.stdout)["concurrency_limit"] == 2, queue.stdout + queue.stderr  # serve --shard-limit 2
@@ -185,6 +204,8 @@ def test_shards_fan_out_to_deployment_workers(server, reference, tiny_tar, tmp_p
     url = f"file://{tmp_path}/url"
     on_url = _run(server, tiny_tar, url, "runtime.shard_executor=deployment")  # shards_per_run=0: auto
     assert "2 shard runs submitted to deployment generate-shard/generate-shard (3 shards, up to 2 per run)" in on_url
+    waits = [w for run, w in _pickups(server).items() if run not in before]
+    assert len(waits) == 2 and max(waits) < 10, waits  # taken on events: polls are 45 s (+-30%) apart
     assert _same(A.read_rows(url + f"/constructed/{key}"), b)
     markers = [p for p in (tmp_path / "url" / "constructed" / key / "_shards").glob("*.json")]
     assert len(markers) == 3
