@@ -278,7 +278,8 @@ class RuntimeConfig:
     """With 'deployment': shards per flow run of the shard deployment, run one after another by
     one worker (each shard keeps its own marker and retry count). 0 = auto: the pending shards
     split evenly over the pool's online shard workers, so each worker pays a flow run's start
-    (~7-10 s with process workers, measured) once per set instead of once per shard."""
+    (~5-7 s with `advfeatures worker`, ~5-12 s with polling stock workers, measured) once per set
+    instead of once per shard."""
     heartbeat_multiple: float = 3.0
     """With 'deployment': a shard run that is Running (or Pending on a worker) and whose last
     Prefect heartbeat is older than this many heartbeat periods is lost (its worker died with
