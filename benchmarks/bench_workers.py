@@ -12,19 +12,19 @@ Prefect server is started (its own PREFECT_HOME under a temp dir, a free port), 
 work pool and prefect.yaml's deployments are registered (flows.serve.deploy) and W shard workers
 (`advfeatures worker --work-queue shards --limit 1`, flows/worker.py, separate OS processes; with
 ``--worker stock`` as well, stock `prefect worker start` ones polling every 5 s, the peer that
-takes runs on its polls only) are started and waited for until online. A child of this script (with PREFECT_API_URL pointing at that server)
-ingests the data and trains the source model outside the timing, then times the generate-set
-subflow with runtime.shard_executor=deployment: the shards go as flow runs of the `generate-shard`
-deployment (``--shards-per-run`` per run; 0 = auto, one run per online worker; several values: one
-measurement each, e.g. ``0 1`` for batched against one run per shard), each of which a worker runs
-in a new `python -m prefect.engine` process. The server and the
-workers are stopped afterwards (also on errors). Besides the timing it prints, per worker count,
-the mean shard seconds from the markers, the distinct pids in the markers (one per flow run, since
-a process worker starts a process per flow run, so fewer than shards when runs are batched), how
-many distinct workers ran them (read from the workers' logs, which carry their flow runs' logs),
-which must equal W (a WARNING otherwise), and where a run's fixed cost goes: "start", the mean
-seconds from the set's start to a run's first shard computing (submission, pickup by a worker,
-process start, imports), and "end", from the last marker to the set sealed.
+takes runs on its polls only) are started and waited for until online. A child of this script (with
+PREFECT_API_URL pointing at that server) ingests the data and trains the source model outside the
+timing, then times the generate-set subflow with runtime.shard_executor=deployment: the shards go
+as flow runs of the `generate-shard` deployment (``--shards-per-run`` per run; 0 = auto, one run
+per online worker; several values: one measurement each, e.g. ``0 1`` for batched against one run
+per shard), each of which a worker runs in a new `python -m prefect.engine` process. The server and
+the workers are stopped afterwards (also on errors). Besides the timing it prints, per worker
+count, the mean shard seconds from the markers, the distinct pids in the markers (one per flow run,
+since a process worker starts a process per flow run, so fewer than shards when runs are batched),
+how many distinct workers ran them (read from the workers' logs, which carry their flow runs'
+logs), which must equal W (a WARNING otherwise), and where a run's fixed cost goes: "start", the
+mean seconds from the set's start to each worker's first shard computing (submission, pickup by a
+worker, process start, imports), and "end", from the last marker to the set sealed.
 
 --mode threads: W threads of this one process (runtime.shard_workers=W, the flow's task runner)
 against Prefect's own ephemeral server (a PREFECT_API_URL in the shell is ignored); each shard is
@@ -231,8 +231,8 @@ def _processes_one(a, w: int, spr: int, kind: str, k: int, tmp: Path, tar: Path)
             time.sleep(0.5)
         info["workers_online_s"] = time.perf_counter() - t0
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_one", str(w), "--_tar", str(tar),
-               "--_store", str(tmp / f"store-{spr}-{kind}-{w}-{k}"), "--shards", str(a.shards), "--shard-size", str(a.shard_size),
-               "--steps", str(a.steps), "--shards-per-run", str(spr)]
+               "--_store", str(tmp / f"store-{spr}-{kind}-{w}-{k}"), "--shards", str(a.shards),
+               "--shard-size", str(a.shard_size), "--steps", str(a.steps), "--shards-per-run", str(spr)]
         child = start(cmd, home / "bench.log")
         child.wait()
         out = _tail(home / "bench.log", 10**9)

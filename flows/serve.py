@@ -31,10 +31,11 @@ POOL = "advfeatures"
 CONTROL_QUEUE, SHARD_QUEUE = "control", "shards"
 QUERY_SECONDS = "15"
 """How often each worker polls the server for runs (PREFECT_WORKER_QUERY_SECONDS, unless set), as the
-fallback only: workers (``flows.worker``) take runs when the server's events say one was scheduled
-or ended. Each poll costs the server CPU (~45 ms here: an idle server with 2 workers used 18.7% of a
-core polling every 1 s, 12% every 5 s, 8.3% every 30 s with event wake-ups), and two PGD processes
-beside it ran ~10% slower with 1-s polls. Under 60 s, so Prefect's foreman keeps the queues ready."""
+fallback only: workers (``flows.worker``, which applies it) take runs when the server's events say
+one was scheduled, taken or ended. Each poll costs the server CPU (~45 ms here: an idle server with
+2 workers used 18.7% of a core polling every 1 s, 12% every 5 s, 8.3% every 30 s with event
+wake-ups), and two PGD processes beside it ran ~10% slower with 1-s polls. Under 60 s, so Prefect's
+foreman keeps the queues ready."""
 
 
 def _prefect(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
@@ -128,7 +129,6 @@ def serve(workers: int = 2, port: int = 4200, host: str = "127.0.0.1", pool_limi
     api = f"http://{host}:{port}/api"
     env = {**os.environ, "PREFECT_API_URL": api, "ADVFEATURES_HOME": str(ROOT),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", QUERY_SECONDS)
     sup = Supervisor(log=lambda msg: print(f"serve: {msg}", flush=True))
     server = sup.start(Child("prefect server", [sys.executable, "-m", "prefect", "server", "start", "--host", host,
                                                 "--port", str(port)], env, str(ROOT)))

@@ -43,7 +43,7 @@ BUSY_LOOKS = 8  # x settle/2: how long a woken worker waits for a slot held by a
 log = logging.getLogger("prefect.advfeatures.worker")
 
 
-async def _wake_on_events(worker, wake: asyncio.Event) -> None:
+async def _wake_on_events(wake: asyncio.Event) -> None:
     """Set ``wake`` for every event in WAKE_EVENTS, resubscribing (with a pause) when the stream
     drops; polling covers the gap."""
     from prefect.events.clients import get_events_subscriber
@@ -99,7 +99,7 @@ async def run(pool: str, queues: list[str], limit: int | None, name: str | None)
     worker = ProcessWorker(name=name, work_pool_name=pool, work_queues=queues, limit=limit,
                            heartbeat_interval_seconds=int(PREFECT_WORKER_HEARTBEAT_SECONDS.value()))
     wake = asyncio.Event()
-    helpers = [asyncio.create_task(_wake_on_events(worker, wake)), asyncio.create_task(_take_when_woken(worker, wake))]
+    helpers = [asyncio.create_task(_wake_on_events(wake)), asyncio.create_task(_take_when_woken(worker, wake))]
     try:
         await worker.start(printer=print)
     finally:
