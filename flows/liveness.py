@@ -10,8 +10,9 @@ reports the run Crashed: it stays Running, and a parent waiting on it would wait
   heartbeat periods. The shard fan-out (``flows.fanout``) applies it to its children, marks a
   lost child Crashed and resubmits its shards.
 - ``zombie_automation``: Prefect's own version of the same rule on the server (a proactive
-  trigger: after a heartbeat, expect another heartbeat or a final state within ``multiple``
-  periods, else set the run Crashed), for every run of our deployments (tag ``HEARTBEAT_TAG``),
+  trigger: after a sign of life, a heartbeat or entering Pending or Running, expect another or a
+  final state within ``multiple`` periods, else set the run Crashed), for every run of our
+  deployments (tag ``HEARTBEAT_TAG``),
   so an orphaned ``replicate`` run is marked Crashed too and the UI never shows a dead run as
   Running. ``advfeatures deploy`` creates it.
 """
@@ -30,6 +31,10 @@ heartbeat period ``deploy`` controls, and so the runs the zombie automation may 
 ZOMBIE_AUTOMATION = "advfeatures: crash runs whose heartbeats stopped"
 ALIVE_STATES = ("RUNNING", "PENDING")
 FINAL_EVENTS = ("Completed", "Failed", "Cancelled", "Crashed", "TimedOut", "Paused", "Suspended")
+SIGNS_OF_LIFE = (HEARTBEAT_EVENT, "prefect.flow-run.Pending", "prefect.flow-run.Running")
+"""What ``lost`` counts as life, as events: a heartbeat, or entering an alive state. Entering
+Pending arms the automation too, so a run whose process died before it ever beat (a subflow
+created Pending just before its controller was killed) is not left Pending for ever."""
 
 
 def lost(state_type: str, entered: _dt.datetime | None, last_heartbeat: _dt.datetime | None,
@@ -83,8 +88,9 @@ def mark_crashed(client: Any, run_id: UUID, message: str) -> None:
 
 
 def zombie_automation(period: float, multiple: float) -> Any:
-    """The automation: after a heartbeat of a tagged run, expect another (or a final state)
-    within ``multiple * period`` seconds (at least 10, Prefect's floor), else set it Crashed."""
+    """The automation: after a sign of life of a tagged run (SIGNS_OF_LIFE), expect another (or a
+    final state) within ``multiple * period`` seconds (at least 10, Prefect's floor), else set it
+    Crashed."""
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
@@ -96,8 +102,8 @@ def zombie_automation(period: float, multiple: float) -> Any:
                      f"{within:.0f} s ({multiple:g} periods of {period:.0f} s): its process died without "
                      "reporting (SIGKILL, lost host)."),
         trigger=EventTrigger(
-            after={HEARTBEAT_EVENT},
-            expect={HEARTBEAT_EVENT, *(f"prefect.flow-run.{s}" for s in FINAL_EVENTS)},
+            after=set(SIGNS_OF_LIFE),
+            expect={*SIGNS_OF_LIFE, *(f"prefect.flow-run.{s}" for s in FINAL_EVENTS)},
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{HEARTBEAT_TAG}"},
             for_each={"prefect.resource.id"},

@@ -315,6 +315,33 @@ def _state(env, run_id):
     return _api(env, f"/flow_runs/{run_id}")["state"]
 
 
+def test_a_run_left_pending_by_a_dead_process_is_marked_crashed(server):
+    """A run of ours that entered Pending and never ran (its process died first: a generate-set
+    subflow created just before its controller was SIGKILLed) is marked Crashed by the zombie-run
+    automation, though it never sent a heartbeat."""
+    code = """
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.states import Pending
+
+@flow(name="left-pending")
+def left_pending():
+    pass
+
+with get_client(sync_client=True) as c:
+    run = c.create_flow_run(left_pending, tags=["advfeatures"])
+    c.set_flow_run_state(run.id, Pending())
+    print(run.id)
+"""
+    out = subprocess.run([sys.executable, "-c", code], env={k: v for k, v in server.items() if not k.startswith("_")},
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_id = out.stdout.split()[-1]
+    state = _wait_for("the Pending run marked Crashed", lambda: (s := _state(server, run_id))["type"] == "CRASHED" and s,
+                      HEARTBEAT * MULTIPLE + 60)
+    assert "no heartbeat" in state["message"]
+
+
 def test_an_orphaned_replicate_run_is_marked_crashed_and_a_rerun_completes(server, tiny_tar, tmp_path):
     """SIGKILL of the controller worker together with the `replicate` deployment run it executes:
     the zombie-run automation (created by `advfeatures deploy`) marks the run Crashed once its

@@ -198,8 +198,9 @@ def test_zombie_automation_is_a_proactive_heartbeat_trigger():
 
     a = zombie_automation(30, 3)
     assert a.trigger.posture == "Proactive" and a.trigger.within == dt.timedelta(seconds=90)
-    assert a.trigger.after == {"prefect.flow-run.heartbeat"}
-    assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Crashed"} <= a.trigger.expect
+    lives = {"prefect.flow-run.heartbeat", "prefect.flow-run.Pending", "prefect.flow-run.Running"}
+    assert a.trigger.after == lives  # a run that entered Pending and died before its first beat is armed too
+    assert lives | {"prefect.flow-run.Completed", "prefect.flow-run.Crashed"} <= a.trigger.expect
     assert a.trigger.match_related.get("prefect.resource.id") == [f"prefect.tag.{HEARTBEAT_TAG}"]
     assert a.actions[0].state.value == "CRASHED"
     assert zombie_automation(2, 3).trigger.within == dt.timedelta(seconds=10)  # Prefect's floor
