@@ -12,7 +12,8 @@ The tree: every child is started in a session of its own (so a Ctrl-C in the ter
 died is re-parented to ``serve`` instead of init, so it is still stopped at shutdown. Stopping:
 SIGTERM to the workers' process groups and to every other descendant (a flow-run process reports
 its run Crashed on SIGTERM while the server is still up), up to ``grace`` seconds, SIGKILL what is
-left, then the server the same way.
+left, then the server the same way. The tree is read with psutil, whose process objects carry
+their creation time, so a pid reused by a later process is never signalled.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import psutil
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -44,44 +47,51 @@ def become_subreaper() -> bool:
         return False
 
 
-def parents() -> dict[int, int]:
-    """pid -> parent pid of every process (Linux /proc; empty elsewhere)."""
-    out = {}
+def started(pid: int) -> float | None:
+    """A process's creation time (seconds since the epoch), to tell it from a later one with its
+    pid; None when it is gone."""
     try:
-        names = os.listdir("/proc")
-    except OSError:
-        return out
-    for d in names:
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    out[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def started(pid: int) -> str | None:
-    """A process's start time (clock ticks since boot), to tell it from a later one with its pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
 
 
+def _tree(root: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(root).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
 def descendants(roots: list[int]) -> dict[int, int]:
-    """Every live descendant of the given processes -> the root it descends from."""
-    par, owner = parents(), {r: r for r in roots}
-    for pid in par:
-        chain, p = [], pid
-        while p not in owner and p in par and p > 1 and len(chain) < 64:
-            chain.append(p)
-            p = par[p]
-        if p in owner:
-            for c in chain:
-                owner[c] = owner[p]
+    """Every live descendant of the given processes -> the root it descends from (the nearest one,
+    where one root descends from another)."""
+    trees = {r: {p.pid for p in _tree(r)} for r in roots}
+    owner: dict[int, int] = {}
+    for r in sorted(roots, key=lambda r: -len(trees[r])):  # a nested root's tree is a strict subset
+        owner.update(dict.fromkeys(trees[r], r))
     return {p: r for p, r in owner.items() if p not in roots}
+
+
+def _live(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes still running: neither gone, nor a later process with the pid, nor a zombie
+    (dead, only waiting for its parent to collect it)."""
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _send(procs: list[psutil.Process], sig: int) -> None:
+    for p in procs:
+        try:
+            p.send_signal(sig)  # psutil refuses a pid reused by a later process
+        except psutil.Error:
+            pass
 
 
 def _signal(pid: int, sig: int, group: bool = False) -> None:
@@ -147,11 +157,15 @@ class Supervisor:
         whose exit status Popen reads)."""
         if not self.orphans:
             return
-        mine, me = {c.proc.pid for c in self.children if c.proc is not None}, os.getpid()
-        for pid, parent in parents().items():
-            if parent == me and pid not in mine:
+        mine = {c.proc.pid for c in self.children if c.proc is not None}
+        try:
+            kids = psutil.Process().children()
+        except psutil.Error:
+            return
+        for p in kids:
+            if p.pid not in mine:
                 try:
-                    os.waitpid(pid, os.WNOHANG)
+                    os.waitpid(p.pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
 
@@ -164,30 +178,33 @@ class Supervisor:
     def stop(self, first: list[Child], last: list[Child], grace: float = 12.0) -> None:
         """Stop ``first`` (workers) and every descendant not under ``last`` (flow-run processes,
         orphans included), then ``last`` (the server): SIGTERM, up to ``grace`` s each, SIGKILL."""
-        keep = {c.proc.pid for c in last if c.proc is not None}
-        keep |= set(descendants(list(keep))) if keep else set()
+        kept = [c.proc.pid for c in last if c.proc is not None]
+        keep = set(kept) | {p.pid for r in kept for p in _tree(r)}
         roots = [os.getpid()] if self.orphans else [c.proc.pid for c in first if c.proc is not None]
-        tree = {p: started(p) for p in descendants(roots) if p not in keep}
-        self._terminate([c for c in first if c.proc is not None], tree, grace)
-        self._terminate([c for c in last if c.proc is not None], {}, grace)
+        # Process objects remember their creation time: a pid reused meanwhile is never signalled
+        tree = {p.pid: p for r in roots for p in _tree(r) if p.pid not in keep and p.pid not in roots}
+        self._terminate([c for c in first if c.proc is not None], list(tree.values()), grace)
+        self._terminate([c for c in last if c.proc is not None], [], grace)
 
-    def _terminate(self, children: list[Child], others: dict[int, str | None], grace: float) -> None:
+    def _terminate(self, children: list[Child], others: list[psutil.Process], grace: float) -> None:
         own = {c.proc.pid for c in children}
+        others = [p for p in others if p.pid not in own]  # never wait_procs a Popen's child: Popen reaps it
         for c in children:
             if c.proc.poll() is None:
                 _signal(c.proc.pid, signal.SIGTERM, group=True)
-        for pid, t in others.items():
-            if pid not in own and started(pid) == t:
-                _signal(pid, signal.SIGTERM)
+        _send(others, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
+        while True:
             self.reap()
+            others = _live(others)
             alive = [c for c in children if c.proc.poll() is None]
-            alive_other = [p for p, t in others.items() if p not in own and t is not None and started(p) == t
-                           and not _zombie(p)]
-            if not alive and not alive_other:
+            left = deadline - time.monotonic()
+            if (not alive and not others) or left <= 0:
                 break
-            time.sleep(0.2)
+            if others:  # returns as soon as they are gone (zombies are not: _live drops them)
+                _, others = psutil.wait_procs(others, timeout=min(0.2, left))
+            else:
+                time.sleep(min(0.2, left))
         for c in children:
             if c.proc.poll() is None:
                 _signal(c.proc.pid, signal.SIGKILL, group=True)
@@ -196,18 +213,8 @@ class Supervisor:
                 c.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        for pid, t in others.items():
-            if pid not in own and t is not None and started(pid) == t and not _zombie(pid):
-                _signal(pid, signal.SIGKILL)
+        _send(_live(others), signal.SIGKILL)
         self.reap()
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def install_sigterm() -> None:

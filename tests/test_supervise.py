@@ -76,3 +76,48 @@ def test_sigterm_raises_stop():
             time.sleep(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+ZOMBIE_MAKER = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'pass']); "
+                "time.sleep(60)")  # its child exits at once and is never collected: a zombie
+
+
+def test_a_zombie_descendant_counts_as_stopped():
+    """stop() waits for live processes only: a zombie (dead, waiting for a parent that does not
+    collect it) is stopped, although psutil.wait_procs alone reports a non-child zombie alive."""
+    import psutil
+
+    from flows.supervise import _live, started
+
+    sup = Supervisor(log=lambda m: None, orphans=False)
+    maker = sup.start(_child("maker", [sys.executable, "-c", ZOMBIE_MAKER]))
+    try:
+        assert _until(lambda: len(descendants([maker.proc.pid])) == 1)
+        (zpid,) = descendants([maker.proc.pid])
+        z = psutil.Process(zpid)
+        assert _until(lambda: z.status() == psutil.STATUS_ZOMBIE)
+        assert psutil.wait_procs([z], timeout=0.3)[1] == [z]  # why _live filters zombies
+        assert _live([z]) == [] and _live([psutil.Process(maker.proc.pid)]) != []
+        assert started(maker.proc.pid) == started(maker.proc.pid) is not None
+    finally:
+        sup.stop(first=[maker], last=[], grace=5)
+    assert started(maker.proc.pid) is None and _live([z]) == []
+
+
+def test_descendants_are_owned_by_their_nearest_root():
+    sup = Supervisor(log=lambda m: None, orphans=False)
+    grandchild = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                  "'import time; time.sleep(60)']); time.sleep(60)")
+    outer = sup.start(_child("outer", [sys.executable, "-c", grandchild]))
+    me, pid = os.getpid(), outer.proc.pid
+    try:
+        assert _until(lambda: len(descendants([pid])) == 1)
+        (inner,) = descendants([pid])
+        assert descendants([inner]) == {} and descendants([pid, inner]) == {}  # roots excluded
+        for roots in ([me, pid], [pid, me]):
+            tree = descendants(roots)
+            assert tree[inner] == pid and me not in tree and pid not in tree
+        assert descendants([me])[inner] == me
+    finally:
+        sup.stop(first=[outer], last=[], grace=5)
+    assert inner not in descendants([me])
