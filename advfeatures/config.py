@@ -25,12 +25,41 @@ import yaml
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 SET_KINDS = ("rand", "other", "det", "errors")
-PGD_KINDS = ("rand", "other", "det")
-CONTROL_KINDS = ("leak-rand", "leak-other", "leak-det", "rand-clean-only")
-"""Controls without PGD: ``leak-K`` relabels as set K does and adds one fixed random pattern of
-norm eps per target class (a shortcut with none of the source's features); ``rand-clean-only``
-keeps only D_rand's rows whose target is their own label, unperturbed."""
-ALL_SET_KINDS = SET_KINDS + CONTROL_KINDS
+"""The sets of section 3.2 and Wallace's errors set: ``construct.sets``'s default."""
+_KNOWN_SETS: list[str] = []
+"""Every set kind a registered builder can plan (``pipeline.sets``): ``construct.sets`` and
+``student.per_set`` are checked against it once builders are registered."""
+
+
+def register_set_kind(kind: str) -> None:
+    """Called by set builders (``pipeline.sets.register``) so configs can name their kind."""
+    if kind not in _KNOWN_SETS:
+        _KNOWN_SETS.append(kind)
+
+
+SECTIONS: dict[str, type] = {}
+"""Config sections that experiments bring (``pipeline.experiments``), by name: a profile's
+top-level key of that name is built into that dataclass, and ``cfg.<name>`` returns it."""
+
+
+_DISCOVERY: list = []
+"""Callables run before a profile is resolved, so the layer above can register its set kinds and
+sections first (``pipeline`` adds its discovery when imported)."""
+
+
+def add_discovery(hook) -> None:
+    if hook not in _DISCOVERY:
+        _DISCOVERY.append(hook)
+
+
+def register_section(name: str, cls: type) -> None:
+    if name in {f.name for f in dataclasses.fields(ExperimentConfig)}:
+        raise ValueError(f"config section {name!r} is a built-in section")
+    if SECTIONS.get(name, cls) is not cls:
+        raise ValueError(f"config section {name!r} is registered twice")
+    SECTIONS[name] = cls
+
+
 AUGMENTATIONS = ("none", "crop_flip", "robustness")
 STUDENT_INITS = ("independent", "shared_with_source")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -177,8 +206,8 @@ class ConstructConfig:
     did), instead of adding their class pattern to them too."""
 
     def __post_init__(self):
-        bad = [s for s in self.sets if s not in ALL_SET_KINDS]
-        _check(not bad, f"construct.sets has unknown {bad}; choose from {list(ALL_SET_KINDS)}")
+        bad = [s for s in self.sets if _KNOWN_SETS and s not in _KNOWN_SETS]
+        _check(not bad, f"construct.sets has unknown {bad}; choose from {_KNOWN_SETS}")
         _check(len(set(self.sets)) == len(self.sets) and self.sets, "construct.sets must be non-empty, without repeats")
         _check(self.n_images >= 0, "construct.n_images must be >= 0 (0 = the whole training set)")
         _check(self.chunk_size >= 1 and self.shard_size >= 1, "construct.shard_size and chunk_size must be >= 1")
@@ -212,7 +241,8 @@ class StudentConfig:
         _check(self.init in STUDENT_INITS, f"student.init={self.init!r}; choose one of {list(STUDENT_INITS)}")
         names = {f.name for f in dataclasses.fields(TrainConfig)} | {"arch"}
         for kind, over in self.per_set.items():
-            _check(kind in ALL_SET_KINDS, f"student.per_set.{kind}: unknown set; choose from {list(ALL_SET_KINDS)}")
+            _check(not _KNOWN_SETS or kind in _KNOWN_SETS,
+                   f"student.per_set.{kind}: unknown set; choose from {_KNOWN_SETS}")
             _check(isinstance(over, dict), f"student.per_set.{kind} must be a mapping of train settings")
             for k in over:
                 _check(k in names, f"student.per_set.{kind}.{k}: not a train setting or arch; known: {sorted(names)}")
@@ -330,32 +360,6 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
-class ErrorsSweepConfig:
-    teacher_epochs: tuple[int, ...] = (1, 2, 4, 8)
-    """The errors-sweep experiment: one teacher (the teacher recipe) per number of epochs, its
-    mistakes as a set, students of it; how student accuracy follows teacher accuracy."""
-
-    def __post_init__(self):
-        _check(len(self.teacher_epochs) >= 1 and all(e >= 1 for e in self.teacher_epochs),
-               f"errors_sweep.teacher_epochs={list(self.teacher_epochs)} needs epochs >= 1")
-        _check(len(set(self.teacher_epochs)) == len(self.teacher_epochs), "errors_sweep.teacher_epochs has repeats")
-
-
-@dataclass(frozen=True)
-class ReleasedConfig:
-    root: str = ""
-    """The released-sets experiment: a folder holding the paper's released datasets, each a
-    subfolder with ``CIFAR_ims`` and ``CIFAR_lab`` (torch-saved lists of tensors, loaded by
-    concatenation; images float in [0, 1])."""
-    sets: tuple[str, ...] = ("drand_CIFAR", "ddet_CIFAR", "robust_CIFAR", "non_robust_CIFAR")
-    """Subfolders of ``root`` to import; a missing one is an error naming it."""
-
-    def __post_init__(self):
-        _check(len(self.sets) >= 1 and len(set(self.sets)) == len(self.sets),
-               "released.sets needs at least one folder name, without repeats")
-
-
-@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "custom"
     data: DataConfig = field(default_factory=DataConfig)
@@ -365,9 +369,17 @@ class ExperimentConfig:
     construct: ConstructConfig = field(default_factory=ConstructConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    errors_sweep: ErrorsSweepConfig = field(default_factory=ErrorsSweepConfig)
-    released: ReleasedConfig = field(default_factory=ReleasedConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    sections: dict[str, Any] = field(default_factory=dict)
+    """The experiments' own sections (``SECTIONS``), by name; read them as ``cfg.<name>``."""
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        if name in SECTIONS:
+            return SECTIONS[name]()
+        raise AttributeError(f"ExperimentConfig has no section {name!r}; sections: {sorted(SECTIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -378,6 +390,9 @@ class ExperimentConfig:
 
 
 def to_plain(value: Any) -> Any:
+    if isinstance(value, ExperimentConfig):  # the experiments' sections at the top level, as in profiles
+        out = {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "sections"}
+        return {**out, **{k: to_plain(v) for k, v in value.sections.items()}}
     if dataclasses.is_dataclass(value):
         return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
@@ -432,14 +447,19 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def build_config(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
+    sections = dict(SECTIONS) if cls is ExperimentConfig else {}
+    names = [f.name for f in dataclasses.fields(cls) if not (sections is not None and cls is ExperimentConfig
+                                                             and f.name == "sections")]
+    unknown = [k for k in data if k not in names and k not in sections]
     if unknown:
         k = unknown[0]
-        close = difflib.get_close_matches(k, names, n=1)
-        hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else f"; known: {names}"
+        known = names + list(sections)
+        close = difflib.get_close_matches(k, known, n=1)
+        hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else f"; known: {known}"
         raise ConfigError(f"unknown setting {where + '.' if where else ''}{k}{hint}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items() if k in names}
+    if cls is ExperimentConfig:
+        kwargs["sections"] = {n: _coerce(c, data[n], n) if n in data else c() for n, c in sections.items()}
     return cls(**kwargs)
 
 
@@ -506,6 +526,8 @@ def default_store() -> str:
 def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple[str, ...] = (),
             data: str | None = None, store: str | None = None) -> ExperimentConfig:
     """Profile + overrides (+ the --data and --store shortcuts) -> validated ExperimentConfig."""
+    for hook in _DISCOVERY:
+        hook()
     raw = copy.deepcopy(profile) if isinstance(profile, dict) else load_profile(profile)
     if os.environ.get(STORE_ENV):  # a deployment's shared store, below explicit overrides
         _set_path(raw, ["runtime", "store"], os.environ[STORE_ENV], STORE_ENV)

@@ -35,16 +35,8 @@ def choose_subset(n_total: int, n_images: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_total, size=n_images, replace=False)).astype(np.int64)
 
 
-def base_kind(kind: str) -> str:
-    """The set whose targets a control uses: leak-rand -> rand; rand-clean-only -> rand."""
-    if kind.startswith("leak-"):
-        return kind[len("leak-"):]
-    return "rand" if kind == "rand-clean-only" else kind
-
-
 def make_targets(kind: str, y: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
-    """Targets of a set (controls: those of the set they mirror, so leak-rand's targets are D_rand's)."""
-    kind = base_kind(kind)
+    """Targets of set ``kind`` (rand, other or det) for true labels ``y``, drawn from ``seed``."""
     rng = np.random.default_rng([seed, 0x7A6])
     if kind == "rand":
         return rng.integers(0, num_classes, size=y.shape[0]).astype(np.int64)
@@ -73,6 +65,30 @@ def add_leak(images: torch.Tensor, targets: torch.Tensor, patterns: torch.Tensor
     if keep is not None:
         x[keep] = images[keep]
     return x
+
+
+@torch.no_grad()
+def pattern_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, threat, device: torch.device | str,
+                  batch_size: int, store_dtype: str, patterns: torch.Tensor | None = None,
+                  unperturbed: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """No attack: uint8 images (N,C,H,W) plus their target's fixed pattern (``patterns``, (C, ...);
+    None: the images as they are), rows where ``unperturbed`` is true left clean, stored as
+    ``store_dtype``, with the records under ``model`` computed on the stored images as for PGD
+    (fooled, loss, norm, margin)."""
+    sdtype = getattr(torch, store_dtype)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("x", "fooled", "loss", "norm", "margin")}
+    for s in range(0, len(targets), batch_size):
+        x0 = to_unit(torch.from_numpy(images[s:s + batch_size]))
+        tb = torch.from_numpy(targets[s:s + batch_size])
+        x = x0.clone()
+        if patterns is not None:
+            keep = torch.from_numpy(unperturbed[s:s + batch_size]) if unperturbed is not None else None
+            x = add_leak(x0, tb, patterns, keep)
+        xs, rec = stored_records(model, x0.to(device), x.to(device), tb.to(device), threat, sdtype)
+        out["x"].append(xs.to(sdtype).cpu().numpy())
+        for k, v in rec.items():
+            out[k].append(v.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def random_starts(threat, shape: tuple[int, ...], seed: int, rows: np.ndarray) -> torch.Tensor:

@@ -23,59 +23,44 @@ from advfeatures.config import ExperimentConfig, resolve, to_plain
 from advfeatures.cpus import split_threads
 from pipeline import progress
 from pipeline.experiments import get as get_experiment
-from pipeline.kinds import waves
-from pipeline.plan import Plan, StageSpec
+from pipeline.kinds import StageSpec, sharded, waves
+from pipeline.plan import Plan
 from pipeline.stages import locate_source
-from pipeline.stages.construct import is_sharded, shard_event
 from pipeline.stages.dataset import source_sha256
-from storage.arrays import shard_done
 from storage.store import Store, StoreError
 from tasks import stages as T
 
 
 def run_stage(task, spec: StageSpec, store_root: str, *args: Any) -> Any:
-    """Call a stage task; if Prefect answered from a cached record whose artifact is gone from the
-    store (deleted, or unsealed by `verify --repair`), run it again, refreshing the record."""
-    task = T.for_store(task, store_root)
-    out = task(spec, store_root, *args)
-    if not Store(store_root).is_complete(spec.folder, spec.key):
-        out = task.with_options(refresh_cache=True)(spec, store_root, *args)
-    return out
+    """Call a stage task; its executor checks the store (once, under the artifact's lock)."""
+    return task(spec, store_root, *args, return_state=True).result()
 
 
 def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[int], one_by_one: bool = False) -> None:
     """Shard tasks on the flow's task runner (or one after another: a shard flow run's batch on
-    its worker's cores), with the same store-truth check per shard. Every shard is tried even if
-    one fails; then the first failure is raised."""
-    shard_task = T.for_store(T.generate_shard, store_root)
-    path = Store(store_root).path(spec.folder, spec.key)
-
-    def recheck(shard: int) -> None:  # store truth: a cached result whose marker is gone is recomputed
-        if not shard_done(path, shard):
-            shard_task.with_options(refresh_cache=True)(spec, store_root, shard, runtime_cfg)
-
+    its worker's cores); each shard's executor skips a shard whose marker is there. Every shard is
+    tried even if one fails; then the first failure is raised."""
     if one_by_one:
         errors = []
         for shard in shards:
             try:
-                shard_task(spec, store_root, shard, runtime_cfg)
-                recheck(shard)
+                T.generate_shard(spec, store_root, shard, runtime_cfg, return_state=True).result()
             except Exception as e:  # noqa: BLE001 - the next shard of the batch still runs
                 errors.append(e)
         if errors:
             raise errors[0]
         return
-    futures = [shard_task.submit(spec, store_root, shard, runtime_cfg) for shard in shards]
+    futures = [T.generate_shard.submit(spec, store_root, shard, runtime_cfg) for shard in shards]
     wait(futures)
     for f in futures:
         f.result()  # raises the first shard failure
-    for shard in shards:
-        recheck(shard)
 
 
-def plan_for(cfg: ExperimentConfig, experiment: str = "replicate") -> Plan:
-    """Fingerprint the data source (sha256 of its bytes) and derive every stage key."""
-    return get_experiment(experiment).plan(cfg, source_sha256(locate_source(cfg.data)))
+def plan_for(cfg: ExperimentConfig, experiment: str = "replicate", until: str | None = None) -> Plan:
+    """Fingerprint the data source (sha256 of its bytes) and derive every stage key; with
+    ``until``, only the stages of that kind and what they need."""
+    plan = get_experiment(experiment).plan(cfg, source_sha256(locate_source(cfg.data)))
+    return plan.until(until) if until else plan
 
 
 @flow(name="generate-set", flow_run_name="generate-{spec.config[kind]}-{spec.key}")
@@ -87,12 +72,12 @@ def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any) -> str:
     runner (runtime.shard_workers threads) or the work pool bounds how many run at once. A failed
     shard fails the set; a rerun redoes only the shards without a marker.
     """
-    pending = T.prepare_set(spec, store_root)
+    pending = T.prepare_set(spec, store_root, return_state=True).result() or []
     if runtime_cfg.shard_executor == "deployment":
         _fan_out(spec, store_root, runtime_cfg, pending)
     else:
         run_shards(spec, store_root, runtime_cfg, pending)
-    return run_stage(T.finalize_set, spec, store_root)
+    return T.finalize_set(spec, store_root, return_state=True).result()
 
 
 def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll: float = 0.5,
@@ -113,10 +98,10 @@ def _shard_progress(spec: StageSpec, path: Any, shard: int) -> None:
     """A shard finished on another worker: its progress event, from its marker."""
     from storage import arrays as A
 
-    layout = A.stored_layout(path)
-    if layout is not None:
+    layout, event = A.stored_layout(path), sharded(spec).event
+    if layout is not None and event is not None:
         marker = A.read_json(A.marker_path(path, shard))
-        progress.emit(shard_event(spec, marker, layout.num_shards, layout.num_shards - len(A.pending_shards(path, layout))))
+        progress.emit(event(spec, marker, layout.num_shards, layout.num_shards - len(A.pending_shards(path, layout))))
 
 
 def _generate(spec: StageSpec, store_root: str, rt: Any) -> str:
@@ -141,56 +126,40 @@ def stage_timings(store: Store, plan: Plan, since: float) -> list[dict[str, Any]
 
 
 def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
-    """Every stage of ``plan`` through its kind's task: one after another in the plan's order, or
-    with runtime.stage_workers > 1, level by level (``waves``), the independent stages of a level
-    submitted together (PGD sets fan out by shard either way)."""
+    """Every stage of ``plan`` through its kind's task, once: one after another in the plan's
+    order, or with runtime.stage_workers > 1, level by level (``waves``), the independent stages
+    of a level submitted together. Sharded sets fan out by shard either way."""
     root, rt = st.url, cfg.runtime
     stages = [s for s in plan.stages() if s.stage != "run"]
     labels = plan.labels()
-    counter = progress.PlanCounter(labels, len(stages), sum(st.is_complete(s.folder, s.key) for s in stages))
-    cached = {s.key for s in stages if st.is_complete(s.folder, s.key)}
+    counter = progress.PlanCounter(labels, len(stages), 0)
 
-    def tell(current: StageSpec | None = None, finished: list[StageSpec] = ()) -> None:
-        counter.done += sum(s.key not in cached for s in finished)
+    def tell(current: StageSpec | None = None, finished: int = 0) -> None:
+        counter.done += finished
         now = f"{current.stage} {labels.get(current.key, current.key)}" if current else None
-        progress.emit({**counter.event(now), "run": plan.run.key})
+        progress.emit({**counter.event(now), "run": plan.run.key if plan.run is not None else ""})
 
     def one(spec: StageSpec) -> None:
-        if spec.stage == "run":
-            return  # the experiment's writer, once every stage is done
-        if spec.key not in cached:
-            tell(spec)
-        _one(spec)
-        tell(finished=[spec] if spec.key not in cached else [])
-
-    def _one(spec: StageSpec) -> None:
-        if not is_sharded(spec):
-            run_stage(*_task_and_args(spec, cfg))
-        elif st.is_complete(spec.folder, spec.key):
-            run_stage(T.finalize_set, spec, root)  # sealed already: Cached, no generation subflow
-        else:
+        tell(spec)
+        if sharded(spec) is not None:
             _generate(spec, root, rt)
+        else:
+            run_stage(T.task_for(spec), spec, root, rt, cfg.data)
+        tell(finished=1)
 
     tell()
     if rt.stage_workers == 1:
-        for spec in plan.stages():
+        for spec in stages:
             one(spec)
         return
-    for level in waves(plan.stages()):
-        rest = [s for s in level if not is_sharded(s) and s.stage != "run"]
+    for level in waves(stages):
+        rest = [s for s in level if sharded(s) is None]
         if len(rest) > 1:
             _run_level(rest, cfg, root)
-            tell(finished=rest)
-            cached.update(s.key for s in rest)
+            tell(finished=len(rest))
         for spec in level:
-            one(spec)  # PGD sets; for the rest only the store-truth check (cached by now)
-
-
-def _task_and_args(spec: StageSpec, cfg: ExperimentConfig, rt: Any = None) -> tuple:
-    root = Store(cfg.runtime.store).url
-    if spec.stage == "dataset":
-        return T.ingest, spec, root, cfg.data
-    return T.task_for(spec), spec, root, rt or cfg.runtime
+            if sharded(spec) is not None or len(rest) == 1:
+                one(spec)
 
 
 def _run_level(specs: list[StageSpec], cfg: ExperimentConfig, root: str) -> None:
@@ -204,10 +173,7 @@ def _run_level(specs: list[StageSpec], cfg: ExperimentConfig, root: str) -> None
 
     @flow(name="stage-level", flow_run_name=f"level-{len(specs)}-stages")
     def level() -> None:
-        futures = []
-        for spec in specs:
-            task, *args = _task_and_args(spec, cfg, rt)
-            futures.append(T.for_store(task, root).submit(*args))
+        futures = [T.task_for(spec).submit(spec, root, rt, cfg.data) for spec in specs]
         wait(futures)
         for f in futures:
             f.result()  # raises the first failure
@@ -236,15 +202,22 @@ def _run_tags() -> list[str]:
 
 
 def run_experiment_body(experiment: str, profile: str, overrides: list[str] | None, data: str | None,
-                        store: str | None) -> dict[str, Any]:
+                        store: str | None, until: str | None = None) -> dict[str, Any]:
     t_start = time.time()
     cfg = resolve(profile, overrides or [], data=data, store=store)
     st = Store(cfg.runtime.store)
     check_shared_locks(st)
     st.ensure_writable()
-    plan = plan_for(cfg, experiment)
+    plan = plan_for(cfg, experiment, until)
     with tags(*_run_tags()):  # subflows carry the run's tags (the zombie automation's, see flows.liveness)
         run_plan(plan, cfg, st)
+    if until:  # part of a plan: its stages are in the store, there is no table yet
+        timings = stage_timings(st, plan, t_start)
+        print(_timings_md(timings))
+        print(f"\nstages up to {until} are in {st.url}; run without --until (anywhere that sees this store) to "
+              "go on from there")
+        return {"run_key": None, "run_dir": None, "timings": timings, "experiment": experiment, "report": None,
+                "until": until}
 
     from pipeline import report  # pandas: imported here, not at the start of every shard worker's flow run
 
@@ -287,9 +260,10 @@ def publish_report(st: Store, folder: Any, key: str, description: str) -> Any:
 
 @flow(name="experiment", flow_run_name="{experiment}", log_prints=True)
 def run_experiment(experiment: str = "replicate", profile: str = "demo", overrides: list[str] | None = None,
-                   data: str | None = None, store: str | None = None) -> dict[str, Any]:
-    """Run any experiment (`advfeatures experiments` lists them) for a profile with overrides."""
-    return run_experiment_body(experiment, profile, overrides, data, store)
+                   data: str | None = None, store: str | None = None, until: str | None = None) -> dict[str, Any]:
+    """Run any experiment (`advfeatures experiments` lists them) for a profile with overrides;
+    ``until`` (a stage kind, e.g. construct) runs only those stages and what they need."""
+    return run_experiment_body(experiment, profile, overrides, data, store, until)
 
 
 @flow(name="sweep", log_prints=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,12 +108,31 @@ def compiled(model: torch.nn.Module, rt: RuntimeConfig) -> torch.nn.Module:
     return torch.compile(model) if rt.compile else model
 
 
+_OUTCOME = threading.local()
+
+
+def last_outcome() -> str:
+    """'cached' or 'computed': what the last ``once`` stage of this thread did (the Prefect tasks
+    show a stage found in the store as Cached)."""
+    return getattr(_OUTCOME, "value", "computed")
+
+
+def _record(outcome: str) -> None:
+    _OUTCOME.value = outcome
+
+
 def once(stage: Callable[..., str]) -> Callable[..., str]:
-    """Run a stage ``stage(store, spec, ...)`` unless its artifact is complete, under the store's
-    lock for its key, re-checking after the lock: concurrent runs compute it once."""
+    """Run a stage ``stage(store, spec, ...)`` unless its artifact is complete: the store's truth
+    is checked once per stage, under the store's lock for its key, so concurrent runs compute it
+    once and the others find it complete."""
     def run(store: Store, spec: StageSpec, *args: Any, **kwargs: Any) -> str:
-        return store.once(spec.folder, spec.key, lambda: store.is_complete(spec.folder, spec.key),
-                          lambda: stage(store, spec, *args, **kwargs), skipped=spec.key)
+        with store.lock(spec.folder, spec.key):
+            if store.is_complete(spec.folder, spec.key):
+                _record("cached")
+                return spec.key
+            out = stage(store, spec, *args, **kwargs)
+        _record("computed")
+        return out
 
     run.__name__, run.__doc__ = stage.__name__, stage.__doc__
     return run

@@ -8,7 +8,6 @@
     image_grid(examples)       clean | adversarial | perturbation (amplified), true and assigned labels
     sweep_curve(df, axes)      accuracy against the swept setting, 95% intervals
     confusion(counts, classes) a det student's predictions against the true labels
-    errors_curve(df)           errors-sweep: student against teacher accuracy
 """
 
 from __future__ import annotations
@@ -223,23 +222,4 @@ def confusion(counts: np.ndarray, classes: list[str], n_models: int) -> Any:
                  f"diagonal: (X, Y) {np.trace(counts) / counts.sum() * 100:.1f}%;  next class: (X, Y+1) "
                  f"{sum(counts[i, (i + 1) % c] for i in range(c)) / counts.sum() * 100:.1f}%")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return fig
-
-
-def errors_curve(df: pd.DataFrame) -> Any:
-    from pipeline.report import t_interval
-
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    pts = []
-    for epochs, g in df.groupby("teacher_epochs", sort=True):
-        lo, hi = t_interval(g["student_acc_%"]) if len(g) > 1 else (g["ci95_lo_%"].iloc[0], g["ci95_hi_%"].iloc[0])
-        m = g["student_acc_%"].mean()
-        pts.append((g["teacher_acc_%"].iloc[0], m, m - lo, hi - m, epochs))
-    t, m, lo, hi, ep = zip(*pts)
-    ax.errorbar(t, m, yerr=np.clip([lo, hi], 0, None), marker="o", capsize=3, color=OURS)
-    for ti, mi, e in zip(t, m, ep):
-        ax.annotate(f"{e} ep", (ti, mi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axhline(df["chance_%"].iloc[0], color=CHANCE, ls="--", lw=1, label="chance")
-    ax.set(xlabel="teacher accuracy (%)", ylabel="student accuracy (%)", title="learning from a teacher's errors")
-    ax.legend(fontsize=7, frameon=False)
     return fig

@@ -129,10 +129,10 @@ def _results(doc: _Doc, store: Store, info: D.RunInfo, figs: Path) -> None:
         doc.table(pd.DataFrame(D.sweep_points(info)).assign(overrides=lambda d: d["overrides"].map(" ".join)),
                   "points")
         return
-    if info.kind == "errors-sweep":
+    own = _experiment_report(info)
+    if own is not None:  # the experiment's own results section after its table
         doc.table(_shown(df), "results")
-        doc.figure(F.save(F.errors_curve(df), figs, "errors_curve"),
-                   "Students of each teacher's mistakes against the teacher's accuracy (95% intervals).")
+        own(doc, store, info, figs)
         return
     doc.table(headline(df), "headline")
     doc.p(init_note(df))
@@ -143,6 +143,19 @@ def _results(doc: _Doc, store: Store, info: D.RunInfo, figs: Path) -> None:
                "Clean test accuracy per set: ours (mean over seeds, 95% t-interval of the mean; one seed: Wilson "
                "interval) beside the published numbers (Ilyas et al. 2019 Table 1; Wallace 2019 for errors); "
                "dashed: chance.")
+
+
+def _experiment_report(info: D.RunInfo) -> Any:
+    """The report section of the run's experiment, if it brings one (``Experiment.report``)."""
+    from advfeatures.config import ConfigError
+    from pipeline.experiments import get
+
+    if info.kind in ("", "sweep"):
+        return None
+    try:
+        return get(info.kind).report
+    except ConfigError:  # an experiment this code does not know: the generic sections
+        return None
 
 
 def _sets(doc: _Doc, store: Store, info: D.RunInfo, figs: Path) -> None:
@@ -213,7 +226,7 @@ def build(store: Store, folder: Any, device: str = "cpu") -> tuple[str, str, dic
             _models(doc, store, info, figs, device)
         _appendix(doc, store, info)
         name = yaml.safe_load(info.config_text or "{}").get("name", "") if info.config_text else ""
-        title = {"sweep": "Sweep", "errors-sweep": "errors-sweep"}.get(info.kind, "Run") + f" {info.key}"
+        title = ("Sweep" if info.kind == "sweep" else info.kind if _experiment_report(info) else "Run") + f" {info.key}"
         subtitle = (f"profile {name}; " if name else "") + f"{store.url}; written {info.manifest.get('created', '')[:19]}"
         files = {f"figures/{p.name}": p.read_bytes() for p in sorted(figs.iterdir())}
         return doc.html(title, subtitle), doc.markdown(title, subtitle), files

@@ -1,19 +1,24 @@
-"""Stage kinds, declared once: name, schema number, store folder, executor; and the stage spec.
+"""The registry of stage kinds, and the stage spec.
 
-    key = stage_key(kind, SCHEMA[kind], own config, upstream keys)
+    key = stage_key(kind, schema, own config, upstream keys)
+
+Each kind is declared once, by the module that owns it (``pipeline/stages/<kind>.py``), with
+``declare(StageKind(...))``: its schema number, store folder, executor, label, integrity check and
+Prefect task name. The registry is filled on first use by importing every module of
+``pipeline.stages`` (and, for constructed sets, every set builder: ``pipeline.sets``), so adding a
+kind is one new module; nothing else lists kinds. ``run_all`` (no Prefect), ``tasks.stages`` (the
+Prefect tasks, generated from this registry) and the flow dispatch through it.
 
 Bump a kind's schema number when what it computes for the same config changes (every key of that
-kind, and so of everything downstream, changes); the history of bumps is kept below. A setting
-added later whose default reproduces the old result is keyed only when set away from its default
-(construct.augment_copies), so existing keys stay valid without a bump.
-
-Executors have one signature, ``execute(store, spec, ctx) -> key``, and live one module per kind
-in ``pipeline.stages``; they are imported on first use, so declaring a plan needs no torch.
+kind, and so of everything downstream, changes); the history of bumps is kept beside each
+declaration. A setting added later whose default reproduces the old result is keyed only when set
+away from its default (construct.augment_copies), so existing keys stay valid without a bump.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,43 +27,98 @@ from storage.hashing import stage_key
 
 
 @dataclass(frozen=True)
+class Sharded:
+    """The three steps of a kind computed shard by shard (any worker, any order, resumable)."""
+    prepare: Callable[..., list[int]]
+    """(store, spec) -> indices of the unfinished shards (creates the arrays)."""
+    shard: Callable[..., dict[str, Any]]
+    """(store, spec, shard, runtime, log) -> the shard's marker."""
+    finalize: Callable[..., str]
+    """(store, spec) -> key: checks every marker and writes the manifest last."""
+    event: Callable[..., dict[str, Any]] | None = None
+    """(spec, marker, total shards, shards done) -> the progress event of a shard finished elsewhere."""
+
+
+@dataclass(frozen=True)
 class StageKind:
     name: str
     schema: int
     folder: str
-    executor: str
-    """'module:function' of ``execute(store, spec, ctx) -> key``."""
+    execute: Callable[..., str]
+    """``execute(store, spec, ctx) -> key``; returns at once when the artifact is complete."""
     doc: str
+    label: Callable[[dict[str, Any], dict[str, str]], str] | None = None
+    """(spec as a dict, labels of the stages before it) -> a readable name, for plans read back
+    from ``plan.json`` (reports, ``ls``); None: the kind's name."""
+    verify: Callable[..., tuple[list[str], list[int]]] | None = None
+    """(store, key, manifest) -> (problems, bad shards) against the manifest's checksums; None:
+    nothing to check beyond the manifest."""
+    sharded: Callable[[Any], Sharded | None] | None = None
+    """spec -> its shard steps when this spec is built shard by shard (the flow fans them out)."""
+    task_name: str = ""
+    """The Prefect task's name (default: the kind's name)."""
+    events: tuple[str, ...] = ()
+    """The progress events (``pipeline.progress``) its executor emits."""
 
 
 KINDS: dict[str, StageKind] = {}
+_DISCOVERED = False
 
 
-def declare(name: str, schema: int, folder: str, executor: str, doc: str) -> StageKind:
-    if name in KINDS:
-        raise ValueError(f"stage kind {name!r} is declared twice")
-    KINDS[name] = StageKind(name, schema, folder, executor, doc)
+def declare(kind: StageKind) -> StageKind:
+    if kind.name in KINDS and KINDS[kind.name] is not kind:
+        raise ValueError(f"stage kind {kind.name!r} is declared twice")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def discover() -> None:
+    """Import every module that declares stage kinds, set builders and experiments (once)."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    for package in ("pipeline.stages", "pipeline.sets", "pipeline.experiments"):
+        pkg = importlib.import_module(package)
+        for mod in pkgutil.iter_modules(pkg.__path__, prefix=f"{package}."):
+            importlib.import_module(mod.name)
+
+
+def kind(name: str) -> StageKind:
+    if name not in KINDS:
+        discover()
+    if name not in KINDS:
+        raise ValueError(f"unknown stage kind {name!r}; declared: {sorted(KINDS)}")
     return KINDS[name]
 
 
-declare("dataset", 1, "datasets", "pipeline.stages.dataset:execute", "a data source ingested as Zarr arrays")
-declare("model", 2, "models", "pipeline.stages.model:execute", "a source or teacher trained on clean data")
-declare("construct", 2, "constructed", "pipeline.stages.construct:execute",
-        "a constructed training set: targeted PGD (rand, other, det; sharded) or a teacher's errors")
-declare("select", 1, "constructed", "pipeline.stages.select:execute",
-        "the rows of a PGD set with the largest target margin under the source")
-declare("student", 2, "models", "pipeline.stages.student:execute", "a fresh model trained on a constructed set")
-declare("eval", 1, "evals", "pipeline.stages.evaluation:execute", "clean test accuracy of a model")
-declare("run", 2, "runs", "pipeline.stages.run:execute", "the table of a plan's evaluations")
-# Bumps:
-#   model 2, student 2: initial weights and data order seeded from the model's role and seed (no
-#     student shares the source's init); random numbers drawn on the CPU; amp in the key.
-#   construct 2: records (fooled, loss, norm, and the new target margin) computed on the stored
-#     float16 images; per-row random start; amp in the key; shard_size/chunk_size out of the key.
-#   run 2: the table gains init, attack_success_t!=y and share_t=y.
+class _Table(dict):
+    """{kind name: attribute}, filled from the registry on first read."""
 
-SCHEMA = {k.name: k.schema for k in KINDS.values()}
-FOLDER = {k.name: k.folder for k in KINDS.values()}
+    def __init__(self, attr: str):
+        super().__init__()
+        self.attr = attr
+
+    def _fill(self) -> None:
+        discover()
+        self.update({k.name: getattr(k, self.attr) for k in KINDS.values()})
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self:
+            self._fill()
+        return super().__getitem__(name)
+
+    def values(self):  # noqa: D102
+        self._fill()
+        return super().values()
+
+    def __iter__(self):
+        self._fill()
+        return super().__iter__()
+
+
+SCHEMA = _Table("schema")
+FOLDER = _Table("folder")
 
 
 @dataclass(frozen=True)
@@ -72,16 +132,18 @@ class StageSpec:
     key: str = field(init=False)
 
     def __post_init__(self):
-        if self.stage not in KINDS:
-            raise ValueError(f"unknown stage kind {self.stage!r}; declared: {sorted(KINDS)}")
-        object.__setattr__(self, "key", stage_key(self.stage, SCHEMA[self.stage], self.config, self.inputs))
+        object.__setattr__(self, "key", stage_key(self.stage, kind(self.stage).schema, self.config, self.inputs))
 
     @property
     def folder(self) -> str:
-        return FOLDER[self.stage]
+        return KINDS[self.stage].folder
+
+    @property
+    def kind(self) -> StageKind:
+        return KINDS[self.stage]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "schema": SCHEMA[self.stage], "key": self.key,
+        return {"stage": self.stage, "schema": KINDS[self.stage].schema, "key": self.key,
                 "config": self.config, "inputs": list(self.inputs), "options": dict(self.options)}
 
 
@@ -94,14 +156,19 @@ def spec_from_dict(d: dict[str, Any]) -> StageSpec:
     return spec
 
 
-def executor(kind: str) -> Callable[..., str]:
-    module, _, name = KINDS[kind].executor.partition(":")
-    return getattr(importlib.import_module(module), name)
+def executor(name: str) -> Callable[..., str]:
+    return kind(name).execute
+
+
+def sharded(spec: StageSpec) -> Sharded | None:
+    """The shard steps of ``spec`` when it is built shard by shard, else None."""
+    k = kind(spec.stage)
+    return k.sharded(spec) if k.sharded is not None else None
 
 
 def execute(store: Any, spec: StageSpec, ctx: Any) -> str:
     """Run ``spec``'s executor (it returns at once if the artifact is complete)."""
-    return executor(spec.stage)(store, spec, ctx)
+    return kind(spec.stage).execute(store, spec, ctx)
 
 
 def run_all(store: Any, plan: Any, ctx: Any) -> str:
@@ -110,6 +177,14 @@ def run_all(store: Any, plan: Any, ctx: Any) -> str:
     for spec in plan.stages():
         execute(store, spec, ctx)
     return plan.run.key
+
+
+def label(spec: dict[str, Any], labels: dict[str, str]) -> str:
+    """A readable name of a stage read back from a plan.json (its kind's label)."""
+    k = KINDS.get(spec["stage"]) or (discover() or KINDS.get(spec["stage"]))
+    if k is None or k.label is None:
+        return spec["stage"]
+    return k.label(spec, labels)
 
 
 def waves(stages: list[StageSpec]) -> list[list[StageSpec]]:

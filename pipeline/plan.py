@@ -1,28 +1,35 @@
-"""The stage graph of an experiment and every stage's cache key.
+"""Plans as data: labelled stage specs whose edges are their input keys, and the specs of the core
+stages (dataset, source/teacher, sets, selections, students, evaluations).
 
     dataset ─► source ─► construct(rand|other|det) ─► student(set, seed) ─► eval ─► table
        │        └─ eval                                                       ▲
        └──────► teacher ─► construct(errors) ─► student(errors, seed) ─► eval ┘
 
-key = stage_key(stage, SCHEMA[stage], own config, upstream keys) (``pipeline.kinds``). A key holds every setting that
-can change a result and nothing else:
+A ``Plan`` is an ordered collection of ``Node`` (spec, label, tags): experiments build plans and
+combine them (``a | b``: the union, each stage once), and a run is limited to part of one with
+``until``. Tags say what a stage is to the tables (``role``: dataset, source, teacher, set,
+selection, student, eval; ``set``, ``seed``, ``of`` for evaluations, ``eps`` for robust ones);
+they are not part of any key.
+
+key = stage_key(stage, schema, own config, upstream keys) (``pipeline.kinds``). A key holds every
+setting that can change a result and nothing else:
 
 - models and students: their role in the plan, architecture, training recipe, the seeds derived
   from role and seed (initial weights; data order + augmentation), and ``runtime.amp``;
-- PGD sets: kind, attack, subset size, seed, storage dtype, ``runtime.amp`` and, when on, the
-  number of augmented copies per image. How a set is cut
-  into shards and chunks (``construct.shard_size``/``chunk_size``) is an execution option
-  (``StageSpec.options``), not in the key: a row's content does not depend on it.
+- sets: what their builder keys (``pipeline.sets``): for PGD sets kind, attack, subset size,
+  seed, storage dtype, ``runtime.amp`` and, when on, the number of augmented copies per image.
+  How a set is cut into shards and chunks is an execution option (``StageSpec.options``).
 
 The device, threads, store, batch sizes, channels_last and compile change at most floating-point
 rounding (random numbers are drawn on the CPU), so they are not in keys; every manifest records
-them. Bump a stage's schema number (``pipeline.kinds``) when what it computes for the same config
-changes; the history of bumps is kept there.
+them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from advfeatures.config import ConfigError, ExperimentConfig, ModelStageConfig, to_plain
@@ -31,44 +38,151 @@ from pipeline.kinds import FOLDER, SCHEMA, StageSpec  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
-class StudentPlan:
-    kind: str
-    seed: int
-    construct: StageSpec
-    """The set the student trains on: the PGD or errors set, or its margin selection."""
-    student: StageSpec
-    eval: StageSpec
+class Node:
+    spec: StageSpec
+    label: str
+    tags: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
 
 
-@dataclass(frozen=True)
 class Plan:
-    dataset: StageSpec
-    source: StageSpec
-    source_eval: StageSpec
-    teacher: StageSpec | None
-    teacher_eval: StageSpec | None
-    constructs: dict[str, StageSpec]
-    students: list[StudentPlan]
-    run: StageSpec
-    selections: dict[str, StageSpec] = field(default_factory=dict)
-    """kind -> the margin selection of that PGD set (construct.select < 1)."""
-    robust: dict[str, list[StageSpec]] = field(default_factory=dict)
-    """model key -> its robust-accuracy evaluations (evaluate.robust_eps), one per radius."""
+    """Stage specs in dependency order (every input of a stage is an earlier stage of the plan, or
+    outside it), each with a label and tags, and the run stage that tabulates them (if any)."""
+
+    def __init__(self, nodes: Iterable[Node] = (), run: StageSpec | None = None):
+        self._nodes: dict[str, Node] = {}
+        for n in nodes:
+            self._add(n)
+        self.run = run
+
+    # building -----------------------------------------------------------------------------------
+    def _add(self, node: Node) -> StageSpec:
+        if node.spec.stage == "run":
+            raise ValueError("the run stage is the plan's run, not a node")
+        if node.key not in self._nodes:  # the same stage from two plans: once, with its first label
+            self._nodes[node.key] = node
+        return self._nodes[node.key].spec
+
+    def add(self, spec: StageSpec, label: str, **tags: Any) -> StageSpec:
+        return self._add(Node(spec, label, tags))
+
+    def __or__(self, other: Plan) -> Plan:
+        """The union of two plans: every stage once, this plan's first; no run stage."""
+        return Plan([*self.nodes(), *other.nodes()])
+
+    def with_run(self, name: str) -> Plan:
+        """This plan with its run stage: the table of every evaluation, clean ones first, then
+        robust ones, each in plan order (the run's key depends on that order)."""
+        evals = [n for n in self.nodes() if n.spec.stage == "eval"]
+        ordered = [n.key for n in evals if "eps" not in n.tags] + [n.key for n in evals if "eps" in n.tags]
+        return Plan(self.nodes(), StageSpec("run", {"name": name}, tuple(ordered)))
+
+    def until(self, stage: str) -> Plan:
+        """Only the stages of kind ``stage`` and everything they need (no run stage), e.g.
+        ``until("construct")``: the sets, to train students elsewhere later."""
+        if stage not in SCHEMA:
+            raise ConfigError(f"--until {stage}: not a stage kind; choose one of {sorted(SCHEMA)}")
+        wanted = {n.key for n in self.nodes() if n.spec.stage == stage}
+        if not wanted:
+            kinds = sorted({n.spec.stage for n in self.nodes()})
+            raise ConfigError(f"--until {stage}: this plan has no {stage} stage; its stages are {kinds}")
+        for n in reversed(self.nodes()):
+            if n.key in wanted:
+                wanted.update(n.spec.inputs)
+        return Plan([n for n in self.nodes() if n.key in wanted])
+
+    # reading ------------------------------------------------------------------------------------
+    def nodes(self) -> list[Node]:
+        return list(self._nodes.values())
 
     def stages(self) -> list[StageSpec]:
-        """Every stage once, in an order that respects dependencies."""
-        out = [self.dataset, self.source, self.source_eval, *self.robust.get(self.source.key, [])]
-        if self.teacher is not None:
-            out += [self.teacher, self.teacher_eval, *self.robust.get(self.teacher.key, [])]
-        out += list(self.constructs.values()) + list(self.selections.values())
-        for s in self.students:
-            out += [s.student, s.eval, *self.robust.get(s.student.key, [])]
-        out.append(self.run)
-        return out
+        """Every stage once, in an order that respects dependencies, the run stage last."""
+        return [n.spec for n in self._nodes.values()] + ([self.run] if self.run is not None else [])
 
     def labels(self) -> dict[str, str]:
         """A readable name for every stage key."""
-        return labels(self)
+        out = {n.key: n.label for n in self._nodes.values()}
+        if self.run is not None:
+            out[self.run.key] = "table"
+        return out
+
+    def find(self, **tags: Any) -> list[Node]:
+        """The nodes whose tags have these values (None: the tag is absent), in plan order."""
+        return [n for n in self._nodes.values() if all(n.tags.get(k) == v for k, v in tags.items())]
+
+    def one(self, **tags: Any) -> Node:
+        found = self.find(**tags)
+        if len(found) != 1:
+            raise KeyError(f"{len(found)} stages of the plan have tags {tags}, expected one")
+        return found[0]
+
+    def get(self, **tags: Any) -> StageSpec | None:
+        found = self.find(**tags)
+        return found[0].spec if found else None
+
+    def evals_of(self, model_key: str) -> tuple[StageSpec | None, list[StageSpec]]:
+        """A model's clean evaluation and its robust ones (by radius, in plan order)."""
+        evals = self.find(role="eval", of=model_key)
+        clean = [n.spec for n in evals if "eps" not in n.tags]
+        return (clean[0] if clean else None), [n.spec for n in evals if "eps" in n.tags]
+
+    def graph(self) -> list[dict[str, Any]]:
+        """One row per stage: kind, label, key and the labels of its inputs (``show-config``)."""
+        names = self.labels()
+        return [{"stage": s.stage, "what": names[s.key], "key": s.key,
+                 "inputs": ", ".join(names.get(k, k) for k in s.inputs)} for s in self.stages()]
+
+    # views of the core roles (what replicate's plans hold) ----------------------------------------
+    @property
+    def dataset(self) -> StageSpec:
+        return self.one(role="dataset").spec
+
+    @property
+    def source(self) -> StageSpec:
+        return self.one(role="source").spec
+
+    @property
+    def source_eval(self) -> StageSpec:
+        return self.evals_of(self.source.key)[0]
+
+    @property
+    def teacher(self) -> StageSpec | None:
+        return self.get(role="teacher")
+
+    @property
+    def teacher_eval(self) -> StageSpec | None:
+        return self.evals_of(self.teacher.key)[0] if self.teacher is not None else None
+
+    @property
+    def constructs(self) -> dict[str, StageSpec]:
+        return {n.tags["set"]: n.spec for n in self.find(role="set")}
+
+    @property
+    def selections(self) -> dict[str, StageSpec]:
+        return {n.tags["set"]: n.spec for n in self.find(role="selection")}
+
+    @property
+    def students(self) -> list[SimpleNamespace]:
+        """kind, seed, construct (the set trained on), student and eval of every student."""
+        return [SimpleNamespace(kind=n.tags["set"], seed=n.tags["seed"], student=n.spec,
+                                construct=self._nodes[n.spec.inputs[0]].spec if n.spec.inputs[0] in self._nodes
+                                else None, eval=self.evals_of(n.key)[0]) for n in self.find(role="student")]
+
+    @property
+    def robust(self) -> dict[str, list[StageSpec]]:
+        """model key -> its robust evaluations, for models that have any."""
+        out: dict[str, list[StageSpec]] = {}
+        for n in self.find(role="eval"):
+            if "eps" in n.tags:
+                out.setdefault(n.tags["of"], []).append(n.spec)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The specs of the core stages
 
 
 def dataset_spec(source_sha256: str) -> StageSpec:
@@ -82,22 +196,13 @@ def model_spec(cfg: ModelStageConfig, dataset_key: str, role: str, amp: str) -> 
 
 
 def construct_spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) -> StageSpec:
-    c = cfg.construct
-    if kind == "errors":  # the whole training set through the teacher; images are not modified
-        return StageSpec("construct", {"kind": "errors"}, inputs)
-    if kind == "rand-clean-only":  # D_rand's t = y rows, unperturbed: records under the source
-        return StageSpec("construct", {"kind": kind, "n_images": c.n_images, "seed": c.seed, "dtype": c.dtype},
-                         inputs)
-    if kind.startswith("leak-"):  # no PGD: a fixed pattern of norm eps per target class
-        return StageSpec("construct", {"kind": kind, "norm": cfg.attack.norm, "eps": cfg.attack.eps,
-                                       "n_images": c.n_images, "seed": c.seed, "dtype": c.dtype,
-                                       "keep_t_eq_y": c.leak_keep_t_eq_y}, inputs)
-    config = {"kind": kind, "attack": to_plain(cfg.attack), "n_images": c.n_images, "seed": c.seed,
-              "dtype": c.dtype, "amp": cfg.runtime.amp}
-    if c.augment_copies:  # keyed only when on, so the keys of sets without copies stay as they were
-        config["augment_copies"] = c.augment_copies
-    return StageSpec("construct", config, inputs,
-                     options={"shard_size": c.shard_size, "chunk_size": c.chunk_size})
+    """Set ``kind`` as its builder specifies it from ``cfg`` (``pipeline.sets``)."""
+    from pipeline.sets import builder
+
+    b = builder(kind)
+    if b.spec is None:
+        raise ConfigError(f"set kind {kind!r} cannot be planned from construct.sets ({b.doc})")
+    return b.spec(cfg, kind, inputs)
 
 
 def select_spec(cfg: ExperimentConfig, construct: StageSpec, source: StageSpec) -> StageSpec:
@@ -126,35 +231,8 @@ def student_spec(cfg: ExperimentConfig, kind: str, seed: int, construct: StageSp
                                  "amp": cfg.runtime.amp}, (construct.key,))
 
 
-def make_plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
-    ds = dataset_spec(source_sha256)
-    amp = cfg.runtime.amp
-    source = model_spec(cfg.source, ds.key, "source", amp)
-    source_eval = StageSpec("eval", {"labels": "clean"}, (source.key, ds.key))
-    teacher = teacher_eval = None
-    if "errors" in cfg.construct.sets:
-        teacher = model_spec(cfg.teacher, ds.key, "teacher", amp)
-        teacher_eval = StageSpec("eval", {"labels": "clean"}, (teacher.key, ds.key))
-    constructs: dict[str, StageSpec] = {}
-    for kind in cfg.construct.sets:
-        upstream = teacher.key if kind == "errors" else source.key
-        constructs[kind] = construct_spec(cfg, kind, (ds.key, upstream))
-    selections = {kind: select_spec(cfg, spec, source) for kind, spec in constructs.items()
-                  if kind != "errors" and cfg.construct.select < 1}
-    students = []
-    for kind, cspec in constructs.items():
-        trained_on = selections.get(kind, cspec)
-        for seed in cfg.student.seeds:
-            sspec = student_spec(cfg, kind, seed, trained_on, source)
-            espec = StageSpec("eval", {"labels": "clean"}, (sspec.key, ds.key))
-            students.append(StudentPlan(kind, seed, trained_on, sspec, espec))
-    models = [source] + ([teacher] if teacher else []) + [s.student for s in students]
-    robust = {m.key: [robust_eval_spec(cfg, m, ds, eps) for eps in cfg.evaluate.robust_eps] for m in models}
-    robust = {k: v for k, v in robust.items() if v}
-    evals = [source_eval.key] + ([teacher_eval.key] if teacher_eval else []) + [s.eval.key for s in students]
-    evals += [r.key for rs in robust.values() for r in rs]  # only when on: the run key is unchanged otherwise
-    run = StageSpec("run", {"name": cfg.name}, tuple(evals))
-    return Plan(ds, source, source_eval, teacher, teacher_eval, constructs, students, run, selections, robust)
+def eval_spec(model: StageSpec, dataset: StageSpec) -> StageSpec:
+    return StageSpec("eval", {"labels": "clean"}, (model.key, dataset.key))
 
 
 def robust_eval_spec(cfg: ExperimentConfig, model: StageSpec, ds: StageSpec, eps: float) -> StageSpec:
@@ -163,24 +241,99 @@ def robust_eval_spec(cfg: ExperimentConfig, model: StageSpec, ds: StageSpec, eps
                      (model.key, ds.key))
 
 
+# ---------------------------------------------------------------------------------------------
+# Building plans
+
+
+def add_model(plan: Plan, cfg: ExperimentConfig, spec: StageSpec, label: str, ds: StageSpec, robust: bool = True,
+              **tags: Any) -> StageSpec:
+    """A model, its clean evaluation and (``evaluate.robust_eps``) its robust ones."""
+    plan.add(spec, label, **tags)
+    plan.add(eval_spec(spec, ds), label, role="eval", of=spec.key)
+    for eps in (cfg.evaluate.robust_eps if robust else ()):
+        plan.add(robust_eval_spec(cfg, spec, ds, eps), f"{label} eps={eps:g}", role="eval", of=spec.key, eps=eps)
+    return spec
+
+
+def add_students(plan: Plan, cfg: ExperimentConfig, kind: str, trained_on: StageSpec, ds: StageSpec,
+                 source: StageSpec | None, robust: bool = True) -> list[StageSpec]:
+    """One student per seed of ``student.seeds`` on ``trained_on``, each evaluated."""
+    return [add_model(plan, cfg, student_spec(cfg, kind, seed, trained_on, source), f"{kind} seed={seed}", ds,
+                      robust, role="student", set=kind, seed=seed) for seed in cfg.student.seeds]
+
+
+def add_set(plan: Plan, cfg: ExperimentConfig, kind: str) -> StageSpec:
+    """Set ``kind`` from the plan's source (or teacher, made on first need), its margin selection
+    (construct.select < 1, for perturbed sets) and its students."""
+    from pipeline.sets import builder
+
+    ds, source = plan.dataset, plan.source
+    b = builder(kind)
+    if b.upstream == "teacher":
+        upstream = plan.teacher or add_model(plan, cfg, model_spec(cfg.teacher, ds.key, "teacher", cfg.runtime.amp),
+                                             "teacher", ds, role="teacher")
+    else:
+        upstream = source
+    spec = plan.add(construct_spec(cfg, kind, (ds.key, upstream.key)), kind, role="set", set=kind)
+    trained_on = spec
+    if b.upstream == "source" and b.selectable and cfg.construct.select < 1:
+        sel = select_spec(cfg, spec, source)
+        trained_on = plan.add(sel, f"{kind} top {sel.config['fraction']:g}", role="selection", set=kind)
+    add_students(plan, cfg, kind, trained_on, ds, source)
+    return spec
+
+
+def base_plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
+    """The dataset and the source with its evaluations."""
+    plan = Plan()
+    ds = plan.add(dataset_spec(source_sha256), "data", role="dataset")
+    add_model(plan, cfg, model_spec(cfg.source, ds.key, "source", cfg.runtime.amp), "source", ds, role="source")
+    return plan
+
+
+def make_plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
+    """Section 3.2 and Wallace's errors set: the source, every set of ``construct.sets`` (the
+    teacher when a set needs it), students of each, and the run stage."""
+    plan = base_plan(cfg, source_sha256)
+    if any(_upstream(k) == "teacher" for k in cfg.construct.sets):  # the teacher before the sets, as always
+        ds = plan.dataset
+        add_model(plan, cfg, model_spec(cfg.teacher, ds.key, "teacher", cfg.runtime.amp), "teacher", ds,
+                  role="teacher")
+    for kind in cfg.construct.sets:
+        add_set(plan, cfg, kind)
+    return order_core(plan).with_run(cfg.name)
+
+
+def _upstream(kind: str) -> str:
+    from pipeline.sets import builder
+
+    return builder(kind).upstream
+
+
+def order_core(plan: Plan) -> Plan:
+    """The stages in the order plans always had (the run key does not depend on it, the order
+    stages run in does): dataset, models with their evaluations, sets, selections, then each
+    student with its evaluations."""
+    nodes = plan.nodes()
+    first = [n for n in nodes if n.tags.get("role") in ("dataset", "source", "teacher")
+             or (n.tags.get("role") == "eval" and _is_model(plan, n.tags.get("of")))]
+    sets = [n for n in nodes if n.tags.get("role") == "set"]
+    sels = [n for n in nodes if n.tags.get("role") == "selection"]
+    placed = {n.key for n in first + sets + sels}
+    rest = [n for n in nodes if n.key not in placed]
+    return Plan(first + sets + sels + rest, plan.run)
+
+
+def _is_model(plan: Plan, key: str | None) -> bool:
+    return key is not None and any(n.key == key and n.tags.get("role") in ("source", "teacher") for n in plan.nodes())
+
+
 def labels(plan: Plan) -> dict[str, str]:
     """A readable name for every stage key."""
-    out = {plan.dataset.key: "data", plan.source.key: "source", plan.source_eval.key: "source",
-           plan.run.key: "table"}
-    if plan.teacher is not None:
-        out[plan.teacher.key] = out[plan.teacher_eval.key] = "teacher"
-    out.update({s.key: kind for kind, s in plan.constructs.items()})
-    out.update({s.key: f"{kind} top {s.config['fraction']:g}" for kind, s in plan.selections.items()})
-    for s in plan.students:
-        out[s.student.key] = out[s.eval.key] = f"{s.kind} seed={s.seed}"
-    for model_key, specs in plan.robust.items():
-        for r in specs:
-            out[r.key] = f"{out[model_key]} eps={r.config['robust']['eps']:g}"
-    return out
+    return plan.labels()
 
 
 def plan_summary(plan: Any) -> list[dict[str, Any]]:
-    """One line per stage of any experiment's plan: its kind, what it is and its key (for
-    `advfeatures show-config`)."""
-    names = plan.labels()
-    return [{"stage": s.stage, "what": names[s.key], "key": s.key} for s in plan.stages()]
+    """One line per stage of any experiment's plan: its kind, what it is, its key and its inputs
+    (for `advfeatures show-config`)."""
+    return plan.graph()

@@ -23,7 +23,8 @@ import yaml
 
 from advfeatures.config import ExperimentConfig
 from pipeline.common import publish, run_record
-from pipeline.plan import Plan, StageSpec
+from pipeline.kinds import StageSpec
+from pipeline.plan import Plan
 from storage.store import Store, atomic_write_json, open_root
 
 # Clean test accuracy (%) reported for CIFAR-10: Ilyas et al. Table 1 (ResNet-50) and, for
@@ -127,20 +128,22 @@ def to_markdown(df: pd.DataFrame) -> str:
     return text + "\n\n" + init_note(df)
 
 
-def write_run(store: Store, plan: Any, cfg: ExperimentConfig, build: Any = None, markdown: Any = None) -> Path:
+def write_run(store: Store, plan: Any, cfg: ExperimentConfig, build: Any = None, markdown: Any = None,
+              experiment: str = "") -> Path:
     """Write table.{csv,md,parquet}, the resolved config and the plan under runs/<run key>/.
     ``build(store, plan)`` makes the table (default: Table 1 of the replication) and
-    ``markdown(df)`` its Markdown."""
+    ``markdown(df)`` its Markdown; the manifest names the ``experiment`` (its report section)."""
     spec = plan.run
     if store.is_complete(spec.folder, spec.key):
         return store.path(spec.folder, spec.key)
     store.once(spec.folder, spec.key, lambda: store.is_complete(spec.folder, spec.key),
-               lambda: _write_run(store, plan, cfg, spec, build or build_table, markdown or to_markdown),
+               lambda: _write_run(store, plan, cfg, spec, build or build_table, markdown or to_markdown, experiment),
                skipped=None)
     return store.path(spec.folder, spec.key)
 
 
-def _write_run(store: Store, plan: Any, cfg: ExperimentConfig, spec: StageSpec, build: Any, markdown: Any) -> None:
+def _write_run(store: Store, plan: Any, cfg: ExperimentConfig, spec: StageSpec, build: Any, markdown: Any,
+               experiment: str) -> None:
     t0 = time.perf_counter()
     df = build(store, plan)
 
@@ -154,7 +157,8 @@ def _write_run(store: Store, plan: Any, cfg: ExperimentConfig, spec: StageSpec, 
         atomic_write_json(tmp / "plan.json", [s.as_dict() for s in plan.stages()])
         return {}
 
-    publish(store, spec, t0, write, files=list(TABLE_FILES), **run_record(cfg.runtime))
+    publish(store, spec, t0, write, files=list(TABLE_FILES), experiment=experiment, labels=plan.labels(),
+            **run_record(cfg.runtime))
 
 
 def read_table(run_dir: Path) -> pd.DataFrame:

@@ -17,11 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from advfeatures.config import CONTROL_KINDS, PGD_KINDS
+from pipeline.kinds import FOLDER
 from storage import arrays as A
 from storage.store import Store, StoreError, is_remote, open_root, read_json
-
-PERTURBED_KINDS = set(PGD_KINDS) | {k for k in CONTROL_KINDS if k.startswith("leak-")}
 
 
 @dataclass
@@ -30,7 +28,8 @@ class RunInfo:
     folder: Any
     key: str
     kind: str
-    """'table' (replicate, controls, released), 'errors-sweep' or 'sweep'."""
+    """The experiment whose run this is (its manifest says; '' for runs written before it did),
+    or 'sweep'."""
     table: pd.DataFrame
     manifest: dict[str, Any]
     config_text: str
@@ -68,31 +67,18 @@ def load_run(store: Store, folder: Any) -> RunInfo:
         raise StoreError(f"{folder} holds no table.parquet or sweep.parquet: not a run folder")
     table = _read_parquet(folder / "table.parquet")
     stages = read_json(folder / "plan.json") if (folder / "plan.json").is_file() else []
-    kind = "errors-sweep" if "teacher_epochs" in table.columns else "table"
-    return RunInfo(folder, man["key"], kind, table, man, config_text, stages, stage_labels(stages))
+    labels = {**stage_labels(stages), **(man.get("labels") or {})}
+    return RunInfo(folder, man["key"], man.get("experiment", ""), table, man, config_text, stages, labels)
 
 
 def stage_labels(stages: list[dict[str, Any]]) -> dict[str, str]:
-    """A readable name for every stage of a plan.json (plans' own labels need the plan object)."""
+    """A readable name for every stage of a plan.json, from its kind (runs written before their
+    manifest kept the plan's own labels)."""
+    from pipeline.kinds import label
+
     out: dict[str, str] = {}
     for s in stages:
-        c, k = s["config"], s["key"]
-        if s["stage"] == "dataset":
-            out[k] = "data"
-        elif s["stage"] == "model":
-            ep = c.get("train", {}).get("epochs")
-            out[k] = c.get("role", "model") + (f" {ep} ep" if c.get("role") == "teacher" else "")
-        elif s["stage"] == "construct":
-            out[k] = c.get("name") or c["kind"]
-        elif s["stage"] == "select":
-            out[k] = f"{out.get(s['inputs'][0], 'set')} top {c['fraction']:g}"
-        elif s["stage"] == "student":
-            out[k] = f"{c['set']} seed={c.get('train', {}).get('seed', '?')}"
-        elif s["stage"] == "eval":
-            eps = c.get("robust", {}).get("eps")
-            out[k] = f"eval {out.get(s['inputs'][0], s['inputs'][0])}" + (f" eps={eps:g}" if eps is not None else "")
-        else:
-            out[k] = "table"
+        out[s["key"]] = label(s, out)
     return out
 
 
@@ -100,8 +86,7 @@ def timings(store: Store, info: RunInfo) -> pd.DataFrame:
     """Per stage: seconds it took (from its manifest), when it was made, complete or not."""
     rows = []
     for s in info.stages:
-        folder = {"dataset": "datasets", "model": "models", "student": "models", "construct": "constructed",
-                  "select": "constructed", "eval": "evals", "run": "runs"}[s["stage"]]
+        folder = FOLDER[s["stage"]]
         done = store.is_complete(folder, s["key"])
         man = store.manifest(folder, s["key"]) if done else {}
         rows.append({"stage": s["stage"], "what": info.labels.get(s["key"], ""), "key": s["key"],
@@ -120,8 +105,17 @@ def histories(store: Store, info: RunInfo) -> dict[str, list[dict[str, Any]]]:
 
 
 def perturbed_sets(info: RunInfo) -> list[dict[str, Any]]:
-    """The run's sets whose images were perturbed (PGD sets and leak controls), in plan order."""
-    return [s for s in info.of("construct") if s["config"].get("kind") in PERTURBED_KINDS]
+    """The run's sets whose images were perturbed (their builder says so), in plan order."""
+    from advfeatures.config import ConfigError
+    from pipeline.sets import builder
+
+    def perturbed(kind: str) -> bool:
+        try:
+            return builder(kind).perturbed
+        except ConfigError:  # a kind no builder of this code knows
+            return False
+
+    return [s for s in info.of("construct") if perturbed(s["config"].get("kind", ""))]
 
 
 def set_records(store: Store, key: str) -> dict[str, np.ndarray]:
@@ -159,7 +153,7 @@ def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] |
         return None
     dataset_key = spec["inputs"][0]
     if spec["config"].get("augment_copies"):  # a copy's clean image is its crop + flip
-        from pipeline.stages.construct import pgd_set
+        from pipeline.sets.pgd import pgd_set
 
         s = pgd_set(store, spec_from_dict(spec))
         clean = np.concatenate([s.images(store, dataset_key, int(r), int(r) + 1) for r in rows])

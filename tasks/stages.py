@@ -1,11 +1,11 @@
-"""Prefect tasks: thin adapters around ``pipeline.stages``. Each takes keys/specs/configs, calls
-one library function, and returns a key (or a small dict). No tensors cross a task boundary.
+"""Prefect tasks, generated from the registry of stage kinds (``pipeline.kinds``): one task per
+kind (per set builder for constructed sets), each calling its kind's executor and returning a key.
+No tensors cross a task boundary.
 
-Cache: a task's Prefect cache key is its stage key once the store holds the artifact, and None
-(run it) before, so Prefect's records are only ever read for finished artifacts and the UI shows a
-reused stage as Cached. One writer per stage across concurrent runs comes from the store's lock
-(``Store.lock``), not from Prefect. The store is the truth: the flow re-runs a task whose record
-outlived its artifact.
+The store is the truth, checked once per stage by the executor under the artifact's lock; Prefect
+keeps no cache records of its own. A stage the store held already ends in a Completed state named
+Cached, so the UI shows reuse. One writer per stage across concurrent runs comes from the store's
+lock (``Store.lock``), not from Prefect.
 
 Shared storage: result records live in the store (``<store>/.prefect/results``), so a cache record
 written by one worker is found by every other worker that sees the store (``for_store``). A store
@@ -28,11 +28,13 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import RemoteFileSystem
+from prefect.states import Completed
 
-from advfeatures.config import PGD_KINDS, DataConfig, RuntimeConfig
-from pipeline import progress, stages
-from pipeline.plan import StageSpec
-from storage.arrays import shard_done
+from advfeatures.config import DataConfig, RuntimeConfig
+from pipeline import kinds, progress
+from pipeline.common import Context, last_outcome
+from pipeline.kinds import StageSpec
+from pipeline.sets import builder
 from storage.store import Store
 from tasks.progress import SINK as PREFECT_PROGRESS
 
@@ -80,90 +82,63 @@ def for_store(t: Task, store_root: str) -> Task:
     return t.with_options(result_storage=result_storage(store_root))
 
 
-def _stage_cache_key(_ctx, params: dict[str, Any]) -> str | None:
-    spec: StageSpec = params["spec"]
-    if Store(params["store_root"]).is_complete(spec.folder, spec.key):
-        return f"{spec.stage}-{spec.key}"
-    return None
-
-
-def _shard_cache_key(_ctx, params: dict[str, Any]) -> str | None:
-    spec: StageSpec = params["spec"]
-    if shard_done(Store(params["store_root"]).path(spec.folder, spec.key), params["shard"]):
-        return f"shard-{spec.key}-{params['shard']}"
-    return None
-
-
 def _log(msg: str) -> None:
     get_run_logger().info(msg)
 
 
-_cached = dict(cache_key_fn=_stage_cache_key, persist_result=True)
+def _outcome(key: Any, what: str) -> Any:
+    """The task's state: Cached when the store held the artifact already (checked once, under its
+    lock, by the executor), else the key."""
+    if last_outcome() == "cached":
+        return Completed(name="Cached", message=f"{what} is in the store already", data=key)
+    return key
 
 
-@task(name="ingest", **_cached)
-def ingest(spec: StageSpec, store_root: str, data: DataConfig) -> str:
-    return stages.ingest(Store(store_root), data, spec, _log)
+def _run_stage(spec: StageSpec, store_root: str, runtime: RuntimeConfig, data: DataConfig | None = None) -> str:
+    """Any stage: its kind's executor (``pipeline.kinds``)."""
+    key = kinds.execute(Store(store_root), spec, Context(runtime=runtime, data=data, log=_log))
+    return _outcome(key, f"{spec.stage} {spec.key}")
 
 
-@task(name="train-model", task_run_name="train-model-{spec.key}", **_cached)
-def train_model(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
-    return stages.train_model(Store(store_root), spec, runtime, _log)
+@functools.lru_cache(maxsize=None)
+def _task(name: str) -> Task:
+    return task(_run_stage, name=name, task_run_name=f"{name}-{{spec.key}}", persist_result=False)
 
 
-@task(name="evaluate", task_run_name="evaluate-{spec.key}", **_cached)
-def evaluate(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
-    return stages.evaluate(Store(store_root), spec, runtime, _log)
-
-
-@task(name="prepare-set", task_run_name="prepare-{spec.key}")
-def prepare_set(spec: StageSpec, store_root: str) -> list[int]:
-    return stages.prepare_construct(Store(store_root), spec)
-
-
-@task(name="generate-shard", task_run_name="shard-{spec.key}-{shard}",
-      cache_key_fn=_shard_cache_key, persist_result=True)
-def generate_shard(spec: StageSpec, store_root: str, shard: int, runtime: RuntimeConfig) -> dict[str, Any]:
-    return stages.run_shard(Store(store_root), spec, shard, runtime, _log)
-
-
-@task(name="finalize-set", task_run_name="finalize-{spec.key}", **_cached)
-def finalize_set(spec: StageSpec, store_root: str) -> str:
-    return stages.finalize_construct(Store(store_root), spec)
-
-
-@task(name="build-errors", task_run_name="errors-{spec.key}", **_cached)
-def build_errors(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
-    return stages.build_errors(Store(store_root), spec, runtime, _log)
-
-
-@task(name="build-control", task_run_name="control-{spec.config[kind]}-{spec.key}", **_cached)
-def build_control(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
-    return stages.build_control(Store(store_root), spec, runtime, _log)
-
-
-@task(name="import-released", task_run_name="released-{spec.config[name]}-{spec.key}", **_cached)
-def import_released(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
-    return stages.import_released(Store(store_root), spec, runtime, _log)
-
-
-@task(name="select-set", task_run_name="select-{spec.key}", **_cached)
-def select_set(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
-    return stages.select_rows(Store(store_root), spec, runtime, _log)
-
-
-@task(name="train-student", task_run_name="train-student-{spec.key}", **_cached)
-def train_student(spec: StageSpec, store_root: str, runtime: RuntimeConfig) -> str:
-    return stages.train_student(Store(store_root), spec, runtime, _log)
+def task_name(spec: StageSpec) -> str:
+    """The Prefect task name of a stage: its kind's (a set's: its builder's)."""
+    if spec.stage == "construct":
+        return builder(spec.config["kind"]).task_name
+    k = kinds.kind(spec.stage)
+    return k.task_name or k.name
 
 
 def task_for(spec: StageSpec) -> Task:
-    """The task that runs a stage of this kind (PGD sets are fanned out by the flow instead)."""
-    if spec.stage == "construct":
-        if spec.config["kind"] in PGD_KINDS:
-            raise ValueError("PGD sets run as prepare-set, generate-shard and finalize-set tasks")
-        return {"errors": build_errors, "released": import_released}.get(spec.config["kind"], build_control)
-    tasks = {"model": train_model, "student": train_student, "eval": evaluate, "select": select_set}
-    if spec.stage not in tasks:
-        raise ValueError(f"no task for stage kind {spec.stage!r}; known: {sorted(tasks)}, construct, dataset")
-    return tasks[spec.stage]
+    """The task that runs a stage of this kind, generated from the registry (sharded sets are
+    fanned out by the flow instead: ``prepare_set``, ``generate_shard``, ``finalize_set``)."""
+    if kinds.sharded(spec) is not None:
+        raise ValueError(f"{spec.stage} {spec.key} is built shard by shard: prepare-set, generate-shard and "
+                         "finalize-set tasks")
+    return _task(task_name(spec))
+
+
+@task(name="prepare-set", task_run_name="prepare-{spec.key}", persist_result=False)
+def prepare_set(spec: StageSpec, store_root: str) -> list[int] | None:
+    """The unfinished shards of a sharded set (None when the set is complete: Cached)."""
+    pending = kinds.sharded(spec).prepare(Store(store_root), spec)
+    if pending is None:
+        return Completed(name="Cached", message=f"set {spec.key} is in the store already", data=None)
+    return pending
+
+
+@task(name="generate-shard", task_run_name="shard-{spec.key}-{shard}", persist_result=False)
+def generate_shard(spec: StageSpec, store_root: str, shard: int, runtime: RuntimeConfig) -> dict[str, Any]:
+    out = kinds.sharded(spec).shard(Store(store_root), spec, shard, runtime, _log)
+    if out.get("skipped"):
+        return Completed(name="Cached", message=f"shard {shard} of {spec.key} is in the store already", data=out)
+    return out
+
+
+@task(name="finalize-set", task_run_name="finalize-{spec.key}", persist_result=False)
+def finalize_set(spec: StageSpec, store_root: str) -> str:
+    return _outcome(kinds.sharded(spec).finalize(Store(store_root), spec), f"set {spec.key}")

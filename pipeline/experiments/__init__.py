@@ -1,8 +1,10 @@
-"""Experiments: each a function from the resolved config to a plan (a graph of stage specs, in
-dependency order) and a writer of the table(s) it reports. Adding one means one module here that
-calls ``register``, one test and a profile entry; the flow that runs plans does not change.
+"""Experiments: each is one module of this package, discovered (not listed), that registers
+itself: a plan builder over the one stage graph (``pipeline.plan``), its table and Markdown
+writers, its own config section (``advfeatures.config.SECTIONS``) and, if it has one, its report
+section. Adding an experiment is one module, one test and a profile entry; the flow that runs
+plans, the report and the CLI do not change.
 
-    EXPERIMENTS["replicate"].plan(cfg, source_sha256) -> plan with .stages(), .labels() and .run
+    EXPERIMENTS["replicate"].plan(cfg, source_sha256) -> Plan (``pipeline.plan``)
     EXPERIMENTS["replicate"].write(store, plan, cfg)   -> the run folder (tables, config, plan)
 """
 
@@ -11,18 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from advfeatures.config import ConfigError, ExperimentConfig
-from pipeline.kinds import StageSpec
-
-
-class PlanLike(Protocol):
-    run: StageSpec
-
-    def stages(self) -> list[StageSpec]: ...
-
-    def labels(self) -> dict[str, str]: ...
+from advfeatures.config import ConfigError, ExperimentConfig, register_section
 
 
 @dataclass(frozen=True)
@@ -30,29 +23,61 @@ class Experiment:
     name: str
     summary: str
     """One line for `advfeatures experiments`."""
-    plan: Callable[[ExperimentConfig, str], PlanLike]
-    """(resolved config, sha256 of the data source) -> the plan."""
-    write: Callable[[Any, PlanLike, ExperimentConfig], Path]
-    """(store, plan, config) -> the run folder holding the tables; called once every stage is done."""
+    plan: Callable[[ExperimentConfig, str], Any]
+    """(resolved config, sha256 of the data source) -> the plan (``pipeline.plan.Plan``)."""
+    table: Callable[[Any, Any], Any] | None = None
+    """(store, plan) -> the table (a DataFrame); None: Table 1 of the replication
+    (``pipeline.report.build_table``)."""
+    markdown: Callable[[Any], str] | None = None
+    """table -> its Markdown; None: ``pipeline.report.to_markdown``."""
+    section: tuple[str, type] | None = None
+    """(name, dataclass): the experiment's own config section (``cfg.<name>``), validated like
+    every other section."""
+    report: Callable[..., None] | None = None
+    """(doc, store, run info, figures folder) -> None: the experiment's section of the HTML
+    report (``pipeline.html_report``), after the table."""
+
+    def write(self, store: Any, plan: Any, cfg: ExperimentConfig) -> Path:
+        """The run folder holding the tables; called once every stage is done."""
+        from pipeline import report
+
+        return report.write_run(store, plan, cfg, build=self.table, markdown=self.markdown, experiment=self.name)
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
 
 
 def register(experiment: Experiment) -> Experiment:
-    if experiment.name in EXPERIMENTS:
+    if experiment.name in EXPERIMENTS and EXPERIMENTS[experiment.name] is not experiment:
         raise ValueError(f"experiment {experiment.name!r} is registered twice")
+    if experiment.section is not None:
+        register_section(*experiment.section)
     EXPERIMENTS[experiment.name] = experiment
     return experiment
 
 
 def get(name: str) -> Experiment:
     if name not in EXPERIMENTS:
+        from pipeline.kinds import discover
+
+        discover()
+    if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; `advfeatures experiments` lists them: {sorted(EXPERIMENTS)}")
     return EXPERIMENTS[name]
 
 
-from pipeline.experiments import replicate as _replicate  # noqa: E402, F401, I001 - each registers itself
-from pipeline.experiments import controls as _controls  # noqa: E402, F401
-from pipeline.experiments import errors_sweep as _errors_sweep  # noqa: E402, F401
-from pipeline.experiments import released as _released  # noqa: E402, F401
+def all_experiments() -> dict[str, Experiment]:
+    """Every experiment, in the order they were found (replicate first)."""
+    from pipeline.kinds import discover
+
+    discover()
+    return dict(sorted(EXPERIMENTS.items(), key=lambda kv: (kv[0] != "replicate", kv[0])))
+
+
+def _discover_now() -> None:
+    from pipeline.kinds import discover
+
+    discover()
+
+
+_discover_now()  # every experiment module registers itself (and its config section) on import

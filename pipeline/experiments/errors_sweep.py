@@ -13,84 +13,64 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from advfeatures.config import ExperimentConfig, ModelStageConfig
+from advfeatures.config import ExperimentConfig, ModelStageConfig, _check
 from advfeatures.seeds import model_seeds
 from pipeline.experiments import Experiment, register
 from pipeline.kinds import StageSpec
-from pipeline.plan import construct_spec, dataset_spec, model_spec, student_spec
+from pipeline.plan import Plan, add_model, construct_spec, dataset_spec, eval_spec, model_spec, student_spec
 
 
 @dataclass(frozen=True)
-class Point:
-    epochs: int
-    teacher: StageSpec
-    teacher_eval: StageSpec
-    errors: StageSpec
-    students: list[tuple[int, StageSpec, StageSpec]]  # (seed, student, eval)
+class ErrorsSweepConfig:
+    teacher_epochs: tuple[int, ...] = (1, 2, 4, 8)
+    """The errors-sweep experiment: one teacher (the teacher recipe) per number of epochs, its
+    mistakes as a set, students of it; how student accuracy follows teacher accuracy."""
+
+    def __post_init__(self):
+        _check(len(self.teacher_epochs) >= 1 and all(e >= 1 for e in self.teacher_epochs),
+               f"errors_sweep.teacher_epochs={list(self.teacher_epochs)} needs epochs >= 1")
+        _check(len(set(self.teacher_epochs)) == len(self.teacher_epochs), "errors_sweep.teacher_epochs has repeats")
 
 
-@dataclass(frozen=True)
-class ErrorsSweepPlan:
-    dataset: StageSpec
-    points: list[Point]
-    run: StageSpec
-
-    def stages(self) -> list[StageSpec]:
-        out = [self.dataset]
-        for p in self.points:
-            out += [p.teacher, p.teacher_eval, p.errors]
-            for _, s, e in p.students:
-                out += [s, e]
-        return out + [self.run]
-
-    def labels(self) -> dict[str, str]:
-        out = {self.dataset.key: "data", self.run.key: "table"}
-        for p in self.points:
-            out[p.teacher.key] = out[p.teacher_eval.key] = f"teacher {p.epochs} ep"
-            out[p.errors.key] = f"errors of teacher {p.epochs} ep"
-            for seed, s, e in p.students:
-                out[s.key] = out[e.key] = f"errors({p.epochs} ep) seed={seed}"
-        return out
-
-
-def plan(cfg: ExperimentConfig, source_sha256: str) -> ErrorsSweepPlan:
-    ds = dataset_spec(source_sha256)
-    points = []
+def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
+    out = Plan()
+    ds = out.add(dataset_spec(source_sha256), "data", role="dataset")
     for epochs in cfg.errors_sweep.teacher_epochs:
         tcfg = ModelStageConfig(cfg.teacher.model, dataclasses.replace(cfg.teacher.train, epochs=epochs))
-        teacher = model_spec(tcfg, ds.key, "teacher", cfg.runtime.amp)
-        errors = construct_spec(cfg, "errors", (ds.key, teacher.key))
-        students = []
+        teacher = add_model(out, cfg, model_spec(tcfg, ds.key, "teacher", cfg.runtime.amp), f"teacher {epochs} ep", ds,
+                            robust=False, role="teacher", epochs=epochs)
+        errors = out.add(construct_spec(cfg, "errors", (ds.key, teacher.key)), f"errors of teacher {epochs} ep",
+                         role="set", set="errors", epochs=epochs)
         for seed in cfg.student.seeds:
             s = student_spec(cfg, "errors", seed, errors, teacher)
             seeds = model_seeds("student", ("errors", f"teacher-{epochs}ep"), seed)
             s = StageSpec("student", {**s.config, "seeds": seeds}, s.inputs)
-            students.append((seed, s, StageSpec("eval", {"labels": "clean"}, (s.key, ds.key))))
-        points.append(Point(epochs, teacher, StageSpec("eval", {"labels": "clean"}, (teacher.key, ds.key)), errors,
-                            students))
-    evals = tuple(k for p in points for k in [p.teacher_eval.key] + [e.key for _, _, e in p.students])
-    return ErrorsSweepPlan(ds, points, StageSpec("run", {"name": cfg.name}, evals))
+            out.add(s, f"errors({epochs} ep) seed={seed}", role="student", set="errors", seed=seed, epochs=epochs)
+            out.add(eval_spec(s, ds), f"errors({epochs} ep) seed={seed}", role="eval", of=s.key)
+    return out.with_run(cfg.name)
 
 
-def build_table(store: Any, plan: ErrorsSweepPlan) -> Any:
+def build_table(store: Any, plan: Plan) -> Any:
     import pandas as pd
 
     from pipeline.report import _pct
 
     rows = []
-    for p in plan.points:
-        teacher = store.manifest("evals", p.teacher_eval.key)["metrics"]
-        n_errors = store.manifest("constructed", p.errors.key)["summary"]["n"]
-        for seed, s, e in p.students:
+    for t in plan.find(role="teacher"):
+        epochs = t.tags["epochs"]
+        teacher = store.manifest("evals", plan.evals_of(t.key)[0].key)["metrics"]
+        errors = plan.one(role="set", epochs=epochs).spec
+        n_errors = store.manifest("constructed", errors.key)["summary"]["n"]
+        for node in plan.find(role="student", epochs=epochs):
+            s, seed, e = node.spec, node.tags["seed"], plan.evals_of(node.key)[0]
             m = store.manifest("evals", e.key)["metrics"]
-            rows.append({"teacher_epochs": p.epochs, "teacher_acc_%": _pct(teacher["acc_xy"]), "n_mistakes": n_errors,
+            rows.append({"teacher_epochs": epochs, "teacher_acc_%": _pct(teacher["acc_xy"]), "n_mistakes": n_errors,
                          "seed": seed, "student_acc_%": _pct(m["acc_xy"]), "ci95_lo_%": _pct(m["ci95_xy"][0]),
                          "ci95_hi_%": _pct(m["ci95_xy"][1]), "chance_%": _pct(m["chance"]),
                          "student_init": store.manifest("models", s.key).get("init_sha256", "")[:8],
-                         "teacher_key": p.teacher.key, "errors_key": p.errors.key, "model_key": s.key,
+                         "teacher_key": t.key, "errors_key": errors.key, "model_key": s.key,
                          "eval_key": e.key})
     return pd.DataFrame(rows)
 
@@ -117,13 +97,39 @@ def to_markdown(df: Any) -> str:
     return text
 
 
-def write(store: Any, plan: ErrorsSweepPlan, cfg: ExperimentConfig) -> Path:
-    from pipeline import report
+def errors_curve(df: Any) -> Any:
+    """Students of each teacher's mistakes against the teacher's accuracy (95% intervals)."""
+    import numpy as np
 
-    return report.write_run(store, plan, cfg, build=build_table, markdown=to_markdown)
+    from pipeline.figures import CHANCE, OURS, plt
+    from pipeline.report import t_interval
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    pts = []
+    for epochs, g in df.groupby("teacher_epochs", sort=True):
+        lo, hi = t_interval(g["student_acc_%"]) if len(g) > 1 else (g["ci95_lo_%"].iloc[0], g["ci95_hi_%"].iloc[0])
+        m = g["student_acc_%"].mean()
+        pts.append((g["teacher_acc_%"].iloc[0], m, m - lo, hi - m, epochs))
+    t, m, lo, hi, ep = zip(*pts)
+    ax.errorbar(t, m, yerr=np.clip([lo, hi], 0, None), marker="o", capsize=3, color=OURS)
+    for ti, mi, e in zip(t, m, ep):
+        ax.annotate(f"{e} ep", (ti, mi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(df["chance_%"].iloc[0], color=CHANCE, ls="--", lw=1, label="chance")
+    ax.set(xlabel="teacher accuracy (%)", ylabel="student accuracy (%)", title="learning from a teacher's errors")
+    ax.legend(fontsize=7, frameon=False)
+    return fig
+
+
+def report(doc: Any, store: Any, info: Any, figs: Any) -> None:
+    """The report's results: the curve of student against teacher accuracy."""
+    from pipeline.figures import save
+
+    doc.figure(save(errors_curve(info.table), figs, "errors_curve"),
+               "Students of each teacher's mistakes against the teacher's accuracy (95% intervals).")
 
 
 EXPERIMENT = register(Experiment(
     name="errors-sweep",
     summary="Wallace's errors set over teacher epochs (errors_sweep.teacher_epochs): student vs teacher accuracy",
-    plan=plan, write=write))
+    plan=plan, table=build_table, markdown=to_markdown, section=("errors_sweep", ErrorsSweepConfig),
+    report=report))

@@ -4,21 +4,10 @@ students of every set over seeds, clean-test evaluations, and Table 1 beside the
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from advfeatures.config import ExperimentConfig
 from pipeline.experiments import Experiment, register
-from pipeline.plan import Plan, make_plan
-
-
-def write(store: Any, plan: Plan, cfg: ExperimentConfig) -> Path:
-    from pipeline import report  # pandas: only where a table is written
-
-    return report.write_run(store, plan, cfg)
-
+from pipeline.plan import make_plan
 
 EXPERIMENT = register(Experiment(
     name="replicate",
     summary="section 3.2 (rand, other, det) and Wallace's errors set: students on the clean test set, Table 1",
-    plan=make_plan, write=write))
+    plan=make_plan))

@@ -11,7 +11,7 @@ from typing import Any
 from advfeatures import data as D
 from advfeatures.config import ConfigError, DataConfig
 from pipeline.common import Context, Log, once, publish, quiet, run_record
-from pipeline.kinds import StageSpec
+from pipeline.kinds import StageKind, StageSpec, declare
 from storage import arrays as A
 from storage.hashing import path_sha256
 from storage.store import Store
@@ -58,3 +58,19 @@ def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
     if ctx.data is None:
         raise ConfigError("ingesting a dataset needs the data source (data.source) in the run context")
     return ingest(store, ctx.data, spec, ctx.log)
+
+
+def verify(store: Store, key: str, man: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """The arrays against the content sha256 in the manifest."""
+    path = store.path("datasets", key)
+    try:
+        raw = D.RawDataset(*(D.Split(*A.read_split(path, s)) for s in ("train", "test")), man["classes"])
+        if raw.content_sha256() != man["content_sha256"]:
+            return ["dataset arrays do not match their content sha256"], []
+    except Exception as e:  # noqa: BLE001 - undecodable chunks
+        return [f"dataset arrays unreadable ({type(e).__name__}: {e})"], []
+    return [], []
+
+
+KIND = declare(StageKind("dataset", 1, "datasets", execute, "a data source ingested as Zarr arrays",
+                         label=lambda spec, labels: "data", verify=verify, task_name="ingest"))

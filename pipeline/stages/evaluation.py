@@ -24,7 +24,7 @@ from pipeline.common import (
     run_record,
     setup_runtime,
 )
-from pipeline.kinds import StageSpec
+from pipeline.kinds import StageKind, StageSpec, declare
 from storage.store import Store
 
 
@@ -52,3 +52,12 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet)
 
 def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
     return evaluate(store, spec, ctx.runtime, ctx.log)
+
+
+def label(spec: dict, labels: dict[str, str]) -> str:
+    eps = spec["config"].get("robust", {}).get("eps")
+    return f"eval {labels.get(spec['inputs'][0], spec['inputs'][0])}" + (f" eps={eps:g}" if eps is not None else "")
+
+
+KIND = declare(StageKind("eval", 1, "evals", execute, "clean (or robust) test accuracy of a model", label=label,
+                         task_name="evaluate"))

@@ -29,7 +29,7 @@ from pipeline.common import (
     setup_runtime,
     state_sha256,
 )
-from pipeline.kinds import StageSpec
+from pipeline.kinds import StageKind, StageSpec, declare
 from storage.hashing import path_sha256
 from storage.store import Store
 
@@ -87,3 +87,23 @@ def train_model(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = qui
 
 def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
     return train_model(store, spec, ctx.runtime, ctx.log)
+
+
+def verify_weights(store: Store, key: str, man: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """weights.pt against its sha256 in the manifest (models and students)."""
+    weights = store.path("models", key) / "weights.pt"
+    if not weights.is_file() or path_sha256(weights) != man.get("weights_sha256"):
+        return ["weights.pt is missing or does not match its sha256"], []
+    return [], []
+
+
+def label(spec: dict[str, Any], labels: dict[str, str]) -> str:
+    c = spec["config"]
+    ep = c.get("train", {}).get("epochs")
+    return c.get("role", "model") + (f" {ep} ep" if c.get("role") == "teacher" else "")
+
+
+# Bumps: 2: initial weights and data order seeded from the model's role and seed (no student shares
+# the source's init); random numbers drawn on the CPU; amp in the key.
+KIND = declare(StageKind("model", 2, "models", execute, "a source or teacher trained on clean data", label=label,
+                         verify=verify_weights, task_name="train-model", events=("epoch",)))

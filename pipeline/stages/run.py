@@ -4,7 +4,7 @@ runs/<run key>/, written by the experiment's writer (``pipeline.experiments``)."
 from __future__ import annotations
 
 from pipeline.common import Context
-from pipeline.kinds import StageSpec
+from pipeline.kinds import StageKind, StageSpec, declare
 from storage.store import Store
 
 
@@ -15,3 +15,8 @@ def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
         raise ValueError(f"the run stage {spec.key} needs its plan and config in the context")
     get(ctx.experiment).write(store, ctx.plan, ctx.config)
     return spec.key
+
+
+# Bumps: 2: the table gains init, attack_success_t!=y and share_t=y.
+KIND = declare(StageKind("run", 2, "runs", execute, "the tables of a plan's evaluations",
+                         label=lambda spec, labels: "table", task_name="write-tables"))

@@ -8,8 +8,8 @@ import time
 from advfeatures import construct as C
 from advfeatures.config import RuntimeConfig
 from pipeline.common import Context, Log, once, quiet, run_record, save_set, verified_set
-from pipeline.kinds import StageSpec
-from pipeline.stages.construct import attack_summary
+from pipeline.kinds import StageKind, StageSpec, declare
+from pipeline.stages.construct import attack_summary, verify_set
 from storage.store import Store
 
 
@@ -37,3 +37,9 @@ def select_rows(store: Store, spec: StageSpec, rt: RuntimeConfig | None = None, 
 
 def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
     return select_rows(store, spec, ctx.runtime, ctx.log)
+
+
+KIND = declare(StageKind("select", 1, "constructed", execute,
+                         "the rows of a PGD set with the largest target margin under the source",
+                         label=lambda spec, labels: f"{labels.get(spec['inputs'][0], 'set')} top {spec['config']['fraction']:g}",
+                         verify=verify_set, task_name="select-set"))

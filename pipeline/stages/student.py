@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from advfeatures.config import RuntimeConfig
 from pipeline.common import Context, Log, once, quiet, verified_set
-from pipeline.kinds import StageSpec
-from pipeline.stages.model import fit_and_save
+from pipeline.kinds import StageKind, StageSpec, declare
+from pipeline.stages.model import fit_and_save, verify_weights
 from storage.store import Store
 
 
@@ -21,3 +21,9 @@ def train_student(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = q
 
 def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
     return train_student(store, spec, ctx.runtime, ctx.log)
+
+
+# Bumps: 2: as model 2.
+KIND = declare(StageKind("student", 2, "models", execute, "a fresh model trained on a constructed set",
+                         label=lambda spec, labels: f"{spec['config']['set']} seed={spec['config'].get('train', {}).get('seed', '?')}",
+                         verify=verify_weights, task_name="train-student", events=("epoch",)))

@@ -1,0 +1,189 @@
+"""rand, other, det: targeted PGD against the source (section 3.2), computed shard by shard.
+
+``prepare_construct`` creates the arrays, ``run_shard`` attacks and writes one shard and its
+marker (any worker, any order, resumable), ``finalize_construct`` checks the markers and writes
+the manifest last. A row's targets, subset and random start depend only on the set's seed and the
+row's image, never on the sharding."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from advfeatures import construct as C
+from advfeatures.config import AttackConfig, ConstructConfig, ExperimentConfig, RuntimeConfig, build_config, to_plain
+from pipeline import progress
+from pipeline.common import Log, amp_dtype, compiled, dataset_info, load_model, once, quiet, run_record, setup_runtime
+from pipeline.kinds import Sharded, StageSpec
+from pipeline.sets import SetBuilder, register
+from pipeline.stages.construct import attack_summary
+from storage import arrays as A
+from storage.store import Store, StoreError
+
+KINDS = ("rand", "other", "det")
+
+
+def _layout(store: Store, spec: StageSpec, n: int, image_shape: tuple[int, ...]) -> A.Layout:
+    """The set's shard layout: the one its arrays were created with if they exist (a set begun
+    with other shard sizes is finished with its own), else the spec's options."""
+    stored = A.stored_layout(store.path(spec.folder, spec.key))
+    if stored is not None:
+        if stored.n != n or stored.x_dtype != spec.config["dtype"]:
+            raise StoreError(f"{store.path(spec.folder, spec.key)} holds {stored.n} rows of {stored.x_dtype}, the plan "
+                             f"{n} of {spec.config['dtype']}; delete that folder and rerun")
+        return stored
+    default = ConstructConfig()
+    chunk = spec.options.get("chunk_size", default.chunk_size)
+    return A.Layout(n=n, image_shape=tuple(image_shape), x_dtype=spec.config["dtype"], chunk=chunk,
+                    shard_size=spec.options.get("shard_size", default.shard_size))
+
+
+@dataclass(frozen=True)
+class PGDSet:
+    """What a PGD set is, derived from its spec and dataset: rows, targets, layout."""
+    idx: np.ndarray  # (N,) training-set indices of the rows
+    y: np.ndarray  # (N,) true labels
+    t: np.ndarray  # (N,) targets
+    layout: A.Layout
+    num_classes: int
+    copy: np.ndarray | None = None  # (N,) augmented copy number of each row (construct.augment_copies)
+    seed: int = 0  # the set's seed: subset, targets, random starts, copies' crops and flips
+
+    def images(self, store: Store, dataset_key: str, start: int, stop: int) -> np.ndarray:
+        """The clean images that rows start:stop attack (uint8; each copy cropped and flipped)."""
+        uniq, inverse = np.unique(self.idx[start:stop], return_inverse=True)
+        block = A.read_images(store.path("datasets", dataset_key), "train", uniq)[inverse]
+        if self.copy is None:
+            return block
+        return C.crop_flip(block, C.copy_params(self.seed, self.idx[start:stop], self.copy[start:stop]))
+
+    def start_ids(self, start: int, stop: int) -> np.ndarray:
+        """What a row's random start is drawn from: its image index (and copy number)."""
+        if self.copy is None:
+            return self.idx[start:stop]
+        return np.stack([self.idx[start:stop], self.copy[start:stop]], 1)
+
+
+def pgd_set(store: Store, spec: StageSpec) -> PGDSet:
+    dataset_key, cfg = spec.inputs[0], spec.config
+    info = dataset_info(store, dataset_key)
+    y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
+    images = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
+    t_images = C.make_targets(cfg["kind"], y_all[images], len(info["classes"]), cfg["seed"])
+    copies = cfg.get("augment_copies", 0)
+    idx, copy = C.copy_rows(images, copies)
+    t = np.repeat(t_images, max(copies, 1))  # every copy of an image has the image's target
+    return PGDSet(idx, y_all[idx], t, _layout(store, spec, len(idx), info["image_shape"]), len(info["classes"]),
+                  copy if copies else None, cfg["seed"])
+
+
+def prepare_construct(store: Store, spec: StageSpec) -> list[int] | None:
+    """Create the arrays of a PGD set (idempotent); return the indices of unfinished shards, or
+    None when the set is complete (checked once, under the set's lock)."""
+    store.ensure_writable()
+    path = store.path(spec.folder, spec.key)
+    with store.lock(spec.folder, spec.key):
+        if store.is_complete(spec.folder, spec.key):
+            return None
+        layout = pgd_set(store, spec).layout
+        A.create_constructed(path, layout)
+        pending = A.pending_shards(path, layout)
+    if pending:
+        progress.emit({"event": "pgd_set", "key": spec.key, "kind": spec.config["kind"],
+                       "rows": sum(b - a for a, b in map(layout.rows, pending)), "shards": len(pending),
+                       "total_shards": layout.num_shards})
+    return pending
+
+
+def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log = quiet) -> dict[str, Any]:
+    """Attack the rows of one shard and write them, then the shard's marker. Skips finished shards;
+    the per-shard lock means one writer per shard, ever."""
+    path = store.path(spec.folder, spec.key)
+    return store.once(spec.folder, f"{spec.key}-shard{shard}",
+                      lambda: store.is_complete(spec.folder, spec.key) or A.shard_done(path, shard),
+                      lambda: _run_shard(store, spec, shard, rt, log, path), skipped={"shard": shard, "skipped": True})
+
+
+def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log, path: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    device = setup_runtime(rt)
+    s = pgd_set(store, spec)
+    idx, y, t, layout = s.idx, s.y, s.t, s.layout
+    start, stop = layout.rows(shard)
+    block = s.images(store, spec.inputs[0], start, stop)  # (S,C,H,W) uint8
+    model = load_model(store, spec.inputs[1], device)
+    attack = build_config(AttackConfig, spec.config["attack"], "attack")
+    t_attack = time.perf_counter()
+
+    def on_batch(done: int, total: int) -> None:  # display only
+        progress.emit({"event": "pgd_batch", "key": spec.key, "shard": shard, "rows_done": done, "shard_rows": total,
+                       "image_steps": done * attack.steps, "seconds": time.perf_counter() - t_attack})
+
+    out = C.attack_block(compiled(model, rt), block, t[start:stop], attack, device, rt.attack_batch_size,
+                         seed=spec.config["seed"], rows=s.start_ids(start, stop), store_dtype=layout.x_dtype,
+                         channels_last=rt.channels_last, amp_dtype=amp_dtype(spec.config["amp"]), on_batch=on_batch)
+    attack_s = time.perf_counter() - t_attack
+    rows = {"x": out["x"], "y_target": t[start:stop], "y_true": y[start:stop], "index": idx[start:stop],
+            "fooled": out["fooled"], "loss": out["loss"], "norm": out["norm"], "margin": out["margin"]}
+    marker = A.write_shard(path, layout, shard, rows, seconds=time.perf_counter() - t0, attack_seconds=attack_s,
+                           meta=run_record(rt, device))
+    log(f"construct {spec.config['kind']} {spec.key} shard {shard + 1}/{layout.num_shards}: rows {start}:{stop}, "
+        f"fooled {out['fooled'].mean():.3f}, {attack_s:.1f}s in PGD")
+    progress.emit(shard_event(spec, marker, layout.num_shards, layout.num_shards - len(A.pending_shards(path, layout))))
+    return marker
+
+
+def shard_event(spec: StageSpec, marker: dict[str, Any], total_shards: int, shards_done: int) -> dict[str, Any]:
+    """The progress event of a finished shard, from its marker (rows, seconds in PGD)."""
+    steps = spec.config["attack"]["steps"]
+    secs = marker.get("attack_seconds") or marker.get("seconds") or 0.0
+    return {"event": "shard_done", "key": spec.key, "kind": spec.config["kind"], "shard": marker["shard"],
+            "total_shards": total_shards, "shards_done": shards_done, "rows": marker["count"], "steps": steps,
+            "seconds": secs, "image_steps_per_s": marker["count"] * steps / max(secs, 1e-9)}
+
+
+@once
+def finalize_construct(store: Store, spec: StageSpec) -> str:
+    """Check every shard's marker, summarise the attack, and write the manifest last."""
+    info = dataset_info(store, spec.inputs[0])
+    path = store.path(spec.folder, spec.key)
+    s = pgd_set(store, spec)
+    y, t, layout, num_classes = s.y, s.t, s.layout, s.num_classes
+    markers = A.read_markers(path, layout)
+    rec = A.read_rows(path, names=("fooled", "norm", "loss", "y_target", "y_true"))
+    if not (np.array_equal(rec["y_target"], t) and np.array_equal(rec["y_true"], y)):
+        raise StoreError(f"{path}: stored targets differ from the plan; delete {path} and rerun")
+    summary = attack_summary(rec)
+    body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=num_classes,
+                               classes=info["classes"], layout=dict(vars(layout)), shards=markers,
+                               seeds={"construct": spec.config["seed"]}, summary=summary,
+                               seconds=round(sum(m["seconds"] for m in markers), 3), **run_record(None))
+    store.write_manifest(spec.folder, spec.key, body)
+    return spec.key
+
+
+def generate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet) -> str:
+    """A whole PGD set in this process, shard after shard (the flow fans the same calls out)."""
+    for i in prepare_construct(store, spec):
+        run_shard(store, spec, i, rt, log)
+    return finalize_construct(store, spec)
+
+
+def spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) -> StageSpec:
+    """(dataset, source) -> the set: kind, attack, subset, seed, storage dtype and amp keyed; how it
+    is cut into shards and chunks is an execution option, not in the key."""
+    c = cfg.construct
+    config = {"kind": kind, "attack": to_plain(cfg.attack), "n_images": c.n_images, "seed": c.seed,
+              "dtype": c.dtype, "amp": cfg.runtime.amp}
+    if c.augment_copies:  # keyed only when on, so the keys of sets without copies stay as they were
+        config["augment_copies"] = c.augment_copies
+    return StageSpec("construct", config, inputs, options={"shard_size": c.shard_size, "chunk_size": c.chunk_size})
+
+
+SHARDS = Sharded(prepare=prepare_construct, shard=run_shard, finalize=finalize_construct, event=shard_event)
+BUILDER = register(SetBuilder(KINDS, "targeted PGD toward t: rand (t uniform), other (t != y), det (t = y + 1)",
+                              sharded=SHARDS, spec=spec, upstream="source", perturbed=True, task_name="generate-set"))
