@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
-import fcntl
 import functools
 import json
 import os
@@ -37,6 +36,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path, PurePath
 from typing import Any, ClassVar, TypeVar
+
+from filelock import FileLock
 
 T = TypeVar("T")
 
@@ -242,12 +243,13 @@ class Store:
             return
         d = self.root / ".locks"
         d.mkdir(parents=True, exist_ok=True)
-        with open(d / f"{kind}-{key}.lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        # flock underneath (filelock's Unix lock): each call opens its own descriptor, so one holder
+        # across processes and threads; the kernel releases it when the holder dies, SIGKILL included.
+        # No soft (marker file) fallback where flock is missing: such a lock would outlive a killed
+        # holder and `gc` (pipeline.inventory.held_off, flock) would not see it. Taking a lock this
+        # thread already holds raises RuntimeError (filelock's deadlock check) instead of hanging.
+        with FileLock(d / f"{kind}-{key}.lock", fallback_to_soft=False):
+            yield
 
     def once(self, kind: str, key: str, done: Callable[[], bool], compute: Callable[[], T],
              skipped: T) -> T:
