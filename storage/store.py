@@ -25,11 +25,9 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
-import functools
 import json
 import os
 import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,6 +36,8 @@ from pathlib import Path, PurePath
 from typing import Any, ClassVar, TypeVar
 
 from filelock import FileLock
+
+from storage.version import code_version
 
 T = TypeVar("T")
 
@@ -114,26 +114,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads((path if is_remote(path) else Path(path)).read_text())
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> dict[str, Any]:
-    """Package version and, when run from a git checkout, the commit and whether it is dirty."""
-    from advfeatures import __version__
-
-    out: dict[str, Any] = {"package": __version__}
-    here = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        if sha.returncode == 0:
-            out["git"] = sha.stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5)
-            out["dirty"] = bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return out
 
 
 def now_iso() -> str:
