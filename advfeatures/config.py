@@ -27,14 +27,18 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 SET_KINDS = ("rand", "other", "det", "errors")
 """The sets of section 3.2 and Wallace's errors set: ``construct.sets``'s default."""
 _KNOWN_SETS: list[str] = []
-"""Every set kind a registered builder can plan (``pipeline.sets``): ``construct.sets`` and
-``student.per_set`` are checked against it once builders are registered."""
+"""Every set kind a registered builder can plan from ``construct.sets`` (``pipeline.sets``):
+``construct.sets`` is checked against it once builders are registered."""
+_ALL_SETS: list[str] = []
+"""Every registered set kind, planned from ``construct.sets`` or by an experiment:
+``student.per_set`` is checked against it."""
 
 
-def register_set_kind(kind: str) -> None:
+def register_set_kind(kind: str, plannable: bool = True) -> None:
     """Called by set builders (``pipeline.sets.register``) so configs can name their kind."""
-    if kind not in _KNOWN_SETS:
-        _KNOWN_SETS.append(kind)
+    for known, add in ((_ALL_SETS, True), (_KNOWN_SETS, plannable)):
+        if add and kind not in known:
+            known.append(kind)
 
 
 SECTIONS: dict[str, type] = {}
@@ -241,8 +245,8 @@ class StudentConfig:
         _check(self.init in STUDENT_INITS, f"student.init={self.init!r}; choose one of {list(STUDENT_INITS)}")
         names = {f.name for f in dataclasses.fields(TrainConfig)} | {"arch"}
         for kind, over in self.per_set.items():
-            _check(not _KNOWN_SETS or kind in _KNOWN_SETS,
-                   f"student.per_set.{kind}: unknown set; choose from {_KNOWN_SETS}")
+            _check(not _ALL_SETS or kind in _ALL_SETS,
+                   f"student.per_set.{kind}: unknown set; choose from {_ALL_SETS}")
             _check(isinstance(over, dict), f"student.per_set.{kind} must be a mapping of train settings")
             for k in over:
                 _check(k in names, f"student.per_set.{kind}.{k}: not a train setting or arch; known: {sorted(names)}")

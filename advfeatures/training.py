@@ -147,8 +147,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps_per_epoch))
     history, t0 = [], time.perf_counter()
-    model.train()
     for epoch in range(cfg.epochs):
+        model.train()  # every epoch: a callback may have evaluated the model in between
         te = time.perf_counter()
         perm = torch.randperm(n, generator=gen).to(device)
         loss_sum = torch.zeros((), device=device)

@@ -2,8 +2,8 @@
 
     advfeatures experiments                list the experiments, one line each
     advfeatures run [--experiment NAME] --profile demo [--set attack.steps=50 ...] [--data PATH] [--store PATH]
-                    [--sweep construct.n_images=2000,8000 --sweep attack.steps=5,20 ...] [--seeds N]
-    advfeatures show-config [--experiment NAME] --profile demo [--set ...] [--data PATH]
+                    [--sweep construct.n_images=2000,8000 --sweep attack.steps=5,20 ...] [--seeds N] [--until KIND]
+    advfeatures show-config [--experiment NAME] --profile demo [--set ...] [--data PATH] [--until KIND]
     advfeatures verify KEY [--store PATH] [--repair]
     advfeatures report RUN [--store PATH]  the run folder's report.html + report.md (figures, tables, timings)
     advfeatures ls [--store PATH] [--stage S] [--incomplete] [--key PREFIX] [--run RUN ...]
@@ -26,7 +26,10 @@ import yaml
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="replicate", help="which experiment (`advfeatures experiments`)")
-    p.add_argument("--profile", default="demo", help="bundled profile name (demo, paper, tiny) or a YAML path")
+    from advfeatures.config import PROFILE_DIR
+
+    bundled = ", ".join(sorted(x.stem for x in PROFILE_DIR.glob("*.yaml")))
+    p.add_argument("--profile", default="demo", help=f"bundled profile name ({bundled}) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. attack.steps=50 (repeatable)")
     p.add_argument("--data", default=None, help="data source: a zip/folder of train/ and test/, "
@@ -35,6 +38,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="SECTION.KEY=V1,V2",
                    help="run: one point per value (axes multiply), then a long-format table over all points")
     p.add_argument("--seeds", type=int, default=None, help="student seeds 0..N-1 (student.seeds)")
+    p.add_argument("--until", default=None, metavar="KIND",
+                   help="only the stages of this kind and what they need, e.g. construct: build the sets here, "
+                        "train the students elsewhere with a run without --until on the same store")
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain", "none"],
                    help="run: live bars (rich) on a terminal, plain lines in logs (auto picks by stdout)")
 
@@ -99,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--test", type=int, default=100, help="test images")
     args = parser.parse_args(argv)
     if args.command == "experiments":
-        from pipeline.experiments import EXPERIMENTS
+        from pipeline.experiments import all_experiments
 
-        for name, e in EXPERIMENTS.items():
+        for name, e in all_experiments().items():
             print(f"{name:<14} {e.summary}")
         return 0
     if args.command == "synth":
@@ -160,8 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             for point in points(axes(args.sweeps)):  # every point's config is valid before anything runs
                 resolve(args.profile, args.overrides + point, data=args.data, store=args.store)
         cfg = resolve(args.profile, args.overrides, data=args.data, store=args.store)
+        if args.until is not None:
+            from pipeline.kinds import SCHEMA
+
+            if args.until not in SCHEMA:
+                raise ConfigError(f"--until {args.until}: not a stage kind; choose one of {sorted(SCHEMA)}")
+            if args.sweeps:
+                raise ConfigError("--until and --sweep together are not supported; run each point with --until")
         if args.command == "show-config":
-            return _show(cfg, args.experiment)
+            return _show(cfg, args.experiment, args.until)
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         from flows.replicate import check_shared_locks, replicate, run_experiment, sweep
         from pipeline.stages import locate_source
@@ -176,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         with display(args.progress):
             if args.sweeps:
                 out = sweep(experiment=args.experiment, sweeps=args.sweeps, **kwargs)
+            elif args.until:
+                out = run_experiment(experiment=args.experiment, until=args.until, **kwargs)
             elif args.experiment == "replicate":
                 out = replicate(**kwargs)  # the flow name the deployments and the UI know
             else:
@@ -211,7 +226,9 @@ def _verify(args) -> int:
     return 1
 
 
-def _show(cfg, experiment: str) -> int:
+def _show(cfg, experiment: str, until: str | None = None) -> int:
+    from storage.store import Store
+
     from advfeatures.data import DataSourceError
     from pipeline.experiments import get as get_experiment
     from pipeline.plan import plan_summary
@@ -219,13 +236,17 @@ def _show(cfg, experiment: str) -> int:
 
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     try:
-        sha = source_sha256(locate_source(cfg.data))
+        sha = source_sha256(locate_source(cfg.data), Store(cfg.runtime.store))
     except DataSourceError as e:
         print(f"\n# stage keys need the data source: {e}")
         return 0
-    print("\n# stage keys")
-    for row in plan_summary(get_experiment(experiment).plan(cfg, sha)):
-        print(f"{row['stage']:<10} {row['what']:<20} {row['key']}")
+    plan = get_experiment(experiment).plan(cfg, sha)
+    plan = plan.until(until) if until else plan
+    print("\n# the plan: every stage, its key and the stages it reads" + (f" (until {until})" if until else ""))
+    rows = plan_summary(plan)
+    width = max(len(r["what"]) for r in rows)
+    for row in rows:
+        print(f"{row['stage']:<10} {row['what']:<{width}} {row['key']}  <- {row['inputs'] or '-'}")
     return 0
 
 

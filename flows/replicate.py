@@ -59,7 +59,8 @@ def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[
 def plan_for(cfg: ExperimentConfig, experiment: str = "replicate", until: str | None = None) -> Plan:
     """Fingerprint the data source (sha256 of its bytes) and derive every stage key; with
     ``until``, only the stages of that kind and what they need."""
-    plan = get_experiment(experiment).plan(cfg, source_sha256(locate_source(cfg.data)))
+    sha = source_sha256(locate_source(cfg.data), Store(cfg.runtime.store))  # hashed only when it changed
+    plan = get_experiment(experiment).plan(cfg, sha)
     return plan.until(until) if until else plan
 
 

@@ -58,7 +58,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float
     raise TimeoutError(f"the Prefect server at {url} did not become healthy in {timeout:.0f} s")
 
 
-DEPLOYMENTS = ("replicate/replicate", "generate-shard/generate-shard")
+DEPLOYMENTS = ("replicate/replicate", "experiment/experiment", "generate-shard/generate-shard")
 
 
 def deploy(env: dict[str, str] | None = None, pool_limit: int | None = None, shard_limit: int | None = None,

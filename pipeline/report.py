@@ -79,18 +79,14 @@ def build_table(store: Store, plan: Plan) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
-
 def t_interval(values: pd.Series) -> tuple[float, float]:
     """95% t-interval of the mean over seeds: mean +- t(0.975, n-1) * std / sqrt(n); NaN for n < 2."""
+    from scipy.stats import t  # lazily: importing the report stays cheap
+
     n = int(values.count())
     if n < 2:
         return (float("nan"), float("nan"))
-    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * float(values.std()) / n ** 0.5
+    half = float(t.ppf(0.975, n - 1)) * float(values.std()) / n ** 0.5
     return (float(values.mean()) - half, float(values.mean()) + half)
 
 

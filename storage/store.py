@@ -25,18 +25,19 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
-import fcntl
-import functools
 import json
 import os
 import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path, PurePath
 from typing import Any, ClassVar, TypeVar
+
+from filelock import FileLock
+
+from storage.version import code_version
 
 T = TypeVar("T")
 
@@ -113,26 +114,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads((path if is_remote(path) else Path(path)).read_text())
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> dict[str, Any]:
-    """Package version and, when run from a git checkout, the commit and whether it is dirty."""
-    from advfeatures import __version__
-
-    out: dict[str, Any] = {"package": __version__}
-    here = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        if sha.returncode == 0:
-            out["git"] = sha.stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5)
-            out["dirty"] = bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return out
 
 
 def now_iso() -> str:
@@ -242,12 +223,13 @@ class Store:
             return
         d = self.root / ".locks"
         d.mkdir(parents=True, exist_ok=True)
-        with open(d / f"{kind}-{key}.lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        # flock underneath (filelock's Unix lock): each call opens its own descriptor, so one holder
+        # across processes and threads; the kernel releases it when the holder dies, SIGKILL included.
+        # No soft (marker file) fallback where flock is missing: such a lock would outlive a killed
+        # holder and `gc` (pipeline.inventory.held_off, flock) would not see it. Taking a lock this
+        # thread already holds raises RuntimeError (filelock's deadlock check) instead of hanging.
+        with FileLock(d / f"{kind}-{key}.lock", fallback_to_soft=False):
+            yield
 
     def once(self, kind: str, key: str, done: Callable[[], bool], compute: Callable[[], T],
              skipped: T) -> T:

@@ -32,13 +32,63 @@ def test_registry_and_cli_list(capsys):
 
 
 def test_every_stage_kind_is_declared_once_with_an_executor():
-    assert set(kinds.KINDS) == {"dataset", "model", "construct", "select", "student", "eval", "run"}
+    kinds.discover()
+    assert {"dataset", "model", "construct", "select", "student", "eval", "run"} <= set(kinds.KINDS)
     for name, kind in kinds.KINDS.items():
         assert callable(kinds.executor(name)) and kinds.SCHEMA[name] == kind.schema
+        assert kinds.KINDS[name].execute.__module__.endswith(name.replace("eval", "evaluation")) or name not in (
+            "dataset", "model", "construct", "select", "student", "eval", "run")  # declared by the module it names
     with pytest.raises(ValueError, match="declared twice"):
-        kinds.declare("model", 9, "models", "x:y", "again")
+        kinds.declare(kinds.StageKind("model", 9, "models", lambda *a: "", "again"))
     with pytest.raises(ValueError, match="unknown stage kind"):
         kinds.StageSpec("nope", {})
+
+
+def test_every_set_kind_has_one_builder_and_the_construct_kind_dispatches_to_it(tiny_tar):
+    from pipeline.sets import BUILDERS, builder
+
+    assert {"rand", "other", "det", "errors", "leak-rand", "leak-other", "leak-det", "rand-clean-only",
+            "released"} <= set(BUILDERS)
+    assert {k for k, b in BUILDERS.items() if b.sharded is not None} >= {"rand", "other", "det"}
+    assert builder("errors").upstream == "teacher" and builder("rand").perturbed and not builder("errors").perturbed
+    with pytest.raises(ConfigError, match="unknown set kind 'nope'"):
+        builder("nope")
+    with pytest.raises(ConfigError, match="construct.sets has unknown"):
+        resolve("tiny", ["construct.sets=[rand, nope]"])
+    from pipeline.sets import SetBuilder, register
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register(SetBuilder(("rand",), "again"))
+
+
+def test_plans_are_data_unions_and_parts(tiny_tar):
+    """A plan is labelled specs whose edges are input keys: union, until and the graph."""
+    from pipeline.plan import Plan
+
+    sha = source_sha256(tiny_tar)
+    cfg = resolve("tiny", [])
+    rep, ctl = get("replicate").plan(cfg, sha), get("controls").plan(cfg, sha)
+    union = rep | ctl
+    assert union.run is None and len(union.stages()) == len({s.key for s in union.stages()})  # each stage once
+    assert {s.key for s in union.stages()} == {s.key for s in ctl.stages() if s.stage != "run"}
+    assert [s.key for s in union.stages()][:len(rep.stages()) - 1] == [s.key for s in rep.stages()][:-1]
+    for plan in (union, ctl):
+        seen = set()
+        for s in plan.stages():  # every input is an earlier stage
+            assert all(k in seen for k in s.inputs), s
+            seen.add(s.key)
+    sets = rep.until("construct")
+    assert {s.stage for s in sets.stages()} == {"dataset", "model", "construct"} and sets.run is None
+    assert {s.key for s in sets.stages() if s.stage == "construct"} == set(k.key for k in rep.constructs.values())
+    assert rep.teacher.key in {s.key for s in sets.stages()}  # the errors set needs it
+    with pytest.raises(ConfigError, match="not a stage kind"):
+        rep.until("nope")
+    graph = {(r["stage"], r["what"]): r for r in rep.graph()}
+    assert graph[("student", "rand seed=0")]["inputs"] == "rand" and graph[("construct", "rand")]["inputs"] == "data, source"
+    assert graph[("eval", "rand seed=0")]["inputs"] == "rand seed=0, data"
+    assert Plan(rep.nodes()).with_run(cfg.name).run.key == rep.run.key  # the run: its evaluations, clean first
+    with pytest.raises(KeyError, match="expected one"):
+        rep.one(role="student")
 
 
 EVAL_METRICS = ("acc_xy", "acc_xy1", "chance", "ci95_xy", "ci95_xy1", "correct_xy", "correct_xy1", "n_test")
@@ -142,12 +192,14 @@ def test_leak_and_clean_only_sets_obey_their_definition(tmp_path, tiny_tar, tiny
     from advfeatures import construct as C
     from pipeline import stages
 
+    from pipeline.experiments.controls import build_control
+
     cfg, st, _ = build(tiny_tar, tmp_path, [f"construct.leak_keep_t_eq_y={str(keep).lower()}"])
     plan = get("controls").plan(cfg, source_sha256(tiny_tar))
     n, eps = cfg.construct.n_images, cfg.attack.eps
     rows = {}
     for kind in ("leak-rand", "leak-det", "rand-clean-only"):
-        stages.build_control(st, plan.constructs[kind], cfg.runtime)
+        build_control(st, plan.constructs[kind], cfg.runtime)
         rows[kind] = A.read_rows(st.path("constructed", plan.constructs[kind].key))
     x_all, y_all = tiny_arrays[0], tiny_arrays[1]
     idx = C.choose_subset(len(y_all), n, cfg.construct.seed)
@@ -250,17 +302,18 @@ def test_errors_sweep_plan_table_and_reuse(tmp_path, tiny_tar, tiny_arrays):
                   store=str(tmp_path))
     sha = source_sha256(tiny_tar)
     plan, rep = get("errors-sweep").plan(cfg, sha), get("replicate").plan(cfg, sha)
-    assert plan.points[0].teacher.key == rep.teacher.key and plan.points[0].errors.key == rep.constructs["errors"].key
-    assert plan.points[1].teacher.config["train"]["epochs"] == 2
+    teachers = plan.find(role="teacher")
+    assert teachers[0].key == rep.teacher.key and plan.get(role="set", epochs=1).key == rep.constructs["errors"].key
+    assert [t.spec.config["train"]["epochs"] for t in teachers] == [1, 2]
     st = Store(tmp_path)
     kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg,
                                     experiment="errors-sweep"))
     df = build_table(st, plan)
     assert list(df["teacher_epochs"]) == [1, 1, 2, 2] and df["student_init"].nunique() == 4
     x, y = tiny_arrays[0], tiny_arrays[1]
-    for p in plan.points:
-        wrong = predict(stages.load_model(st, p.teacher.key), torch.from_numpy(x)).numpy() != y
-        assert (df[df["teacher_epochs"] == p.epochs]["n_mistakes"] == wrong.sum()).all()
+    for t in teachers:
+        wrong = predict(stages.load_model(st, t.key), torch.from_numpy(x)).numpy() != y
+        assert (df[df["teacher_epochs"] == t.tags["epochs"]]["n_mistakes"] == wrong.sum()).all()
     assert ((df["ci95_lo_%"] <= df["student_acc_%"]) & (df["student_acc_%"] <= df["ci95_hi_%"])).all()
     md = to_markdown(df)
     assert "Student against teacher" in md and "all students start from different weights" in md
@@ -327,7 +380,7 @@ def test_released_sets_import_by_content_and_train_students(tmp_path, tiny_tar, 
     plan = get("released").plan(cfg, sha)
     st = Store(tmp_path / "store")
     kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg, experiment="released"))
-    rows = A.read_rows(st.path("constructed", plan.sets["drand_CIFAR"].key))
+    rows = A.read_rows(st.path("constructed", plan.constructs["drand_CIFAR"].key))
     assert np.array_equal(rows["y_target"], y_rand) and np.allclose(rows["x"].astype(np.float32), x, atol=1e-3)
     assert (rows["y_true"] == -1).all() and np.isnan(rows["margin"]).all()
     df = build_table(st, plan)
@@ -335,14 +388,15 @@ def test_released_sets_import_by_content_and_train_students(tmp_path, tiny_tar, 
     # keyed by content: the same files elsewhere give the same key, other content another key
     shutil.copytree(tmp_path / "rel", tmp_path / "copy")
     moved = get("released").plan(resolve("tiny", [f"released.root={tmp_path / 'copy'}", over[1]]), sha)
-    assert moved.sets["drand_CIFAR"].key == plan.sets["drand_CIFAR"].key
+    assert moved.constructs["drand_CIFAR"].key == plan.constructs["drand_CIFAR"].key
     _write_released(tmp_path / "copy" / "drand_CIFAR", x, (y_rand + 1) % 10)
     changed = get("released").plan(resolve("tiny", [f"released.root={tmp_path / 'copy'}", over[1]]), sha)
-    assert changed.sets["drand_CIFAR"].key != plan.sets["drand_CIFAR"].key
+    assert changed.constructs["drand_CIFAR"].key != plan.constructs["drand_CIFAR"].key
 
 
 def test_released_sets_refuse_bad_input(tmp_path, tiny_tar, tiny_arrays):
     from pipeline import stages
+    from pipeline.experiments.released import import_released
     from storage.store import StoreError
 
     sha = source_sha256(tiny_tar)
@@ -358,8 +412,8 @@ def test_released_sets_refuse_bad_input(tmp_path, tiny_tar, tiny_arrays):
     st = Store(tmp_path / "store")
     stages.ingest(st, cfg.data, plan.dataset)
     with pytest.raises(StoreError, match=r"floats in \[0, 1\]"):  # 0..255 images: the release is in [0, 1]
-        stages.import_released(st, plan.sets["ddet_CIFAR"], cfg.runtime)
-    assert not st.is_complete("constructed", plan.sets["ddet_CIFAR"].key)
+        import_released(st, plan.constructs["ddet_CIFAR"], cfg.runtime)
+    assert not st.is_complete("constructed", plan.constructs["ddet_CIFAR"].key)
 
 
 def test_waves_put_every_stage_after_its_inputs(tiny_tar):

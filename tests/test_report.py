@@ -114,7 +114,7 @@ def test_intervals_headline_and_example_rows_known_answers():
                        "attack_success_%": [80.0, 80.0, 70.0], "attack_success_t≠y_%": [78.0, 78.0, 70.0],
                        "vs_chance": ["above"] * 3})
     iv = set_intervals(df).set_index("set")
-    half = 12.706 * np.std([50, 60], ddof=1) / np.sqrt(2)  # t(0.975, 1) * s / sqrt(n)
+    half = np.tan(0.475 * np.pi) * np.std([50, 60], ddof=1) / np.sqrt(2)  # t(0.975, 1) = tan(pi (p - 1/2)) (Cauchy)
     assert iv.loc["rand", "mean"] == 55 and iv.loc["rand", "lo"] == pytest.approx(55 - half)
     assert (iv.loc["det", "lo"], iv.loc["det", "hi"]) == (25.0, 35.0)  # one seed: its Wilson interval
     h = headline(df).set_index("set")
@@ -245,3 +245,18 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
                    capture_output=True, timeout=120, cwd=tmp_path)
     img = np.asarray(Image.open(shot).convert("L"))
     assert img.shape == (1600, 1200) and img.std() > 10  # tables and figures, not a blank page
+
+
+def test_t_interval_known_answers():
+    """t(0.975, n-1) exactly, for any n: the hand-typed table it replaced stopped at n = 31 and
+    fell back to the normal quantile 1.96 beyond."""
+    from pipeline.report import t_interval
+
+    lo, hi = t_interval(pd.Series([1.0, 2.0, 3.0]))  # mean 2, std 1
+    half = 0.95 * (2 / (4 * 0.975 * 0.025)) ** 0.5 / 3 ** 0.5  # t(0.975, 2) = (2p-1) sqrt(2 / (4p(1-p)))
+    assert abs(lo - (2 - half)) < 1e-9 and abs(hi - (2 + half)) < 1e-9
+    values = pd.Series(np.arange(40, dtype=float))  # std sqrt(40 * 41 / 12), t(0.975, 39) by mpmath's findroot
+    half = 2.0226909200367611 * (40 * 41 / 12) ** 0.5 / 40 ** 0.5
+    lo, hi = t_interval(values)
+    assert abs(lo - (19.5 - half)) < 1e-9 and abs(hi - (19.5 + half)) < 1e-9
+    assert all(np.isnan(t_interval(pd.Series([5.0, np.nan]))))  # n counts values, not NaNs

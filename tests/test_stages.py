@@ -102,7 +102,7 @@ def test_errors_set_is_the_teachers_mistakes_on_unmodified_images(built, tiny_ar
 def test_finished_stages_are_not_recomputed(built, monkeypatch):
     cfg, st, plan = built
     import advfeatures.construct as C
-    from pipeline.stages import construct as SC
+    from pipeline.sets import errors as SE
     from pipeline.stages import model as SM
 
     def boom(*a, **k):
@@ -110,10 +110,11 @@ def test_finished_stages_are_not_recomputed(built, monkeypatch):
 
     monkeypatch.setattr(SM, "fit", boom)
     monkeypatch.setattr(C, "pgd", boom)
-    monkeypatch.setattr(SC, "predict", boom)
+    monkeypatch.setattr(SE, "predict", boom)
     stages.train_model(st, plan.source, cfg.runtime)
     for kind, spec in plan.constructs.items():
-        assert stages.prepare_construct(st, spec) == [] if kind != "errors" else True
+        if kind != "errors":
+            assert stages.prepare_construct(st, spec) is None  # complete: nothing to prepare
     spec = plan.constructs["rand"]
     assert stages.run_shard(st, spec, 0, cfg.runtime)["skipped"]
     stages.build_errors(st, plan.constructs["errors"], cfg.runtime)
@@ -268,3 +269,31 @@ def test_crop_flip_is_a_padded_crop_and_a_mirror():
     shifted = C.crop_flip(x, np.array([[0, 0, 0], [8, 5, 0]]))
     assert np.array_equal(shifted[0][:, 4:, 4:], x[0][:, :1, :2]) and (shifted[0][:, :4] == 0).all()
     assert np.array_equal(shifted[1][:, :1, :5], x[1][:, 4:, 1:]) and (shifted[1][:, 1:] == 0).all()
+
+
+def test_tracking_test_accuracy_per_epoch_changes_nothing_in_the_training(built):
+    """track_test adds the clean test set's confusion after every epoch to the history; the
+    weights are the bytes of the same stage without it, and the last epoch's accuracy is the
+    evaluation's of the finished model."""
+    import dataclasses
+
+    from pipeline.kinds import StageSpec
+    from pipeline.plan import eval_spec
+
+    cfg, st, plan = built
+    rt = dataclasses.replace(cfg.runtime, threads=1)
+    plain = StageSpec("student", {**plan.students[0].student.config, "train": {
+        **plan.students[0].student.config["train"], "epochs": 2}}, plan.students[0].student.inputs)
+    tracked = StageSpec("student", {**plain.config, "track_test": True}, (*plain.inputs, plan.dataset.key))
+    assert tracked.key != plain.key
+    for spec in (plain, tracked):
+        stages.train_student(st, spec, rt)
+    w = [(st.path("models", s.key) / "weights.pt").read_bytes() for s in (plain, tracked)]
+    assert w[0] == w[1]
+    hist = st.manifest("models", tracked.key)["history"]
+    assert len(hist) == 2 and all(np.asarray(h["test_confusion"]).sum() == 100 for h in hist)
+    assert "test_confusion" not in st.manifest("models", plain.key)["history"][0]
+    ev = eval_spec(tracked, plan.dataset)
+    stages.evaluate(st, ev, rt)
+    m = st.manifest("evals", ev.key)["metrics"]
+    assert hist[-1]["test_acc"] == pytest.approx(m["acc_xy"]) and hist[-1]["test_confusion"] == m["confusion"]

@@ -51,8 +51,7 @@ def register(builder: SetBuilder) -> SetBuilder:
         if k in BUILDERS and BUILDERS[k] is not builder:
             raise ValueError(f"set kind {k!r} is registered twice")
         BUILDERS[k] = builder
-        if builder.plannable:
-            register_set_kind(k)
+        register_set_kind(k, builder.plannable)
     return builder
 
 

@@ -1,10 +1,17 @@
 """dataset: a data source (zip, folder, CIFAR tarball, torchvision download) ingested as Zarr
-arrays, keyed by the sha256 of the source's bytes."""
+arrays, keyed by the sha256 of the source's bytes.
+
+The manifest also records where the source was and its size and mtime (``source_path``,
+``source_size``, ``source_mtime_ns``; a folder's ``source_listing``): ``source_sha256(path, store)``
+then returns the recorded sha256 instead of reading the source again while those are unchanged.
+They are provenance, not part of the key (the stage's config is ``{"source_sha256": ...}`` alone).
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +20,43 @@ from advfeatures.config import ConfigError, DataConfig
 from pipeline.common import Context, Log, once, publish, quiet, run_record
 from pipeline.kinds import StageKind, StageSpec, declare
 from storage import arrays as A
-from storage.hashing import path_sha256
-from storage.store import Store
+from storage.hashing import path_sha256, path_stat
+from storage.store import MANIFEST, Store, read_json
+
+STAT_FIELDS = ("source_path", "source_size", "source_mtime_ns", "source_listing")
 
 
-def source_sha256(path: str | os.PathLike) -> str:
-    """The data source's fingerprint: sha256 of the file, or of a folder's (path, bytes) pairs."""
+def source_stat(path: str | os.PathLike) -> dict[str, Any]:
+    """The source's resolved path, size and mtime (a folder's: also its listing), as the dataset
+    manifest records them: ``source_path``, ``source_size``, ``source_mtime_ns``, ``source_listing``."""
+    return {f"source_{k}": v for k, v in path_stat(path).items()}
+
+
+def _dataset_manifests(store: Store) -> Iterator[dict[str, Any]]:
+    folder = store.root / "datasets"
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name.startswith("."):  # staging folders
+            continue
+        try:
+            yield read_json(entry / MANIFEST)
+        except (OSError, ValueError):  # no manifest: not an artifact (yet)
+            continue
+
+
+def source_sha256(path: str | os.PathLike, store: Store | None = None) -> str:
+    """The data source's fingerprint: sha256 of the file, or of a folder's (path, bytes) pairs.
+
+    With ``store``, a dataset of it whose manifest recorded this source at the same path, size
+    and mtime (a folder: the same listing) gives its sha256 without reading the source; a source
+    moved, touched or rewritten since is hashed again. Without one, it is always hashed."""
+    if store is not None:
+        stat = source_stat(path)
+        want = {k: stat.get(k) for k in STAT_FIELDS}
+        for man in _dataset_manifests(store):
+            if man.get("source_sha256") and {k: man.get(k) for k in STAT_FIELDS} == want:
+                return man["source_sha256"]
     return path_sha256(path)
 
 
@@ -39,6 +77,7 @@ def ingest(store: Store, data: DataConfig, spec: StageSpec, log: Log = quiet) ->
 def _ingest(store: Store, data: DataConfig, spec: StageSpec, log: Log) -> str:
     path = locate_source(data)
     t0 = time.perf_counter()
+    stat = source_stat(path)
     raw = D.read_source(path)
     attrs = {"classes": raw.classes, "source_sha256": spec.config["source_sha256"],
              "content_sha256": raw.content_sha256(), "source_name": path.name}
@@ -48,8 +87,11 @@ def _ingest(store: Store, data: DataConfig, spec: StageSpec, log: Log) -> str:
                               "test": (raw.test.images, raw.test.labels)}, attrs)
         return {}
 
-    publish(store, spec, t0, write, **attrs, **run_record(None), n_train=len(raw.train.labels),
-            n_test=len(raw.test.labels), image_shape=list(raw.train.images.shape[1:]))
+    # The stat stands for the sha256 only if the bytes read are those the key was hashed from
+    # (the source may have changed since the plan was made): one more read, once per dataset.
+    same = path_sha256(path) == spec.config["source_sha256"] and source_stat(path) == stat
+    publish(store, spec, t0, write, **attrs, **(stat if same else {}), **run_record(None),
+            n_train=len(raw.train.labels), n_test=len(raw.test.labels), image_shape=list(raw.train.images.shape[1:]))
     log(f"ingested {path.name}: {len(raw.train.labels)} train / {len(raw.test.labels)} test images")
     return spec.key
 

@@ -13,7 +13,7 @@ import torch
 
 from advfeatures.config import ModelConfig, RuntimeConfig, TrainConfig, build_config
 from advfeatures.models import build_model
-from advfeatures.training import fit
+from advfeatures.training import confusion_matrix, fit, predict
 from pipeline import progress
 from pipeline.common import (
     Context,
@@ -54,7 +54,11 @@ def fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, nu
     model = initial_model(spec, num_classes)
     init_sha = state_sha256(model)
 
-    def on_epoch(ev: dict) -> None:  # fit's callback: a log line and a progress event, nothing else
+    tracked = test_tracker(store, spec, model, num_classes, rt, device)
+
+    def on_epoch(ev: dict) -> None:  # fit's callback: a log line, a progress event, the tracked test accuracy
+        if tracked is not None:
+            tracked(ev)
         log(f"{spec.stage} {spec.key} epoch {ev['epoch']}/{ev['epochs']}: loss {ev['train_loss']:.3f} "
             f"acc {ev['train_acc']:.3f} ({ev['seconds']:.1f}s)")
         progress.emit({"event": "epoch", "stage": spec.stage, "key": spec.key, **ev})
@@ -74,6 +78,29 @@ def fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, nu
             seconds=round(res.seconds, 3), images_per_second=round(res.images_per_second, 1),
             **run_record(rt, device), **extra)
     return spec.key
+
+
+def test_tracker(store: Store, spec: StageSpec, model: torch.nn.Module, num_classes: int, rt: RuntimeConfig,
+                 device: torch.device) -> Any:
+    """With ``track_test`` in the spec's config (keyed: the manifest's history gains it), after
+    every epoch the model's confusion counts on the clean test set of the dataset named by the
+    spec's last input are added to the epoch's history entry (``test_confusion``, with
+    ``test_acc``), so a table can show the peak over epochs as well as the end. Evaluating in
+    between does not change the training (no random numbers drawn; batch norm statistics are not
+    updated in eval mode)."""
+    if not spec.config.get("track_test"):
+        return None
+    x, y = load_split(store, spec.inputs[-1], "test")
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def track(ev: dict[str, Any]) -> None:
+        with torch.no_grad():
+            pred = predict(model, xt, rt.eval_batch_size, device, rt.channels_last)
+        conf = confusion_matrix(pred, yt, num_classes)
+        ev["test_confusion"] = conf
+        ev["test_acc"] = float(np.trace(np.asarray(conf))) / len(y)
+
+    return track
 
 
 @once

@@ -12,8 +12,10 @@ from storage.store import Store
 
 @once
 def train_student(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet) -> str:
-    """A fresh model trained only on the constructed set ``spec.inputs[0]`` (x, y_target)."""
-    (construct_key,) = spec.inputs
+    """A fresh model trained only on the constructed set ``spec.inputs[0]`` (x, y_target); with
+    ``track_test``, its second input is the dataset whose clean test set it is evaluated on after
+    every epoch."""
+    construct_key = spec.inputs[0]
     cman, rows = verified_set(store, construct_key, names=("x", "y_target"))
     return fit_and_save(store, spec, rows["x"], rows["y_target"], cman["num_classes"], rt, log,
                         {"construct_kind": spec.config["set"]})
