@@ -1,0 +1,62 @@
+"""poison: det images with their true labels, students tracked per epoch, beside the same rows clean."""
+
+import numpy as np
+import pytest
+import torch
+
+from advfeatures.config import ConfigError, resolve
+from pipeline import kinds
+from pipeline.common import Context
+from pipeline.experiments import get
+from pipeline.experiments.poison import build_table, shifted_accuracy, to_markdown
+from pipeline.stages import load_model, load_split, source_sha256
+from storage import arrays as A
+from storage.store import Store
+
+
+def test_shifted_accuracy_is_the_known_answer():
+    conf = [[5, 1, 0], [0, 2, 3], [4, 0, 1]]  # rows: true label; columns: prediction
+    assert shifted_accuracy(conf, 0) == pytest.approx(8 / 16)
+    assert shifted_accuracy(conf, 1) == pytest.approx((1 + 3 + 4) / 16)  # (X, Y+1): columns y+1
+    assert shifted_accuracy(conf, -1) == pytest.approx((0 + 0 + 0) / 16)  # (X, Y-1): columns y-1
+
+
+def test_poison_reuses_replicate_and_tabulates_end_peak_and_the_shifted_labels(tmp_path, tiny_tar, tiny_arrays):
+    cfg = resolve("tiny", ["student.train.epochs=2", "student.seeds=[0,1]"], data=str(tiny_tar), store=str(tmp_path))
+    sha = source_sha256(tiny_tar)
+    plan, rep = get("poison").plan(cfg, sha), get("replicate").plan(cfg, sha)
+    assert plan.source.key == rep.source.key and plan.constructs["det"].key == rep.constructs["det"].key
+    students = plan.find(role="student")
+    assert [(n.tags["set"], n.tags["seed"]) for n in students] == [("poison", 0), ("poison", 1),
+                                                                     ("poison-clean", 0), ("poison-clean", 1)]
+    assert all(n.spec.config["track_test"] and n.spec.inputs[-1] == plan.dataset.key for n in students)
+    recipes = {n.tags["set"]: n.spec.config["train"] for n in students if n.tags["seed"] == 0}
+    assert recipes["poison"] == recipes["poison-clean"]  # the same recipe on both
+    with pytest.raises(ConfigError, match="poison.from_set"):
+        resolve("tiny", ["poison.from_set=errors"])
+
+    st = Store(tmp_path)
+    kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg, experiment="poison"))
+    det = A.read_rows(st.path("constructed", plan.constructs["det"].key))
+    poison = A.read_rows(st.path("constructed", plan.constructs["poison"].key))
+    clean = A.read_rows(st.path("constructed", plan.constructs["poison-clean"].key))
+    assert poison["x"].tobytes() == det["x"].tobytes()  # det's images, bit for bit
+    assert np.array_equal(poison["y_target"], det["y_true"]) and (det["y_target"] == (det["y_true"] + 1) % 10).all()
+    assert np.array_equal(clean["x"], (tiny_arrays[0][det["index"]] / 255).astype(np.float16))
+    assert np.array_equal(clean["y_target"], det["y_true"])
+
+    df = build_table(st, plan)
+    assert list(df["set"]) == ["poison", "poison", "poison-clean", "poison-clean"] and (df["epochs"] == 2).all()
+    assert df["init"].nunique() == 4 and (df["n_train"] == cfg.construct.n_images).all()
+    x, y = load_split(st, plan.dataset.key, "test")
+    for row in df.to_dict("records"):
+        man = st.manifest("models", row["model_key"])
+        accs = [h["test_acc"] for h in man["history"]]
+        assert row["peak_acc_xy_%"] == pytest.approx(round(100 * max(accs), 2))
+        assert row["peak_epoch"] == int(np.argmax(accs)) + 1
+        assert accs[-1] == pytest.approx(row["acc_xy_%"] / 100, abs=1e-4)  # the last epoch is the evaluated model
+        with torch.no_grad():
+            pred = load_model(st, row["model_key"])(torch.from_numpy(x).float() / 255).argmax(1).numpy()
+        assert row["acc_xy-1_%"] == pytest.approx(round(100 * (pred == (y - 1) % 10).mean(), 2))
+    md = to_markdown(df)
+    assert "Over seeds" in md and "(X, Y-1)" in md
