@@ -65,7 +65,7 @@ def test_table_artifact_published(first):
 def test_second_run_computes_nothing(first, tiny_tar, monkeypatch):
     store, out = first
     import advfeatures.construct as C
-    from pipeline.stages import construct as SC
+    from pipeline.sets import errors as SC
     from pipeline.stages import dataset as SD
     from pipeline.stages import evaluation as SE
     from pipeline.stages import model as SM
