@@ -32,8 +32,11 @@ from tasks import stages as T
 
 
 def run_stage(task, spec: StageSpec, store_root: str, *args: Any) -> Any:
-    """Call a stage task; its executor checks the store (once, under the artifact's lock)."""
-    return task(spec, store_root, *args, return_state=True).result()
+    """Call a stage task; its executor checks the store (once, under the artifact's lock). Returns
+    its final state (Completed, named Cached when the store held the artifact already)."""
+    state = task(spec, store_root, *args, return_state=True)
+    state.result()  # raises the stage's failure
+    return state
 
 
 def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[int], one_by_one: bool = False) -> None:
@@ -65,15 +68,17 @@ def plan_for(cfg: ExperimentConfig, experiment: str = "replicate", until: str | 
 
 
 @flow(name="generate-set", flow_run_name="generate-{spec.config[kind]}-{spec.key}")
-def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any) -> str:
-    """One PGD set: create its arrays, run every unfinished shard, then seal it with a manifest.
+def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any, pending: list[int] | None = None) -> str:
+    """One sharded set: create its arrays (unless the caller did and passes its ``pending``
+    shards), run every unfinished shard, then seal it with a manifest.
 
     Each shard writes only its own chunks, so different shards never coordinate; the store's
     per-shard lock only stops two runs from computing the same shard. The flow's task
     runner (runtime.shard_workers threads) or the work pool bounds how many run at once. A failed
     shard fails the set; a rerun redoes only the shards without a marker.
     """
-    pending = T.prepare_set(spec, store_root, return_state=True).result() or []
+    if pending is None:
+        pending = T.prepare_set(spec, store_root, return_state=True).result() or []
     if runtime_cfg.shard_executor == "deployment":
         _fan_out(spec, store_root, runtime_cfg, pending)
     else:
@@ -105,12 +110,19 @@ def _shard_progress(spec: StageSpec, path: Any, shard: int) -> None:
         progress.emit(event(spec, marker, layout.num_shards, layout.num_shards - len(A.pending_shards(path, layout))))
 
 
-def _generate(spec: StageSpec, store_root: str, rt: Any) -> str:
+def _generate(spec: StageSpec, store_root: str, rt: Any) -> Any:
+    """A sharded set: prepared here (a complete one ends Cached, without a generation subflow),
+    then its shards and seal in the ``generate-set`` subflow. Returns the final state."""
+    prepared = T.prepare_set(spec, store_root, return_state=True)
+    if prepared.name == "Cached":
+        return prepared
     workers = rt.shard_workers
     if workers > 1 and rt.threads == 0:  # split the cores between concurrent shards
         rt = dataclasses.replace(rt, threads=split_threads(workers))
     runner = ThreadPoolTaskRunner(max_workers=workers)
-    return generate_set.with_options(task_runner=runner)(spec, store_root, rt)
+    state = generate_set.with_options(task_runner=runner)(spec, store_root, rt, prepared.result(), return_state=True)
+    state.result()  # raises the set's failure
+    return state
 
 
 def stage_timings(store: Store, plan: Plan, since: float) -> list[dict[str, Any]]:
@@ -135,18 +147,21 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
     labels = plan.labels()
     counter = progress.PlanCounter(labels, len(stages), 0)
 
-    def tell(current: StageSpec | None = None, finished: int = 0) -> None:
-        counter.done += finished
+    def tell(current: StageSpec | None = None, states: list[Any] = ()) -> None:
+        for state in states:  # a stage the store held already ends in a state named Cached
+            if state is not None and state.name == "Cached":
+                counter.cached += 1
+            else:
+                counter.done += 1
         now = f"{current.stage} {labels.get(current.key, current.key)}" if current else None
         progress.emit({**counter.event(now), "run": plan.run.key if plan.run is not None else ""})
 
     def one(spec: StageSpec) -> None:
         tell(spec)
         if sharded(spec) is not None:
-            _generate(spec, root, rt)
+            tell(states=[_generate(spec, root, rt)])
         else:
-            run_stage(T.task_for(spec), spec, root, rt, cfg.data)
-        tell(finished=1)
+            tell(states=[run_stage(T.task_for(spec), spec, root, rt, cfg.data)])
 
     tell()
     if rt.stage_workers == 1:
@@ -156,16 +171,15 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
     for level in waves(stages):
         rest = [s for s in level if sharded(s) is None]
         if len(rest) > 1:
-            _run_level(rest, cfg, root)
-            tell(finished=len(rest))
+            tell(states=_run_level(rest, cfg, root))
         for spec in level:
             if sharded(spec) is not None or len(rest) == 1:
                 one(spec)
 
 
-def _run_level(specs: list[StageSpec], cfg: ExperimentConfig, root: str) -> None:
+def _run_level(specs: list[StageSpec], cfg: ExperimentConfig, root: str) -> list[Any]:
     """Submit independent stages together on a pool of runtime.stage_workers threads, splitting
-    torch's CPU threads between them unless runtime.threads is set."""
+    torch's CPU threads between them unless runtime.threads is set; their final states."""
     rt = cfg.runtime
     workers = min(rt.stage_workers, len(specs))
     if rt.threads == 0:
@@ -173,13 +187,14 @@ def _run_level(specs: list[StageSpec], cfg: ExperimentConfig, root: str) -> None
     runner = ThreadPoolTaskRunner(max_workers=workers)
 
     @flow(name="stage-level", flow_run_name=f"level-{len(specs)}-stages")
-    def level() -> None:
+    def level() -> list[Any]:
         futures = [T.task_for(spec).submit(spec, root, rt, cfg.data) for spec in specs]
         wait(futures)
         for f in futures:
             f.result()  # raises the first failure
+        return [f.state for f in futures]
 
-    level.with_options(task_runner=runner)()
+    return level.with_options(task_runner=runner)()
 
 
 def check_shared_locks(st: Store) -> None:

@@ -108,13 +108,29 @@ class _Table(dict):
             self._fill()
         return super().__getitem__(name)
 
-    def values(self):  # noqa: D102
+    def __contains__(self, name: object) -> bool:
         self._fill()
-        return super().values()
+        return super().__contains__(name)
 
     def __iter__(self):
         self._fill()
         return super().__iter__()
+
+    def __len__(self) -> int:
+        self._fill()
+        return super().__len__()
+
+    def keys(self):  # noqa: D102
+        self._fill()
+        return super().keys()
+
+    def values(self):  # noqa: D102
+        self._fill()
+        return super().values()
+
+    def items(self):  # noqa: D102
+        self._fill()
+        return super().items()
 
 
 SCHEMA = _Table("schema")

@@ -151,7 +151,7 @@ def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] |
     at = A.read_rows_at(path, rows, names=("x", "index"))  # one chunk read per example
     if (at["index"] < 0).any():
         return None
-    dataset_key = spec["inputs"][0]
+    dataset_key = _dataset_of(store, spec)
     if spec["config"].get("augment_copies"):  # a copy's clean image is its crop + flip
         from pipeline.sets.pgd import pgd_set
 
@@ -166,6 +166,15 @@ def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] |
     return {"kind": spec["config"].get("kind"), "key": spec["key"], "clean": clean, "adv": adv, "delta": adv - clean,
             "y_true": rec["y_true"][rows], "y_target": rec["y_target"][rows], "fooled": rec["fooled"][rows],
             "norm": rec["norm"][rows], "classes": man.get("classes") or [str(i) for i in range(man["num_classes"])]}
+
+
+def _dataset_of(store: Store, spec: dict[str, Any]) -> str:
+    """The dataset a constructed set's rows index: its first input, or its parent set's (a set
+    made from another set, e.g. a poison from det)."""
+    key = spec["inputs"][0]
+    while not store.is_complete("datasets", key) and store.is_complete("constructed", key):
+        key = store.manifest("constructed", key)["stage"]["inputs"][0]
+    return key
 
 
 def det_confusion(store: Store, info: RunInfo, device: str = "cpu") -> tuple[np.ndarray, list[str], int] | None:

@@ -60,3 +60,7 @@ def test_poison_reuses_replicate_and_tabulates_end_peak_and_the_shifted_labels(t
         assert row["acc_xy-1_%"] == pytest.approx(round(100 * (pred == (y - 1) % 10).mean(), 2))
     md = to_markdown(df)
     assert "Over seeds" in md and "(X, Y-1)" in md
+    from pipeline.html_report import write_report
+
+    page = write_report(st, st.path("runs", plan.run.key)).read_text()  # its own section; examples from det's rows
+    assert "poison_epochs" in page and "Run " not in page.split("</h1>")[0] and "images" in page

@@ -157,8 +157,31 @@ def to_markdown(df: Any) -> str:
                    "early stopping would keep.")
 
 
+def report(doc: Any, store: Any, info: Any, figs: Any) -> None:
+    """The report's results: every student's clean test accuracy per epoch, (X, Y) and (X, Y-1)."""
+    from pipeline.figures import CHANCE, plt, save
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    colors = {KIND: "#b33", CLEAN: "#3b6ea8"}
+    for row in info.table.to_dict("records"):
+        hist = store.manifest("models", row["model_key"])["history"]
+        epochs = [h["epoch"] for h in hist]
+        for ax, shift in zip(axes, (0, -1)):
+            acc = [100 * shifted_accuracy(h["test_confusion"], shift) for h in hist]
+            ax.plot(epochs, acc, marker="o", ms=3, color=colors.get(row["set"], "gray"), alpha=0.8,
+                    label=f"{row['set']} seed {row['seed']}")
+    for ax, what in zip(axes, ("(X, Y)", "(X, Y-1)")):
+        ax.axhline(info.table["chance_%"].iloc[0], color=CHANCE, ls="--", lw=1)
+        ax.set(xlabel="epoch", title=f"clean test accuracy on {what}")
+    axes[0].set_ylabel("%")
+    axes[1].legend(fontsize=7, frameon=False)
+    doc.figure(save(fig, figs, "poison_epochs"),
+               "Clean test accuracy after every epoch: students of the poison (red) and of the same rows unperturbed "
+               "(blue); dashed: chance. The peak is what early stopping keeps.")
+
+
 EXPERIMENT = register(Experiment(
     name="poison",
     summary="det images relabelled with their true labels as an availability poison (Fowl et al. 2021): "
             "clean accuracy at the end and at its peak, (X, Y-1), beside students of the same rows unperturbed",
-    plan=plan, table=build_table, markdown=to_markdown, section=("poison", PoisonConfig)))
+    plan=plan, table=build_table, markdown=to_markdown, section=("poison", PoisonConfig), report=report))
