@@ -411,7 +411,14 @@ def test_independent_stages_run_together_with_the_same_results(tmp_path, tiny_ta
     with prefect_test_harness():
         out = run_experiment(experiment="replicate", profile="tiny", overrides=over + ["runtime.stage_workers=2"],
                              data=str(tiny_tar), store=str(tmp_path / "flow"))
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            runs = [r.name for r in client.read_task_runs()]
     assert out["run_key"] == plan.run.key
+    for spec in plan.stages():  # every non-sharded stage submitted once (none called again after its level)
+        if spec.stage != "run" and not kinds.sharded(spec):
+            assert sum(r.endswith(spec.key) for r in runs) == 1, (plan.labels()[spec.key], runs)
     a, b = _artifacts(bare, plan), _artifacts(Store(tmp_path / "flow"), plan)
     assert a.keys() == b.keys()
     assert [plan.labels()[k] for k in a if a[k] != b[k]] == []
