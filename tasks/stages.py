@@ -7,27 +7,22 @@ keeps no cache records of its own. A stage the store held already ends in a Comp
 Cached, so the UI shows reuse. One writer per stage across concurrent runs comes from the store's
 lock (``Store.lock``), not from Prefect.
 
-Shared storage: result records live in the store (``<store>/.prefect/results``), so a cache record
-written by one worker is found by every other worker that sees the store (``for_store``). A store
-at a URL gets its per-artifact lock from Prefect: a global concurrency limit of 1 per artifact,
-leased and renewed while held, so it is shared by every worker of one server and a dead holder's
-slot is released when its lease runs out (``prefect_lock``).
+Shared storage: a store at a URL gets its per-artifact lock from Prefect: a global concurrency
+limit of 1 per artifact, leased and renewed while held, so it is shared by every worker of one
+server and a dead holder's slot is released when its lease runs out (``prefect_lock``).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from prefect import Task, get_run_logger, task
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
-from prefect.filesystems import RemoteFileSystem
 from prefect.states import Completed
 
 from advfeatures.config import DataConfig, RuntimeConfig
@@ -58,28 +53,6 @@ def prefect_lock(name: str) -> Iterator[None]:
 
 Store.use_remote_lock(prefect_lock)
 progress.add_sink(PREFECT_PROGRESS)  # epochs, shards and stages as progress artifacts of the run
-
-
-@functools.lru_cache(maxsize=16)
-def result_storage(store_root: str) -> Any:
-    """Prefect result storage inside the store: a folder for local (and file://) stores; for other
-    URLs a RemoteFileSystem block, saved under a name derived from the URL (Prefect keeps only
-    saved blocks as a task's result storage)."""
-    st = Store(store_root)
-    if not st.remote or st.root.protocol in ("file", "local"):
-        return Path(st.root.path if st.remote else st.root) / ".prefect" / "results"
-    name = f"advfeatures-results-{hashlib.sha256(st.url.encode()).hexdigest()[:12]}"
-    block = RemoteFileSystem(basepath=f"{st.url.rstrip('/')}/.prefect/results")
-    try:
-        block.save(name, overwrite=True)
-    except Exception:  # noqa: BLE001 - a worker saving the same block at the same moment
-        block = RemoteFileSystem.load(name)
-    return block
-
-
-def for_store(t: Task, store_root: str) -> Task:
-    """The task with its result records kept in the store at ``store_root``."""
-    return t.with_options(result_storage=result_storage(store_root))
 
 
 def _log(msg: str) -> None:
