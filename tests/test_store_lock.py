@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -30,14 +29,22 @@ def _held_by_someone(path) -> bool:
 
 
 def test_threads_compute_once_and_hold_the_lock_one_at_a_time(tmp_path):
+    """Six threads reach one stage at once: the one that computes holds it until every other has
+    found it not done and gone for the lock, so all six contend; one computes, five skip."""
     store, done, inside, most, calls = Store(tmp_path), threading.Event(), [0], [0], []
-    guard = threading.Lock()
+    guard, arrived = threading.Condition(), set()
+
+    def first_check():
+        with guard:
+            arrived.add(threading.get_ident())
+            guard.notify_all()
+        return done.is_set()
 
     def compute():
         with guard:
             inside[0] += 1
             most[0] = max(most[0], inside[0])
-        time.sleep(0.3)
+            assert guard.wait_for(lambda: len(arrived) == 6, timeout=30), "the other threads never came"
         calls.append(1)
         done.set()
         with guard:
@@ -45,41 +52,53 @@ def test_threads_compute_once_and_hold_the_lock_one_at_a_time(tmp_path):
         return "computed"
 
     out = []
-    threads = [threading.Thread(target=lambda: out.append(store.once("models", "k" * 16, done.is_set, compute,
+    threads = [threading.Thread(target=lambda: out.append(store.once("models", "k" * 16, first_check, compute,
                                                                      skipped="skipped")))
                for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(60)
     assert sorted(out) == ["computed"] + ["skipped"] * 5 and len(calls) == 1 and most[0] == 1
 
 
 HOLDER = """
-import sys, time
+import sys
 from storage.store import Store
 with Store(sys.argv[1]).lock("models", "k" * 16):
     print("held", flush=True)
-    time.sleep(float(sys.argv[2]))
+    sys.stdin.readline()  # until the test says release
+print("released", flush=True)
 """
 
 
-def _holder(root, seconds):
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(root), str(seconds)], stdout=subprocess.PIPE, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def _holder(root):
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.stdout.readline().strip() == "held"
     return p
 
 
 def test_another_process_waits_and_the_lock_file_is_where_gc_looks(tmp_path):
     path = tmp_path / ".locks" / f"models-{'k' * 16}.lock"
-    p = _holder(tmp_path, 1.5)
+    p = _holder(tmp_path)
+    released, got, inside = threading.Event(), threading.Event(), []
+
+    def take():
+        with Store(tmp_path).lock("models", "k" * 16):
+            inside.append((released.is_set(), _held_by_someone(path)))
+            got.set()
+
     try:
         assert path.is_file() and _held_by_someone(path)
-        t0 = time.monotonic()
-        with Store(tmp_path).lock("models", "k" * 16):
-            assert time.monotonic() - t0 > 1.0  # waited for the holder's 1.5 s
-            assert _held_by_someone(path)
+        threading.Thread(target=take, daemon=True).start()
+        assert not got.wait(1.0)  # it waits while the other process holds the lock ...
+        released.set()
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "released"
+        assert got.wait(30), "not acquired after the holder released it"
+        assert inside == [(True, True)]  # ... and got it only after the release, holding it then
         assert path.is_file() and not _held_by_someone(path)  # released, the file kept for the next holder
     finally:
         p.kill()
@@ -87,7 +106,7 @@ def test_another_process_waits_and_the_lock_file_is_where_gc_looks(tmp_path):
 
 
 def test_a_sigkilled_holders_lock_is_released(tmp_path):
-    p = _holder(tmp_path, 60)
+    p = _holder(tmp_path)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     got = threading.Event()

@@ -1,5 +1,8 @@
 """flows.worker's wake-up logic with a stand-in worker (the real one runs under serve in
-tests/test_deployment.py, whose workers poll every 45 s, so its runs are taken on events)."""
+tests/test_deployment.py, whose workers poll every 45 s, so its runs are taken on events).
+
+The worker's sleeps run on a virtual clock that only the test moves, so what happens within a
+settle period does not depend on how busy the machine is."""
 
 import asyncio
 
@@ -25,43 +28,104 @@ class FakeWorker:
         return []
 
 
-async def _drive(worker, bursts, settle=0.02, between=0.2):
+async def _let_tasks_run():
+    for _ in range(10):  # a woken task runs to its next await within a few loop turns
+        await asyncio.sleep(0)
+
+
+class Clock:
+    """Virtual time for flows.worker: its ``asyncio.sleep(s)`` ends when ``run_until`` passes now + s."""
+
+    def __init__(self):
+        self.now, self.sleepers = 0.0, []
+
+    async def sleep(self, seconds):
+        fut = asyncio.get_running_loop().create_future()
+        self.sleepers.append((self.now + seconds, fut))
+        await fut
+
+    async def run_until(self, t):
+        await _let_tasks_run()
+        while due := [s for s in self.sleepers if s[0] <= t]:
+            first = min(due, key=lambda s: s[0])
+            self.sleepers.remove(first)
+            self.now = first[0]
+            if not first[1].done():
+                first[1].set_result(None)
+            await _let_tasks_run()
+        self.now = t
+
+
+class _VirtualAsyncio:
+    def __init__(self, clock):
+        self.sleep = clock.sleep
+
+    def __getattr__(self, name):
+        return getattr(asyncio, name)
+
+
+def _clock(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(W, "asyncio", _VirtualAsyncio(clock))
+    return clock
+
+
+async def _drive(clock, worker, bursts, settle=0.5):
+    """Bursts of events, each spread over less than a settle period, 10 periods apart."""
     wake = asyncio.Event()
     task = asyncio.create_task(W._take_when_woken(worker, wake, settle=settle))
     for n in bursts:
         for _ in range(n):
             wake.set()
-            await asyncio.sleep(settle / 10)
-        await asyncio.sleep(between)
+            await clock.run_until(clock.now + settle / 10)
+        await clock.run_until(clock.now + 10 * settle)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
 
 
-def test_a_burst_of_events_is_one_query():
+def test_a_burst_of_events_is_one_query(monkeypatch):
     w = FakeWorker()
-    asyncio.run(_drive(w, [5, 1, 3]))
+    asyncio.run(_drive(_clock(monkeypatch), w, [5, 1, 3]))
     assert w.queries == 3  # one per burst, not one per event
 
 
-def test_a_busy_or_unready_worker_does_not_query():
+def test_the_query_waits_for_the_settle_period(monkeypatch):
+    clock, w = _clock(monkeypatch), FakeWorker()
+
+    async def main():
+        wake = asyncio.Event()
+        task = asyncio.create_task(W._take_when_woken(w, wake, settle=0.5))
+        wake.set()
+        await clock.run_until(0.49)
+        before = w.queries
+        await clock.run_until(0.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return before
+
+    assert asyncio.run(main()) == 0 and w.queries == 1
+
+
+def test_a_busy_or_unready_worker_does_not_query(monkeypatch):
     busy, unready = FakeWorker(free=0), FakeWorker(setup=False)
-    asyncio.run(_drive(busy, [1, 1]))
-    asyncio.run(_drive(unready, [1, 1]))
+    asyncio.run(_drive(_clock(monkeypatch), busy, [1, 1]))
+    asyncio.run(_drive(_clock(monkeypatch), unready, [1, 1]))
     assert busy.queries == 0 and unready.queries == 0
 
 
-def test_a_slot_freed_just_after_the_wake_is_used():
+def test_a_slot_freed_just_after_the_wake_is_used(monkeypatch):
     """The worker lost the race for the run whose Pending event woke it: its slot frees a moment
     later, and it still queries for the next run."""
-    w = FakeWorker(free=0)
+    clock, w = _clock(monkeypatch), FakeWorker(free=0)
 
     async def main():
         wake = asyncio.Event()
         task = asyncio.create_task(W._take_when_woken(w, wake, settle=0.04))
         wake.set()
-        await asyncio.sleep(0.06)  # after the settle: busy
+        await clock.run_until(0.06)  # after the settle: busy, looking again every 0.02 s
+        assert w.queries == 0
         w.free = 1
-        await asyncio.sleep(0.1)
+        await clock.run_until(0.1)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
