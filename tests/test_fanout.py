@@ -193,17 +193,84 @@ def test_runtime_settings_are_checked():
         RuntimeConfig(shard_timeout=-1)
 
 
-def test_zombie_automation_is_a_proactive_heartbeat_trigger():
-    from flows.liveness import HEARTBEAT_TAG, zombie_automation
+def _flow_run_event(name, run, tags=("advfeatures",)):
+    """An event about flow run ``run`` as the server receives it, its tags as related resources."""
+    from prefect.events.related import tags_as_related_resources
+    from prefect.server.events.schemas.events import ReceivedEvent
 
-    a = zombie_automation(30, 3)
-    assert a.trigger.posture == "Proactive" and a.trigger.within == dt.timedelta(seconds=90)
-    lives = {"prefect.flow-run.heartbeat", "prefect.flow-run.Pending", "prefect.flow-run.Running"}
-    assert a.trigger.after == lives  # a run that entered Pending and died before its first beat is armed too
-    assert lives | {"prefect.flow-run.Completed", "prefect.flow-run.Crashed"} <= a.trigger.expect
-    assert a.trigger.match_related.get("prefect.resource.id") == [f"prefect.tag.{HEARTBEAT_TAG}"]
-    assert a.actions[0].state.value == "CRASHED"
-    assert zombie_automation(2, 3).trigger.within == dt.timedelta(seconds=10)  # Prefect's floor
+    return ReceivedEvent(occurred=T0, event=name, resource={"prefect.resource.id": f"prefect.flow-run.{run}"},
+                         related=[dict(r) for r in tags_as_related_resources(tags)], id=uuid.uuid4())
+
+
+def test_zombie_automation_crashes_a_tagged_run_after_the_same_silence_as_lost():
+    """The automation as the server reads it (Prefect's server schema, its own event matching): it
+    judges every flow run of ours and no other, each run on its own; any sign of life ``lost``
+    counts (a heartbeat, entering Pending or Running) arms it and postpones it, a final state ends
+    it; it fires when nothing came for as long as ``lost`` waits, and sets the run Crashed."""
+    from prefect.client.schemas.objects import TERMINAL_STATES, StateType
+    from prefect.server.events.schemas.automations import AutomationCore as ServerAutomation
+
+    from flows.liveness import ALIVE_STATES, zombie_automation
+
+    run, other_run = uuid.uuid4(), uuid.uuid4()
+    for period, multiple in ((30, 3), (3, 5)):
+        auto = ServerAutomation.model_validate(zombie_automation(period, multiple).model_dump(mode="json"))
+        trig = auto.trigger
+        heartbeat = _flow_run_event("prefect.flow-run.heartbeat", run)
+        assert trig.covers(heartbeat) and trig.covers(_flow_run_event("prefect.flow-run.Running", run,
+                                                                       tags=("advfeatures", "shard")))
+        assert not trig.covers(_flow_run_event("prefect.flow-run.heartbeat", run, tags=("someone-else",)))
+        assert not trig.covers(_flow_run_event("prefect.flow-run.heartbeat", run, tags=()))
+        assert trig.bucketing_key(heartbeat) != trig.bucketing_key(_flow_run_event("prefect.flow-run.heartbeat",
+                                                                                   other_run))
+        alive = ["prefect.flow-run.heartbeat"] + [f"prefect.flow-run.{s.title()}" for s in ALIVE_STATES]
+        assert all(trig.starts_after(e) and trig.expects(e) for e in alive), alive
+        final = [f"prefect.flow-run.{s.value.title()}" for s in TERMINAL_STATES]
+        assert all(trig.expects(e) and not trig.starts_after(e) for e in final), final
+        assert not trig.starts_after("prefect.flow-run.Scheduled")  # waiting for a worker is not life
+        assert trig.posture == "Proactive" and trig.meets_threshold(0) and not trig.meets_threshold(1)
+        # it fires after the silence that `lost` calls lost, for a Running and a Pending run alike
+        within = trig.within.total_seconds()
+        for state in ALIVE_STATES:
+            assert not lost(state, T0, T0, T0 + dt.timedelta(seconds=within - 0.5), period, multiple)
+            assert lost(state, T0, T0, T0 + dt.timedelta(seconds=within + 0.5), period, multiple)
+        (action,) = auto.actions
+        assert action.type == "change-flow-run-state" and action.state == StateType.CRASHED
+        assert action.force and "no heartbeat" in action.message  # a Running run is moved, and says why
+
+
+def test_zombie_automation_keeps_prefects_floor_on_the_window():
+    """Shorter than Prefect's 10-s floor for proactive triggers: the window is the floor, not an
+    automation the server refuses."""
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    from flows.liveness import zombie_automation
+
+    with pytest.raises(ValueError, match="10 seconds"):
+        EventTrigger(posture=Posture.Proactive, within=dt.timedelta(seconds=6))
+    assert zombie_automation(2, 3).trigger.within == dt.timedelta(seconds=10)
+
+
+def test_installing_the_zombie_automation_replaces_one_of_the_same_name():
+    from flows.liveness import ZOMBIE_AUTOMATION, install_zombie_automation
+
+    class Client:
+        deleted, created = [], []
+
+        def read_automations_by_name(self, name):
+            return [types.SimpleNamespace(id=f"old-{i}", name=name) for i in range(2)]
+
+        def delete_automation(self, automation_id):
+            self.deleted.append(automation_id)
+
+        def create_automation(self, automation):
+            self.created.append(automation)
+            return "new"
+
+    c = Client()
+    assert install_zombie_automation(c, 3, 5) == "new"
+    assert c.deleted == ["old-0", "old-1"] and [a.name for a in c.created] == [ZOMBIE_AUTOMATION]
+    assert c.created[0].trigger.within == dt.timedelta(seconds=15)
 
 
 def test_prefect_children_name_their_idempotency_keys(monkeypatch):
