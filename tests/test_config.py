@@ -1,12 +1,69 @@
 import pytest
 
-from advfeatures.config import ConfigError, ExperimentConfig, parse_override, resolve
+from advfeatures.config import (
+    PROFILE_DIR, STORE_ENV, ConfigError, ExperimentConfig, load_profile, parse_override, resolve,
+)
+from pipeline.plan import make_plan
+from pipeline.sets import builder
 
 
-@pytest.mark.parametrize("profile", ["demo", "cpu", "paper", "tiny", "fast"])
-def test_bundled_profiles_validate(profile):
+BUNDLED = ["cpu", "demo", "fast", "paper", "tiny"]
+
+
+def test_every_bundled_profile_is_tested():
+    assert sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")) == BUNDLED
+
+
+def _leaves(tree, path=()):
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, (*path, k))
+        else:
+            yield (*path, k), v
+
+
+def _as_resolved(key, value):
+    """A profile's value as the resolved config holds it (augment: true/false of older profiles)."""
+    if key == "augment" and isinstance(value, bool):
+        return "crop_flip" if value else "none"
+    return value
+
+
+@pytest.mark.parametrize("profile", BUNDLED)
+def test_bundled_profiles_resolve_to_what_they_say(profile, monkeypatch):
+    """Every setting written in the profile's YAML is the resolved config's (none dropped or
+    renamed on the way), the teacher and the students inherit the source's recipe where the
+    profile does not say otherwise, and the profile plans: every set of construct.sets with one
+    student per seed, the teacher exactly when a set needs it."""
+    monkeypatch.delenv(STORE_ENV, raising=False)
     cfg = resolve(profile)
     assert isinstance(cfg, ExperimentConfig) and cfg.name == profile
+    raw, resolved = load_profile(profile), cfg.to_dict()
+    for path, value in _leaves(raw):
+        if path[:2] == ("student", "per_set"):  # applied per set, not stored as a section
+            kind, key = path[2], path[3]
+            got = cfg.student.model_for(kind).arch if key == "arch" else getattr(cfg.student.train_for(kind, 0), key)
+        else:
+            got = resolved
+            for k in path:
+                got = got[k]
+        assert got == _as_resolved(path[-1], value), (path, got, value)
+    source_train = resolved["source"]["train"]
+    for role in ("teacher", "student"):
+        own = raw.get(role, {}).get("train", {})
+        inherited = {k: v for k, v in resolved[role]["train"].items() if k not in own and k != "epochs"}
+        assert inherited == {k: source_train[k] for k in inherited}, role
+        assert resolved[role]["model"] == {**resolved["source"]["model"], **raw.get(role, {}).get("model", {})}
+    if "epochs" not in raw.get("teacher", {}).get("train", {}):
+        assert cfg.teacher.train.epochs == 2
+    plan = make_plan(cfg, "0" * 64)
+    assert list(plan.constructs) == list(cfg.construct.sets)
+    assert sorted((s.kind, s.seed) for s in plan.students) == \
+        sorted((k, seed) for k in cfg.construct.sets for seed in cfg.student.seeds)
+    assert (plan.teacher is not None) == ("errors" in cfg.construct.sets)
+    selectable = {k for k in cfg.construct.sets if builder(k).selectable and builder(k).upstream == "source"}
+    assert set(plan.selections) == (selectable if cfg.construct.select < 1 else set())
+    assert cfg.construct.select == 1 or selectable == {"rand", "other", "det"} & set(cfg.construct.sets)
 
 
 def test_paper_profile_has_the_papers_settings():
