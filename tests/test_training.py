@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,13 +16,20 @@ def _model(seed=0):
     return build_model("small_cnn", 10, CIFAR_MEAN, CIFAR_STD)
 
 
-def test_loss_falls_when_overfitting_64_examples():
+def _random_64():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (64,), generator=g)
-    cfg = TrainConfig(epochs=60, batch_size=16, lr=0.05, schedule="constant", augment=False, weight_decay=0)
-    res = fit(_model(), x, y, cfg)
-    assert res.history[-1]["train_loss"] < 0.3 * res.history[0]["train_loss"]
+    return x, torch.randint(0, 10, (64,), generator=g)
+
+
+# 64 random images with random labels: memorised in ~8 epochs at this lr (loss 3.3 -> 0.02)
+OVERFIT = TrainConfig(epochs=10, batch_size=16, lr=0.01, schedule="constant", augment=False, weight_decay=0)
+
+
+def test_loss_falls_when_overfitting_64_examples():
+    x, y = _random_64()
+    res = fit(_model(), x, y, OVERFIT)
+    assert res.history[-1]["train_loss"] < 0.1 * res.history[0]["train_loss"]
     assert res.history[-1]["train_acc"] > 0.9
 
 
@@ -78,14 +87,18 @@ def test_empty_or_mismatched_data_is_refused():
 
 
 def test_bf16_autocast_training_learns_and_keeps_fp32_weights():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (64,), generator=g)
-    m = _model()
-    cfg = TrainConfig(epochs=40, batch_size=16, lr=0.05, schedule="constant", augment=False, weight_decay=0)
+    """Under bf16 autocast the model still memorises the 64 examples, its weights stay fp32, and
+    its loss follows fp32 training's epoch by epoch without being the same arithmetic."""
+    x, y = _random_64()
+    cfg = dataclasses.replace(OVERFIT, epochs=6)
+    m, ref = _model(), _model()
     res = fit(m, x, y, cfg, amp_dtype=torch.bfloat16)
+    fp32 = fit(ref, x, y, cfg)
     assert all(p.dtype == torch.float32 for p in m.parameters())
-    assert res.history[-1]["train_loss"] < 0.5 * res.history[0]["train_loss"]
+    assert res.history[-1]["train_loss"] < 0.2 * res.history[0]["train_loss"] and res.history[-1]["train_acc"] > 0.9
+    for got, want in zip(res.history, fp32.history):  # measured: within 0.05 at every epoch
+        assert abs(got["train_loss"] - want["train_loss"]) <= 0.1 + 0.25 * want["train_loss"], (got, want)
+    assert not all(torch.equal(a, b) for a, b in zip(m.parameters(), ref.parameters()))  # autocast was on
 
 
 def test_color_jitter_matches_torchvision_in_each_examples_order():
