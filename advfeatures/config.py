@@ -56,12 +56,17 @@ def add_discovery(hook) -> None:
         _DISCOVERY.append(hook)
 
 
-def register_section(name: str, cls: type) -> None:
+MOVED: dict[str, str] = {}
+"""Settings that moved to a registered section: old dotted name -> new one (refused, naming it)."""
+
+
+def register_section(name: str, cls: type, moved: dict[str, str] | None = None) -> None:
     if name in {f.name for f in dataclasses.fields(ExperimentConfig)}:
         raise ValueError(f"config section {name!r} is a built-in section")
     if SECTIONS.get(name, cls) is not cls:
         raise ValueError(f"config section {name!r} is registered twice")
     SECTIONS[name] = cls
+    MOVED.update(moved or {})
 
 
 AUGMENTATIONS = ("none", "crop_flip", "robustness")
@@ -301,26 +306,6 @@ class RuntimeConfig:
     shard_workers: int = 1
     """Shards generated at once in this process (a thread pool bounds it); torch's CPU threads are
     split between them unless runtime.threads is set."""
-    shard_executor: str = "local"
-    """'local': shards run as tasks of this flow. 'deployment': each shard is a flow run of the
-    ``shard_deployment`` deployment, taken by that work pool's workers."""
-    shard_deployment: str = "generate-shard/generate-shard"
-    shard_retries: int = 2
-    """With 'deployment': how often a shard whose run failed, crashed or was lost is submitted
-    again (each shard counts its own tries, whatever batch it ran in)."""
-    shards_per_run: int = 0
-    """With 'deployment': shards per flow run of the shard deployment, run one after another by
-    one worker (each shard keeps its own marker and retry count). 0 = auto: the pending shards
-    split evenly over the pool's online shard workers, so each worker pays a flow run's start
-    (~5-7 s with `advfeatures worker`, ~5-12 s with polling stock workers, measured) once per set
-    instead of once per shard."""
-    heartbeat_multiple: float = 3.0
-    """With 'deployment': a shard run that is Running (or Pending on a worker) and whose last
-    Prefect heartbeat is older than this many heartbeat periods is lost (its worker died with
-    it): it is marked Crashed and its shards are resubmitted, within shard_retries."""
-    shard_timeout: float = 0.0
-    """With 'deployment': seconds a set's shards may take from submission until all are done;
-    past it the set fails with an error naming the shards and their runs. 0 = no deadline."""
     attack_batch_size: int = 250
     eval_batch_size: int = 1000
 
@@ -328,13 +313,6 @@ class RuntimeConfig:
         _check(self.threads >= 0, "runtime.threads must be >= 0")
         _check(self.shard_workers >= 1, "runtime.shard_workers must be >= 1")
         _check(self.stage_workers >= 1, "runtime.stage_workers must be >= 1")
-        _check(self.shard_executor in ("local", "deployment"),
-               f"runtime.shard_executor={self.shard_executor!r}; choose local or deployment")
-        _check(self.shard_retries >= 0, "runtime.shard_retries must be >= 0")
-        _check(self.shards_per_run >= 0, "runtime.shards_per_run must be >= 0 (0 = auto)")
-        _check(self.heartbeat_multiple > 1, "runtime.heartbeat_multiple must be > 1 (heartbeat periods "
-               "without a heartbeat before a shard run counts as lost; 3 is a safe choice)")
-        _check(self.shard_timeout >= 0, "runtime.shard_timeout must be >= 0 seconds (0 = no deadline)")
         _check(self.amp in ("none", "bf16"), f"runtime.amp={self.amp!r}; choose none or bf16")
         _check(self.attack_batch_size >= 1 and self.eval_batch_size >= 1, "runtime batch sizes must be >= 1")
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
@@ -542,6 +520,10 @@ def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple
         _set_path(raw, ["data", "source"], str(data), "--data")
     if store is not None:
         _set_path(raw, ["runtime", "store"], str(store), "--store")
+    for old, new in MOVED.items():
+        section, _, key = old.partition(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"{old} is now {new}; rename it in the profile or override")
     source = raw.get("source", {})
     if not isinstance(source, dict):
         raise ConfigError("source must be a mapping with model and train sections")

@@ -14,7 +14,7 @@ work pool and prefect.yaml's deployments are registered (flows.serve.deploy) and
 ``--worker stock`` as well, stock `prefect worker start` ones polling every 5 s, the peer that
 takes runs on its polls only) are started and waited for until online. A child of this script (with
 PREFECT_API_URL pointing at that server) ingests the data and trains the source model outside the
-timing, then times the generate-set subflow with runtime.shard_executor=deployment: the shards go
+timing, then times the generate-set subflow with fanout.executor=deployment: the shards go
 as flow runs of the `generate-shard` deployment (``--shards-per-run`` per run; 0 = auto, one run
 per online worker; several values: one measurement each, e.g. ``0 1`` for batched against one run
 per shard), each of which a worker runs in a new `python -m prefect.engine` process. The server and
@@ -122,8 +122,8 @@ def _one(a) -> int:
     from benchmarks.common import machine
 
     flow(lambda: None, name="warm-up")()  # the client's first flow run, outside the timing
-    r = _measure(a, Path(a.tar), Path(a.store), ["runtime.shard_executor=deployment",
-                                                 f"runtime.shards_per_run={a.shards_per_run[0]}"])
+    r = _measure(a, Path(a.tar), Path(a.store), ["fanout.executor=deployment",
+                                                 f"fanout.per_run={a.shards_per_run[0]}"])
     r["machine"] = machine("cpu")
     print(RESULT + json.dumps(r), flush=True)
     return 0
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
                         "(1 2, 2 1, ...), so a machine that speeds up or slows down over the run does not bias "
                         "the speed-up; the speed-up is the ratio of median walls")
     p.add_argument("--shards-per-run", type=int, nargs="+", default=[0],
-                   help="processes mode: runtime.shards_per_run, one measurement per value (0 = auto: the shards "
+                   help="processes mode: fanout.per_run, one measurement per value (0 = auto: the shards "
                         "split evenly over the "
                         "online shard workers; 1 = one flow run per shard, as before batching)")
     p.add_argument("--worker", nargs="+", choices=["event", "stock"], default=["event"],
@@ -355,7 +355,7 @@ def main(argv=None) -> int:
         print(f"{label:>10} {w:>7} {k + 1:>3} {r['wall']:>11.1f} {shard:>8.1f} {pgd:>7.1f} {over:>8.2f} s {pct:>4.1f}% "
               f"{orch:>12.2f} s {orch_pct:>4.1f}% {len(runs):>5} {used:>10} {start:>7.1f} {end:>6.1f}")
     if a.mode == "processes":
-        print("# per run: runtime.shards_per_run (auto = the shards split evenly over the online workers); runs: "
+        print("# per run: fanout.per_run (auto = the shards split evenly over the online workers); runs: "
               "distinct writer processes in the markers (a process worker starts one per flow run); by workers: "
               f"distinct shard workers that ran them (from their logs){'' if ok else ' (see WARNING)'}; start: mean "
               "seconds from the set's start to a worker's first shard computing; end: last marker to the set "

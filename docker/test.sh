@@ -66,7 +66,7 @@ done
 
 say "tiny replication through the replicate deployment"
 compose exec -T controller advfeatures synth /store/data/tiny.zip --train 400 --test 200 >/dev/null
-params='{"profile": "tiny", "overrides": ["runtime.shard_executor=deployment", "runtime.threads=1",
+params='{"profile": "tiny", "overrides": ["fanout.executor=deployment", "runtime.threads=1",
   "data.source=/store/data/tiny.zip", "construct.n_images=200", "construct.shard_size=50"]}'
 compose exec -T controller prefect deployment run replicate/replicate --params "$params" \
     --watch --watch-interval 3 --watch-timeout 1200 | tail -5

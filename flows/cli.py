@@ -50,7 +50,7 @@ def _heartbeat_args(p: argparse.ArgumentParser) -> None:
                    help="heartbeat period of the deployments' flow runs (Prefect's minimum, 30, by default)")
     p.add_argument("--heartbeat-multiple", type=float, default=None, metavar="K",
                    help="the zombie-run automation marks a run Crashed after K periods without a heartbeat "
-                        "(default: runtime.heartbeat_multiple's default, 3)")
+                        "(default: fanout.heartbeat_multiple's default, 3)")
 
 
 def main(argv: list[str] | None = None) -> int:

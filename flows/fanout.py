@@ -1,16 +1,16 @@
 """A PGD set's pending shards fanned out as flow runs of the shard deployment, and watched.
 
-Each flow run takes a batch of shards (``runtime.shards_per_run``; 0 = auto: the pending shards
+Each flow run takes a batch of shards (``fanout.per_run``; 0 = auto: the pending shards
 split evenly over the pool's online shard workers) and runs them one after another; every shard
 keeps its own marker and its own count of tries. The parent polls its children:
 
 - a child whose shards all have their markers is done (as soon as the last one appears: the
   parent does not wait for the run's own end, which costs ~1 s of the set's critical path);
 - one that ends otherwise (Failed, Crashed, Cancelled), or is *lost* (Running or Pending with no
-  heartbeat for ``runtime.heartbeat_multiple`` periods: its worker died with it, so nobody will
+  heartbeat for ``fanout.heartbeat_multiple`` periods: its worker died with it, so nobody will
   report it; ``flows.liveness.lost``), is marked Crashed if need be, and its unfinished shards
-  are resubmitted as one new run, each shard at most ``runtime.shard_retries`` more times;
-- past ``runtime.shard_timeout`` seconds the set fails, naming the shards and runs still out.
+  are resubmitted as one new run, each shard at most ``fanout.retries`` more times;
+- past ``fanout.timeout`` seconds the set fails, naming the shards and runs still out.
 
 Idempotency keys are scoped to the parent run, the set, the batch and the try, so a retried
 parent does not duplicate its children. ``Children`` is the Prefect side, behind a small
@@ -34,7 +34,7 @@ from storage.store import Store
 
 CONTROL_WORKER_PREFIX = "control"
 """Workers of the pool whose name starts with it run controllers, not shards (serve and the
-compose stack name theirs so); the rest count as shard workers for shards_per_run=0."""
+compose stack name theirs so); the rest count as shard workers for fanout.per_run=0."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def batches(pending: list[int], per_run: int, workers: int) -> list[list[int]]:
     return [pending[i:i + size] for i in range(0, len(pending), size)]
 
 
-def fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], children: Children,
+def fan_out(spec: StageSpec, store_root: str, fo: Any, pending: list[int], children: Children,
             poll: float = 1.0, clock: Callable[[], float] = time.monotonic,
             now: Callable[[], _dt.datetime] = lambda: _dt.datetime.now(_dt.timezone.utc),
             on_done: Callable[[int], None] | None = None, state_poll: float = 0.0) -> None:
@@ -78,17 +78,17 @@ def fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], child
     if not pending:
         return
     path = Store(store_root).path(spec.folder, spec.key)
-    workers = children.shard_workers() if rt.shards_per_run == 0 else 0
+    workers = children.shard_workers() if fo.per_run == 0 else 0
     attempts = dict.fromkeys(pending, 0)
     live: dict[UUID, list[int]] = {}
-    for batch in batches(pending, rt.shards_per_run, workers):
+    for batch in batches(pending, fo.per_run, workers):
         live[children.submit(batch, 0)] = batch
-    print(f"set {spec.key}: {len(live)} shard runs submitted to deployment {rt.shard_deployment} "
+    print(f"set {spec.key}: {len(live)} shard runs submitted to deployment {fo.deployment} "
           f"({len(pending)} shards, up to {max(map(len, live.values()))} per run)")
     period = children.heartbeat_period()
     every = max(1.0, (period or 0) / 2)  # heartbeats are read at most this often per child
     checked: dict[UUID, float] = {}
-    deadline = clock() + rt.shard_timeout if rt.shard_timeout else None
+    deadline = clock() + fo.timeout if fo.timeout else None
     reported: set[int] = set()
 
     def report(shards: list[int]) -> None:
@@ -112,9 +112,9 @@ def fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], child
             read[run_id] = clock()
             st = children.state(run_id)
             if not st.final:
-                if not _lost(children, run_id, st, period, rt.heartbeat_multiple, every, checked, clock, now):
+                if not _lost(children, run_id, st, period, fo.heartbeat_multiple, every, checked, clock, now):
                     continue
-                msg = (f"lost: no heartbeat for over {rt.heartbeat_multiple:g} x {period:.0f} s while {st.name} "
+                msg = (f"lost: no heartbeat for over {fo.heartbeat_multiple:g} x {period:.0f} s while {st.name} "
                        f"(its worker died with it); marked Crashed by the parent")
                 children.mark_crashed(run_id, msg)
                 print(f"{label(shards)} of {spec.key}: flow run {run_id} {msg}")
@@ -127,7 +127,7 @@ def fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], child
             for s in left:
                 attempts[s] += 1
             tries = max(attempts[s] for s in left)
-            if tries > rt.shard_retries:
+            if tries > fo.retries:
                 worst = next(s for s in left if attempts[s] == tries)
                 raise RuntimeError(f"shard {worst} of set {spec.key} failed {tries} times "
                                    f"(last: {st.name}: {st.message}); see flow run {run_id}")
@@ -135,7 +135,7 @@ def fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], child
             live[children.submit(left, tries)] = left
         if deadline is not None and live and clock() > deadline:
             out = "; ".join(f"{label(s)} in flow run {r}" for r, s in live.items())
-            raise TimeoutError(f"set {spec.key}: not done after runtime.shard_timeout={rt.shard_timeout:g} s: "
+            raise TimeoutError(f"set {spec.key}: not done after fanout.timeout={fo.timeout:g} s: "
                                f"{out}; check the shard workers (are any online?) or raise the timeout")
 
 
@@ -151,19 +151,21 @@ def _lost(children: Children, run_id: UUID, st: RunState, period: float | None, 
 
 
 class PrefectChildren:
-    """Children as flow runs of ``rt.shard_deployment`` on the Prefect server of this flow run."""
+    """Children as flow runs of the ``deployment`` on the Prefect server of this flow run, each
+    given the ``runtime`` settings (a plain dict)."""
 
-    def __init__(self, client: Any, spec: StageSpec, store_root: str, rt: Any, runtime: dict[str, Any]):
+    def __init__(self, client: Any, spec: StageSpec, store_root: str, deployment: str, runtime: dict[str, Any]):
         from prefect.context import get_run_context
 
-        self.client, self.spec, self.store_root, self.rt, self.runtime = client, spec, store_root, rt, runtime
+        self.client, self.spec, self.store_root, self.deployment, self.runtime = (client, spec, store_root,
+                                                                                  deployment, runtime)
         self.parent = get_run_context().flow_run.id
         self.since = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
 
     def submit(self, shards: list[int], attempt: int) -> UUID:
         from prefect.deployments import run_deployment  # looked up per call, so tests can stand in
 
-        run = run_deployment(self.rt.shard_deployment, timeout=0, as_subflow=True,
+        run = run_deployment(self.fo.deployment, timeout=0, as_subflow=True,
                              idempotency_key=f"{self.parent}:{self.spec.key}:{'+'.join(map(str, shards))}:{attempt}",
                              parameters={"spec": self.spec.as_dict(), "store_root": self.store_root,
                                          "shards": list(shards), "runtime": self.runtime})
@@ -182,11 +184,11 @@ class PrefectChildren:
         mark_crashed(self.client, run_id, message)
 
     def heartbeat_period(self) -> float | None:
-        return deployment_period(self.client, self.rt.shard_deployment)
+        return deployment_period(self.client, self.fo.deployment)
 
     def shard_workers(self) -> int:
         """Online workers of the shard deployment's pool, less the controllers."""
-        pool = self.client.read_deployment_by_name(self.rt.shard_deployment).work_pool_name
+        pool = self.client.read_deployment_by_name(self.fo.deployment).work_pool_name
         if not pool:
             return 1
         workers = self.client.read_workers_for_work_pool(pool)

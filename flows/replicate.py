@@ -21,6 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures.config import ExperimentConfig, resolve, to_plain
 from advfeatures.cpus import split_threads
+from flows.settings import FanoutConfig
 from pipeline import progress
 from pipeline.experiments import get as get_experiment
 from pipeline.kinds import StageSpec, sharded, waves
@@ -68,25 +69,28 @@ def plan_for(cfg: ExperimentConfig, experiment: str = "replicate", until: str | 
 
 
 @flow(name="generate-set", flow_run_name="generate-{spec.config[kind]}-{spec.key}")
-def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any, pending: list[int] | None = None) -> str:
+def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any, pending: list[int] | None = None,
+                 fanout: Any = None) -> str:
     """One sharded set: create its arrays (unless the caller did and passes its ``pending``
     shards), run every unfinished shard, then seal it with a manifest.
 
     Each shard writes only its own chunks, so different shards never coordinate; the store's
     per-shard lock only stops two runs from computing the same shard. The flow's task
     runner (runtime.shard_workers threads) or the work pool bounds how many run at once. A failed
-    shard fails the set; a rerun redoes only the shards without a marker.
+    shard fails the set; a rerun redoes only the shards without a marker. ``fanout``: where the
+    shards go (``flows.settings.FanoutConfig``; default: this flow's threads).
     """
+    fanout = fanout or FanoutConfig()
     if pending is None:
         pending = T.prepare_set(spec, store_root, return_state=True).result() or []
-    if runtime_cfg.shard_executor == "deployment":
-        _fan_out(spec, store_root, runtime_cfg, pending)
+    if fanout.executor == "deployment":
+        _fan_out(spec, store_root, runtime_cfg, fanout, pending)
     else:
         run_shards(spec, store_root, runtime_cfg, pending)
     return T.finalize_set(spec, store_root, return_state=True).result()
 
 
-def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll: float = 0.5,
+def _fan_out(spec: StageSpec, store_root: str, rt: Any, fo: Any, pending: list[int], poll: float = 0.5,
              state_poll: float = 2.0) -> None:
     """Each batch of pending shards becomes a flow run of the shard deployment; wait for all,
     resubmitting the unfinished shards of a failed, crashed or lost run (``flows.fanout``)."""
@@ -96,8 +100,8 @@ def _fan_out(spec: StageSpec, store_root: str, rt: Any, pending: list[int], poll
 
     path = Store(store_root).path(spec.folder, spec.key)
     with get_client(sync_client=True) as client:
-        fan_out(spec, store_root, rt, pending, PrefectChildren(client, spec, store_root, rt, to_plain(rt)), poll=poll,
-                state_poll=state_poll, on_done=lambda shard: _shard_progress(spec, path, shard))
+        fan_out(spec, store_root, fo, pending, PrefectChildren(client, spec, store_root, fo.deployment, to_plain(rt)),
+                poll=poll, state_poll=state_poll, on_done=lambda shard: _shard_progress(spec, path, shard))
 
 
 def _shard_progress(spec: StageSpec, path: Any, shard: int) -> None:
@@ -110,7 +114,7 @@ def _shard_progress(spec: StageSpec, path: Any, shard: int) -> None:
         progress.emit(event(spec, marker, layout.num_shards, layout.num_shards - len(A.pending_shards(path, layout))))
 
 
-def _generate(spec: StageSpec, store_root: str, rt: Any) -> Any:
+def _generate(spec: StageSpec, store_root: str, rt: Any, fanout: Any = None) -> Any:
     """A sharded set: prepared here (a complete one ends Cached, without a generation subflow),
     then its shards and seal in the ``generate-set`` subflow. Returns the final state."""
     prepared = T.prepare_set(spec, store_root, return_state=True)
@@ -120,7 +124,8 @@ def _generate(spec: StageSpec, store_root: str, rt: Any) -> Any:
     if workers > 1 and rt.threads == 0:  # split the cores between concurrent shards
         rt = dataclasses.replace(rt, threads=split_threads(workers))
     runner = ThreadPoolTaskRunner(max_workers=workers)
-    state = generate_set.with_options(task_runner=runner)(spec, store_root, rt, prepared.result(), return_state=True)
+    state = generate_set.with_options(task_runner=runner)(spec, store_root, rt, prepared.result(), fanout,
+                                                           return_state=True)
     state.result()  # raises the set's failure
     return state
 
@@ -159,7 +164,7 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
     def one(spec: StageSpec) -> None:
         tell(spec)
         if sharded(spec) is not None:
-            tell(states=[_generate(spec, root, rt)])
+            tell(states=[_generate(spec, root, rt, cfg.fanout)])
         else:
             tell(states=[run_stage(T.task_for(spec), spec, root, rt, cfg.data)])
 

@@ -84,11 +84,11 @@ def deploy(env: dict[str, str] | None = None, pool_limit: int | None = None, sha
 
 
 def _check_heartbeat(heartbeat: int, multiple: float | None) -> float:
-    """The multiple to use (runtime.heartbeat_multiple's default unless given), after checking both."""
-    from advfeatures.config import RuntimeConfig
+    """The multiple to use (fanout.heartbeat_multiple's default unless given), after checking both."""
+    from flows.settings import FanoutConfig
     from flows import liveness
 
-    multiple = multiple or RuntimeConfig().heartbeat_multiple
+    multiple = multiple or FanoutConfig().heartbeat_multiple
     if heartbeat < liveness.min_period() or multiple <= 1:
         raise ValueError(f"--heartbeat {heartbeat} --heartbeat-multiple {multiple:g}: the period must be >= "
                          f"{liveness.min_period()} s (Prefect's minimum) and the multiple > 1")
