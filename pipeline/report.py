@@ -130,11 +130,9 @@ def write_run(store: Store, plan: Any, cfg: ExperimentConfig, build: Any = None,
     ``build(store, plan)`` makes the table (default: Table 1 of the replication) and
     ``markdown(df)`` its Markdown; the manifest names the ``experiment`` (its report section)."""
     spec = plan.run
-    if store.is_complete(spec.folder, spec.key):
-        return store.path(spec.folder, spec.key)
-    store.once(spec.folder, spec.key, lambda: store.is_complete(spec.folder, spec.key),
-               lambda: _write_run(store, plan, cfg, spec, build or build_table, markdown or to_markdown, experiment),
-               skipped=None)
+    with store.lock(spec.folder, spec.key):  # the store's truth, checked once, under the run's lock
+        if not store.is_complete(spec.folder, spec.key):
+            _write_run(store, plan, cfg, spec, build or build_table, markdown or to_markdown, experiment)
     return store.path(spec.folder, spec.key)
 
 

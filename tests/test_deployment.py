@@ -1,17 +1,21 @@
 """Shards fanned out as flow runs of the `generate-shard` deployment to 2 process workers of a
-real local Prefect server (`advfeatures serve`), against the in-process path: same bytes; and the
-same with the store given as an fsspec URL (file://), where the workers' stage locks are Prefect
-concurrency limits on that server and Prefect's result records live in the store. Then what
-happens when processes die: a shard run killed alone, a shard worker killed with its run (found
-by its lapsed heartbeats), the controller killed with its `replicate` run (marked Crashed by the
-zombie-run automation), and SIGTERM to `serve`.
+real local Prefect server (`advfeatures serve`), against the bare executors in this process: same
+bytes; and the same with the store given as an fsspec URL (file://), where the workers' stage locks
+are Prefect concurrency limits on that server. Then what happens when processes die, one scenario
+per failure mode: a shard run killed alone (reported Crashed by its worker), a shard worker killed
+with its run (found by its lapsed heartbeats), runs whose processes died unreported (the controller
+killed with its `replicate` run, a run left Pending: both marked Crashed by the zombie-run
+automation), and SIGTERM to `serve`.
 
-Durations on the 2-core machine (shared): the module ~3-4 min, of which serve's start ~40 s, the
-lost-worker test ~50 s, the orphaned-controller test ~60 s, the SIGTERM test ~20 s."""
+One server for the module; every store starts from the reference's dataset and source model, so
+the runs compute only the set under test and what follows it; the server is asked over its REST
+API, not through `prefect` CLI processes. Durations on the 2-core machine: the module ~3 min, of
+which serve's start ~40 s."""
 
+import datetime as dt
 import json
 import os
-import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,14 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import build
 
 from storage import arrays as A
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
 
 # Loaded by every process of the served stack (server, workers, their flow runs) through PYTHONPATH:
 # - the first shard marker written to a store whose path contains "crash-" SIGKILLs its own process
@@ -37,6 +39,9 @@ pytestmark = pytest.mark.slow
 # - the first one written to a store whose path contains "lost-" SIGKILLs the shard worker that
 #   runs this flow run and then the flow run itself: a host or container lost mid-shard, after
 #   which nobody reports anything and only the heartbeats tell;
+# - the first marker written to a store whose path contains "orphan-" after another one parks its
+#   process (a `replicate` run making its shards locally) with its heartbeats going, until the test
+#   kills it: mid-set, at a moment the test knows without polling for progress;
 # - Prefect's 30-s floor on heartbeat periods is lowered (ADVFEATURES_TEST_HEARTBEAT_FLOOR), so
 #   the served deployments beat every few seconds and a lost run is found in seconds, not minutes.
 KILL_ONCE = """
@@ -49,6 +54,7 @@ if os.environ.get("ADVFEATURES_TEST_KILL_ONCE"):
 
     _flag, _write = Path(os.environ["ADVFEATURES_TEST_KILL_ONCE"]), _arrays.atomic_write_json
     _lost = Path(os.environ["ADVFEATURES_TEST_KILL_ONCE"] + "-worker")
+    _parked = Path(os.environ["ADVFEATURES_TEST_KILL_ONCE"] + "-parked")
 
     def _cmdline(pid):
         try:
@@ -66,6 +72,12 @@ if os.environ.get("ADVFEATURES_TEST_KILL_ONCE"):
                 _lost.write_text(f"{worker} {os.getpid()}")
                 os.kill(worker, signal.SIGKILL)
                 os.kill(os.getpid(), signal.SIGKILL)
+        if "orphan-" in str(path) and "_shards" in str(path) and not _parked.exists() \
+                and any(Path(path).parent.glob("*.json")):
+            import threading
+
+            _parked.write_text(str(os.getpid()))
+            threading.Event().wait()  # mid-set, beating, until the test kills this process
         return _write(path, obj)
 
     _arrays.atomic_write_json = _kill_before_first_marker
@@ -107,8 +119,11 @@ if os.environ.get("ADVFEATURES_TEST_HEARTBEAT_FLOOR"):
 
     sys.meta_path.insert(0, _AfterImport())
 """
-HEARTBEAT, MULTIPLE = 3, 5  # seconds between heartbeats of the served runs; periods until lost
+HEARTBEAT, MULTIPLE = 3, 8  # seconds between heartbeats of the served runs; periods until lost
+# (8 x 3 s: a flow-run process started on a loaded machine beats within it)
 POLL = 45  # seconds between the workers' polls: runs are taken on the server's events (flows.worker)
+PATIENT = "runtime.heartbeat_multiple=20"  # runs that test no loss: a slow start is not judged lost
+DET = ["construct.sets=[det]", "runtime.threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -116,22 +131,25 @@ def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     (home / "site").mkdir()
     (home / "site" / "sitecustomize.py").write_text(KILL_ONCE)
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": str(POLL),
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_WORKER_QUERY_SECONDS": str(POLL),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(home / "site"), os.environ.get("PYTHONPATH")])),
            "ADVFEATURES_TEST_KILL_ONCE": str(home / "killed"), "ADVFEATURES_TEST_HEARTBEAT_FLOOR": "1"}
+    from conftest import free_port
+
+    port = free_port()
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     log = open(home / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--workers", "2", "--port", str(port),
                              "--shard-limit", "2", "--heartbeat", str(HEARTBEAT), "--heartbeat-multiple",
                              str(MULTIPLE)],
                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.time()
-    while "ready:" not in (home / "serve.log").read_text():
+    while "ready:" not in (home / "serve.log").read_text():  # serve prints it once all is up
         if proc.poll() is not None or time.time() - t0 > 180:
             proc.kill()
             pytest.fail(f"advfeatures serve did not come up:\n{(home / 'serve.log').read_text()[-4000:]}")
-        time.sleep(1)
+        time.sleep(0.5)
     yield {**env, "_SERVE_PID": str(proc.pid), "_SERVE_LOG": str(home / "serve.log")}
     if proc.poll() is None:
         os.killpg(proc.pid, 2)
@@ -141,78 +159,106 @@ def server(tmp_path_factory):
             os.killpg(proc.pid, 9)
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_tar, tmp_path_factory):
+    """(store folder, key, rows) of the det set made by the bare executors in this process, without
+    Prefect: what every fan-out must equal. Its dataset and source model seed every other store."""
+    from pipeline import stages
+
+    cfg, st, plan = build(tiny_tar, tmp_path_factory.mktemp("reference") / "store", DET)
+    spec = plan.constructs["det"]
+    stages.generate(st, spec, cfg.runtime)
+    return st.root, spec.key, A.read_rows(st.path("constructed", spec.key))
+
+
+def _seeded(reference, dest):
+    """A store at ``dest`` holding the reference's dataset and source model (no set, no lock files)."""
+    for folder in ("datasets", "models"):
+        shutil.copytree(reference[0] / folder, dest / folder, ignore=shutil.ignore_patterns(".*"))
+    return dest
+
+
+def _env(env):
+    return {k: v for k, v in env.items() if not k.startswith("_")}
+
+
 def _run(env, tar, store, *extra):
-    over = ["construct.sets=[det]", "runtime.threads=1", *extra]
     args = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--data", str(tar), "--store", str(store)]
-    for o in over:
+    for o in [*DET, *extra]:
         args += ["--set", o]
-    env = {k: v for k, v in env.items() if not k.startswith("_")}
-    out = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(args, env=_env(env), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
-
-
-@pytest.fixture(scope="module")
-def reference(server, tiny_tar, tmp_path_factory):
-    """(key, rows) of the det set made in-process, without the server: what every fan-out must equal."""
-    local = tmp_path_factory.mktemp("reference") / "local"
-    _run({k: v for k, v in server.items() if k not in ("PREFECT_API_URL", "ADVFEATURES_TEST_KILL_ONCE",
-                                                       "ADVFEATURES_TEST_HEARTBEAT_FLOOR")},
-         tiny_tar, local)
-    (key,) = [p.name for p in (local / "constructed").iterdir() if not p.name.startswith(".")
-              and (local / "constructed" / p.name / "_shards").exists()]
-    return key, A.read_rows(local / "constructed" / key)
 
 
 def _same(rows, reference_rows) -> bool:
     return set(rows) == set(reference_rows) and all(np.array_equal(rows[k], reference_rows[k]) for k in rows)
 
 
-def _pickups(env) -> dict[str, float]:
-    """Seconds from Scheduled to Pending (taken by a worker) of each generate-shard run so far."""
-    code = """
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-with get_client(sync_client=True) as c:
-    for r in c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["generate-shard"]))):
-        t = {s.type.value: s.timestamp for s in reversed(c.read_flow_run_states(r.id))}
-        if "SCHEDULED" in t and "PENDING" in t:
-            print(r.id, (t["PENDING"] - t["SCHEDULED"]).total_seconds())
-"""
-    out = subprocess.run([sys.executable, "-c", code], env={k: v for k, v in env.items() if not k.startswith("_")},
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return {run: float(w) for run, w in (line.split() for line in out.stdout.splitlines())}
+def _api(env, path, body=None):
+    req = urllib.request.Request(env["PREFECT_API_URL"] + path, method="POST" if body is not None else "GET",
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or "null")
+
+
+def _runs(env, *state_types, **flow_run_filter):
+    body = {"flow_runs": {"state": {"type": {"any_": list(state_types)}}, **flow_run_filter}, "limit": 200}
+    return _api(env, "/flow_runs/filter", body)
+
+
+def _shard_runs(env, *state_types):
+    body = {"flows": {"name": {"any_": ["generate-shard"]}}, "limit": 200}
+    if state_types:
+        body["flow_runs"] = {"state": {"type": {"any_": list(state_types)}}}
+    return _api(env, "/flow_runs/filter", body)
+
+
+def _pickups(env) -> dict[str, tuple[str, float]]:
+    """Per generate-shard run so far: (idempotency key, seconds from Scheduled to Pending: taken by
+    a worker)."""
+    out = {}
+    for r in _shard_runs(env):
+        first = {}
+        for s in sorted(_api(env, f"/flow_run_states/?flow_run_id={r['id']}"), key=lambda s: s["timestamp"]):
+            first.setdefault(s["type"], dt.datetime.fromisoformat(s["timestamp"]))
+        if "SCHEDULED" in first and "PENDING" in first:
+            out[r["id"]] = (r["idempotency_key"] or "", (first["PENDING"] - first["SCHEDULED"]).total_seconds())
+    return out
+
+
+def _fan_out_lines(out):
+    return "\n".join(ln for ln in out.splitlines() if "shard" in ln and ("submitted" in ln or "resubmitting" in ln
+                                                                        or "lost" in ln))
 
 
 def test_shards_fan_out_to_deployment_workers(server, reference, tiny_tar, tmp_path):
-    key, b = reference
-    fanned = _run(server, tiny_tar, tmp_path / "fanned", "runtime.shard_executor=deployment",
-                  "runtime.shards_per_run=1")
+    _, key, b = reference
+    fanned = _run(server, tiny_tar, _seeded(reference, tmp_path / "fanned"), "runtime.shard_executor=deployment",
+                  "runtime.shards_per_run=1", PATIENT)
     assert _same(A.read_rows(tmp_path / "fanned" / "constructed" / key), b)
     assert "3 shard runs submitted to deployment generate-shard/generate-shard" in fanned
-
-    from_server = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "ls", "--flow-name", "generate-shard",
-                                  "--state", "COMPLETED", "--limit", "50"], env=server, cwd=ROOT,
-                                 capture_output=True, text=True)
-    assert from_server.stdout.count("shard-") >= 3, from_server.stdout  # 3 shards ran on the workers
+    completed = [r["name"] for r in _shard_runs(server, "COMPLETED")]
+    assert len(completed) >= 3, completed  # 3 shards ran on the workers
     before = _pickups(server)
-    queue = subprocess.run([sys.executable, "-m", "prefect", "work-queue", "inspect", "shards", "--pool", "advfeatures",
-                            "-o", "json"], env=server, cwd=ROOT, capture_output=True, text=True)
-    assert json.loads(queue.stdout)["concurrency_limit"] == 2, queue.stdout + queue.stderr  # serve --shard-limit 2
+    queue = _api(server, "/work_pools/advfeatures/queues/shards")
+    assert queue["concurrency_limit"] == 2, queue  # serve --shard-limit 2
 
     url = f"file://{tmp_path}/url"
-    on_url = _run(server, tiny_tar, url, "runtime.shard_executor=deployment")  # shards_per_run=0: auto
+    _seeded(reference, tmp_path / "url")
+    on_url = _run(server, tiny_tar, url, "runtime.shard_executor=deployment", PATIENT)  # shards_per_run=0: auto
     assert "2 shard runs submitted to deployment generate-shard/generate-shard (3 shards, up to 2 per run)" in on_url
-    waits = [w for run, w in _pickups(server).items() if run not in before]
-    assert len(waits) == 2 and max(waits) < 10, waits  # taken on events: polls are 45 s (+-30%) apart
+    firsts = [w for run, (key_, w) in _pickups(server).items() if run not in before and key_.endswith(":0")]
+    # taken on events: polls are 45 s (+-30%) apart
+    assert len(firsts) == 2 and max(firsts) < 10, (firsts, _fan_out_lines(on_url))
     assert _same(A.read_rows(url + f"/constructed/{key}"), b)
     markers = [p for p in (tmp_path / "url" / "constructed" / key / "_shards").glob("*.json")]
     assert len(markers) == 3
     assert not (tmp_path / "url" / ".locks").exists()  # URL store: Prefect's locks, not flock files
-    again = _run(server, tiny_tar, url, "runtime.shard_executor=deployment")
+    again = _run(server, tiny_tar, url, "runtime.shard_executor=deployment", PATIENT)
     assert "shard runs submitted" not in again and "computed this run: 0.0 s" in again
-    assert any((tmp_path / "url" / ".prefect" / "results").iterdir())  # records beside the artifacts
+    assert not (tmp_path / "url" / ".prefect").exists()  # Prefect keeps no records of its own in the store
 
 
 def test_a_shard_run_killed_mid_write_is_resubmitted_and_the_set_is_identical(server, reference, tiny_tar,
@@ -222,28 +268,16 @@ def test_a_shard_run_killed_mid_write_is_resubmitted_and_the_set_is_identical(se
     byte-identical to an uninterrupted in-process run."""
     killed = Path(server["ADVFEATURES_TEST_KILL_ONCE"])
     assert not killed.exists()
-    out = _run(server, tiny_tar, tmp_path / "crash-store", "runtime.shard_executor=deployment")
+    store = _seeded(reference, tmp_path / "crash-store")
+    out = _run(server, tiny_tar, store, "runtime.shard_executor=deployment", PATIENT)
     assert killed.exists(), "the fault was not injected"
     assert "ended Crashed; resubmitting (try 2)" in out, out[-3000:]
-    key, b = reference
-    assert _same(A.read_rows(tmp_path / "crash-store" / "constructed" / key), b)
+    _, key, b = reference
+    assert _same(A.read_rows(store / "constructed" / key), b)
     from pipeline.stages import verify
     from storage.store import Store
 
-    assert verify(Store(tmp_path / "crash-store"), key) == []
-
-
-def _api(env, path, body=None):
-    req = urllib.request.Request(env["PREFECT_API_URL"] + path, method="POST" if body is not None else "GET",
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def _runs(env, *state_types, **flow_run_filter):
-    body = {"flow_runs": {"state": {"type": {"any_": list(state_types)}}, **flow_run_filter}, "limit": 200}
-    return _api(env, "/flow_runs/filter", body)
+    assert verify(Store(store), key) == []
 
 
 def _wait_for(what, cond, timeout):
@@ -268,26 +302,26 @@ def test_a_lost_shard_worker_is_restarted_and_its_shards_resubmitted(server, ref
     restarts the worker, the set is byte-identical to an uninterrupted run, no run is left Running."""
     flag = Path(server["ADVFEATURES_TEST_KILL_ONCE"] + "-worker")
     assert not flag.exists()
-    out = _run(server, tiny_tar, tmp_path / "lost-store", "runtime.shard_executor=deployment",
-               f"runtime.heartbeat_multiple={MULTIPLE}")
+    store = _seeded(reference, tmp_path / "lost-store")
+    out = _run(server, tiny_tar, store, "runtime.shard_executor=deployment", f"runtime.heartbeat_multiple={MULTIPLE}")
     assert flag.exists(), "the fault was not injected"
     worker_pid, run_pid = map(int, flag.read_text().split())
-    print("\n".join(ln for ln in out.splitlines() if "lost" in ln or "resubmitting" in ln))
+    print(_fan_out_lines(out))
     assert "resubmitting (try 2)" in out, out[-3000:]
     # found by its heartbeats: by this parent ("lost: no heartbeat"), or first by the zombie automation
     assert "lost: no heartbeat for over" in out or "ended Crashed; resubmitting" in out, out[-3000:]
-    key, b = reference
-    assert _same(A.read_rows(tmp_path / "lost-store" / "constructed" / key), b)
+    _, key, b = reference
+    assert _same(A.read_rows(store / "constructed" / key), b)
     from pipeline.stages import verify
     from storage.store import Store
 
-    assert verify(Store(tmp_path / "lost-store"), key) == []
+    assert verify(Store(store), key) == []
     assert _api(server, "/health") is True  # the server never went down
     log = Path(server["_SERVE_LOG"]).read_text()
     assert f"(pid {worker_pid}) exited with code -9" in log and "restarted" in log, log[-3000:]
     _wait_for("2 shard workers online again", lambda: _online_shard_workers(server) == 2, 60)
     # nothing left Running (the parent moves on once a batch's markers are there, as its run ends)
-    _wait_for("no run left Running", lambda: _runs(server, "RUNNING", "PENDING") == [], 30)
+    _wait_for("no run left Running", lambda: _runs(server, "RUNNING", "PENDING") == [], 60)
 
 
 def _flow_run_pid(run_id):
@@ -304,70 +338,59 @@ def _flow_run_pid(run_id):
 
 
 def _deployment_run(env, params):
-    out = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "replicate/replicate",
-                          "--params", json.dumps(params)], env={k: v for k, v in env.items() if not k.startswith("_")},
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+    """A run of the replicate deployment, as `prefect deployment run` makes one: its id."""
+    deployment = _api(env, "/deployments/name/replicate/replicate")
+    return _api(env, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": params})["id"]
 
 
 def _state(env, run_id):
     return _api(env, f"/flow_runs/{run_id}")["state"]
 
 
-def test_a_run_left_pending_by_a_dead_process_is_marked_crashed(server):
+def _left_pending(env):
     """A run of ours that entered Pending and never ran (its process died first: a generate-set
-    subflow created just before its controller was SIGKILLed) is marked Crashed by the zombie-run
-    automation, though it never sent a heartbeat."""
-    code = """
-from prefect import flow
-from prefect.client.orchestration import get_client
-from prefect.states import Pending
-
-@flow(name="left-pending")
-def left_pending():
-    pass
-
-with get_client(sync_client=True) as c:
-    run = c.create_flow_run(left_pending, tags=["advfeatures"])
-    c.set_flow_run_state(run.id, Pending())
-    print(run.id)
-"""
-    out = subprocess.run([sys.executable, "-c", code], env={k: v for k, v in server.items() if not k.startswith("_")},
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    run_id = out.stdout.split()[-1]
-    state = _wait_for("the Pending run marked Crashed", lambda: (s := _state(server, run_id))["type"] == "CRASHED" and s,
-                      HEARTBEAT * MULTIPLE + 60)
-    assert "no heartbeat" in state["message"]
+    subflow created just before its controller was SIGKILLed): its id."""
+    flow = _api(env, "/flows/", {"name": "left-pending"})
+    run = _api(env, "/flow_runs/", {"flow_id": flow["id"], "tags": ["advfeatures"], "state": {"type": "SCHEDULED"}})
+    _api(env, f"/flow_runs/{run['id']}/set_state", {"state": {"type": "PENDING"}})
+    assert _state(env, run["id"])["type"] == "PENDING"
+    return run["id"]
 
 
-def test_an_orphaned_replicate_run_is_marked_crashed_and_a_rerun_completes(server, tiny_tar, tmp_path):
-    """SIGKILL of the controller worker together with the `replicate` deployment run it executes:
-    the zombie-run automation (created by `advfeatures deploy`) marks the run Crashed once its
-    heartbeats stop, serve restarts the controller, and a rerun completes from the store."""
-    store = tmp_path / "orphan-store"
-    params = {"profile": "tiny", "data": str(tiny_tar), "store": str(store),
-              "overrides": ["runtime.shard_executor=deployment", "construct.sets=[det]", "runtime.threads=1"]}
+def test_runs_whose_processes_died_are_marked_crashed_and_a_rerun_completes(server, reference, tiny_tar, tmp_path):
+    """Runs nobody will report, marked Crashed by the zombie-run automation (created by `advfeatures
+    deploy`): the `replicate` deployment run whose controller worker was SIGKILLed with it mid-set
+    (its heartbeats stop), and a run left Pending by a dead process (it never beat). serve restarts
+    the controller, and a rerun completes from the store, keeping the shards done before the kill."""
+    pending = _left_pending(server)
+    store = _seeded(reference, tmp_path / "orphan-store")
+    params = {"profile": "tiny", "data": str(tiny_tar), "store": str(store), "overrides": DET}
     run_id = _deployment_run(server, params)
-    _wait_for("the source model", lambda: list(store.glob("models/*/manifest.json")), 180)
-    pid = _wait_for("the run's process", lambda: _flow_run_pid(run_id), 30)
+    parked = Path(server["ADVFEATURES_TEST_KILL_ONCE"] + "-parked")
+    pid = int(_wait_for("the run parked mid-set", lambda: parked.exists() and parked.read_text(), 300))
+    assert _flow_run_pid(run_id) == pid
+    kept = {p.name: p.stat().st_mtime_ns for p in store.glob("constructed/*/_shards/*.json")}
+    assert kept, "no shard was done before the kill"
     worker = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     assert b"control" in Path(f"/proc/{worker}/cmdline").read_bytes()
     os.kill(worker, signal.SIGKILL)
     os.kill(pid, signal.SIGKILL)
     t0 = time.time()
-    state = _wait_for("replicate marked Crashed", lambda: (s := _state(server, run_id))["type"] == "CRASHED" and s,
-                      HEARTBEAT * MULTIPLE + 60)
-    print(f"marked Crashed {time.time() - t0:.0f} s after the kill: {state['message']}")
-    assert "no heartbeat" in state["message"]
-    _wait_for("no run left Running", lambda: _runs(server, "RUNNING", "PENDING") == [], HEARTBEAT * MULTIPLE + 60)
+    window = HEARTBEAT * MULTIPLE + 60
+    for what, rid in (("the replicate run", run_id), ("the Pending run", pending)):
+        state = _wait_for(f"{what} marked Crashed", lambda: (s := _state(server, rid))["type"] == "CRASHED" and s,
+                          window)
+        print(f"{what} marked Crashed {time.time() - t0:.0f} s after the kill: {state['message']}")
+        assert "no heartbeat" in state["message"]
+    _wait_for("no run left Running", lambda: _runs(server, "RUNNING", "PENDING") == [], window)
     assert "controller worker" in Path(server["_SERVE_LOG"]).read_text().split("exited with code -9")[-2][-200:]
     again = _deployment_run(server, params)
     done = _wait_for("the rerun", lambda: (s := _state(server, again))["type"] in ("COMPLETED", "FAILED", "CRASHED")
                      and s, 300)
     assert done["type"] == "COMPLETED", done
     assert list(store.glob("runs/*/table.csv"))
+    markers = {p.name: p.stat().st_mtime_ns for p in store.glob("constructed/*/_shards/*.json")}
+    assert len(markers) == 3 and all(markers[k] == v for k, v in kept.items())  # done shards not redone
 
 
 def test_sigterm_stops_serve_and_every_child_within_30_s(server, tiny_tar, tmp_path):

@@ -67,4 +67,5 @@ def label(spec: dict[str, Any], labels: dict[str, str]) -> str:
 # images; per-row random start; amp in the key; shard_size/chunk_size out of the key.
 KIND = declare(StageKind("construct", 2, "constructed", execute,
                          "a constructed training set, built by its kind's set builder (pipeline.sets)",
-                         label=label, verify=verify_set, sharded=lambda spec: sharded(spec), task_name="build-set"))
+                         label=label, verify=verify_set, sharded=lambda spec: sharded(spec), task_name="build-set",
+                         events=("pgd_set", "pgd_batch", "shard_done")))  # emitted by the sharded (PGD) builder
