@@ -165,7 +165,7 @@ class PrefectChildren:
     def submit(self, shards: list[int], attempt: int) -> UUID:
         from prefect.deployments import run_deployment  # looked up per call, so tests can stand in
 
-        run = run_deployment(self.fo.deployment, timeout=0, as_subflow=True,
+        run = run_deployment(self.deployment, timeout=0, as_subflow=True,
                              idempotency_key=f"{self.parent}:{self.spec.key}:{'+'.join(map(str, shards))}:{attempt}",
                              parameters={"spec": self.spec.as_dict(), "store_root": self.store_root,
                                          "shards": list(shards), "runtime": self.runtime})
@@ -184,11 +184,11 @@ class PrefectChildren:
         mark_crashed(self.client, run_id, message)
 
     def heartbeat_period(self) -> float | None:
-        return deployment_period(self.client, self.fo.deployment)
+        return deployment_period(self.client, self.deployment)
 
     def shard_workers(self) -> int:
         """Online workers of the shard deployment's pool, less the controllers."""
-        pool = self.client.read_deployment_by_name(self.fo.deployment).work_pool_name
+        pool = self.client.read_deployment_by_name(self.deployment).work_pool_name
         if not pool:
             return 1
         workers = self.client.read_workers_for_work_pool(pool)

@@ -122,7 +122,7 @@ if os.environ.get("ADVFEATURES_TEST_HEARTBEAT_FLOOR"):
 HEARTBEAT, MULTIPLE = 3, 8  # seconds between heartbeats of the served runs; periods until lost
 # (8 x 3 s: a flow-run process started on a loaded machine beats within it)
 POLL = 45  # seconds between the workers' polls: runs are taken on the server's events (flows.worker)
-PATIENT = "runtime.heartbeat_multiple=20"  # runs that test no loss: a slow start is not judged lost
+PATIENT = "fanout.heartbeat_multiple=20"  # runs that test no loss: a slow start is not judged lost
 DET = ["construct.sets=[det]", "runtime.threads=1"]
 
 
@@ -235,8 +235,8 @@ def _fan_out_lines(out):
 
 def test_shards_fan_out_to_deployment_workers(server, reference, tiny_tar, tmp_path):
     _, key, b = reference
-    fanned = _run(server, tiny_tar, _seeded(reference, tmp_path / "fanned"), "runtime.shard_executor=deployment",
-                  "runtime.shards_per_run=1", PATIENT)
+    fanned = _run(server, tiny_tar, _seeded(reference, tmp_path / "fanned"), "fanout.executor=deployment",
+                  "fanout.per_run=1", PATIENT)
     assert _same(A.read_rows(tmp_path / "fanned" / "constructed" / key), b)
     assert "3 shard runs submitted to deployment generate-shard/generate-shard" in fanned
     completed = [r["name"] for r in _shard_runs(server, "COMPLETED")]
@@ -247,7 +247,7 @@ def test_shards_fan_out_to_deployment_workers(server, reference, tiny_tar, tmp_p
 
     url = f"file://{tmp_path}/url"
     _seeded(reference, tmp_path / "url")
-    on_url = _run(server, tiny_tar, url, "runtime.shard_executor=deployment", PATIENT)  # shards_per_run=0: auto
+    on_url = _run(server, tiny_tar, url, "fanout.executor=deployment", PATIENT)  # fanout.per_run=0: auto
     assert "2 shard runs submitted to deployment generate-shard/generate-shard (3 shards, up to 2 per run)" in on_url
     firsts = [w for run, (key_, w) in _pickups(server).items() if run not in before and key_.endswith(":0")]
     # taken on events: polls are 45 s (+-30%) apart
@@ -256,7 +256,7 @@ def test_shards_fan_out_to_deployment_workers(server, reference, tiny_tar, tmp_p
     markers = [p for p in (tmp_path / "url" / "constructed" / key / "_shards").glob("*.json")]
     assert len(markers) == 3
     assert not (tmp_path / "url" / ".locks").exists()  # URL store: Prefect's locks, not flock files
-    again = _run(server, tiny_tar, url, "runtime.shard_executor=deployment", PATIENT)
+    again = _run(server, tiny_tar, url, "fanout.executor=deployment", PATIENT)
     assert "shard runs submitted" not in again and "computed this run: 0.0 s" in again
     assert not (tmp_path / "url" / ".prefect").exists()  # Prefect keeps no records of its own in the store
 
@@ -269,7 +269,7 @@ def test_a_shard_run_killed_mid_write_is_resubmitted_and_the_set_is_identical(se
     killed = Path(server["ADVFEATURES_TEST_KILL_ONCE"])
     assert not killed.exists()
     store = _seeded(reference, tmp_path / "crash-store")
-    out = _run(server, tiny_tar, store, "runtime.shard_executor=deployment", PATIENT)
+    out = _run(server, tiny_tar, store, "fanout.executor=deployment", PATIENT)
     assert killed.exists(), "the fault was not injected"
     assert "ended Crashed; resubmitting (try 2)" in out, out[-3000:]
     _, key, b = reference
@@ -303,7 +303,7 @@ def test_a_lost_shard_worker_is_restarted_and_its_shards_resubmitted(server, ref
     flag = Path(server["ADVFEATURES_TEST_KILL_ONCE"] + "-worker")
     assert not flag.exists()
     store = _seeded(reference, tmp_path / "lost-store")
-    out = _run(server, tiny_tar, store, "runtime.shard_executor=deployment", f"runtime.heartbeat_multiple={MULTIPLE}")
+    out = _run(server, tiny_tar, store, "fanout.executor=deployment", f"fanout.heartbeat_multiple={MULTIPLE}")
     assert flag.exists(), "the fault was not injected"
     worker_pid, run_pid = map(int, flag.read_text().split())
     print(_fan_out_lines(out))
@@ -401,7 +401,7 @@ def test_sigterm_stops_serve_and_every_child_within_30_s(server, tiny_tar, tmp_p
     serve = int(server["_SERVE_PID"])
     store = tmp_path / "sigterm-store"
     run_id = _deployment_run(server, {"profile": "tiny", "data": str(tiny_tar), "store": str(store),
-                                      "overrides": ["runtime.shard_executor=deployment", "runtime.threads=1"]})
+                                      "overrides": ["fanout.executor=deployment", "runtime.threads=1"]})
     _wait_for("the run's process", lambda: _flow_run_pid(run_id), 60)
     tree = descendants([serve])
     assert len(tree) >= 5, tree  # server, controller, 2 shard workers, the run's process

@@ -9,8 +9,9 @@ import uuid
 
 import pytest
 
-from advfeatures.config import ConfigError, RuntimeConfig
+from advfeatures.config import ConfigError, resolve
 from flows import fanout as F
+from flows.settings import FanoutConfig
 from flows.liveness import lost
 from pipeline.plan import StageSpec
 from storage import arrays as A
@@ -97,7 +98,7 @@ def setup(tmp_path, monkeypatch):
 def test_failed_and_crashed_children_are_resubmitted(setup):
     spec, path, run = setup
     kids = run({((1,), 0): "FAILED", ((2,), 0): "CRASHED", ((2,), 1): "FAILED"},
-               RuntimeConfig(shard_retries=2, shards_per_run=1), [0, 1, 2])
+               FanoutConfig(retries=2, per_run=1), [0, 1, 2])
     assert sorted(map(tuple, (s for s, _ in kids.submitted))) == [(0,), (1,), (1,), (2,), (2,), (2,)]
     assert [a for s, a in kids.submitted if s == [2]] == [0, 1, 2]  # the try is in the idempotency key
     assert all(A.shard_done(path, s) for s in (0, 1, 2))
@@ -106,7 +107,7 @@ def test_failed_and_crashed_children_are_resubmitted(setup):
 def test_gives_up_after_the_retries(setup):
     spec, path, run = setup
     with pytest.raises(RuntimeError, match="shard 0 of set .* failed 2 times"):
-        run({((0,), 0): "FAILED", ((0,), 1): "FAILED"}, RuntimeConfig(shard_retries=1, shards_per_run=1), [0, 1])
+        run({((0,), 0): "FAILED", ((0,), 1): "FAILED"}, FanoutConfig(retries=1, per_run=1), [0, 1])
 
 
 def test_completed_without_marker_counts_as_failed(setup, monkeypatch):
@@ -114,7 +115,7 @@ def test_completed_without_marker_counts_as_failed(setup, monkeypatch):
     spec, path, run = setup
     monkeypatch.setattr(F, "shard_done", lambda p, s: False)
     with pytest.raises(RuntimeError, match="failed 1 times"):
-        run({}, RuntimeConfig(shard_retries=0, shards_per_run=1), [0])
+        run({}, FanoutConfig(retries=0, per_run=1), [0])
 
 
 def test_batches_split_pending_shards_over_the_shard_workers():
@@ -129,14 +130,14 @@ def test_a_batch_resubmits_only_its_unfinished_shards(setup):
     """Each shard of a batch is its own marker and retry unit: a batch run that crashed after its
     first shard is resubmitted with the rest only."""
     spec, path, run = setup
-    kids = run({((0, 1, 2), 0): "PARTIAL"}, RuntimeConfig(shard_retries=1, shards_per_run=3), [0, 1, 2])
+    kids = run({((0, 1, 2), 0): "PARTIAL"}, FanoutConfig(retries=1, per_run=3), [0, 1, 2])
     assert kids.submitted == [([0, 1, 2], 0), ([1, 2], 1)]
     assert all(A.shard_done(path, s) for s in (0, 1, 2))
 
 
 def test_auto_batches_give_every_online_shard_worker_one_run(setup):
     spec, path, run = setup
-    kids = run({}, RuntimeConfig(shards_per_run=0), [0, 1, 2, 3], workers=2)
+    kids = run({}, FanoutConfig(per_run=0), [0, 1, 2, 3], workers=2)
     assert kids.submitted == [([0, 1], 0), ([2, 3], 0)]
 
 
@@ -144,7 +145,7 @@ def test_a_batch_is_done_when_its_markers_are_there_without_waiting_for_its_run(
     """The store decides: once every marker of a batch is written the set goes on, though its run
     is still Running (ending, or silent): no wait for its state, no Crashed mark, no resubmission."""
     spec, path, run = setup
-    kids = run({((0, 1), 0): "ENDING", ((2, 3), 0): "ENDING"}, RuntimeConfig(shards_per_run=2), [0, 1, 2, 3],
+    kids = run({((0, 1), 0): "ENDING", ((2, 3), 0): "ENDING"}, FanoutConfig(per_run=2), [0, 1, 2, 3],
                period=10.0)
     assert kids.submitted == [([0, 1], 0), ([2, 3], 0)] and kids.crashed == [] and kids.reads == 0
 
@@ -153,7 +154,7 @@ def test_a_lost_child_is_marked_crashed_and_resubmitted(setup, capsys):
     """Running, one heartbeat, then silence (its worker was SIGKILLed with it): after
     heartbeat_multiple periods it is marked Crashed and its shard resubmitted."""
     spec, path, run = setup
-    kids = run({((1,), 0): "LOST"}, RuntimeConfig(shard_retries=1, shards_per_run=1, heartbeat_multiple=3),
+    kids = run({((1,), 0): "LOST"}, FanoutConfig(retries=1, per_run=1, heartbeat_multiple=3),
                [0, 1], period=10.0)
     assert kids.submitted == [([0], 0), ([1], 0), ([1], 1)]
     assert len(kids.crashed) == 1
@@ -164,8 +165,8 @@ def test_a_lost_child_is_marked_crashed_and_resubmitted(setup, capsys):
 
 def test_the_set_deadline_names_the_shard_and_its_run(setup):
     spec, path, run = setup
-    with pytest.raises(TimeoutError, match=r"not done after runtime.shard_timeout=5 s: shard 1 in flow run [0-9a-f-]+"):
-        run({((1,), 0): "LOST"}, RuntimeConfig(shards_per_run=1, shard_timeout=5), [0, 1], period=None)
+    with pytest.raises(TimeoutError, match=r"not done after fanout.timeout=5 s: shard 1 in flow run [0-9a-f-]+"):
+        run({((1,), 0): "LOST"}, FanoutConfig(per_run=1, timeout=5), [0, 1], period=None)
 
 
 @pytest.mark.parametrize("state, entered, beat, now, period, multiple, want", [
@@ -184,13 +185,21 @@ def test_lost_decides_from_the_last_sign_of_life(state, entered, beat, now, peri
     assert lost(state, at(entered), at(beat), at(now), period, multiple) is want
 
 
-def test_runtime_settings_are_checked():
+def test_fanout_settings_are_checked_and_the_old_names_refused():
+    assert resolve("tiny", ["fanout.executor=deployment", "fanout.per_run=2"]).fanout == FanoutConfig("deployment",
+                                                                                                       per_run=2)
+    with pytest.raises(ConfigError, match="runtime.shard_executor is now fanout.executor"):
+        resolve("tiny", ["runtime.shard_executor=deployment"])
+    with pytest.raises(ConfigError, match="runtime.shards_per_run is now fanout.per_run"):
+        resolve({"runtime": {"shards_per_run": 2}})
+    with pytest.raises(ConfigError, match="fanout.executor='ray'; choose local or deployment"):
+        resolve("tiny", ["fanout.executor=ray"])
     with pytest.raises(ConfigError, match="heartbeat_multiple must be > 1"):
-        RuntimeConfig(heartbeat_multiple=1)
-    with pytest.raises(ConfigError, match="shards_per_run must be >= 0"):
-        RuntimeConfig(shards_per_run=-1)
-    with pytest.raises(ConfigError, match="shard_timeout must be >= 0"):
-        RuntimeConfig(shard_timeout=-1)
+        FanoutConfig(heartbeat_multiple=1)
+    with pytest.raises(ConfigError, match="fanout.per_run must be >= 0"):
+        FanoutConfig(per_run=-1)
+    with pytest.raises(ConfigError, match="fanout.timeout must be >= 0"):
+        FanoutConfig(timeout=-1)
 
 
 def _flow_run_event(name, run, tags=("advfeatures",)):
@@ -284,7 +293,7 @@ def test_prefect_children_name_their_idempotency_keys(monkeypatch):
     monkeypatch.setattr(prefect.deployments, "run_deployment",
                         lambda *a, **k: calls.append(k) or types.SimpleNamespace(id=uuid.uuid4()))
     spec = StageSpec("construct", {"kind": "det"}, ("d", "s"))
-    kids = F.PrefectChildren(None, spec, "/store", RuntimeConfig(), {"threads": 1})
+    kids = F.PrefectChildren(None, spec, "/store", "generate-shard/generate-shard", {"threads": 1})
     kids.submit([3, 4], 2)
     assert calls[0]["idempotency_key"] == f"{parent}:{spec.key}:3+4:2"
     assert calls[0]["parameters"]["shards"] == [3, 4] and calls[0]["as_subflow"] and calls[0]["timeout"] == 0
@@ -313,6 +322,6 @@ def test_every_shard_is_reported_once_even_when_its_marker_lands_as_the_run_ends
 
     done = []
     kids = LateMarkers(path, {}, clock)
-    F.fan_out(spec, str(tmp_path), RuntimeConfig(shards_per_run=2), [0, 1, 2, 3], kids, poll=1.0,
+    F.fan_out(spec, str(tmp_path), FanoutConfig(per_run=2), [0, 1, 2, 3], kids, poll=1.0,
               clock=lambda: clock.t, now=clock.now, on_done=done.append)
     assert sorted(done) == [0, 1, 2, 3]
