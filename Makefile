@@ -32,8 +32,9 @@ demo: $(STAMP)
 	$(BIN)/advfeatures run --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(STORE),--store $(STORE)) \
 		$(foreach s,$(SET),--set $(s))
 
+# Every test (CI: .ci/run). FAST=1: without the tests marked slow (pytest -m "not slow"), for development.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(FAST),-m "not slow")
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pgd.py

@@ -2,8 +2,8 @@
 real local Prefect server (`advfeatures serve`), against the bare executors in this process: same
 bytes; and the same with the store given as an fsspec URL (file://), where the workers' stage locks
 are Prefect concurrency limits on that server. Then what happens when processes die, one scenario
-per failure mode: a shard run killed alone (reported Crashed by its worker), a shard worker killed
-with its run (found by its lapsed heartbeats), runs whose processes died unreported (the controller
+per failure mode: a shard run killed alone (reported Crashed by its worker; in the local-folder
+fan-out), a shard worker killed with its run (found by its lapsed heartbeats), runs whose processes died unreported (the controller
 killed with its `replicate` run, a run left Pending: both marked Crashed by the zombie-run
 automation), and SIGTERM to `serve`.
 
@@ -123,6 +123,7 @@ HEARTBEAT, MULTIPLE = 3, 8  # seconds between heartbeats of the served runs; per
 # (8 x 3 s: a flow-run process started on a loaded machine beats within it)
 POLL = 45  # seconds between the workers' polls: runs are taken on the server's events (flows.worker)
 PATIENT = "fanout.heartbeat_multiple=20"  # runs that test no loss: a slow start is not judged lost
+LOST_AFTER = 5  # periods: how soon the lost-worker run's parent judges its child lost (the automation: MULTIPLE)
 DET = ["construct.sets=[det]", "runtime.threads=1"]
 
 
@@ -233,14 +234,28 @@ def _fan_out_lines(out):
                                                                         or "lost" in ln))
 
 
-def test_shards_fan_out_to_deployment_workers(server, reference, tiny_tar, tmp_path):
+def test_shards_fan_out_to_deployment_workers_and_a_killed_shard_run_is_resubmitted(server, reference, tiny_tar,
+                                                                                      tmp_path):
+    """A set fanned out one shard per run to the workers of a local-folder store, one of its shard
+    runs SIGKILLed after its rows, before its marker: the worker reports the run Crashed, the parent
+    resubmits it, no marker vouches for partial data, and the set is byte-identical to the bare
+    executors'. Then on a URL store, auto-batched: runs taken on events, the same bytes, Prefect's
+    locks; a rerun computes nothing."""
     _, key, b = reference
-    fanned = _run(server, tiny_tar, _seeded(reference, tmp_path / "fanned"), "fanout.executor=deployment",
-                  "fanout.per_run=1", PATIENT)
-    assert _same(A.read_rows(tmp_path / "fanned" / "constructed" / key), b)
+    killed = Path(server["ADVFEATURES_TEST_KILL_ONCE"])
+    assert not killed.exists()
+    store = _seeded(reference, tmp_path / "crash-store")
+    fanned = _run(server, tiny_tar, store, "fanout.executor=deployment", "fanout.per_run=1", PATIENT)
+    assert killed.exists(), "the fault was not injected"
     assert "3 shard runs submitted to deployment generate-shard/generate-shard" in fanned
+    assert "ended Crashed; resubmitting (try 2)" in fanned, _fan_out_lines(fanned)
+    assert _same(A.read_rows(store / "constructed" / key), b)
+    from pipeline.stages import verify
+    from storage.store import Store
+
+    assert verify(Store(store), key) == []
     completed = [r["name"] for r in _shard_runs(server, "COMPLETED")]
-    assert len(completed) >= 3, completed  # 3 shards ran on the workers
+    assert len(completed) >= 3, completed  # the shards ran on the workers
     before = _pickups(server)
     queue = _api(server, "/work_pools/advfeatures/queues/shards")
     assert queue["concurrency_limit"] == 2, queue  # serve --shard-limit 2
@@ -259,25 +274,6 @@ def test_shards_fan_out_to_deployment_workers(server, reference, tiny_tar, tmp_p
     again = _run(server, tiny_tar, url, "fanout.executor=deployment", PATIENT)
     assert "shard runs submitted" not in again and "computed this run: 0.0 s" in again
     assert not (tmp_path / "url" / ".prefect").exists()  # Prefect keeps no records of its own in the store
-
-
-def test_a_shard_run_killed_mid_write_is_resubmitted_and_the_set_is_identical(server, reference, tiny_tar,
-                                                                               tmp_path):
-    """SIGKILL of a worker's shard flow run after its rows, before its marker: the worker reports
-    the run Crashed, the parent resubmits it, no marker vouches for partial data, and the set is
-    byte-identical to an uninterrupted in-process run."""
-    killed = Path(server["ADVFEATURES_TEST_KILL_ONCE"])
-    assert not killed.exists()
-    store = _seeded(reference, tmp_path / "crash-store")
-    out = _run(server, tiny_tar, store, "fanout.executor=deployment", PATIENT)
-    assert killed.exists(), "the fault was not injected"
-    assert "ended Crashed; resubmitting (try 2)" in out, out[-3000:]
-    _, key, b = reference
-    assert _same(A.read_rows(store / "constructed" / key), b)
-    from pipeline.stages import verify
-    from storage.store import Store
-
-    assert verify(Store(store), key) == []
 
 
 def _wait_for(what, cond, timeout):
@@ -303,7 +299,7 @@ def test_a_lost_shard_worker_is_restarted_and_its_shards_resubmitted(server, ref
     flag = Path(server["ADVFEATURES_TEST_KILL_ONCE"] + "-worker")
     assert not flag.exists()
     store = _seeded(reference, tmp_path / "lost-store")
-    out = _run(server, tiny_tar, store, "fanout.executor=deployment", f"fanout.heartbeat_multiple={MULTIPLE}")
+    out = _run(server, tiny_tar, store, "fanout.executor=deployment", f"fanout.heartbeat_multiple={LOST_AFTER}")
     assert flag.exists(), "the fault was not injected"
     worker_pid, run_pid = map(int, flag.read_text().split())
     print(_fan_out_lines(out))

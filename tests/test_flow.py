@@ -267,6 +267,7 @@ def _seeded(first_store, dest):
     return dest
 
 
+@pytest.mark.slow
 def test_parallel_shard_workers_give_identical_sets(first, tiny_tar, tmp_path):
     """Shards run by 3 concurrent workers give the same bytes as one worker, shard by shard."""
     from storage import arrays as A
@@ -283,6 +284,7 @@ def test_parallel_shard_workers_give_identical_sets(first, tiny_tar, tmp_path):
     assert len(rows[1]["y_target"]) == 120
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["path", "url"])
 def test_two_concurrent_runs_compute_each_stage_once(kind, tiny_tar, tmp_path, monkeypatch):
     """Two replicate runs of one config at once: every model is trained once, every shard written

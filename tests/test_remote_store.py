@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import free_port, start_prefect_server, stop_process_group
 
+from advfeatures.config import resolve
 from storage import arrays as A
 from storage.store import Store, StoreError, atomic_write_json
 
@@ -139,11 +140,20 @@ def _cli(env, *args, check=True):
 
 @pytest.mark.slow
 def test_pipeline_on_s3_matches_a_local_folder(s3, api, tiny_tar, tmp_path):
+    """The flow run by the CLI on s3:// (through a Prefect server, which holds the URL store's
+    locks) against the bare executors on a local folder, in this process: the same bytes."""
+    from pipeline import kinds
+    from pipeline.common import Context
+    from pipeline.experiments import get
+    from pipeline.stages import source_sha256
+
     env = {**s3, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api}
     url, local = "s3://advfeatures/store", tmp_path / "local"
     common = ["--profile", "tiny", "--data", str(tiny_tar), "--set", "construct.sets=[det, errors]"]
     _cli(env, "run", *common, "--store", url)
-    _cli(env, "run", *common, "--store", str(local))
+    cfg = resolve("tiny", ["construct.sets=[det, errors]"], data=str(tiny_tar), store=str(local))
+    plan = get("replicate").plan(cfg, source_sha256(tiny_tar))
+    kinds.run_all(Store(local), plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg))
 
     st = Store(url)
     keys = sorted(p.name for p in (local / "constructed").iterdir() if not p.name.startswith("."))
@@ -167,4 +177,6 @@ def test_pipeline_on_s3_matches_a_local_folder(s3, api, tiny_tar, tmp_path):
     assert not (st.root / ".prefect" / "results").exists()  # no Prefect records: the manifests are the truth
     assert {k: st.manifest("constructed", k)["created"] for k in keys} == created
     model = min(p.name for p in (local / "models").iterdir() if not p.name.startswith("."))
-    assert _cli(env, "verify", model, "--store", url).returncode == 0
+    from flows.cli import main as cli_main
+
+    assert cli_main(["verify", model, "--store", url]) == 0
