@@ -10,15 +10,23 @@ from advfeatures.config import resolve
 from flows.cli import main as cli_main
 from pipeline import stages
 from storage import arrays as A
-from storage.store import IntegrityError
+from storage.store import IntegrityError, Store
 
 
-@pytest.fixture()
-def made(tmp_path, tiny_tar):
-    cfg, st, plan = build(tiny_tar, tmp_path / "store", ["construct.sets=[det]"])
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, tiny_tar):
+    cfg, st, plan = build(tiny_tar, tmp_path_factory.mktemp("pristine") / "store", ["construct.sets=[det]"])
     spec = plan.constructs["det"]
     stages.generate(st, spec, cfg.runtime)
     return cfg, st, plan, spec
+
+
+@pytest.fixture()
+def made(pristine, tmp_path):
+    """The dataset, source and det set made once for the module, copied for each test to damage."""
+    cfg, st, plan, spec = pristine
+    shutil.copytree(st.root, tmp_path / "store", ignore=shutil.ignore_patterns(".locks"))
+    return cfg, Store(tmp_path / "store"), plan, spec
 
 
 def _x_chunk(st, spec, chunk):
