@@ -32,9 +32,13 @@ demo: $(STAMP)
 	$(BIN)/advfeatures run --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(STORE),--store $(STORE)) \
 		$(foreach s,$(SET),--set $(s))
 
-# Every test (CI: .ci/run). FAST=1: without the tests marked slow (pytest -m "not slow"), for development.
+# Every test (CI: .ci/run), on JOBS pytest workers (pytest-xdist; each module on one worker, the
+# longest first: tests/conftest.py). JOBS=1: in this process, one test after another. FAST=1:
+# without the tests marked slow (pytest -m "not slow"), for development.
+JOBS   ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(if $(FAST),-m "not slow")
+	$(BIN)/python -m pytest -q $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile --no-loadscope-reorder) \
+		$(if $(FAST),-m "not slow")
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pgd.py

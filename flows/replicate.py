@@ -253,25 +253,34 @@ def run_experiment_body(experiment: str, profile: str, overrides: list[str] | No
                              description="seconds per stage; computed in this run or cached")
     print(f"\n{table_md}\nrun folder: {run_dir}\n")
     print(_timings_md(timings))
-    path = publish_report(st, run_dir, f"{experiment}-report", f"{cfg.name}: report of run {plan.run.key}")
+    # a run found whole in the store keeps its report (its figures and tables are of the same artifacts;
+    # rendering them again took ~7 s on 2 cores): `advfeatures report RUN` rewrites it on demand
+    cached = not any(t["computed"] for t in timings if t["key"] == plan.run.key)
+    path = publish_report(st, run_dir, f"{experiment}-report", f"{cfg.name}: report of run {plan.run.key}",
+                          keep=cached)
     return {"run_key": plan.run.key, "run_dir": str(run_dir), "timings": timings, "experiment": experiment,
             "report": str(path) if path else None}
 
 
-def publish_report(st: Store, folder: Any, key: str, description: str) -> Any:
+def publish_report(st: Store, folder: Any, key: str, description: str, keep: bool = False) -> Any:
     """Write the folder's report (HTML, Markdown, figures), publish its Markdown as a Prefect
-    artifact (figures named by path: the UI cannot show local files) and print its path. A report
-    that fails is reported, not raised: the run's tables are written already."""
+    artifact (figures named by path: the UI cannot show local files) and print its path. With
+    ``keep``, a report already in the folder is published as it is. A report that fails is
+    reported, not raised: the run's tables are written already."""
     import re
 
     from pipeline.html_report import write_report
 
-    try:
-        path = write_report(st, folder)
-    except Exception as e:  # noqa: BLE001 - the results are safe in the store; say how to retry
-        print(f"the report could not be written ({type(e).__name__}: {e}); the tables are in {folder}; "
-              f"retry with `advfeatures report {folder}`")
-        return None
+    path = folder / "report.html"
+    if keep and path.exists() and (folder / "report.md").exists():
+        print(f"report (kept from the run that wrote the tables; `advfeatures report {folder}` rewrites it):")
+    else:
+        try:
+            path = write_report(st, folder)
+        except Exception as e:  # noqa: BLE001 - the results are safe in the store; say how to retry
+            print(f"the report could not be written ({type(e).__name__}: {e}); the tables are in {folder}; "
+                  f"retry with `advfeatures report {folder}`")
+            return None
     md = re.sub(r"!\[([^]]*)\]\((figures/[^)]+)\)", lambda m: f"(figure: `{folder}/{m.group(2)}`)",
                 (folder / "report.md").read_text())
     create_markdown_artifact(markdown=f"HTML report: `{path}`\n\n{md}", key=key, description=description)

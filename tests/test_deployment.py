@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -200,8 +201,14 @@ def _api(env, path, body=None):
     req = urllib.request.Request(env["PREFECT_API_URL"] + path, method="POST" if body is not None else "GET",
                                  data=json.dumps(body).encode() if body is not None else None,
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or "null")
+    for attempt in range(5):  # a server busy with the other tests' runs may answer 503: asked again, as Prefect's client does
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read() or "null")
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == 4:
+                raise
+            time.sleep(2 ** attempt)
 
 
 def _runs(env, *state_types, **flow_run_filter):

@@ -20,6 +20,13 @@ from storage import arrays as A  # noqa: E402
 from storage.store import Store  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def harness():
+    """One temporary Prefect server for the module's flow runs (each starts in ~10 CPU-seconds)."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 def test_registry_and_cli_list(capsys):
     assert "replicate" in EXPERIMENTS
     with pytest.raises(ConfigError, match="advfeatures experiments"):
@@ -111,22 +118,21 @@ def _artifacts(store: Store, plan) -> dict[str, bytes | dict]:
     return out
 
 
-def test_the_flow_and_the_bare_executors_compute_the_same_bytes(tmp_path, tiny_tar):
+def test_the_flow_and_the_bare_executors_compute_the_same_bytes(harness, tmp_path, tiny_tar):
     over = ["construct.select=0.5"]  # every kind of stage, selection included
     cfg = resolve("tiny", over, data=str(tiny_tar), store=str(tmp_path / "bare"))
     plan = get("replicate").plan(cfg, source_sha256(tiny_tar))
     bare = Store(cfg.runtime.store)
     ctx = Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg)
     assert kinds.run_all(bare, plan, ctx) == plan.run.key
+    from prefect.client.orchestration import get_client
+
     from flows.replicate import run_experiment
 
-    with prefect_test_harness():
-        out = run_experiment(experiment="replicate", profile="tiny", overrides=over, data=str(tiny_tar),
-                             store=str(tmp_path / "flow"))
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            arts = client.read_artifacts()
+    out = run_experiment(experiment="replicate", profile="tiny", overrides=over, data=str(tiny_tar),
+                         store=str(tmp_path / "flow"))
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts()
     assert out["run_key"] == plan.run.key and out["experiment"] == "replicate"
     by_type = {}
     for art in arts:
@@ -310,15 +316,14 @@ def test_sweep_axes_points_and_errors():
     assert main(["run", "--profile", "tiny", "--sweep", "attack.steps=1,-1"]) == 2  # every point checked first
 
 
-def test_a_sweep_runs_every_point_once_and_tabulates_them(tmp_path, tiny_tar):
+def test_a_sweep_runs_every_point_once_and_tabulates_them(harness, tmp_path, tiny_tar):
     """Two points of attack.steps over rand only: the source and the dataset are computed once
     (the second point reuses them), and the long table has one row per (point, set, seed)."""
     from flows.replicate import sweep
 
     over = ["construct.sets=[rand]", "construct.n_images=50"]
-    with prefect_test_harness():
-        out = sweep(experiment="replicate", profile="tiny", overrides=over, sweeps=["attack.steps=1,2"],
-                    data=str(tiny_tar), store=str(tmp_path))
+    out = sweep(experiment="replicate", profile="tiny", overrides=over, sweeps=["attack.steps=1,2"],
+                data=str(tiny_tar), store=str(tmp_path))
     import pandas as pd
 
     table = pd.read_csv(f"{out['sweep_dir']}/sweep.csv")
@@ -398,7 +403,7 @@ def test_waves_put_every_stage_after_its_inputs(tiny_tar):
     assert len({where[s.student.key] for s in plan.students if s.kind != "errors"}) == 1  # PGD students: one level
 
 
-def test_independent_stages_run_together_with_the_same_results(tmp_path, tiny_tar):
+def test_independent_stages_run_together_with_the_same_results(harness, tmp_path, tiny_tar):
     """runtime.stage_workers=2 (two stages at once, threads fixed so rounding is the same) gives
     the bytes of the bare executors run one after another."""
     over = ["construct.sets=[rand, errors]", "construct.n_images=50", "student.seeds=[0, 1]", "runtime.threads=1"]
@@ -406,15 +411,20 @@ def test_independent_stages_run_together_with_the_same_results(tmp_path, tiny_ta
     plan = get("replicate").plan(cfg, source_sha256(tiny_tar))
     bare = Store(cfg.runtime.store)
     kinds.run_all(bare, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg))
+    import datetime as dt
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
+
     from flows.replicate import run_experiment
 
-    with prefect_test_harness():
-        out = run_experiment(experiment="replicate", profile="tiny", overrides=over + ["runtime.stage_workers=2"],
-                             data=str(tiny_tar), store=str(tmp_path / "flow"))
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            runs = [r.name for r in client.read_task_runs()]
+    t0 = dt.datetime.now(dt.timezone.utc)  # the module's server holds other tests' runs too: this run's
+    out = run_experiment(experiment="replicate", profile="tiny", overrides=over + ["runtime.stage_workers=2"],
+                         data=str(tiny_tar), store=str(tmp_path / "flow"))
+    with get_client(sync_client=True) as client:
+        runs = [r.name for r in client.read_task_runs(
+            task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=t0)), limit=200)]
+    assert 0 < len(runs) < 200  # all of them (the server returns at most 200)
     assert out["run_key"] == plan.run.key
     for spec in plan.stages():  # every non-sharded stage submitted once (none called again after its level)
         if spec.stage != "run" and not kinds.sharded(spec):

@@ -116,11 +116,14 @@ def test_second_run_computes_nothing(first, tiny_tar, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a cached stage was recomputed")
 
-    for mod, name in ((SM, "fit"), (SE, "predict"), (SC, "predict"), (C, "pgd"), (SD.D, "read_source")):
+    from pipeline import html_report
+
+    for mod, name in ((SM, "fit"), (SE, "predict"), (SC, "predict"), (C, "pgd"), (SD.D, "read_source"),
+                      (html_report, "build")):  # the report of a cached run is kept, not rendered again
         monkeypatch.setattr(mod, name, boom)
     before = _manifest_mtimes(store)
     again = replicate(profile="tiny", data=str(tiny_tar), store=str(store))
-    assert again["run_key"] == out["run_key"]
+    assert again["run_key"] == out["run_key"] and again["report"] == out["report"]
     assert _manifest_mtimes(store) == before
     assert not any(t["computed"] for t in again["timings"])
 

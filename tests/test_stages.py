@@ -180,8 +180,11 @@ def test_compiled_model_gives_the_same_results(tmp_path, tiny_tar):
     """runtime.compile=true (torch.compile of the model) changes speed, not results."""
     out = {}
     for flag in (False, True):
+        # batches of one shape (200 = 5 x 40, 50 rows in one attack batch): each graph compiled once
+        # (a last batch of another shape is a second compile: ~15 s on 2 cores with a cold cache)
         cfg, st, plan = build(tiny_tar, tmp_path / str(flag), [f"runtime.compile={str(flag).lower()}",
-                              "construct.sets=[det]", "construct.n_images=50", "source.train.epochs=1"])
+                              "construct.sets=[det]", "construct.n_images=50", "source.train.epochs=1",
+                              "source.train.batch_size=40"])
         spec = plan.constructs["det"]
         stages.generate(st, spec, cfg.runtime)
         w = stages.load_model(st, plan.source.key).state_dict()
