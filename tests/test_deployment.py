@@ -272,8 +272,9 @@ def test_shards_fan_out_to_deployment_workers_and_a_killed_shard_run_is_resubmit
     on_url = _run(server, tiny_tar, url, "fanout.executor=deployment", PATIENT)  # fanout.per_run=0: auto
     assert "2 shard runs submitted to deployment generate-shard/generate-shard (3 shards, up to 2 per run)" in on_url
     firsts = [w for run, (key_, w) in _pickups(server).items() if run not in before and key_.endswith(":0")]
-    # taken on events: polls are 45 s (+-30%) apart
-    assert len(firsts) == 2 and max(firsts) < 10, (firsts, _fan_out_lines(on_url))
+    # taken on events: polls are 45 s (+-30%) apart, so a poll takes a run after 31.5 s at the
+    # earliest; events within seconds (25 s: room for a machine busy with a second pytest worker)
+    assert len(firsts) == 2 and max(firsts) < 25, (firsts, _fan_out_lines(on_url))
     assert _same(A.read_rows(url + f"/constructed/{key}"), b)
     markers = [p for p in (tmp_path / "url" / "constructed" / key / "_shards").glob("*.json")]
     assert len(markers) == 3
