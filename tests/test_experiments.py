@@ -22,7 +22,7 @@ from storage.store import Store  # noqa: E402
 
 @pytest.fixture(scope="module")
 def harness():
-    """One temporary Prefect server for the module's flow runs (each starts in ~10 CPU-seconds)."""
+    """One temporary Prefect server for the module's flow runs (one start and stop: ~25 CPU-s, measured)."""
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
