@@ -34,10 +34,19 @@ OURS, PAPER, CHANCE = "#3b6ea8", "#c9a227", "#b33"
 def save(fig: Any, folder: Path, name: str) -> Path:
     """Write ``name``.png and ``name``.svg under ``folder``; return the PNG's path."""
     folder.mkdir(parents=True, exist_ok=True)
-    fig.savefig(folder / f"{name}.png", bbox_inches="tight")
-    fig.savefig(folder / f"{name}.svg", bbox_inches="tight", metadata={"Date": None})
+    bbox = _tight_bbox(fig)  # laid out once for both files (bbox_inches="tight" lays out per file)
+    fig.savefig(folder / f"{name}.png", bbox_inches=bbox)
+    fig.savefig(folder / f"{name}.svg", bbox_inches=bbox, metadata={"Date": None})
     plt.close(fig)
     return folder / f"{name}.png"
+
+
+def _tight_bbox(fig: Any) -> Any:
+    """What ``bbox_inches="tight"`` computes before every file it writes (a layout pass, then the
+    artists' extents, padded by savefig.pad_inches), computed once at the figure's own dpi."""
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()
+    return fig.get_tightbbox(renderer).padded(plt.rcParams["savefig.pad_inches"])
 
 
 def png_bytes(fig: Any) -> bytes:

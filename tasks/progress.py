@@ -5,6 +5,7 @@ artifact per training model (updated per epoch), per PGD set (updated per shard)
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -37,8 +38,15 @@ def artifact_of(ev: dict[str, Any]) -> tuple[str, float, str] | None:
 
 
 class PrefectProgress:
-    def __init__(self) -> None:
+    """``min_interval``: an artifact is updated at most once in that many seconds, except to 100%
+    (its last state is never skipped): each update is an API call (~50 ms of the run's CPU and the
+    server's), and stages that take less than a second (cached ones, tiny runs) would send one per
+    event."""
+
+    def __init__(self, min_interval: float = 1.0) -> None:
         self.ids: dict[tuple[str, str], Any] = {}
+        self.sent: dict[tuple[str, str], float] = {}
+        self.min_interval = min_interval
         self._lock = threading.Lock()
 
     def __call__(self, ev: dict[str, Any]) -> None:
@@ -48,11 +56,14 @@ class PrefectProgress:
             return
         key, pct, description = what
         with self._lock:
-            art = self.ids.get((run, key))
+            art, now = self.ids.get((run, key)), time.monotonic()
             if art is None:
                 self.ids[(run, key)] = create_progress_artifact(pct, key=key, description=description)
-            else:
+            elif pct >= 100.0 or now - self.sent[(run, key)] >= self.min_interval:
                 update_progress_artifact(art, pct, description=description)
+            else:
+                return
+            self.sent[(run, key)] = now
 
 
 SINK = PrefectProgress()

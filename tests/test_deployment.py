@@ -1,16 +1,15 @@
 """Shards fanned out as flow runs of the `generate-shard` deployment to 2 process workers of a
-real local Prefect server (`advfeatures serve`), against the bare executors in this process: same
-bytes; and the same with the store given as an fsspec URL (file://), where the workers' stage locks
-are Prefect concurrency limits on that server. Then what happens when processes die, one scenario
-per failure mode: a shard run killed alone (reported Crashed by its worker; in the local-folder
-fan-out), a shard worker killed with its run (found by its lapsed heartbeats), runs whose processes died unreported (the controller
+real local Prefect server (`advfeatures serve`), against the bare executors in this process: the
+same bytes, on a URL store (file://, the workers' stage locks are Prefect concurrency limits on
+that server) and on a local folder (flock). Then what happens when processes die, one scenario per
+failure mode: a shard run killed alone (reported Crashed by its worker), a shard worker killed with
+its run (found by its lapsed heartbeats), runs whose processes died unreported (the controller
 killed with its `replicate` run, a run left Pending: both marked Crashed by the zombie-run
 automation), and SIGTERM to `serve`.
 
 One server for the module; every store starts from the reference's dataset and source model, so
-the runs compute only the set under test and what follows it; the server is asked over its REST
-API, not through `prefect` CLI processes. Durations on the 2-core machine: the module ~3 min, of
-which serve's start ~40 s."""
+the runs compute only the set under test (and, in the controller's scenario, what follows it); the
+server is asked over its REST API, not through `prefect` CLI processes."""
 
 import datetime as dt
 import json
@@ -137,8 +136,9 @@ def server(tmp_path_factory):
            "PREFECT_WORKER_QUERY_SECONDS": str(POLL),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(home / "site"), os.environ.get("PYTHONPATH")])),
            "ADVFEATURES_TEST_KILL_ONCE": str(home / "killed"), "ADVFEATURES_TEST_HEARTBEAT_FLOOR": "1"}
-    from conftest import free_port
+    from conftest import free_port, migrated_database
 
+    migrated_database(home / "prefect.db")  # serve's server skips the migrations
     port = free_port()
     env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     log = open(home / "serve.log", "w")
@@ -184,8 +184,9 @@ def _env(env):
     return {k: v for k, v in env.items() if not k.startswith("_")}
 
 
-def _run(env, tar, store, *extra):
+def _run(env, tar, store, *extra, until=None):
     args = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--data", str(tar), "--store", str(store)]
+    args += ["--until", until] if until else []
     for o in [*DET, *extra]:
         args += ["--set", o]
     out = subprocess.run(args, env=_env(env), cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -243,45 +244,40 @@ def _fan_out_lines(out):
 
 def test_shards_fan_out_to_deployment_workers_and_a_killed_shard_run_is_resubmitted(server, reference, tiny_tar,
                                                                                       tmp_path):
-    """A set fanned out one shard per run to the workers of a local-folder store, one of its shard
-    runs SIGKILLed after its rows, before its marker: the worker reports the run Crashed, the parent
-    resubmits it, no marker vouches for partial data, and the set is byte-identical to the bare
-    executors'. Then on a URL store, auto-batched: runs taken on events, the same bytes, Prefect's
-    locks; a rerun computes nothing."""
+    """A set fanned out to the workers (auto-batched: 3 shards, up to 2 per run) on a URL store,
+    one of its shard runs SIGKILLed after its rows, before its marker: the worker reports the run
+    Crashed, the parent resubmits it, no marker vouches for partial data, and the set is
+    byte-identical to the bare executors'. Runs are taken on the server's events, not polls; the
+    workers' locks are Prefect's (a URL store), and a rerun submits nothing. Only the sets are
+    made (--until construct): what follows them is the same with every executor (test_flow)."""
     _, key, b = reference
     killed = Path(server["ADVFEATURES_TEST_KILL_ONCE"])
     assert not killed.exists()
-    store = _seeded(reference, tmp_path / "crash-store")
-    fanned = _run(server, tiny_tar, store, "fanout.executor=deployment", "fanout.per_run=1", PATIENT)
+    url = f"file://{tmp_path}/crash-url"
+    _seeded(reference, tmp_path / "crash-url")
+    fanned = _run(server, tiny_tar, url, "fanout.executor=deployment", PATIENT, until="construct")
     assert killed.exists(), "the fault was not injected"
-    assert "3 shard runs submitted to deployment generate-shard/generate-shard" in fanned
+    assert "2 shard runs submitted to deployment generate-shard/generate-shard (3 shards, up to 2 per run)" in fanned
     assert "ended Crashed; resubmitting (try 2)" in fanned, _fan_out_lines(fanned)
-    assert _same(A.read_rows(store / "constructed" / key), b)
+    assert _same(A.read_rows(url + f"/constructed/{key}"), b)
     from pipeline.stages import verify
     from storage.store import Store
 
-    assert verify(Store(store), key) == []
+    assert verify(Store(url), key) == []
+    markers = [p for p in (tmp_path / "crash-url" / "constructed" / key / "_shards").glob("*.json")]
+    assert len(markers) == 3
     completed = [r["name"] for r in _shard_runs(server, "COMPLETED")]
-    assert len(completed) >= 3, completed  # the shards ran on the workers
-    before = _pickups(server)
+    assert len(completed) >= 2, completed  # the shards ran on the workers
     queue = _api(server, "/work_pools/advfeatures/queues/shards")
     assert queue["concurrency_limit"] == 2, queue  # serve --shard-limit 2
-
-    url = f"file://{tmp_path}/url"
-    _seeded(reference, tmp_path / "url")
-    on_url = _run(server, tiny_tar, url, "fanout.executor=deployment", PATIENT)  # fanout.per_run=0: auto
-    assert "2 shard runs submitted to deployment generate-shard/generate-shard (3 shards, up to 2 per run)" in on_url
-    firsts = [w for run, (key_, w) in _pickups(server).items() if run not in before and key_.endswith(":0")]
+    firsts = [w for key_, w in _pickups(server).values() if key_.endswith(":0")]
     # taken on events: polls are 45 s (+-30%) apart, so a poll takes a run after 31.5 s at the
     # earliest; events within seconds (25 s: room for a machine busy with a second pytest worker)
-    assert len(firsts) == 2 and max(firsts) < 25, (firsts, _fan_out_lines(on_url))
-    assert _same(A.read_rows(url + f"/constructed/{key}"), b)
-    markers = [p for p in (tmp_path / "url" / "constructed" / key / "_shards").glob("*.json")]
-    assert len(markers) == 3
-    assert not (tmp_path / "url" / ".locks").exists()  # URL store: Prefect's locks, not flock files
-    again = _run(server, tiny_tar, url, "fanout.executor=deployment", PATIENT)
+    assert len(firsts) == 2 and max(firsts) < 25, (firsts, _fan_out_lines(fanned))
+    assert not (tmp_path / "crash-url" / ".locks").exists()  # URL store: Prefect's locks, not flock files
+    again = _run(server, tiny_tar, url, "fanout.executor=deployment", PATIENT, until="construct")
     assert "shard runs submitted" not in again and "computed this run: 0.0 s" in again
-    assert not (tmp_path / "url" / ".prefect").exists()  # Prefect keeps no records of its own in the store
+    assert not (tmp_path / "crash-url" / ".prefect").exists()  # Prefect keeps no records of its own in the store
 
 
 def _wait_for(what, cond, timeout):
@@ -307,7 +303,7 @@ def test_a_lost_shard_worker_is_restarted_and_its_shards_resubmitted(server, ref
     flag = Path(server["ADVFEATURES_TEST_KILL_ONCE"] + "-worker")
     assert not flag.exists()
     store = _seeded(reference, tmp_path / "lost-store")
-    out = _run(server, tiny_tar, store, "fanout.executor=deployment", f"fanout.heartbeat_multiple={LOST_AFTER}")
+    out = _run(server, tiny_tar, store, "fanout.executor=deployment", f"fanout.heartbeat_multiple={LOST_AFTER}", until="construct")
     assert flag.exists(), "the fault was not injected"
     worker_pid, run_pid = map(int, flag.read_text().split())
     print(_fan_out_lines(out))

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("prefect")
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from conftest import prefect_harness  # noqa: E402
 
 from flows.cli import main as cli_main  # noqa: E402
 from flows.replicate import replicate  # noqa: E402
@@ -13,7 +13,7 @@ from flows.replicate import replicate  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def harness():
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_harness():
         yield
 
 

@@ -218,6 +218,33 @@ def test_progress_displays_and_a_failing_sink():
     assert artifact_of({**evs[0], "run": "r1"})[:2] == ("stages-r1", 75.0) and artifact_of(evs[2]) is None
 
 
+def test_progress_artifacts_are_updated_at_most_once_a_second_and_always_at_100(monkeypatch):
+    """Each artifact update is an API call: a burst of events (cached stages, tiny runs) sends the
+    first, then at most one a second, and the last (100%) always."""
+    import tasks.progress as P
+
+    calls, clock = [], [0.0]
+    monkeypatch.setattr(P, "_run_id", lambda: "run1")
+    monkeypatch.setattr(P, "create_progress_artifact", lambda pct, **kw: calls.append(("create", pct)) or "a1")
+    monkeypatch.setattr(P, "update_progress_artifact", lambda art, pct, **kw: calls.append((art, pct)))
+    monkeypatch.setattr(P.time, "monotonic", lambda: clock[0])
+    sink = P.PrefectProgress(min_interval=1.0)
+
+    def epoch(i, at):
+        clock[0] = at
+        sink({"event": "epoch", "key": "k", "stage": "source", "epoch": i, "epochs": 4, "train_loss": 1.0,
+              "train_acc": 0.5})
+
+    epoch(1, 0.0)  # created
+    epoch(2, 0.5)  # within the second: skipped
+    epoch(3, 1.2)  # 1.2 s after the last sent: sent
+    epoch(4, 1.3)  # 100%: sent although 0.1 s after the last
+    assert calls == [("create", 25.0), ("a1", 75.0), ("a1", 100.0)]
+    sink({"event": "epoch", "key": "k2", "stage": "source", "epoch": 1, "epochs": 4, "train_loss": 1.0,
+          "train_acc": 0.5})  # another artifact has its own clock
+    assert calls[-1] == ("create", 25.0)
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
