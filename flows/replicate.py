@@ -256,8 +256,12 @@ def run_experiment_body(experiment: str, profile: str, overrides: list[str] | No
     # a run found whole in the store keeps its report (its figures and tables are of the same artifacts;
     # rendering them again took ~7 s on 2 cores): `advfeatures report RUN` rewrites it on demand
     cached = not any(t["computed"] for t in timings if t["key"] == plan.run.key)
-    path = publish_report(st, run_dir, f"{experiment}-report", f"{cfg.name}: report of run {plan.run.key}",
-                          keep=cached)
+    if not cfg.report.write:
+        print(f"report: not written (report.write=false); `advfeatures report {run_dir}` writes it")
+        path = None
+    else:
+        path = publish_report(st, run_dir, f"{experiment}-report", f"{cfg.name}: report of run {plan.run.key}",
+                              keep=cached)
     return {"run_key": plan.run.key, "run_dir": str(run_dir), "timings": timings, "experiment": experiment,
             "report": str(path) if path else None}
 
@@ -313,7 +317,8 @@ def sweep(experiment: str = "replicate", profile: str = "demo", overrides: list[
     st = Store(cfg.runtime.store)
     path = S.write_sweep(st, experiment, ax, runs, cfg)
     print(f"\n{(path / 'sweep.md').read_text()}\nsweep folder: {path}")
-    report = publish_report(st, path, "sweep-report", f"sweep of {experiment} over {', '.join(k for k, _ in ax)}")
+    report = publish_report(st, path, "sweep-report", f"sweep of {experiment} over {', '.join(k for k, _ in ax)}") \
+        if cfg.report.write else None
     return {"sweep_dir": str(path), "points": [{"overrides": p, "run_dir": str(d)} for p, d in runs],
             "report": str(report) if report else None}
 

@@ -1,9 +1,10 @@
-"""The fan-out settings: how a flow hands shards to Prefect deployments (``fanout.*``).
+"""The flows' own settings: how a flow hands shards to Prefect deployments (``fanout.*``), and
+whether it writes a run's report (``report.*``).
 
 They belong to the orchestration, not to the maths, so they are a config section of their own,
 registered here (``advfeatures.config.register_section``) when ``flows`` is imported, and read by
-the flows as ``cfg.fanout``. None of them is in any key. No prefect import here: the CLI resolves
-profiles with it before Prefect starts.
+the flows as ``cfg.fanout`` and ``cfg.report``. None of them is in any key. No prefect import
+here: the CLI resolves profiles with it before Prefect starts.
 
 The settings were ``runtime.shard_executor``, ``shard_deployment``, ``shard_retries``,
 ``shards_per_run``, ``heartbeat_multiple`` and ``shard_timeout``: a profile or override that
@@ -56,3 +57,14 @@ MOVED = {f"runtime.{old}": f"fanout.{new}" for old, new in (
     ("shards_per_run", "per_run"), ("heartbeat_multiple", "heartbeat_multiple"), ("shard_timeout", "timeout"))}
 
 register_section("fanout", FanoutConfig, moved=MOVED)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    write: bool = True
+    """Write the run's report (report.html, report.md, figures/) after its tables: ~4 s of CPU on
+    2 cores whatever the profile (matplotlib). false: tables only (CSV, Markdown, Parquet, and
+    their Prefect artifacts); ``advfeatures report RUN`` writes the report later, from the store."""
+
+
+register_section("report", ReportConfig)

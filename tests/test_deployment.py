@@ -364,7 +364,7 @@ def test_runs_whose_processes_died_are_marked_crashed_and_a_rerun_completes(serv
     the controller, and a rerun completes from the store, keeping the shards done before the kill."""
     pending = _left_pending(server)
     store = _seeded(reference, tmp_path / "orphan-store")
-    params = {"profile": "tiny", "data": str(tiny_tar), "store": str(store), "overrides": DET}
+    params = {"profile": "tiny", "data": str(tiny_tar), "store": str(store), "overrides": [*DET, "report.write=false"]}
     run_id = _deployment_run(server, params)
     parked = Path(server["ADVFEATURES_TEST_KILL_ONCE"] + "-parked")
     pid = int(_wait_for("the run parked mid-set", lambda: parked.exists() and parked.read_text(), 300))

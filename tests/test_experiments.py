@@ -420,7 +420,7 @@ def test_independent_stages_run_together_with_the_same_results(harness, tmp_path
     from flows.replicate import run_experiment
 
     t0 = dt.datetime.now(dt.timezone.utc)  # the module's server holds other tests' runs too: this run's
-    out = run_experiment(experiment="replicate", profile="tiny", overrides=over + ["runtime.stage_workers=2"],
+    out = run_experiment(experiment="replicate", profile="tiny", overrides=over + ["runtime.stage_workers=2", "report.write=false"],
                          data=str(tiny_tar), store=str(tmp_path / "flow"))
     with get_client(sync_client=True) as client:
         runs = [r.name for r in client.read_task_runs(

@@ -134,15 +134,21 @@ def _computed(out):
 
 def test_student_change_recomputes_only_students(first, tiny_tar):
     store, _ = first
-    out = replicate(profile="tiny", overrides=["student.train.epochs=2"], data=str(tiny_tar), store=str(store))
+    # report.write=false (the reruns of this module that do not read the report): tables only
+    out = replicate(profile="tiny", overrides=["student.train.epochs=2", "report.write=false"], data=str(tiny_tar),
+                    store=str(store))
     stages = {s for s, _ in _computed(out)}
     assert stages == {"student", "eval", "run"}
     assert sum(1 for s, _ in _computed(out) if s == "student") == 4
+    run_dir = store / "runs" / out["run_key"]
+    assert out["report"] is None and (run_dir / "table.csv").is_file() and (run_dir / "table.parquet").is_file()
+    assert not (run_dir / "report.html").exists() and not (run_dir / "figures").exists()
 
 
 def test_attack_change_recomputes_generation_not_source(first, tiny_tar):
     store, _ = first
-    out = replicate(profile="tiny", overrides=["attack.steps=2"], data=str(tiny_tar), store=str(store))
+    out = replicate(profile="tiny", overrides=["attack.steps=2", "report.write=false"], data=str(tiny_tar),
+                    store=str(store))
     computed = _computed(out)
     assert ("construct", "rand") in computed and ("construct", "det") in computed
     assert ("construct", "errors") not in computed
@@ -278,7 +284,7 @@ def test_parallel_shard_workers_give_identical_sets(first, tiny_tar, tmp_path):
     rows = {}
     for workers in (1, 3):
         store = _seeded(first[0], tmp_path / f"w{workers}")
-        over = ["construct.sets=[det]", "runtime.threads=1", f"runtime.shard_workers={workers}"]
+        over = ["construct.sets=[det]", "runtime.threads=1", f"runtime.shard_workers={workers}", "report.write=false"]
         out = replicate(profile="tiny", overrides=over, data=str(tiny_tar), store=str(store))
         assert [t["stage"] for t in out["timings"] if t["computed"]] == ["construct", "run"]
         key = next(t["key"] for t in out["timings"] if t["stage"] == "construct")

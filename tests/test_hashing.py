@@ -77,6 +77,17 @@ def test_runtime_settings_that_only_round_change_no_key():
                             "construct.shard_size=100", "construct.chunk_size=20")
 
 
+def test_the_flows_settings_change_no_key():
+    """How shards are fanned out and whether a report is written change no result."""
+    import flows.settings  # noqa: F401 - registers fanout.* and report.*
+
+    def every_key(*overrides):
+        return [s.key for s in make_plan(resolve("tiny", list(overrides)), "0" * 64).stages()]
+
+    assert every_key() == every_key("fanout.executor=deployment", "fanout.per_run=2", "fanout.retries=0",
+                                    "report.write=false")
+
+
 def test_amp_changes_every_trained_or_attacked_key():
     """bf16 autocast changes PGD gradients and training: every model, student and PGD set; the
     errors set and its teacher's evaluation-only steps are fp32 but sit downstream of the teacher."""
