@@ -85,6 +85,7 @@ def _worker(tar, store_dir, kill_at):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_shard_then_rerun_is_bit_identical(tmp_path, tiny_tar, reference):
     """One set, two workers killed in it: the first mid-rows of its 2nd shard (the 1st is done), the
     second after rewriting that shard's rows in full, before its marker. Neither leaves a marker for

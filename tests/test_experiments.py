@@ -119,6 +119,7 @@ def _artifacts(store: Store, plan) -> dict[str, bytes | dict]:
     return out
 
 
+@pytest.mark.slow
 def test_the_flow_and_the_bare_executors_compute_the_same_bytes(harness, tmp_path, tiny_tar):
     over = ["construct.select=0.5"]  # every kind of stage, selection included
     cfg = resolve("tiny", over, data=str(tiny_tar), store=str(tmp_path / "bare"))
@@ -317,6 +318,7 @@ def test_sweep_axes_points_and_errors():
     assert main(["run", "--profile", "tiny", "--sweep", "attack.steps=1,-1"]) == 2  # every point checked first
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_every_point_once_and_tabulates_them(harness, tmp_path, tiny_tar):
     """Two points of attack.steps over rand only: the source and the dataset are computed once
     (the second point reuses them), and the long table has one row per (point, set, seed)."""
@@ -404,6 +406,7 @@ def test_waves_put_every_stage_after_its_inputs(tiny_tar):
     assert len({where[s.student.key] for s in plan.students if s.kind != "errors"}) == 1  # PGD students: one level
 
 
+@pytest.mark.slow
 def test_independent_stages_run_together_with_the_same_results(harness, tmp_path, tiny_tar):
     """runtime.stage_workers=2 (two stages at once, threads fixed so rounding is the same) gives
     the bytes of the bare executors run one after another."""

@@ -58,6 +58,7 @@ def test_executors_and_progress_need_no_display_library():
 
 @pytest.mark.parametrize("mod, blocked", [("tasks.stages", "prefect"), ("pipeline.stages", "storage"),
                                           ("pipeline.stages.model", "torch")])
+@pytest.mark.slow
 def test_blocking_works(mod, blocked):
     """The checks above can fail: a module that needs a blocked one does not import."""
     out = _import_with_blocked([mod], [blocked])

@@ -128,6 +128,7 @@ def features(tmp_path_factory):
     return f, cfg, st, plan
 
 
+@pytest.mark.slow
 def test_det_student_learns_the_small_pattern_above_chance(features):
     """det: each image's pattern is switched to the target's (t = y+1), its robust cue left alone.
     Clean test images carry the cue and the pattern of their own class, so a student that learned
@@ -140,6 +141,7 @@ def test_det_student_learns_the_small_pattern_above_chance(features):
     assert m["acc_xy"] > m["acc_xy1"] + 0.3  # the pattern wins over the cue (measured: 0.18 on (X, Y+1))
 
 
+@pytest.mark.slow
 def test_det_student_of_the_robust_cue_alone_learns_the_shifted_labels(features):
     f, cfg, st, plan = features
     t = (f.train_y + 1) % C

@@ -86,6 +86,7 @@ def test_empty_or_mismatched_data_is_refused():
         fit(_model(), torch.zeros(4, 3, 32, 32), torch.zeros(3, dtype=torch.long), TrainConfig(epochs=1))
 
 
+@pytest.mark.slow
 def test_bf16_autocast_training_learns_and_keeps_fp32_weights():
     """Under bf16 autocast the model still memorises the 64 examples, its weights stay fp32, and
     its loss follows fp32 training's epoch by epoch without being the same arithmetic."""
