@@ -254,7 +254,7 @@ def run_experiment_body(experiment: str, profile: str, overrides: list[str] | No
     print(f"\n{table_md}\nrun folder: {run_dir}\n")
     print(_timings_md(timings))
     # a run found whole in the store keeps its report (its figures and tables are of the same artifacts;
-    # rendering them again took ~7 s on 2 cores): `advfeatures report RUN` rewrites it on demand
+    # rendering them again takes ~4 s of CPU on 2 cores): `advfeatures report RUN` rewrites it on demand
     cached = not any(t["computed"] for t in timings if t["key"] == plan.run.key)
     if not cfg.report.write:
         print(f"report: not written (report.write=false); `advfeatures report {run_dir}` writes it")
