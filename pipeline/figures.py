@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +49,6 @@ def _tight_bbox(fig: Any) -> Any:
     if fig.get_layout_engine() is not None:
         fig.draw_without_rendering()
     return fig.get_tightbbox(renderer).padded(plt.rcParams["savefig.pad_inches"])
-
-
-def png_bytes(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def set_intervals(df: pd.DataFrame) -> pd.DataFrame:

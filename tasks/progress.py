@@ -44,8 +44,7 @@ class PrefectProgress:
     event."""
 
     def __init__(self, min_interval: float = 1.0) -> None:
-        self.ids: dict[tuple[str, str], Any] = {}
-        self.sent: dict[tuple[str, str], float] = {}
+        self.sent: dict[tuple[str, str], tuple[Any, float]] = {}  # (run, key): (artifact id, last sent)
         self.min_interval = min_interval
         self._lock = threading.Lock()
 
@@ -56,14 +55,15 @@ class PrefectProgress:
             return
         key, pct, description = what
         with self._lock:
-            art, now = self.ids.get((run, key)), time.monotonic()
+            art, last = self.sent.get((run, key), (None, 0.0))
+            now = time.monotonic()
             if art is None:
-                self.ids[(run, key)] = create_progress_artifact(pct, key=key, description=description)
-            elif pct >= 100.0 or now - self.sent[(run, key)] >= self.min_interval:
+                art = create_progress_artifact(pct, key=key, description=description)
+            elif pct >= 100.0 or now - last >= self.min_interval:
                 update_progress_artifact(art, pct, description=description)
             else:
                 return
-            self.sent[(run, key)] = now
+            self.sent[(run, key)] = (art, now)
 
 
 SINK = PrefectProgress()

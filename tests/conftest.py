@@ -175,7 +175,8 @@ def stop_process_group(proc, timeout=30):
 
 # Under pytest-xdist (`make test` runs `-n 2 --dist loadfile`), modules are handed to the workers
 # in collection order: the longest first, so that neither worker is left with one long module at
-# the end (measured on the 2-core machine: test_deployment ~4 min, the next ones 1.5-2 min).
+# the end (measured on the 2-core machine, 2 workers: test_deployment 353 s, test_flow 169,
+# test_stages 114 with a cold inductor cache, test_experiments 113, test_remote_store 112).
 LONGEST_FIRST = ("test_deployment.py", "test_flow.py", "test_experiments.py", "test_remote_store.py",
                  "test_stages.py")
 

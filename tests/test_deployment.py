@@ -202,7 +202,8 @@ def _api(env, path, body=None):
     req = urllib.request.Request(env["PREFECT_API_URL"] + path, method="POST" if body is not None else "GET",
                                  data=json.dumps(body).encode() if body is not None else None,
                                  headers={"Content-Type": "application/json"})
-    for attempt in range(5):  # a server busy with the other tests' runs may answer 503: asked again, as Prefect's client does
+    # a server busy with the other tests' runs may answer 503: asked again, as Prefect's client does
+    for attempt in range(5):
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 return json.loads(r.read() or "null")
@@ -303,7 +304,8 @@ def test_a_lost_shard_worker_is_restarted_and_its_shards_resubmitted(server, ref
     flag = Path(server["ADVFEATURES_TEST_KILL_ONCE"] + "-worker")
     assert not flag.exists()
     store = _seeded(reference, tmp_path / "lost-store")
-    out = _run(server, tiny_tar, store, "fanout.executor=deployment", f"fanout.heartbeat_multiple={LOST_AFTER}", until="construct")
+    out = _run(server, tiny_tar, store, "fanout.executor=deployment", f"fanout.heartbeat_multiple={LOST_AFTER}",
+               until="construct")
     assert flag.exists(), "the fault was not injected"
     worker_pid, run_pid = map(int, flag.read_text().split())
     print(_fan_out_lines(out))

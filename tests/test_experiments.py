@@ -23,7 +23,7 @@ from storage.store import Store  # noqa: E402
 @pytest.fixture(scope="module")
 def harness():
     """One temporary Prefect server for the module's flow runs (a start and stop on a migrated
-    database: ~10 CPU-s, measured; ~25 on a fresh one)."""
+    database: 9-12 CPU-s, measured; ~23 on a fresh one)."""
     with prefect_harness():
         yield
 
@@ -423,8 +423,9 @@ def test_independent_stages_run_together_with_the_same_results(harness, tmp_path
     from flows.replicate import run_experiment
 
     t0 = dt.datetime.now(dt.timezone.utc)  # the module's server holds other tests' runs too: this run's
-    out = run_experiment(experiment="replicate", profile="tiny", overrides=over + ["runtime.stage_workers=2", "report.write=false"],
-                         data=str(tiny_tar), store=str(tmp_path / "flow"))
+    out = run_experiment(experiment="replicate", profile="tiny",
+                         overrides=over + ["runtime.stage_workers=2", "report.write=false"], data=str(tiny_tar),
+                         store=str(tmp_path / "flow"))
     with get_client(sync_client=True) as client:
         runs = [r.name for r in client.read_task_runs(
             task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=t0)), limit=200)]

@@ -100,8 +100,9 @@ def test_another_process_waits_and_the_lock_file_is_where_gc_looks(tmp_path):
         assert p.stdout.readline().strip() == "released"
         assert got.wait(30), "not acquired after the holder released it"
         assert inside == [(True, True)]  # ... and got it only after the release, holding it then
-        taker.join(30)  # out of its `with` (got is set inside it: on a busy machine it may not have left yet)
-        assert not taker.is_alive() and path.is_file() and not _held_by_someone(path)  # released, the file kept for the next holder
+        taker.join(30)  # out of its `with` (got is set inside it: on a busy machine it may not have left)
+        # released, the file kept for the next holder
+        assert not taker.is_alive() and path.is_file() and not _held_by_someone(path)
     finally:
         p.kill()
         p.wait()
