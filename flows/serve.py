@@ -18,6 +18,7 @@ bounded by the shard workers and, optionally, by a concurrency limit on the `sha
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -70,17 +71,42 @@ def deploy(env: dict[str, str] | None = None, pool_limit: int | None = None, sha
     if not (ROOT / "prefect.yaml").is_file():
         raise RuntimeError(f"no prefect.yaml in {ROOT}: run from the advfeatures checkout or set ADVFEATURES_HOME")
     env.setdefault("ADVFEATURES_HOME", str(ROOT))
-    created = _prefect("work-pool", "create", POOL, "--type", "process", env=env, check=False)
-    if created.returncode and "already exists" not in created.stdout + created.stderr:
-        raise RuntimeError(f"cannot create work pool {POOL}: {created.stdout}{created.stderr}")
-    if pool_limit:
-        _prefect("work-pool", "set-concurrency-limit", POOL, str(pool_limit), env=env)
+    api = env.get("PREFECT_API_URL")
+    with _client(api) as client:  # through the API, not `prefect work-pool` processes (~4 CPU-s each)
+        _work_pool(client, pool_limit)
     deployed = _prefect("--no-prompt", "deploy", "--all", env=env, check=False)
     if deployed.returncode:
         raise RuntimeError(f"prefect deploy failed:\n{deployed.stdout[-2000:]}{deployed.stderr[-2000:]}")
-    if shard_limit:
-        _prefect("work-queue", "set-concurrency-limit", SHARD_QUEUE, str(shard_limit), "--pool", POOL, env=env)
-    _heartbeats(env.get("PREFECT_API_URL"), heartbeat, multiple)
+    with _client(api) as client:
+        if shard_limit:  # the queue exists once a deployment names it
+            queue = client.read_work_queue_by_name(SHARD_QUEUE, work_pool_name=POOL)
+            client.update_work_queue(queue.id, concurrency_limit=shard_limit)
+        _heartbeats(client, heartbeat, multiple)
+
+
+@contextlib.contextmanager
+def _client(api: str | None):
+    """A synchronous Prefect client of the server at ``api`` (PREFECT_API_URL's, if None)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api} if api else {}), get_client(sync_client=True) as client:
+        yield client
+
+
+def _work_pool(client, pool_limit: int | None) -> None:
+    """The process work pool (kept if it exists, as `prefect work-pool create` would) and its limit."""
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+
+    try:
+        client.create_work_pool(WorkPoolCreate(name=POOL, type=ProcessWorker.type,
+                                               base_job_template=ProcessWorker.get_default_base_job_template()))
+    except ObjectAlreadyExists:
+        pass
+    if pool_limit:
+        client.update_work_pool(POOL, WorkPoolUpdate(concurrency_limit=pool_limit))
 
 
 def _check_heartbeat(heartbeat: int, multiple: float | None) -> float:
@@ -95,22 +121,19 @@ def _check_heartbeat(heartbeat: int, multiple: float | None) -> float:
     return multiple
 
 
-def _heartbeats(api: str | None, heartbeat: int, multiple: float) -> None:
+def _heartbeats(client, heartbeat: int, multiple: float) -> None:
     """Each deployment's runs beat every ``heartbeat`` s (their job variables' environment), and
     the automation crashes those that stop for ``multiple`` periods."""
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentUpdate
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows import liveness
 
-    with temporary_settings({PREFECT_API_URL: api} if api else {}), get_client(sync_client=True) as client:
-        for name in DEPLOYMENTS:
-            d = client.read_deployment_by_name(name)
-            job = dict(d.job_variables or {})
-            job["env"] = {**(job.get("env") or {}), liveness.HEARTBEAT_ENV: str(heartbeat)}
-            client.update_deployment(d.id, DeploymentUpdate(job_variables=job))
-        liveness.install_zombie_automation(client, heartbeat, multiple)
+    for name in DEPLOYMENTS:
+        d = client.read_deployment_by_name(name)
+        job = dict(d.job_variables or {})
+        job["env"] = {**(job.get("env") or {}), liveness.HEARTBEAT_ENV: str(heartbeat)}
+        client.update_deployment(d.id, DeploymentUpdate(job_variables=job))
+    liveness.install_zombie_automation(client, heartbeat, multiple)
 
 
 def worker_command(queue: str, limit: int | None = None, name: str | None = None) -> list[str]:

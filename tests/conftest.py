@@ -129,48 +129,42 @@ def prefect_harness():
         U.mkdtemp = make_dir
 
 
-def start_prefect_server(home, log_name="server.log", extra_env=None):
-    """`prefect server start` on a free loopback port with its own PREFECT_HOME (its database copied
-    from the migrated template): (process, env with PREFECT_API_URL). Waits until healthy (up to 120 s)."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect server per test process (pytest-xdist worker), shared by the modules
+    whose flows run in this process (test_flow, test_experiments, test_remote_store): its API URL.
+    Each start cost ~10 CPU-s (measured); one per module made three on one worker."""
+    from prefect.settings import get_current_settings
 
-    migrated_database(os.path.join(str(home), "prefect.db"))
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(extra_env or {})}
-    log = open(os.path.join(str(home), log_name), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    t0 = time.time()
-    while time.time() - t0 < 120:
-        if proc.poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, env
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"the Prefect server did not come up; see {home}/{log_name}")
+    with prefect_harness():
+        yield get_current_settings().api.url
 
 
-def stop_process_group(proc, timeout=30):
-    import signal
-    import subprocess
+def prefect_logging_ready():
+    """Set Prefect's logging up now, in a fixture: done later, by a test's first flow run, it
+    replaces the root logger's handlers, caplog's among them, and the test's log is lost."""
+    from prefect.logging.configuration import ensure_logging_setup
 
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    ensure_logging_setup()
+
+
+def run_cli(caplog, monkeypatch, api, *args):
+    """`advfeatures *args` in this process, its flows talking to the Prefect server at ``api`` (a
+    process of its own costs ~8 CPU-s importing torch and Prefect): (exit code, the log of its
+    flows, their prints included). Call ``prefect_logging_ready`` in a fixture first."""
+    import logging
+
+    from prefect.logging import configuration
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli import main
+
+    assert configuration.PROCESS_LOGGING_CONFIG, "call conftest.prefect_logging_ready() in a module fixture first"
+    caplog.clear()
+    monkeypatch.setenv("PREFECT_API_URL", api)  # what the CLI reads from the environment, too
+    with caplog.at_level(logging.INFO), temporary_settings({PREFECT_API_URL: api}):
+        code = main(list(args))
+    return code, caplog.text
 
 
 # Under pytest-xdist (`make test` runs `-n 2 --dist loadfile`), modules are handed to the workers

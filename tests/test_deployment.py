@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import build
+from conftest import build, run_cli
 
 from storage import arrays as A
 
@@ -136,7 +136,9 @@ def server(tmp_path_factory):
            "PREFECT_WORKER_QUERY_SECONDS": str(POLL),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(home / "site"), os.environ.get("PYTHONPATH")])),
            "ADVFEATURES_TEST_KILL_ONCE": str(home / "killed"), "ADVFEATURES_TEST_HEARTBEAT_FLOOR": "1"}
-    from conftest import free_port, migrated_database
+    from conftest import free_port, migrated_database, prefect_logging_ready
+
+    prefect_logging_ready()  # for the runs in this process (run_cli)
 
     migrated_database(home / "prefect.db")  # serve's server skips the migrations
     port = free_port()
@@ -180,18 +182,16 @@ def _seeded(reference, dest):
     return dest
 
 
-def _env(env):
-    return {k: v for k, v in env.items() if not k.startswith("_")}
-
-
-def _run(env, tar, store, *extra, until=None):
-    args = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--data", str(tar), "--store", str(store)]
+def _run(env, caplog, monkeypatch, tar, store, *extra, until=None):
+    """`advfeatures run` against serve's server, in this process (conftest.run_cli: the parent is
+    not what these tests kill): its log."""
+    args = ["run", "--profile", "tiny", "--data", str(tar), "--store", str(store)]
     args += ["--until", until] if until else []
     for o in [*DET, *extra]:
         args += ["--set", o]
-    out = subprocess.run(args, env=_env(env), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout + out.stderr
+    code, log = run_cli(caplog, monkeypatch, env["PREFECT_API_URL"], *args)
+    assert code == 0, log[-3000:]
+    return log
 
 
 def _same(rows, reference_rows) -> bool:
@@ -244,7 +244,7 @@ def _fan_out_lines(out):
 
 
 def test_shards_fan_out_to_deployment_workers_and_a_killed_shard_run_is_resubmitted(server, reference, tiny_tar,
-                                                                                      tmp_path):
+                                                                                      tmp_path, caplog, monkeypatch):
     """A set fanned out to the workers (auto-batched: 3 shards, up to 2 per run) on a URL store,
     one of its shard runs SIGKILLed after its rows, before its marker: the worker reports the run
     Crashed, the parent resubmits it, no marker vouches for partial data, and the set is
@@ -256,7 +256,7 @@ def test_shards_fan_out_to_deployment_workers_and_a_killed_shard_run_is_resubmit
     assert not killed.exists()
     url = f"file://{tmp_path}/crash-url"
     _seeded(reference, tmp_path / "crash-url")
-    fanned = _run(server, tiny_tar, url, "fanout.executor=deployment", PATIENT, until="construct")
+    fanned = _run(server, caplog, monkeypatch, tiny_tar, url, "fanout.executor=deployment", PATIENT, until="construct")
     assert killed.exists(), "the fault was not injected"
     assert "2 shard runs submitted to deployment generate-shard/generate-shard (3 shards, up to 2 per run)" in fanned
     assert "ended Crashed; resubmitting (try 2)" in fanned, _fan_out_lines(fanned)
@@ -268,7 +268,8 @@ def test_shards_fan_out_to_deployment_workers_and_a_killed_shard_run_is_resubmit
     markers = [p for p in (tmp_path / "crash-url" / "constructed" / key / "_shards").glob("*.json")]
     assert len(markers) == 3
     completed = [r["name"] for r in _shard_runs(server, "COMPLETED")]
-    assert len(completed) >= 2, completed  # the shards ran on the workers
+    # the shards ran on the workers
+    assert len(completed) >= 2, [(r["name"], r["state"]["type"], r["state"]["message"]) for r in _shard_runs(server)]
     queue = _api(server, "/work_pools/advfeatures/queues/shards")
     assert queue["concurrency_limit"] == 2, queue  # serve --shard-limit 2
     firsts = [w for key_, w in _pickups(server).values() if key_.endswith(":0")]
@@ -276,7 +277,7 @@ def test_shards_fan_out_to_deployment_workers_and_a_killed_shard_run_is_resubmit
     # earliest; events within seconds (25 s: room for a machine busy with a second pytest worker)
     assert len(firsts) == 2 and max(firsts) < 25, (firsts, _fan_out_lines(fanned))
     assert not (tmp_path / "crash-url" / ".locks").exists()  # URL store: Prefect's locks, not flock files
-    again = _run(server, tiny_tar, url, "fanout.executor=deployment", PATIENT, until="construct")
+    again = _run(server, caplog, monkeypatch, tiny_tar, url, "fanout.executor=deployment", PATIENT, until="construct")
     assert "shard runs submitted" not in again and "computed this run: 0.0 s" in again
     assert not (tmp_path / "crash-url" / ".prefect").exists()  # Prefect keeps no records of its own in the store
 
@@ -296,7 +297,8 @@ def _online_shard_workers(env):
     return sum(1 for w in workers if w["status"] == "ONLINE" and w["name"].startswith("shard-"))
 
 
-def test_a_lost_shard_worker_is_restarted_and_its_shards_resubmitted(server, reference, tiny_tar, tmp_path):
+def test_a_lost_shard_worker_is_restarted_and_its_shards_resubmitted(server, reference, tiny_tar, tmp_path, caplog,
+                                                                     monkeypatch):
     """SIGKILL of a shard worker together with the shard flow run it was executing, mid-shard
     (rows written, marker not): nobody reports the run, so it stays Running until its heartbeats
     lapse; then it is marked Crashed and its shards resubmitted. The server stays healthy, serve
@@ -304,8 +306,8 @@ def test_a_lost_shard_worker_is_restarted_and_its_shards_resubmitted(server, ref
     flag = Path(server["ADVFEATURES_TEST_KILL_ONCE"] + "-worker")
     assert not flag.exists()
     store = _seeded(reference, tmp_path / "lost-store")
-    out = _run(server, tiny_tar, store, "fanout.executor=deployment", f"fanout.heartbeat_multiple={LOST_AFTER}",
-               until="construct")
+    out = _run(server, caplog, monkeypatch, tiny_tar, store, "fanout.executor=deployment",
+               f"fanout.heartbeat_multiple={LOST_AFTER}", until="construct")
     assert flag.exists(), "the fault was not injected"
     worker_pid, run_pid = map(int, flag.read_text().split())
     print(_fan_out_lines(out))

@@ -8,7 +8,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import prefect_harness  # noqa: E402
 
 from advfeatures.config import ConfigError, resolve  # noqa: E402
 from flows.cli import main  # noqa: E402
@@ -20,12 +19,9 @@ from storage import arrays as A  # noqa: E402
 from storage.store import Store  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def harness():
-    """One temporary Prefect server for the module's flow runs (a start and stop on a migrated
-    database: 9-12 CPU-s, measured; ~23 on a fresh one)."""
-    with prefect_harness():
-        yield
+@pytest.fixture
+def harness(prefect_api):
+    """The process's temporary Prefect server (conftest), for the flow runs."""
 
 
 def test_registry_and_cli_list(capsys):

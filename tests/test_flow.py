@@ -5,16 +5,14 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("prefect")
-from conftest import prefect_harness  # noqa: E402
 
 from flows.cli import main as cli_main  # noqa: E402
 from flows.replicate import replicate  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def harness():
-    with prefect_harness():
-        yield
+def harness(prefect_api):
+    """The flows of this module run against the process's temporary Prefect server (conftest)."""
 
 
 @pytest.fixture(scope="module")

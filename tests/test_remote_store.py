@@ -2,20 +2,21 @@
 moto's S3 server, byte-identical to a run on a local folder."""
 
 import os
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, start_prefect_server, stop_process_group
+from conftest import free_port, prefect_logging_ready, run_cli
 
 from advfeatures.config import resolve
 from storage import arrays as A
 from storage.store import Store, StoreError, atomic_write_json
 
-ROOT = Path(__file__).resolve().parent.parent
+
+@pytest.fixture(scope="module", autouse=True)
+def _logging():
+    """Prefect's logging set up before any test (one using capsys would bind it to its stream)."""
+    prefect_logging_ready()
 
 
 def _mem_store() -> Store:
@@ -108,49 +109,42 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory):
-    """A Prefect server for the CLI runs on URL stores (refused without one: their locks live there)."""
-    proc, env = start_prefect_server(tmp_path_factory.mktemp("prefect-server"))
-    yield env["PREFECT_API_URL"]
-    stop_process_group(proc)
+def api(prefect_api):
+    """The process's Prefect server (conftest), for the CLI runs on URL stores (refused without
+    one: their locks live there)."""
+    return prefect_api
 
 
-def test_url_store_without_a_prefect_server_is_refused(tmp_path):
+def test_url_store_without_a_prefect_server_is_refused(tmp_path, capsys, monkeypatch):
     """A URL store's locks are global concurrency limits on the Prefect server: with the temporary
     server of a run without PREFECT_API_URL they would be private to that process, so the run is
     refused before anything starts, naming the fix."""
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--data", str(tmp_path),
-                          "--store", f"file://{tmp_path}/store"], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "temporary Prefect server" in out.stderr and "PREFECT_API_URL" in out.stderr
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        code = main(["run", "--profile", "tiny", "--data", str(tmp_path), "--store", f"file://{tmp_path}/store"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "temporary Prefect server" in err and "PREFECT_API_URL" in err
     assert not (tmp_path / "store").exists()
 
 
-def _cli(env, *args, check=True):
-    home = env["PREFECT_HOME"]
-    out = subprocess.run([sys.executable, "-m", "flows.cli", *args], env={**os.environ, **env, "PREFECT_HOME": home},
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
 @pytest.mark.slow
-def test_pipeline_on_s3_matches_a_local_folder(s3, api, tiny_tar, tmp_path):
+def test_pipeline_on_s3_matches_a_local_folder(s3, api, tiny_tar, tmp_path, caplog, monkeypatch):
     """The flow run by the CLI on s3:// (through a Prefect server, which holds the URL store's
-    locks) against the bare executors on a local folder, in this process: the same bytes."""
+    locks) against the bare executors on a local folder: the same bytes. Both in this process."""
     from pipeline import kinds
     from pipeline.common import Context
     from pipeline.experiments import get
     from pipeline.stages import source_sha256
 
-    env = {**s3, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api}
     url, local = "s3://advfeatures/store", tmp_path / "local"
     common = ["--profile", "tiny", "--data", str(tiny_tar), "--set", "construct.sets=[det, errors]"]
-    _cli(env, "run", *common, "--store", url)
+    code, log = run_cli(caplog, monkeypatch, api, "run", *common, "--store", url)
+    assert code == 0, log[-3000:]
     cfg = resolve("tiny", ["construct.sets=[det, errors]"], data=str(tiny_tar), store=str(local))
     plan = get("replicate").plan(cfg, source_sha256(tiny_tar))
     kinds.run_all(Store(local), plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg))
@@ -172,8 +166,8 @@ def test_pipeline_on_s3_matches_a_local_folder(s3, api, tiny_tar, tmp_path):
     assert remote_table["acc_xy_%"].tolist() == local_table["acc_xy_%"].tolist()
     assert (st.path("runs", run) / "report.html").is_file() and (st.path("runs", run) / "figures" / "table1.svg").is_file()
     created = {k: st.manifest("constructed", k)["created"] for k in keys}
-    again = _cli(env, "run", *common, "--store", url)
-    assert "computed this run: 0.0 s" in again.stdout + again.stderr
+    code, again = run_cli(caplog, monkeypatch, api, "run", *common, "--store", url)
+    assert code == 0 and "computed this run: 0.0 s" in again, again[-3000:]
     assert not (st.root / ".prefect" / "results").exists()  # no Prefect records: the manifests are the truth
     assert {k: st.manifest("constructed", k)["created"] for k in keys} == created
     model = min(p.name for p in (local / "models").iterdir() if not p.name.startswith("."))

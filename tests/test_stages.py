@@ -176,25 +176,34 @@ def test_shard_size_changes_neither_key_nor_bytes(tmp_path, tiny_tar):
 
 
 @pytest.mark.slow
-def test_compiled_model_gives_the_same_results(tmp_path, tiny_tar):
+def test_compiled_model_gives_the_same_results(tmp_path, tiny_tar, monkeypatch):
     """runtime.compile=true (torch.compile of the model) changes speed, not results."""
+    from torch import nn
+
+    from advfeatures import models
+
+    # small_cnn's first block alone (conv, BatchNorm, ReLU, pooling, a linear head): three graphs
+    # (training, attack, inference) compiled by inductor in 27 s on 2 cores with a cold cache,
+    # against 72 s for small_cnn's three blocks (measured): the same code paths, fewer kernels
+    monkeypatch.setitem(models.MODELS, "one_block", lambda n=10: nn.Sequential(
+        *models._conv_bn(3, 16), nn.MaxPool2d(2), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, n)))
     out = {}
     for flag in (False, True):
         # batches of one shape (200 = 5 x 40, 50 rows in one attack batch): each graph compiled once
-        # (a last batch of another shape is a second compile: ~15 s on 2 cores with a cold cache)
+        # (a last batch of another shape is a second compile)
         cfg, st, plan = build(tiny_tar, tmp_path / str(flag), [f"runtime.compile={str(flag).lower()}",
-                              "construct.sets=[det]", "construct.n_images=50", "source.train.epochs=1",
-                              "source.train.batch_size=40"])
+                              "source.model.arch=one_block", "construct.sets=[det]", "construct.n_images=50",
+                              "source.train.epochs=1", "source.train.batch_size=40"])
         spec = plan.constructs["det"]
         stages.generate(st, spec, cfg.runtime)
         w = stages.load_model(st, plan.source.key).state_dict()
         out[flag] = (w, A.read_rows(st.path("constructed", spec.key)))
     (w0, r0), (w1, r1) = out[False], out[True]
-    # float noise only (measured: <= 3e-4, in BatchNorm running statistics)
-    assert all(torch.allclose(w0[k].float(), w1[k].float(), atol=1e-3) for k in w0)
-    # normalised steps amplify float noise a little (measured: <= 0.004 per pixel, 0.005 in norm)
-    assert np.allclose(r0["x"].astype(np.float32), r1["x"].astype(np.float32), atol=1e-2)
-    assert np.allclose(r0["norm"], r1["norm"], atol=1e-2) and r0["norm"].mean() > 0.1
+    # float noise only (measured on AMD EPYC: <= 2.3e-6 in the weights, 2.4e-4 per pixel, 1.1e-5 in
+    # norm; small_cnn: 3e-4, 0.004 and 0.005): margins for other CPUs' rounding
+    assert all(torch.allclose(w0[k].float(), w1[k].float(), atol=1e-4) for k in w0)
+    assert np.allclose(r0["x"].astype(np.float32), r1["x"].astype(np.float32), atol=5e-3)
+    assert np.allclose(r0["norm"], r1["norm"], atol=5e-3) and r0["norm"].mean() > 0.1
     assert np.array_equal(r0["y_target"], r1["y_target"])
 
 
