@@ -267,6 +267,8 @@ def test_shards_fan_out_to_deployment_workers_and_a_killed_shard_run_is_resubmit
     assert verify(Store(url), key) == []
     markers = [p for p in (tmp_path / "crash-url" / "constructed" / key / "_shards").glob("*.json")]
     assert len(markers) == 3
+    # the parent goes on once the markers are there; a shard run reports its end after its marker
+    _wait_for("the shard runs ended", lambda: not _shard_runs(server, "SCHEDULED", "PENDING", "RUNNING"), 60)
     completed = [r["name"] for r in _shard_runs(server, "COMPLETED")]
     # the shards ran on the workers
     assert len(completed) >= 2, [(r["name"], r["state"]["type"], r["state"]["message"]) for r in _shard_runs(server)]
