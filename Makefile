@@ -34,11 +34,11 @@ demo: $(STAMP)
 
 # Every test (CI: .ci/run), on JOBS pytest workers (pytest-xdist; each module on one worker, the
 # longest first: tests/conftest.py). JOBS=1: in this process, one test after another. FAST=1:
-# without the tests marked slow (pytest -m "not slow"), for development.
+# without the tests marked slow (pytest -m "not slow"), for development. The 15 slowest are listed.
 JOBS   ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile --no-loadscope-reorder) \
-		$(if $(FAST),-m "not slow")
+	$(BIN)/python -m pytest -q --durations=15 $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile \
+		--no-loadscope-reorder) $(if $(FAST),-m "not slow")
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pgd.py
