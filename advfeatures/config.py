@@ -6,7 +6,9 @@ validated. Unknown keys, wrong types and out-of-range values raise :class:`Confi
 the setting and the fix.
 
 Inheritance, so profiles stay short: ``teacher`` starts from ``source`` with ``train.epochs: 2``
-(Wallace's brief teacher); ``student`` starts from ``source``. Anything given explicitly wins.
+(Wallace's brief teacher); ``student`` starts from ``source``; neither inherits
+``train.adversarial`` (a robust source's students are standard models). Anything given
+explicitly wins.
 """
 
 from __future__ import annotations
@@ -111,6 +113,33 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AdversarialTraining:
+    """Adversarial training (Madry et al. 2018): every batch, after augmentation, is replaced by
+    untargeted PGD examples of it against the model being trained (in eval mode, weights frozen,
+    the iterate of largest loss kept, no random start), and the step trains on those. The
+    robustness library's CIFAR recipe: L2, eps 0.5, 7 steps of 2.5·eps/7."""
+    norm: str = "l2"
+    """'l2' or 'linf'."""
+    eps: float = 0.5
+    """Radius in [0, 1] pixel space."""
+    steps: int = 7
+    step_size: float | None = None
+    """None: 2.5 · eps / steps."""
+
+    def __post_init__(self):
+        _check(self.norm in ("l2", "linf"), f"train.adversarial.norm={self.norm!r}; choose 'l2' or 'linf'")
+        _check(self.eps > 0, f"train.adversarial.eps must be > 0, got {self.eps} (for standard training leave "
+                             "train.adversarial unset)")
+        _check(self.steps >= 1, f"train.adversarial.steps must be >= 1, got {self.steps}")
+        _check(self.step_size is None or self.step_size > 0,
+               f"train.adversarial.step_size must be > 0, got {self.step_size}")
+
+    @property
+    def step(self) -> float:
+        return 2.5 * self.eps / self.steps if self.step_size is None else self.step_size
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
@@ -136,6 +165,9 @@ class TrainConfig:
     """The model's seed. Its initial weights and its data order/augmentation are seeded by
     separate seeds derived from this one and the model's role in the plan (source, teacher,
     student of set K), so no two models of a plan share initial weights or data order."""
+    adversarial: AdversarialTraining | None = None
+    """Train on untargeted PGD examples of each batch (``AdversarialTraining``); None: standard
+    training. Keyed only when set, so the keys of standard models stay as they were."""
 
     def __post_init__(self):
         if isinstance(self.augment, bool):  # true/false from older profiles
@@ -387,6 +419,12 @@ def to_plain(value: Any) -> Any:
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) < len(typing.get_args(tp)):  # X | None: null, or X with X's own message
+            if value is None:
+                return None
+            if len(args) == 1:
+                return _coerce(args[0], value, where)
         for arg in typing.get_args(tp):
             try:
                 return _coerce(arg, value, where)
@@ -408,6 +446,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return copy.deepcopy(value)
     if tp is Any:
         return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}={value!r} must be null")
+        return None
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}={value!r} must be true or false")
@@ -527,8 +569,12 @@ def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple
     source = raw.get("source", {})
     if not isinstance(source, dict):
         raise ConfigError("source must be a mapping with model and train sections")
-    teacher_base = _deep_merge(source, {"train": {"epochs": 2}})
+    # train.adversarial is the source's own: a robust source's teacher and students train as
+    # standard models unless they ask for it themselves
+    inherited = {k: ({kk: vv for kk, vv in v.items() if kk != "adversarial"} if k == "train" and isinstance(v, dict)
+                     else v) for k, v in source.items()}
+    teacher_base = _deep_merge(inherited, {"train": {"epochs": 2}})
     raw["teacher"] = _deep_merge(teacher_base, raw.get("teacher") or {})
-    raw["student"] = _deep_merge({k: v for k, v in source.items() if k in ("model", "train")},
+    raw["student"] = _deep_merge({k: v for k, v in inherited.items() if k in ("model", "train")},
                                  raw.get("student") or {})
     return build_config(ExperimentConfig, raw, "")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from advfeatures import attacks
 from advfeatures.config import TrainConfig
 from advfeatures.seeds import cpu_generator
 
@@ -127,6 +128,9 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     Weight decay applies to every parameter, as in the paper's recipe (torch SGD semantics).
     ``amp_dtype`` runs forward/backward under autocast (the loss and the weights stay fp32);
     ``forward`` is an optional compiled wrapper of ``model`` used for the forward pass.
+    With ``cfg.adversarial``, each step trains on untargeted PGD examples of its (augmented) batch
+    made against the model as it is (``AdversarialTraining``); ``train_acc`` is then the accuracy
+    on those.
     """
     device = torch.device(device)
     n = x.shape[0]
@@ -141,6 +145,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     forward = model if forward is None else forward
     gen = cpu_generator(cfg.seed if seed is None else seed)
     augment = AUGMENT.get(cfg.augment)  # None for 'none'
+    adv = cfg.adversarial
+    adversary = attacks.threat_model(adv.norm, adv.eps) if adv is not None else None
 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
@@ -158,6 +164,9 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
             xb, yb = to_unit(x[idx]), y[idx]
             if augment is not None:
                 xb = augment(xb, gen)
+            if adversary is not None:  # in eval mode, weights frozen; train mode again after
+                xb = attacks.pgd(forward, xb, yb, adversary, adv.steps, adv.step, use_best=True,
+                                 amp_dtype=amp_dtype, fp32_records=False, untargeted=True).x
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():

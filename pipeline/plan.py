@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from advfeatures.config import ConfigError, ExperimentConfig, ModelStageConfig, to_plain
+from advfeatures.config import ConfigError, ExperimentConfig, ModelStageConfig, TrainConfig, to_plain
 from advfeatures.seeds import model_seeds
 from pipeline.kinds import FOLDER, SCHEMA, StageSpec  # noqa: F401 - re-exported for plans
 
@@ -189,10 +189,19 @@ def dataset_spec(source_sha256: str) -> StageSpec:
     return StageSpec("dataset", {"source_sha256": source_sha256})
 
 
+def train_config(train: TrainConfig) -> dict[str, Any]:
+    """A train section as keyed: ``adversarial``, added later, only when set (standard models'
+    keys stay as they were)."""
+    out = to_plain(train)
+    if out.get("adversarial") is None:
+        out.pop("adversarial", None)
+    return out
+
+
 def model_spec(cfg: ModelStageConfig, dataset_key: str, role: str, amp: str) -> StageSpec:
     """The source or the teacher: trained on the clean training set."""
-    return StageSpec("model", {"role": role, **to_plain(cfg), "seeds": model_seeds(role, (), cfg.train.seed),
-                               "amp": amp}, (dataset_key,))
+    return StageSpec("model", {"role": role, "model": to_plain(cfg.model), "train": train_config(cfg.train),
+                               "seeds": model_seeds(role, (), cfg.train.seed), "amp": amp}, (dataset_key,))
 
 
 def construct_spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) -> StageSpec:
@@ -227,7 +236,7 @@ def student_spec(cfg: ExperimentConfig, kind: str, seed: int, construct: StageSp
                               "set student.init=independent or the same arch")
         seeds["init"] = source.config["seeds"]["init"]
     return StageSpec("student", {"role": "student", "set": kind, "init": cfg.student.init, "model": model,
-                                 "train": to_plain(cfg.student.train_for(kind, seed)), "seeds": seeds,
+                                 "train": train_config(cfg.student.train_for(kind, seed)), "seeds": seeds,
                                  "amp": cfg.runtime.amp}, (construct.key,))
 
 

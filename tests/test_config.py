@@ -102,6 +102,16 @@ def test_teacher_inherits_source_with_two_epochs():
     assert cfg.teacher.train.epochs == 2 and cfg.teacher.train.lr == cfg.source.train.lr
 
 
+def test_adversarial_training_is_the_sources_own():
+    """A robust source's teacher and students train as standard models unless they ask."""
+    cfg = resolve("tiny", ["source.train.adversarial={eps: 0.5}"])
+    adv = cfg.source.train.adversarial
+    assert (adv.norm, adv.eps, adv.steps) == ("l2", 0.5, 7) and adv.step == pytest.approx(2.5 * 0.5 / 7)
+    assert cfg.teacher.train.adversarial is None and cfg.student.train.adversarial is None
+    cfg = resolve("tiny", ["student.train.adversarial={eps: 0.25, steps: 3, step_size: 0.1}"])
+    assert cfg.student.train.adversarial.step == 0.1 and cfg.source.train.adversarial is None
+
+
 @pytest.mark.parametrize("override,match", [
     ("attack.stepz=3", "did you mean attack.steps"),
     ("attack.steps=-1", "attack.steps must be >= 0"),
@@ -119,6 +129,10 @@ def test_teacher_inherits_source_with_two_epochs():
     ("student.train.lr=0", "train.lr must be > 0"),
     ("runtime.device=tpu", "runtime.device"),
     ("attack", "section.key=value"),
+    ("source.train.adversarial={eps: 0}", "leave train.adversarial unset"),
+    ("source.train.adversarial={norm: l1}", "train.adversarial.norm='l1'; choose"),
+    ("source.train.adversarial={epss: 0.5}", "did you mean source.train.adversarial.eps"),
+    ("source.train.adversarial=0.5", "source.train.adversarial must be a mapping"),
 ])
 def test_bad_settings_raise_clear_errors(override, match):
     with pytest.raises(ConfigError, match=match):

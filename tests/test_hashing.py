@@ -63,6 +63,20 @@ def test_per_set_student_override_changes_only_that_student():
     assert {k for k in a if a[k] != b[k]} == {"s_det"}
 
 
+def test_adversarial_training_is_keyed_only_when_set():
+    """train.adversarial (added later) is in a model's key only when set: standard models keep
+    their keys (the pinned ones below), an adversarially trained source changes its own key and
+    everything made from it, not the teacher's chain."""
+    a, b = _keys(), _keys("source.train.adversarial=null")
+    assert a == b
+    c = _keys("source.train.adversarial={eps: 0.5}")
+    assert {k for k in a if a[k] != c[k]} == {"source", "c_rand", "c_other", "c_det", "s_rand", "s_other", "s_det"}
+    d = _keys("source.train.adversarial={eps: 0.5, step_size: 0.17857142857142858}")  # the default, written out
+    assert d["source"] != c["source"]  # keyed as written: None and its value are two configs
+    e = _keys("student.per_set.det={adversarial: {eps: 0.25}}")
+    assert {k for k in a if a[k] != e[k]} == {"s_det"}
+
+
 def test_attack_change_keeps_source_and_errors_chain():
     a, b = _keys(), _keys("attack.steps=7")
     assert {k for k in a if a[k] != b[k]} == {"c_rand", "c_other", "c_det", "s_rand", "s_other", "s_det"}
