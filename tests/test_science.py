@@ -5,6 +5,8 @@
 - on synthetic data with a large robust cue and a small per-class pattern, a `det` student learns
   the pattern (above chance on (X, Y)) and a student of the cue alone learns the shifted labels;
 - adversarial training raises robust accuracy over standard training on that synthetic task;
+- representation inversion lowers the distance to another image's representation by a stated
+  factor, moves the image and the prediction, and keeps Li et al.'s radius;
 - PGD agrees per example with a transcription of the robustness library's loop and with
   torchattacks' PGDL2;
 - no two models of a plan start from the same initial weights (unless the control asks for it).
@@ -255,6 +257,37 @@ def test_pgd_agrees_with_torchattacks_pgdl2(trained_small_model):
     fooled_ref = _fooled(model, ref, t)
     assert 0.2 < fooled_ref.float().mean() < 0.8
     assert (ours.fooled == fooled_ref).float().mean() >= 0.99
+
+
+
+# --- representation inversion ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_inversion_matches_the_representation_and_changes_the_image(trained_small_model):
+    """Inverting g toward another image's representation (section 3.1's D_R / D_NR step), from
+    starts of another class: the distance falls by a stated factor in every row, the images
+    move, the model's prediction follows the representation, and no hook is left behind; with
+    Li et al.'s radius every image stays within it of its start."""
+    from advfeatures.inversion import invert, last_linear, represent
+
+    model, x, t = trained_small_model
+    y = (t - 1) % C
+    goal, start = x[:20], x[21:41]  # consecutive images cycle through the classes: other labels
+    assert not (y[:20] == y[21:41]).any()
+    r = invert(model, goal, start, steps=300, step_size=0.1)
+    ratio = r.start_distance / r.distance
+    moved = (r.x - start).flatten(1).norm(dim=1)
+    with torch.no_grad():
+        before, after = (float((model(z).argmax(1) == y[:20]).float().mean()) for z in (start, r.x))
+    # measured (AMD EPYC): distance ratio min 8.0, median 19.5; moved >= 3.5; prediction 0.00 -> 1.00
+    assert torch.allclose(r.distance, (represent(model, r.x) - represent(model, goal)).norm(dim=1), atol=1e-4)
+    assert ratio.min() > 1.5 and ratio.median() > 5, ratio
+    assert moved.min() > 0.5 and r.x.min() >= 0 and r.x.max() <= 1
+    assert after > before + 0.5, (before, after)
+    assert not last_linear(model)._forward_hooks
+    near = invert(model, goal, start, steps=100, step_size=0.1, radius=2.0)
+    assert ((near.x - start).flatten(1).norm(dim=1) <= 2.0 + 1e-4).all()
+    assert (near.start_distance / near.distance).median() > 1.1
 
 
 # --- initialisation -----------------------------------------------------------------------------------
