@@ -184,3 +184,31 @@ def robust_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threa
         with torch.no_grad(), frozen_eval(model):
             out.append(model(r.x).float().argmax(1).cpu())
     return torch.cat(out)
+
+
+def bugs_only_pgd(model: nn.Module, ensemble: list[nn.Module], x: torch.Tensor, target: torch.Tensor,
+                  y: torch.Tensor, threat, steps: int, step_size: float) -> PGDResult:
+    """Nakkiran's "adversarial examples that are only bugs" (Distill 2019): PGD that descends on
+    L(f, x, t) + mean_i L(f_i, x, y), so it moves ``model`` toward ``target`` while an ensemble
+    of independently trained models keeps the true label ``y``: the perturbation exploits what is
+    particular to ``model`` (its bugs), not features that other models share. Normalised steps in
+    ``threat``'s norm from x, clamped to [0, 1]; the last iterate is returned. Records are the
+    source's: ``fooled`` (it predicts ``target``), ``loss`` (its target cross-entropy)."""
+    if not ensemble:
+        raise ValueError("bugs_only_pgd needs an ensemble of at least one model")
+    x0 = x.detach().float()
+    target, y = target.to(x0.device), y.to(x0.device)
+    with contextlib.ExitStack() as stack:
+        for m in (model, *ensemble):
+            stack.enter_context(frozen_eval(m))
+        xa = x0
+        for _ in range(steps):
+            xa = xa.detach().requires_grad_(True)
+            objective = F.cross_entropy(model(xa).float(), target, reduction="sum")
+            keep = sum(F.cross_entropy(m(xa).float(), y, reduction="sum") for m in ensemble) / len(ensemble)
+            (grad,) = torch.autograd.grad(objective + keep, xa)
+            xa = (x0 + threat.project(threat.step(xa.detach(), grad, step_size) - x0)).clamp(0, 1)
+        with torch.no_grad():
+            logits = model(xa).float()
+    loss = F.cross_entropy(logits, target, reduction="none")
+    return PGDResult(x=xa.detach(), fooled=logits.argmax(1) == target, loss=loss, norm=threat.size(xa - x0).float())
