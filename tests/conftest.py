@@ -170,9 +170,10 @@ def run_cli(caplog, monkeypatch, api, *args):
 # Under pytest-xdist (`make test` runs `-n 2 --dist loadfile`), modules are handed to the workers
 # in collection order: the longest first, so that neither worker is left with one long module at
 # the end (measured on the 2-core machine, 2 workers: test_deployment 302 s, test_flow 160,
-# test_experiments 76, test_remote_store 66, test_stages 54 with a cold inductor cache).
-LONGEST_FIRST = ("test_deployment.py", "test_flow.py", "test_experiments.py", "test_remote_store.py",
-                 "test_stages.py")
+# test_science 80, test_experiments 76, test_remote_store 66, test_stages 54 with a cold inductor
+# cache).
+LONGEST_FIRST = ("test_deployment.py", "test_flow.py", "test_science.py", "test_experiments.py",
+                 "test_remote_store.py", "test_stages.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
