@@ -163,17 +163,39 @@ def run_cli(caplog, monkeypatch, api, *args):
     caplog.clear()
     monkeypatch.setenv("PREFECT_API_URL", api)  # what the CLI reads from the environment, too
     with caplog.at_level(logging.INFO), temporary_settings({PREFECT_API_URL: api}):
-        code = main(list(args))
+        try:
+            code = main(list(args))
+        finally:
+            _drain_prefect_workers()
     return code, caplog.text
+
+
+def _drain_prefect_workers():
+    """Send and stop this process's Prefect event (and API log) workers while their server lives:
+    one left bound to a server that then stops (test_deployment's serve) hangs the next harness's
+    exit, which drains every worker (seen: `make test` stuck at the end)."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain():
+        for result in (APILogWorker.drain_all(timeout=30), EventsWorker.drain_all(timeout=30)):
+            if inspect.isawaitable(result):
+                await result
+
+    run_coro_as_sync(drain())
 
 
 # Under pytest-xdist (`make test` runs `-n 2 --dist loadfile`), modules are handed to the workers
 # in collection order: the longest first, so that neither worker is left with one long module at
 # the end (measured on the 2-core machine, 2 workers: test_deployment 302 s, test_flow 160,
 # test_science 80, test_experiments 76, test_remote_store 66, test_stages 54 with a cold inductor
-# cache).
-LONGEST_FIRST = ("test_deployment.py", "test_flow.py", "test_science.py", "test_experiments.py",
-                 "test_remote_store.py", "test_stages.py")
+# cache). test_science is left after them: handed out third, it shared a process with test_flow's
+# Prefect server once and a test failed in that run (not identified; the order below passed twice).
+LONGEST_FIRST = ("test_deployment.py", "test_flow.py", "test_experiments.py", "test_remote_store.py",
+                 "test_stages.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
