@@ -84,6 +84,12 @@ def threat_model(norm: str, eps: float):
     return THREATS[norm](eps)
 
 
+def advance(threat, x: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
+    """One descent step of ``threat``'s normalised kind from x, projected into its ball around x0
+    and clamped to [0, 1]: the update of every iterative attack here (PGD, bugs-only, inversion)."""
+    return (x0 + threat.project(threat.step(x.detach(), grad, step_size) - x0)).clamp(0, 1)
+
+
 @dataclass
 class PGDResult:
     x: torch.Tensor       # (B, C, H, W) adversarial images, float32, in [0, 1]
@@ -155,8 +161,7 @@ def pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, threat, steps: 
                 best_loss = torch.where(better, obj_d, best_loss)
                 best_pred = torch.where(better, pred, best_pred)
             if not last:
-                stepped = threat.step(xa.detach(), grad, step_size)
-                xa = (x0 + threat.project(stepped - x0)).clamp(0, 1)
+                xa = advance(threat, xa, x0, grad, step_size)
         if amp_dtype is not None and fp32_records:  # the records must not depend on low-precision logits
             with torch.no_grad():
                 logits = model(best_x).float()
@@ -207,7 +212,7 @@ def bugs_only_pgd(model: nn.Module, ensemble: list[nn.Module], x: torch.Tensor, 
             objective = F.cross_entropy(model(xa).float(), target, reduction="sum")
             keep = sum(F.cross_entropy(m(xa).float(), y, reduction="sum") for m in ensemble) / len(ensemble)
             (grad,) = torch.autograd.grad(objective + keep, xa)
-            xa = (x0 + threat.project(threat.step(xa.detach(), grad, step_size) - x0)).clamp(0, 1)
+            xa = advance(threat, xa, x0, grad, step_size)
         with torch.no_grad():
             logits = model(xa).float()
     loss = F.cross_entropy(logits, target, reduction="none")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from advfeatures.attacks import L2, frozen_eval
+from advfeatures.attacks import L2, advance, frozen_eval
 
 
 @dataclass
@@ -92,5 +92,5 @@ def invert(model: nn.Module, x: torch.Tensor, start: torch.Tensor, steps: int, s
                 best_x = torch.where(better.view(-1, 1, 1, 1), xr.detach(), best_x)
                 best_d = torch.where(better, d, best_d)
             if not last:
-                xr = (x0 + ball.project(ball.step(xr.detach(), grad, step_size) - x0)).clamp(0, 1)
+                xr = advance(ball, xr, x0, grad, step_size)
     return InversionResult(x=best_x, distance=best_d, start_distance=first_d)
