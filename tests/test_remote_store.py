@@ -145,6 +145,11 @@ def test_pipeline_on_s3_matches_a_local_folder(s3, api, tiny_tar, tmp_path, capl
     common = ["--profile", "tiny", "--data", str(tiny_tar), "--set", "construct.sets=[det, errors]"]
     code, log = run_cli(caplog, monkeypatch, api, "run", *common, "--store", url)
     assert code == 0, log[-3000:]
+    from prefect.events.worker import EventsWorker
+
+    # run_cli leaves no event worker bound to its server (one whose server later stopped hung the
+    # session harness's exit): it drained and stopped them
+    assert not EventsWorker._instances
     cfg = resolve("tiny", ["construct.sets=[det, errors]"], data=str(tiny_tar), store=str(local))
     plan = get("replicate").plan(cfg, source_sha256(tiny_tar))
     kinds.run_all(Store(local), plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg))
