@@ -4,6 +4,8 @@
     other:  t = (y + U{1..C-1}) mod C           (t != y always)
     det:    t = (y + 1) mod C
     errors: unmodified images, relabelled with a teacher's prediction, kept only where it is wrong
+    inversion (section 3.1): from another training image, the image whose representation matches
+            the goal image's (D_R with a robust model, D_NR with a standard one), labelled y_goal
 
 Targets and the subset are drawn once for the whole set from ``seed`` (numpy PCG64), and a row's
 random start (if any) from ``seed`` and the row's image index, so nothing about a row depends on
@@ -189,6 +191,55 @@ def attack_block(model: nn.Module, images: np.ndarray, targets: np.ndarray, atta
             out[k].append(v.cpu().numpy())
         if on_batch is not None:
             on_batch(min(s + batch_size, images.shape[0]), images.shape[0])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def inversion_starts(goals: np.ndarray, n_total: int, seed: int) -> np.ndarray:
+    """For each goal image index, the index of its start image: uniform over the other training
+    images, independent of labels, drawn once from ``seed`` (never the goal itself)."""
+    if n_total < 2:
+        raise ValueError("inversion needs at least 2 training images (a start other than the goal)")
+    rng = np.random.default_rng([seed, 0x1F0E])
+    starts = rng.integers(0, n_total - 1, size=len(goals))
+    return (starts + (starts >= goals)).astype(np.int64)  # skip the goal: uniform over the rest
+
+
+def invert_block(model: nn.Module, goals: np.ndarray, starts: np.ndarray, targets: np.ndarray, steps: int,
+                 step_size: float, radius: float | None = None, device: torch.device | str = "cpu",
+                 batch_size: int = 250, amp_dtype: torch.dtype | None = None, store_dtype: str = "float32",
+                 channels_last: bool = False,
+                 on_batch: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """Representation inversion of a block: for goal images and start images (uint8, N,C,H,W),
+    ``advfeatures.inversion.invert`` from each start toward its goal's representation. Returns x
+    as stored and, computed on the stored images in fp32, the records of a constructed set toward
+    ``targets`` (the goals' labels: fooled = the model predicts it, loss, margin), norm = ||x -
+    start||_2, and the representation distances to the goal at the start and at x
+    (``start_distance``, ``distance``)."""
+    from advfeatures.attacks import L2
+    from advfeatures.inversion import invert, represent
+
+    device = torch.device(device)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    sdtype = getattr(torch, store_dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = {k: [] for k in ("x", "fooled", "loss", "norm", "margin", "distance", "start_distance")}
+    for s in range(0, goals.shape[0], batch_size):
+        xg = to_unit(torch.from_numpy(goals[s:s + batch_size]).to(device)).contiguous(memory_format=fmt)
+        x0 = to_unit(torch.from_numpy(starts[s:s + batch_size]).to(device)).contiguous(memory_format=fmt)
+        tb = torch.from_numpy(targets[s:s + batch_size]).to(device)
+        r = invert(model, xg, x0, steps, step_size, radius=radius, amp_dtype=amp_dtype)
+        xs, rec = stored_records(model, x0, r.x, tb, L2(float("inf")), sdtype)
+        with frozen_eval(model), torch.no_grad():
+            goal = represent(model, xg)
+            rec["distance"] = (represent(model, xs) - goal).norm(dim=1)
+            rec["start_distance"] = (represent(model, x0) - goal).norm(dim=1)
+        out["x"].append(xs.to(sdtype).contiguous().cpu().numpy())
+        for k, v in rec.items():
+            out[k].append(v.float().cpu().numpy() if v.dtype.is_floating_point else v.cpu().numpy())
+        if on_batch is not None:
+            on_batch(min(s + batch_size, goals.shape[0]), goals.shape[0])
     return {k: np.concatenate(v) for k, v in out.items()}
 
 

@@ -183,17 +183,19 @@ def load_model(store: Store, key: str, device: torch.device | str = "cpu") -> to
 
 def save_set(store: Store, spec: StageSpec, rows: dict[str, np.ndarray], classes: list[str],
              summary: dict[str, Any], record: dict[str, Any], t0: float, **extra: Any) -> None:
-    """Write a whole constructed set (every field of ``A.CONSTRUCTED_FIELDS`` and x) as one shard,
-    staged, manifest last: for sets computed at once (errors; sets made elsewhere)."""
+    """Write a whole constructed set (every field of ``A.CONSTRUCTED_FIELDS``, x, and any fields of
+    the kind's own, which become the layout's extra fields) as one shard, staged, manifest last:
+    for sets computed at once (errors; sets made elsewhere)."""
     n, chunk = len(rows["y_target"]), 1024
+    own = tuple((k, str(v.dtype)) for k, v in rows.items() if k != "x" and k not in A.CONSTRUCTED_FIELDS)
     layout = A.Layout(n=n, image_shape=tuple(rows["x"].shape[1:]), x_dtype=str(rows["x"].dtype), chunk=chunk,
-                      shard_size=-(-n // chunk) * chunk)
+                      shard_size=-(-n // chunk) * chunk, extra=own)
 
     def write(tmp: Path) -> dict[str, Any]:
         A.create_constructed(tmp, layout)
         return {"shards": [A.write_shard(tmp, layout, 0, rows, seconds=time.perf_counter() - t0, meta=record)]}
 
-    publish(store, spec, t0, write, **record, num_classes=len(classes), classes=classes, layout=dict(vars(layout)),
+    publish(store, spec, t0, write, **record, num_classes=len(classes), classes=classes, layout=layout.attrs(),
             summary=summary, **extra)
 
 

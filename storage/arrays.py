@@ -10,6 +10,8 @@ Constructed group ``constructed/<key>/``::
 
     x (N,3,H,W) float16|float32|uint8   y_target, y_true, index (N,) int64
     fooled (N,) bool   loss (N,) float32   norm (N,) float32   margin (N,) float32
+    <extra> (N,)       fields a set kind adds (e.g. an inversion's goal index), declared in its
+                       layout (``Layout.extra``) and recorded in the group's attrs
     _shards/<i>.json   completion marker of shard i: rows, count, sha256 of its rows, seconds,
                        the host and pid that wrote it
 
@@ -77,8 +79,13 @@ class Layout:
     x_dtype: str
     chunk: int
     shard_size: int
+    extra: tuple[tuple[str, str], ...] = ()
+    """(name, dtype) of per-row fields beyond ``CONSTRUCTED_FIELDS`` (a set kind's own records)."""
 
     def __post_init__(self):
+        clash = sorted({n for n, _ in self.extra} & {"x", *CONSTRUCTED_FIELDS})
+        if clash:
+            raise ValueError(f"extra fields {clash} would replace a constructed set's own fields")
         if self.shard_size % self.chunk:
             raise ValueError(f"shard_size {self.shard_size} is not a multiple of chunk {self.chunk}")
 
@@ -92,7 +99,17 @@ class Layout:
         return i * self.shard_size, min((i + 1) * self.shard_size, self.n)
 
     def dtypes(self) -> dict[str, str]:
-        return {"x": self.x_dtype, **CONSTRUCTED_FIELDS}
+        return {"x": self.x_dtype, **CONSTRUCTED_FIELDS, **dict(self.extra)}
+
+    def attrs(self, chunk: int | None = None) -> dict:
+        """The layout as recorded in attrs and manifests (``extra`` only when there is any, so the
+        records of sets without extra fields stay as they were)."""
+        out = {"n": self.n, "image_shape": list(self.image_shape), "x_dtype": self.x_dtype,
+               "chunk": self.chunk if chunk is None else chunk,
+               "shard_size": self.shard_size}
+        if self.extra:
+            out["extra"] = [list(e) for e in self.extra]
+        return out
 
 
 def create_constructed(path: Path, layout: Layout) -> None:
@@ -115,8 +132,7 @@ def create_constructed(path: Path, layout: Layout) -> None:
             continue
         g.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
                        fill_value=0)
-    g.attrs.update({"layout": {"n": layout.n, "image_shape": list(layout.image_shape), "x_dtype": layout.x_dtype,
-                               "chunk": chunk, "shard_size": layout.shard_size}})
+    g.attrs.update({"layout": layout.attrs(chunk)})
     (open_root(path) / SHARDS_DIR).mkdir(exist_ok=True)
 
 
@@ -128,7 +144,7 @@ def stored_layout(path: Path) -> Layout | None:
     if lay is None:
         return None
     return Layout(n=lay["n"], image_shape=tuple(lay["image_shape"]), x_dtype=lay["x_dtype"], chunk=lay["chunk"],
-                  shard_size=lay["shard_size"])
+                  shard_size=lay["shard_size"], extra=tuple(tuple(e) for e in lay.get("extra", ())))
 
 
 def marker_path(path: Path, i: int) -> Path:
@@ -211,9 +227,12 @@ def _where(m: dict) -> dict:
 
 def read_rows(path: Path, start: int = 0, stop: int | None = None,
               names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """Rows [start, stop) of the named arrays (default: every array of a constructed set)."""
+    """Rows [start, stop) of the named arrays (default: every array of a constructed set, its
+    layout's extra fields included)."""
     g = zarr.open_group(str(path), mode="r")
-    names = names or ("x", *CONSTRUCTED_FIELDS)
+    if names is None:
+        extra = (g.attrs.get("layout") or {}).get("extra", ())
+        names = ("x", *CONSTRUCTED_FIELDS, *(name for name, _ in extra))
     return {n: g[n][start:stop] for n in names}
 
 

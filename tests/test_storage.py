@@ -80,6 +80,28 @@ def test_marker_checksum_matches_rows(tmp_path):
     assert json.loads(A.marker_path(tmp_path, 0).read_text())["count"] == 50
 
 
+def test_a_kinds_extra_fields_are_stored_checksummed_and_read_back(tmp_path):
+    layout = A.Layout(n=60, image_shape=(3, 4, 4), x_dtype="float16", chunk=25, shard_size=50,
+                      extra=(("goal", "int64"), ("distance", "float32")))
+    A.create_constructed(tmp_path, layout)
+    assert A.stored_layout(tmp_path) == layout  # the extra fields are part of the recorded layout
+    markers = []
+    for i in range(layout.num_shards):
+        s, e = layout.rows(i)
+        rows = {**_rows(layout, i, 0.5), "goal": np.arange(s, e) + 7, "distance": np.full(e - s, 2.5, np.float32)}
+        with pytest.raises(ValueError, match="differ from the layout"):  # a shard without its extra fields
+            A.write_shard(tmp_path, layout, i, {k: v for k, v in rows.items() if k != "goal"}, seconds=0.0)
+        markers.append(A.write_shard(tmp_path, layout, i, rows, seconds=0.0))
+    got = A.read_rows(tmp_path)
+    assert np.array_equal(got["goal"], np.arange(60) + 7) and (got["distance"] == 2.5).all()
+    assert not A.verify_shards(tmp_path, markers)
+    __import__("zarr").open_group(str(tmp_path), mode="r+")["goal"][3] = -1  # the checksum covers them
+    assert [p["shard"] for p in A.verify_shards(tmp_path, markers)] == [0]
+    assert "extra" not in _layout().attrs()  # sets without extra fields record what they always did
+    with pytest.raises(ValueError, match="replace"):
+        A.Layout(n=1, image_shape=(3, 4, 4), x_dtype="float16", chunk=1, shard_size=1, extra=(("norm", "int64"),))
+
+
 def test_layout_mismatch_is_refused(tmp_path):
     A.create_constructed(tmp_path, _layout())
     with pytest.raises(StoreError, match="Delete"):

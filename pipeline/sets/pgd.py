@@ -8,6 +8,7 @@ row's image, never on the sharding."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,13 @@ from storage import arrays as A
 from storage.store import Store, StoreError
 
 KINDS = ("rand", "other", "det")
+
+BLOCK_ATTACKS: dict[str, Callable[..., dict[str, np.ndarray]]] = {}
+"""Set kinds made like PGD sets (same rows, targets, layout, shards and manifest) by another
+attack, registered by the module that owns the kind (bugs-only):
+``kind -> (store, spec, model, block, targets, true labels, rt, device, on_batch) -> x and the
+records`` (fooled, loss, norm, margin, as ``C.attack_block`` returns them). A spec names its rows'
+targets with ``targets`` (rand, other or det; default: its kind)."""
 
 
 def _layout(store: Store, spec: StageSpec, n: int, image_shape: tuple[int, ...]) -> A.Layout:
@@ -73,7 +81,7 @@ def pgd_set(store: Store, spec: StageSpec) -> PGDSet:
     info = dataset_info(store, dataset_key)
     y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
     images = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
-    t_images = C.make_targets(cfg["kind"], y_all[images], len(info["classes"]), cfg["seed"])
+    t_images = C.make_targets(cfg.get("targets", cfg["kind"]), y_all[images], len(info["classes"]), cfg["seed"])
     copies = cfg.get("augment_copies", 0)
     idx, copy = C.copy_rows(images, copies)
     t = np.repeat(t_images, max(copies, 1))  # every copy of an image has the image's target
@@ -123,9 +131,14 @@ def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log
         progress.emit({"event": "pgd_batch", "key": spec.key, "shard": shard, "rows_done": done, "shard_rows": total,
                        "image_steps": done * attack.steps, "seconds": time.perf_counter() - t_attack})
 
-    out = C.attack_block(compiled(model, rt), block, t[start:stop], attack, device, rt.attack_batch_size,
-                         seed=spec.config["seed"], rows=s.start_ids(start, stop), store_dtype=layout.x_dtype,
-                         channels_last=rt.channels_last, amp_dtype=amp_dtype(spec.config["amp"]), on_batch=on_batch)
+    custom = BLOCK_ATTACKS.get(spec.config["kind"])
+    if custom is not None:
+        out = custom(store, spec, model, block, t[start:stop], y[start:stop], rt, device, on_batch)
+    else:
+        out = C.attack_block(compiled(model, rt), block, t[start:stop], attack, device, rt.attack_batch_size,
+                             seed=spec.config["seed"], rows=s.start_ids(start, stop), store_dtype=layout.x_dtype,
+                             channels_last=rt.channels_last, amp_dtype=amp_dtype(spec.config["amp"]),
+                             on_batch=on_batch)
     attack_s = time.perf_counter() - t_attack
     rows = {"x": out["x"], "y_target": t[start:stop], "y_true": y[start:stop], "index": idx[start:stop],
             "fooled": out["fooled"], "loss": out["loss"], "norm": out["norm"], "margin": out["margin"]}
@@ -159,7 +172,7 @@ def finalize_construct(store: Store, spec: StageSpec) -> str:
         raise StoreError(f"{path}: stored targets differ from the plan; delete {path} and rerun")
     summary = attack_summary(rec)
     body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=num_classes,
-                               classes=info["classes"], layout=dict(vars(layout)), shards=markers,
+                               classes=info["classes"], layout=layout.attrs(), shards=markers,
                                seeds={"construct": spec.config["seed"]}, summary=summary,
                                seconds=round(sum(m["seconds"] for m in markers), 3), **run_record(None))
     store.write_manifest(spec.folder, spec.key, body)
