@@ -433,3 +433,35 @@ def test_independent_stages_run_together_with_the_same_results(harness, tmp_path
     a, b = _artifacts(bare, plan), _artifacts(Store(tmp_path / "flow"), plan)
     assert a.keys() == b.keys()
     assert [plan.labels()[k] for k in a if a[k] != b[k]] == []
+
+
+def test_controls_mirror_the_augmented_copies_of_their_sets(tmp_path, tiny_tar):
+    """With construct.augment_copies, leak-K has K's rows (each image's copies, K's targets) and its
+    images are K's clean crops and flips plus the pattern; rand-clean-only is D_rand's t = y rows
+    of those copies. Keys without copies stay as they were."""
+    from conftest import build
+
+    from advfeatures import construct as C
+    from pipeline.experiments.controls import build_control
+    from pipeline.sets.pgd import pgd_set
+
+    cfg, st, _ = build(tiny_tar, tmp_path, ["construct.augment_copies=2", "construct.leak_keep_t_eq_y=true"])
+    plan = get("controls").plan(cfg, source_sha256(tiny_tar))
+    rand = pgd_set(st, plan.constructs["rand"])  # D_rand's rows, targets and clean crops (no PGD needed)
+    clean = rand.images(st, plan.dataset.key, 0, len(rand.idx)).astype(np.float32) / 255
+    assert len(rand.idx) == 2 * cfg.construct.n_images
+    rows = {}
+    for kind in ("leak-rand", "rand-clean-only"):
+        assert plan.constructs[kind].config["augment_copies"] == 2
+        build_control(st, plan.constructs[kind], cfg.runtime)
+        rows[kind] = A.read_rows(st.path("constructed", plan.constructs[kind].key))
+    r, same = rows["leak-rand"], rand.t == rand.y
+    assert np.array_equal(r["index"], rand.idx) and np.array_equal(r["y_target"], rand.t)
+    patterns = C.leak_patterns(10, (3, 32, 32), "l2", cfg.attack.eps, cfg.construct.seed).numpy()
+    expect = np.clip(clean + patterns[rand.t], 0, 1)
+    expect[same] = clean[same]
+    assert np.allclose(r["x"].astype(np.float32), expect, atol=2e-3)
+    c = rows["rand-clean-only"]
+    assert np.array_equal(c["index"], rand.idx[same]) and np.allclose(c["x"].astype(np.float32), clean[same], atol=2e-3)
+    plain = get("controls").plan(build(tiny_tar, tmp_path / "plain")[0], source_sha256(tiny_tar))
+    assert "augment_copies" not in plain.constructs["leak-rand"].config

@@ -8,6 +8,10 @@
 - ``rand-clean-only`` (when rand is built): only D_rand's rows whose target is their own label,
   unperturbed: how much of a rand student's accuracy those ~1/C correctly labelled rows explain.
 
+Each control mirrors every construction setting of its set: the subset, seed and storage dtype
+and, with ``construct.augment_copies``, the same copies of each image, cropped and flipped as the
+PGD set's are (so its students train on as many rows, from the same crops).
+
 The plan is replicate's plan plus the control sets (students, selection and evaluation exactly as
 for the PGD sets), so every stage of ``replicate`` with the same config is reused from the store."""
 
@@ -54,16 +58,19 @@ def build_control(store: Store, spec: StageSpec, rt, log=lambda _m: None) -> str
     info = dataset_info(store, dataset_key)
     num_classes = len(info["classes"])
     x_all, y_all = load_split(store, dataset_key, "train")
-    idx = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
-    t = C.make_targets(base_kind(kind), y_all[idx], num_classes, cfg["seed"])
+    images = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
+    copies = cfg.get("augment_copies", 0)  # K's rows: each image's copies, cropped and flipped as K's are
+    idx, copy = C.copy_rows(images, copies)
+    t = np.repeat(C.make_targets(base_kind(kind), y_all[images], num_classes, cfg["seed"]), max(copies, 1))
     if kind == CLEAN_ONLY:
         keep = t == y_all[idx]
-        idx, t = idx[keep], t[keep]
+        idx, t, copy = idx[keep], t[keep], copy[keep]
+    block = x_all[idx] if not copies else C.crop_flip(x_all[idx], C.copy_params(cfg["seed"], idx, copy))
     norm, eps = cfg.get("norm", "l2"), cfg.get("eps", 0.0)
     patterns = C.leak_patterns(num_classes, tuple(info["image_shape"]), norm, eps, cfg["seed"]) \
         if kind in LEAK else None
     unperturbed = (t == y_all[idx]) if cfg.get("keep_t_eq_y") else None
-    arrays = C.pattern_block(load_model(store, source_key, device), x_all[idx], t, threat_model(norm, max(eps, 1e-12)),
+    arrays = C.pattern_block(load_model(store, source_key, device), block, t, threat_model(norm, max(eps, 1e-12)),
                              device, rt.eval_batch_size, cfg["dtype"], patterns, unperturbed)
     rows = {**arrays, "y_target": t, "y_true": y_all[idx], "index": idx}
     summary = attack_summary(rows)
@@ -75,13 +82,17 @@ def build_control(store: Store, spec: StageSpec, rt, log=lambda _m: None) -> str
 
 
 def control_spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) -> StageSpec:
+    """Every construction setting of the set the control mirrors: subset, seed, storage dtype and,
+    when on, its augmented copies (keyed only then, as for PGD sets)."""
     c = cfg.construct
     if kind == CLEAN_ONLY:  # D_rand's t = y rows, unperturbed: records under the source
-        return StageSpec("construct", {"kind": kind, "n_images": c.n_images, "seed": c.seed, "dtype": c.dtype},
-                         inputs)
-    return StageSpec("construct", {"kind": kind, "norm": cfg.attack.norm, "eps": cfg.attack.eps,  # no PGD
-                                   "n_images": c.n_images, "seed": c.seed, "dtype": c.dtype,
-                                   "keep_t_eq_y": c.leak_keep_t_eq_y}, inputs)
+        config = {"kind": kind, "n_images": c.n_images, "seed": c.seed, "dtype": c.dtype}
+    else:
+        config = {"kind": kind, "norm": cfg.attack.norm, "eps": cfg.attack.eps,  # no PGD
+                  "n_images": c.n_images, "seed": c.seed, "dtype": c.dtype, "keep_t_eq_y": c.leak_keep_t_eq_y}
+    if c.augment_copies:
+        config["augment_copies"] = c.augment_copies
+    return StageSpec("construct", config, inputs)
 
 
 def _build(store: Store, spec: StageSpec, ctx: Context) -> str:
