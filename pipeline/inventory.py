@@ -26,7 +26,7 @@ from storage.store import MANIFEST, Store, StoreError, read_json
 
 FOLDERS = ("datasets", "models", "constructed", "evals", "runs")
 STAGE_FOLDER = {"dataset": "datasets", "model": "models", "student": "models", "construct": "constructed",
-                "select": "constructed", "eval": "evals", "run": "runs"}
+                "select": "constructed", "eval": "evals", "transfer": "evals", "run": "runs"}
 
 
 @dataclass
@@ -115,6 +115,9 @@ def summary(a: Artifact) -> str:
         m = a.manifest.get("metrics", {})
         rob = c.get("robust")
         return (f"robust eps {rob['eps']} " if rob else "clean ") + f"acc {100 * m.get('acc_xy', float('nan')):.1f}%"
+    if st == "transfer":
+        m = a.manifest.get("metrics", {})
+        return f"transfer success {100 * m.get('transfer_success', float('nan')):.1f}% of {m.get('n_t_ne_y', '?')} rows"
     if st == "run":
         return f"{c.get('name', 'sweep')}" + (f", {len(a.inputs)} inputs")
     if st == "dataset":
