@@ -9,6 +9,7 @@ import hashlib
 import io
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,22 @@ def setup_runtime(rt: RuntimeConfig) -> torch.device:
     dev = device_of(rt)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = rt.cudnn_benchmark
+    if dev.type == "cpu" and rt.amp == "bf16" and not cpu_has_fast_bf16():
+        warnings.warn(SLOW_BF16, RuntimeWarning, stacklevel=2)
     return dev
+
+
+SLOW_BF16 = ("runtime.amp=bf16 on a CPU without native bfloat16 (no AVX-512 BF16 or AMX): autocast is emulated "
+             "and trains small_cnn about 10x slower than fp32 (measured on an AVX2 AMD EPYC: 101 vs 1,085 "
+             "images/s). Use --set runtime.amp=none (amp is keyed: its stages get new keys)")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: assume emulated
+        return False
 
 
 def amp_dtype(amp: str) -> torch.dtype | None:

@@ -45,3 +45,22 @@ def test_split_threads_divides_the_usable_cpus(tmp_path, monkeypatch):
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
 def test_this_process(monkeypatch):
     assert 1 <= cpus.usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_bf16_on_a_cpu_without_native_bfloat16_warns_with_the_fix(monkeypatch):
+    import pytest
+    import torch
+
+    from advfeatures.config import RuntimeConfig
+    from pipeline import common
+
+    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="runtime.amp=none"):
+        common.setup_runtime(RuntimeConfig(device="cpu", amp="bf16", threads=torch.get_num_threads()))
+    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        common.setup_runtime(RuntimeConfig(device="cpu", amp="bf16", threads=torch.get_num_threads()))
+        common.setup_runtime(RuntimeConfig(device="cpu", amp="none", threads=torch.get_num_threads()))
