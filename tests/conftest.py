@@ -54,6 +54,14 @@ def tiny_tar(tiny_sources):
     return tiny_sources["tar"]
 
 
+@pytest.fixture(scope="session")
+def experiments_store(tmp_path_factory):
+    """One store for the tiny runs of the experiments of the debate (robust-datasets, bugs-only,
+    transfer, spectrum): stages are cached by key, so the dataset, the source and what else their
+    plans share are computed once per test process."""
+    return tmp_path_factory.mktemp("experiments")
+
+
 def build(tar, store, overrides=(), profile="tiny"):
     """Resolve a profile on ``tar`` into ``store``, ingest, train the source: (cfg, store, plan)."""
     from advfeatures.config import resolve

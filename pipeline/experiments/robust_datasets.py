@@ -1,0 +1,200 @@
+"""robust-datasets: section 3.1 of Ilyas et al. (2019), the robust and non-robust training sets.
+
+Two sources on the same clean data: the profile's standard source (replicate's, same key) and a
+robust one, the same recipe adversarially trained (``robust_datasets.adversarial``, L2 eps 0.5, 7
+steps of 2.5·eps/7 by default; its own initial weights). From each, a set by representation
+inversion (``pipeline.sets.inversion``): every goal image's representation rebuilt from another
+training image, labelled with the goal's label. D_R (robust source) should teach students clean
+accuracy and some robustness; D_NR (standard source) clean accuracy and none. Students of both,
+of the same recipe, are evaluated on the clean test set and at each robust radius; both sources
+are too (the robust source must be robust for D_R to mean anything).
+
+    robust_datasets.adversarial   the robust source's adversarial training (train.adversarial)
+    robust_datasets.steps         inversion steps (paper: 1,000) and .step_size (0.1)
+    robust_datasets.n_images      goal images (0: every training image) and .seed
+    robust_datasets.li_radius     also D_NR-li: D_NR within this L2 distance of its start (Li et
+                                  al. 2023: 2.0, with step 0.01; ``li_step_size``)
+    robust_datasets.robust_eps    the radii every model is evaluated at (default 0.25, 0.5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from advfeatures.config import AdversarialTraining, ExperimentConfig, _check, register_set_kind
+from pipeline.experiments import Experiment, register
+from pipeline.plan import Plan, add_model, base_plan, model_spec, robust_eval_spec, student_spec
+from pipeline.sets import inversion
+
+ROBUST, NONROBUST, LI = "D_R", "D_NR", "D_NR-li"
+for _name in (ROBUST, NONROBUST, LI):  # student.per_set may name them (D_NR's students: lr 0.01 in the paper)
+    register_set_kind(_name, plannable=False)
+
+REFERENCES = {  # clean / robust at L2 0.25 / 0.5 test accuracy, % (SCIENCE.md part 2); None: not reported
+    ROBUST: {"paper": (84.0, 48.0, None), "rebuild": (86.8, 49.9, 19.2)},
+    NONROBUST: {"paper": (88.0, 0.0, None), "rebuild": (84.4, 0.0, 0.0)},
+    "robust source": {"paper": (90.8, 82.3, 70.2), "rebuild": (None, None, None)},  # the released model
+}
+
+
+@dataclass(frozen=True)
+class RobustDatasetsConfig:
+    adversarial: AdversarialTraining = field(default_factory=AdversarialTraining)
+    """The robust source's adversarial training; everything else is the source's recipe."""
+    steps: int = 1000
+    """Inversion steps per image (the paper: 1,000)."""
+    step_size: float = 0.1
+    """L2 length of each normalised-gradient step (the paper: 0.1)."""
+    n_images: int = 0
+    """Goal images, a seeded subset of the training set (0: all 50,000)."""
+    seed: int = 0
+    """Goal subset and start images."""
+    li_radius: float | None = None
+    """Also build D_NR-li: D_NR with x_r kept within this L2 distance of its start (Li et al.: 2.0)."""
+    li_step_size: float = 0.01
+    """D_NR-li's step (Li et al.: 0.01)."""
+    robust_eps: tuple[float, ...] = (0.25, 0.5)
+    """Robust accuracy of every model of the experiment at these L2 radii (``evaluate``'s attack)."""
+
+    def __post_init__(self):
+        _check(self.steps >= 1, f"robust_datasets.steps must be >= 1, got {self.steps}")
+        _check(self.step_size > 0, f"robust_datasets.step_size must be > 0, got {self.step_size}")
+        _check(self.n_images >= 0, f"robust_datasets.n_images must be >= 0 (0: every image), got {self.n_images}")
+        _check(self.li_radius is None or self.li_radius > 0,
+               f"robust_datasets.li_radius must be > 0 (Li et al.: 2.0), or unset for no D_NR-li; got {self.li_radius}")
+        _check(self.li_step_size > 0, f"robust_datasets.li_step_size must be > 0, got {self.li_step_size}")
+        _check(all(e > 0 for e in self.robust_eps), f"robust_datasets.robust_eps={list(self.robust_eps)} must be > 0")
+
+
+def robust_source_spec(cfg: ExperimentConfig, dataset_key: str) -> Any:
+    """The source's recipe with ``robust_datasets.adversarial``: role robust-source (its own seeds)."""
+    rd = cfg.robust_datasets
+    robust = dataclasses.replace(cfg.source, train=dataclasses.replace(cfg.source.train, adversarial=rd.adversarial))
+    return model_spec(robust, dataset_key, "robust-source", cfg.runtime.amp)
+
+
+def _evaluated(out: Plan, cfg: ExperimentConfig, spec: Any, label: str, **tags: Any) -> Any:
+    add_model(out, cfg, spec, label, out.dataset, **tags)
+    for eps in cfg.robust_datasets.robust_eps:
+        out.add(robust_eval_spec(cfg, spec, out.dataset, eps), f"{label} eps={eps:g}", role="eval", of=spec.key,
+                eps=eps)
+    return spec
+
+
+def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
+    rd, c = cfg.robust_datasets, cfg.construct
+    out = base_plan(cfg, source_sha256)
+    ds, standard = out.dataset, out.source
+    for eps in rd.robust_eps:
+        out.add(robust_eval_spec(cfg, standard, ds, eps), f"source eps={eps:g}", role="eval", of=standard.key, eps=eps)
+    robust = _evaluated(out, cfg, robust_source_spec(cfg, ds.key), "robust source", role="robust-source")
+
+    def inverted(model: Any, step_size: float, radius: float | None = None) -> Any:
+        return inversion.spec(ds.key, model.key, rd.steps, step_size, rd.n_images, rd.seed, c.dtype, cfg.runtime.amp,
+                              radius=radius, shard_size=c.shard_size, chunk_size=c.chunk_size)
+
+    sets = [(ROBUST, inverted(robust, rd.step_size)), (NONROBUST, inverted(standard, rd.step_size))]
+    if rd.li_radius is not None:
+        sets.append((LI, inverted(standard, rd.li_step_size, rd.li_radius)))
+    for name, spec in sets:
+        out.add(spec, name, role="set", set=name)
+    for name, spec in sets:
+        for seed in cfg.student.seeds:
+            _evaluated(out, cfg, student_spec(cfg, name, seed, spec, standard), f"{name} seed={seed}",
+                       role="student", set=name, seed=seed)
+    return out.with_run(cfg.name)
+
+
+def build_table(store: Any, plan: Plan) -> Any:
+    """One row per model: the two sources, then every student; clean accuracy with its 95%
+    interval, robust accuracy at each radius, and for students the set's inversion records."""
+    import pandas as pd
+
+    from pipeline.report import _pct
+
+    models = [(plan.source, "source", None), (plan.one(role="robust-source").spec, "robust source", None)]
+    models += [(n.spec, n.tags["set"], n.tags["seed"]) for n in plan.find(role="student")]
+    rows = []
+    for spec, name, seed in models:
+        clean, robust = plan.evals_of(spec.key)
+        m = store.manifest("evals", clean.key)["metrics"]
+        man = store.manifest("models", spec.key)
+        row = {"model": name, "seed": seed, "arch": spec.config["model"]["arch"], "n_train": man["n_train"],
+               "init": man.get("init_sha256", "")[:8], "acc_%": _pct(m["acc_xy"]), "ci95_lo_%": _pct(m["ci95_xy"][0]),
+               "ci95_hi_%": _pct(m["ci95_xy"][1])}
+        for ev in robust:
+            row[f"robust_{ev.config['robust']['eps']:g}_%"] = _pct(store.manifest("evals", ev.key)["metrics"]["acc_xy"])
+        if seed is not None:
+            summary = store.manifest("constructed", spec.inputs[0])["summary"]
+            row.update({"set_distance_ratio": round(summary["median_distance_ratio"], 4),
+                        "set_norm": round(summary["mean_norm"], 3),
+                        "set_model_says_label_%": _pct(summary["attack_success"])})
+        ref = REFERENCES.get(name, {})
+        for who in ("paper", "rebuild"):
+            vals = ref.get(who, (None, None, None))
+            row[f"{who}_%"] = " / ".join("-" if v is None else f"{v:g}" for v in vals) if ref else ""
+        row.update({"model_key": spec.key, "eval_key": clean.key})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(df: Any) -> str:
+    import pandas as pd
+
+    from pipeline.report import t_interval
+
+    text = df.drop(columns=[c for c in df.columns if c.endswith("_key")]).to_markdown(index=False, floatfmt=".1f")
+    robust_cols = [c for c in df.columns if c.startswith("robust_")]
+    over = []
+    for name, g in df[df["seed"].notna()].groupby("model", sort=False):
+        lo, hi = t_interval(g["acc_%"])
+        row = {"set": name, "n": len(g), "acc_mean": g["acc_%"].mean(), "acc_std": g["acc_%"].std(),
+               "ci95_lo": lo, "ci95_hi": hi}
+        row.update({f"{c}_mean": g[c].mean() for c in robust_cols})
+        row["paper (clean / 0.25 / 0.5)"] = g["paper_%"].iloc[0]
+        row["rebuild (clean / 0.25 / 0.5)"] = g["rebuild_%"].iloc[0]
+        over.append(row)
+    if over:
+        text += "\n\nStudents over seeds (mean, std, 95% t-interval of the mean):\n\n"
+        text += pd.DataFrame(over).to_markdown(index=False, floatfmt=".1f")
+    return text + ("\n\nRobust accuracy: untargeted L2 PGD on the clean test set (evaluate.robust_steps steps of "
+                   "2.5·eps/steps). The claim of section 3.1: D_R's students gain robustness that D_NR's lack, "
+                   "while both learn clean accuracy; set_distance_ratio is the median ||g(x_r)-g(x)|| / "
+                   "||g(x0)-g(x)|| of the set's rows (how far the inversion went).")
+
+
+def report(doc: Any, store: Any, info: Any, figs: Any) -> None:
+    """Clean and robust accuracy of every model, grouped: the sources, then each set's students."""
+    from pipeline.figures import CHANCE, plt, save
+
+    df = info.table
+    cols = ["acc_%", *[c for c in df.columns if c.startswith("robust_")]]
+    groups = list(dict.fromkeys(df["model"]))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups), 3.2))
+    width = 0.8 / len(cols)
+    for j, c in enumerate(cols):
+        means = [df.loc[df["model"] == g, c].mean() for g in groups]
+        ax.bar(np.arange(len(groups)) + j * width, means, width, label="clean" if c == "acc_%" else
+               f"L2 {c.split('_')[1]}")
+        for i, g in enumerate(groups):  # every seed as a dot
+            vals = df.loc[df["model"] == g, c]
+            ax.plot([i + j * width] * len(vals), vals, "k.", ms=3)
+    ax.axhline(10, color=CHANCE, ls="--", lw=1)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(cols) - 1) / 2, groups)
+    ax.set(ylabel="test accuracy %", title="robust and non-robust datasets (section 3.1)")
+    ax.legend(fontsize=7, frameon=False)
+    doc.figure(save(fig, figs, "robust_datasets"),
+               "Clean and robust test accuracy of the sources and of the students of D_R (inverted through the "
+               "robust source) and D_NR (through the standard one); dots: seeds; dashed: chance.")
+
+
+EXPERIMENT = register(Experiment(
+    name="robust-datasets",
+    summary="section 3.1: D_R and D_NR by representation inversion through a robust and a standard source; "
+            "students' clean and robust accuracy beside the paper's",
+    plan=plan, table=build_table, markdown=to_markdown, section=("robust_datasets", RobustDatasetsConfig),
+    report=report))
