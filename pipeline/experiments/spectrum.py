@@ -1,0 +1,183 @@
+"""spectrum: what students learn as the source becomes more robust (to our knowledge unpublished).
+
+Sources adversarially trained at L2 eps in ``spectrum.eps`` (0: the standard source, replicate's
+key), everything else fixed: the same recipe and, by default, the same initial weights and data
+order (``spectrum.shared_init``; a deliberate control, off gives each source its own). For each
+source: its clean and robust accuracy, D_det and D_rand with the profile's attack (their fooling
+rates), the transfer rate of each set to one independent standard model, and students of each on
+(X, Y) and (X, Y+1). Earlier work varied source robustness only to measure how far attacks
+transfer (Springer et al. 2021; Zhang et al. 2024: slightly robust sources transfer best) or how
+fine-tuning transfers (Salman et al. 2020); this asks whether their examples also teach more.
+The figure marks D_NR's and D_R's students (``robust-datasets``) at the two ends when the store
+holds them for the same config.
+
+    spectrum.eps            source robustness (default 0, 0.05, 0.1, 0.25, 0.5)
+    spectrum.steps          adversarial-training PGD steps (step 2.5 eps / steps)
+    spectrum.sets           the sets made from each source (default det, rand)
+    spectrum.robust_eps     the radii the sources are evaluated at (default 0.25, 0.5)
+    spectrum.shared_init    every source from the standard source's initial weights (default true)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from advfeatures.config import AdversarialTraining, ExperimentConfig, _check
+from advfeatures.seeds import model_seeds
+from pipeline.experiments import Experiment, register
+from pipeline.kinds import StageSpec
+from pipeline.plan import Plan, add_model, base_plan, construct_spec, model_spec, robust_eval_spec, student_spec
+from pipeline.stages.transfer import transfer_spec
+
+
+@dataclass(frozen=True)
+class SpectrumConfig:
+    eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5)
+    """L2 radii of the sources' adversarial training (0: standard training)."""
+    steps: int = 7
+    """PGD steps of adversarial training (step 2.5 eps / steps: the robustness library's)."""
+    sets: tuple[str, ...] = ("det", "rand")
+    robust_eps: tuple[float, ...] = (0.25, 0.5)
+    shared_init: bool = True
+    """Every source starts from the standard source's initial weights and data order, so eps is
+    the only difference (false: each from its own, seeded by its eps)."""
+
+    def __post_init__(self):
+        _check(len(self.eps) >= 2 and all(e >= 0 for e in self.eps),
+               f"spectrum.eps={list(self.eps)}: give at least two radii >= 0 (0: the standard source)")
+        _check(len(set(self.eps)) == len(self.eps), f"spectrum.eps has repeats: {list(self.eps)}")
+        _check(self.steps >= 1, f"spectrum.steps must be >= 1, got {self.steps}")
+        _check(all(k in ("rand", "other", "det") for k in self.sets) and self.sets,
+               f"spectrum.sets={list(self.sets)}: choose PGD sets (rand, other, det)")
+        _check(all(e > 0 for e in self.robust_eps), f"spectrum.robust_eps={list(self.robust_eps)} must be > 0")
+
+
+def source_at(cfg: ExperimentConfig, dataset_key: str, eps: float) -> StageSpec:
+    """The source's recipe adversarially trained at ``eps`` (0: the standard source itself)."""
+    sp = cfg.spectrum
+    if eps == 0:
+        return model_spec(cfg.source, dataset_key, "source", cfg.runtime.amp)
+    adv = AdversarialTraining(norm="l2", eps=eps, steps=sp.steps)
+    mc = dataclasses.replace(cfg.source, train=dataclasses.replace(cfg.source.train, adversarial=adv))
+    spec = model_spec(mc, dataset_key, "source", cfg.runtime.amp)
+    if sp.shared_init:
+        return spec
+    return StageSpec("model", {**spec.config, "seeds": model_seeds("source", (f"eps{eps:g}",), cfg.source.train.seed)},
+                     spec.inputs)
+
+
+def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
+    sp = cfg.spectrum
+    out = base_plan(cfg, source_sha256)
+    ds = out.dataset
+    independent = model_spec(cfg.source, ds.key, "independent", cfg.runtime.amp)
+    add_model(out, cfg, independent, "independent standard model", ds, robust=False, role="independent")
+    for eps in sp.eps:
+        src = out.source if eps == 0 else add_model(out, cfg, source_at(cfg, ds.key, eps), f"source eps={eps:g}", ds,
+                                                    robust=False, role="spectrum-source", train_eps=eps)
+        for r in sp.robust_eps:
+            out.add(robust_eval_spec(cfg, src, ds, r), f"source eps={eps:g} at {r:g}", role="eval", of=src.key, eps=r)
+        for kind in sp.sets:
+            s = out.add(construct_spec(cfg, kind, (ds.key, src.key)), f"{kind} eps={eps:g}", role="set",
+                        set=f"{kind} eps={eps:g}", kind=kind, train_eps=eps)
+            out.add(transfer_spec(s, independent), f"transfer {kind} eps={eps:g}", role="transfer", kind=kind,
+                    train_eps=eps)
+            for seed in cfg.student.seeds:
+                add_model(out, cfg, student_spec(cfg, kind, seed, s, src), f"{kind} eps={eps:g} seed={seed}", ds,
+                          robust=False, role="student", set=f"{kind} eps={eps:g}", kind=kind, train_eps=eps,
+                          seed=seed)
+    return out.with_run(cfg.name)
+
+
+def build_table(store: Any, plan: Plan) -> Any:
+    """One row per student: its source's training eps, clean and robust accuracy, its set's fooling
+    and transfer rates, and its clean test accuracy on (X, Y) and (X, Y+1)."""
+    import pandas as pd
+
+    from pipeline.report import _pct
+
+    rows = []
+    for node in plan.find(role="student"):
+        eps, kind = node.tags["train_eps"], node.tags["kind"]
+        set_key = node.spec.inputs[0]
+        src_key = plan.get(role="set", kind=kind, train_eps=eps).inputs[1]
+        clean, robust = plan.evals_of(src_key)
+        summary = store.manifest("constructed", set_key)["summary"]
+        tr = store.manifest("evals", plan.one(role="transfer", kind=kind, train_eps=eps).key)["metrics"]
+        m = store.manifest("evals", plan.evals_of(node.key)[0].key)["metrics"]
+        row = {"source_eps": eps, "set": kind, "seed": node.tags["seed"],
+               "source_acc_%": _pct(store.manifest("evals", clean.key)["metrics"]["acc_xy"])}
+        for ev in robust:
+            row[f"source_robust_{ev.config['robust']['eps']:g}_%"] = _pct(
+                store.manifest("evals", ev.key)["metrics"]["acc_xy"])
+        row.update({"fooled_t≠y_%": _pct(summary["attack_success_t_ne_y"]), "transfer_%": _pct(tr["transfer_success"]),
+                    "acc_xy_%": _pct(m["acc_xy"]), "ci95_lo_%": _pct(m["ci95_xy"][0]),
+                    "ci95_hi_%": _pct(m["ci95_xy"][1]), "acc_xy+1_%": _pct(m["acc_xy1"]), "model_key": node.key})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(df: Any) -> str:
+    import pandas as pd  # noqa: F401 - to_markdown needs tabulate through pandas
+
+    text = df.drop(columns=[c for c in df.columns if c.endswith("_key")]).to_markdown(index=False, floatfmt=".1f")
+    keep = [c for c in df.columns if (c.startswith("source_") and c != "source_eps") or c in ("fooled_t≠y_%", "transfer_%")]
+    over = (df.groupby(["set", "source_eps"], sort=False)
+            .agg(n=("seed", "size"), **{c: (c, "first") for c in keep}, acc_xy_mean=("acc_xy_%", "mean"),
+                 acc_xy_std=("acc_xy_%", "std"), acc_xy1_mean=("acc_xy+1_%", "mean")).reset_index())
+    return text + "\n\nPer source and set (students: mean, std over seeds):\n\n" + \
+        over.to_markdown(index=False, floatfmt=".1f")
+
+
+def _robust_datasets_ends(store: Any, info: Any) -> dict[str, float]:
+    """D_NR's and D_R's students' mean clean accuracy when the store holds robust-datasets' stages
+    for this run's config (its robust_datasets section included); else nothing."""
+    try:
+        import yaml
+
+        from advfeatures.config import resolve
+        from pipeline.experiments import get
+
+        cfg = resolve(yaml.safe_load(info.config_text))
+        rd = get("robust-datasets").plan(cfg, info.of("dataset")[0]["config"]["source_sha256"])
+        out = {}
+        for name in ("D_NR", "D_R"):
+            accs = [store.manifest("evals", rd.evals_of(n.key)[0].key)["metrics"]["acc_xy"]
+                    for n in rd.find(role="student", set=name)]
+            out[name] = 100 * sum(accs) / len(accs)
+        return out
+    except Exception:  # noqa: BLE001 - the marks are optional: absent when not computed
+        return {}
+
+
+def report(doc: Any, store: Any, info: Any, figs: Any) -> None:
+    from pipeline.figures import CHANCE, plt, save
+
+    df = info.table
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for kind, g in df.groupby("set", sort=False):
+        m = g.groupby("source_eps")[["acc_xy_%", "acc_xy+1_%"]].mean()
+        ax.plot(m.index, m["acc_xy_%"], marker="o", label=f"{kind} (X, Y)")
+        ax.plot(m.index, m["acc_xy+1_%"], marker="s", ls=":", label=f"{kind} (X, Y+1)")
+    ends = _robust_datasets_ends(store, info)
+    lo, hi = df["source_eps"].min(), df["source_eps"].max()
+    for name, x in (("D_NR", lo), ("D_R", hi)):
+        if name in ends:
+            ax.scatter([x], [ends[name]], marker="*", s=120, color="k")
+            ax.annotate(name, (x, ends[name]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.axhline(10, color=CHANCE, ls="--", lw=1)
+    ax.set(xlabel="source's adversarial-training L2 eps", ylabel="students' clean accuracy %",
+           title="what students learn across source robustness")
+    ax.legend(fontsize=7, frameon=False)
+    doc.figure(save(fig, figs, "spectrum"), "Students' clean test accuracy on (X, Y) and (X, Y+1) against the "
+                                            "robustness of the source their set was made with; stars: D_NR's and "
+                                            "D_R's students (robust-datasets) when computed. Dashed: chance.")
+
+
+EXPERIMENT = register(Experiment(
+    name="spectrum",
+    summary="sources adversarially trained at increasing L2 eps: their D_det/D_rand's fooling and transfer "
+            "rates and what students learn, (X, Y) and (X, Y+1)",
+    plan=plan, table=build_table, markdown=to_markdown, section=("spectrum", SpectrumConfig), report=report))
