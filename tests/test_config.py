@@ -7,7 +7,7 @@ from pipeline.plan import make_plan
 from pipeline.sets import builder
 
 
-BUNDLED = ["cpu", "demo", "fast", "paper", "tiny"]
+BUNDLED = ["bugs-only", "cpu", "demo", "fast", "paper", "robust-datasets", "tiny"]
 
 
 def test_every_bundled_profile_is_tested():
