@@ -170,6 +170,12 @@ def load_split(store: Store, dataset_key: str, split: str) -> tuple[np.ndarray, 
     return A.read_split(store.path("datasets", dataset_key), split)
 
 
+def train_images_at(store: Store, dataset_key: str, idx: np.ndarray) -> np.ndarray:
+    """The training images at indices ``idx`` (any order, repeats allowed), each chunk read once."""
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    return A.read_images(store.path("datasets", dataset_key), "train", uniq)[inverse]
+
+
 def dataset_info(store: Store, dataset_key: str) -> dict[str, Any]:
     return store.manifest("datasets", dataset_key)
 

@@ -62,6 +62,23 @@ def experiments_store(tmp_path_factory):
     return tmp_path_factory.mktemp("experiments")
 
 
+def run_experiment(name, overrides, store, tar):
+    """Resolve the tiny profile with ``overrides``, plan experiment ``name`` on ``tar`` and run every
+    stage without Prefect: (cfg, store, plan)."""
+    from advfeatures.config import resolve
+    from pipeline import kinds
+    from pipeline.common import Context
+    from pipeline.experiments import get
+    from pipeline.stages.dataset import source_sha256
+    from storage.store import Store
+
+    cfg = resolve("tiny", list(overrides), data=str(tar), store=str(store))
+    plan = get(name).plan(cfg, source_sha256(tar))
+    st = Store(store)
+    kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg, experiment=name))
+    return cfg, st, plan
+
+
 def build(tar, store, overrides=(), profile="tiny"):
     """Resolve a profile on ``tar`` into ``store``, ingest, train the source: (cfg, store, plan)."""
     from advfeatures.config import resolve

@@ -5,16 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_experiment
 from advfeatures.attacks import bugs_only_pgd, threat_model
 from advfeatures.config import ConfigError, resolve
-from pipeline import kinds
-from pipeline.common import Context
 from pipeline.experiments import get
 from pipeline.experiments.bugs_only import build_table, to_markdown
 from pipeline.stages import load_model, source_sha256
 from pipeline.stages.transfer import transfer_metrics
 from storage import arrays as A
-from storage.store import Store
 
 OVERRIDES = ["bugs_only.ensemble=2", "attack.eps=2.5", "attack.step_size=0.5", "attack.steps=3",
              "attack.use_best=false", "construct.n_images=60"]
@@ -31,12 +29,7 @@ def test_transfer_metrics_are_the_known_shares():
 
 @pytest.fixture(scope="module")
 def bugs_run(experiments_store, tiny_tar):
-    store = experiments_store
-    cfg = resolve("tiny", OVERRIDES, data=str(tiny_tar), store=str(store))
-    plan = get("bugs-only").plan(cfg, source_sha256(tiny_tar))
-    st = Store(store)
-    kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg, experiment="bugs-only"))
-    return cfg, st, plan
+    return run_experiment("bugs-only", OVERRIDES, experiments_store, tiny_tar)
 
 
 def test_the_plan_shares_replicates_det_and_keys_the_ensemble(bugs_run, tiny_tar):

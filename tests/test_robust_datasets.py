@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_experiment
 from advfeatures import construct as C
 from advfeatures.config import ConfigError, resolve
-from pipeline import kinds
-from pipeline.common import Context
 from pipeline.experiments import get
 from pipeline.experiments.robust_datasets import build_table, to_markdown
 from pipeline.sets import inversion
@@ -35,13 +34,7 @@ def test_starts_are_other_images_drawn_independently_of_labels():
 
 @pytest.fixture(scope="module")
 def rd_run(experiments_store, tiny_tar):
-    store = experiments_store
-    cfg = resolve("tiny", OVERRIDES + ["robust_datasets.li_radius=0.3"], data=str(tiny_tar), store=str(store))
-    plan = get("robust-datasets").plan(cfg, source_sha256(tiny_tar))
-    st = Store(store)
-    kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg,
-                                    experiment="robust-datasets"))
-    return cfg, st, plan
+    return run_experiment("robust-datasets", OVERRIDES + ["robust_datasets.li_radius=0.3"], experiments_store, tiny_tar)
 
 
 def test_the_plan_reuses_replicates_source_and_trains_a_robust_one_from_its_own_weights(rd_run, tiny_tar):

@@ -3,13 +3,11 @@ tiny data."""
 
 import pytest
 
+from conftest import run_experiment
 from advfeatures.config import ConfigError, resolve
-from pipeline import kinds
-from pipeline.common import Context
 from pipeline.experiments import get
 from pipeline.experiments.spectrum import build_table, to_markdown
 from pipeline.stages import source_sha256
-from storage.store import Store
 
 OVERRIDES = ["spectrum.eps=[0,0.5]", "spectrum.sets=[det]", "spectrum.steps=2", "spectrum.robust_eps=[0.25]",
              "evaluate.robust_steps=3", "construct.n_images=60"]
@@ -17,12 +15,7 @@ OVERRIDES = ["spectrum.eps=[0,0.5]", "spectrum.sets=[det]", "spectrum.steps=2", 
 
 @pytest.fixture(scope="module")
 def spectrum_run(experiments_store, tiny_tar):
-    store = experiments_store
-    cfg = resolve("tiny", OVERRIDES, data=str(tiny_tar), store=str(store))
-    plan = get("spectrum").plan(cfg, source_sha256(tiny_tar))
-    st = Store(store)
-    kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg, experiment="spectrum"))
-    return cfg, st, plan
+    return run_experiment("spectrum", OVERRIDES, experiments_store, tiny_tar)
 
 
 def test_sources_differ_only_in_their_adversarial_training(spectrum_run, tiny_tar):

@@ -5,25 +5,17 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import run_experiment
 from advfeatures.config import ConfigError, resolve
-from pipeline import kinds
-from pipeline.common import Context
 from pipeline.experiments import get
 from pipeline.experiments.transfer import build_table, to_markdown
 from pipeline.stages import load_model, source_sha256
 from storage import arrays as A
-from storage.store import Store
 
 
 @pytest.fixture(scope="module")
 def transfer_run(experiments_store, tiny_tar):
-    store = experiments_store
-    cfg = resolve("tiny", ["transfer.archs=[small_cnn,cnn_wide]", "construct.n_images=60"], data=str(tiny_tar),
-                  store=str(store))
-    plan = get("transfer").plan(cfg, source_sha256(tiny_tar))
-    st = Store(store)
-    kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg, experiment="transfer"))
-    return cfg, st, plan
+    return run_experiment("transfer", ["transfer.archs=[small_cnn,cnn_wide]", "construct.n_images=60"], experiments_store, tiny_tar)
 
 
 def test_each_architecture_has_its_own_independent_model_and_students(transfer_run, tiny_tar):

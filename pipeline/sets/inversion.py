@@ -28,7 +28,8 @@ import numpy as np
 from advfeatures import construct as C
 from advfeatures.config import ConstructConfig, RuntimeConfig
 from pipeline import progress
-from pipeline.common import Log, amp_dtype, dataset_info, load_model, once, quiet, run_record, setup_runtime
+from pipeline.common import (Log, amp_dtype, dataset_info, load_model, once, quiet, run_record, setup_runtime,
+                             train_images_at)
 from pipeline.kinds import Sharded, StageSpec
 from pipeline.sets import SetBuilder, register
 from storage import arrays as A
@@ -97,19 +98,14 @@ def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log:
                       lambda: _run_shard(store, spec, shard, rt, log, path), skipped={"shard": shard, "skipped": True})
 
 
-def _images(store: Store, dataset_key: str, idx: np.ndarray) -> np.ndarray:
-    uniq, inverse = np.unique(idx, return_inverse=True)
-    return A.read_images(store.path("datasets", dataset_key), "train", uniq)[inverse]
-
-
 def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log, path: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     device = setup_runtime(rt)
     s = inversion_set(store, spec)
     start, stop = s.layout.rows(shard)
     cfg = spec.config
-    goals, starts = _images(store, spec.inputs[0], s.goal[start:stop]), _images(store, spec.inputs[0],
-                                                                                 s.start[start:stop])
+    goals = train_images_at(store, spec.inputs[0], s.goal[start:stop])
+    starts = train_images_at(store, spec.inputs[0], s.start[start:stop])
     model = load_model(store, spec.inputs[1], device)
     t_inv = time.perf_counter()
 

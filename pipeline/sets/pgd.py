@@ -18,7 +18,8 @@ import numpy as np
 from advfeatures import construct as C
 from advfeatures.config import AttackConfig, ConstructConfig, ExperimentConfig, RuntimeConfig, build_config, to_plain
 from pipeline import progress
-from pipeline.common import Log, amp_dtype, compiled, dataset_info, load_model, once, quiet, run_record, setup_runtime
+from pipeline.common import (Log, amp_dtype, compiled, dataset_info, load_model, once, quiet, run_record,
+                             setup_runtime, train_images_at)
 from pipeline.kinds import Sharded, StageSpec
 from pipeline.sets import SetBuilder, register
 from pipeline.stages.construct import attack_summary
@@ -63,8 +64,7 @@ class PGDSet:
 
     def images(self, store: Store, dataset_key: str, start: int, stop: int) -> np.ndarray:
         """The clean images that rows start:stop attack (uint8; each copy cropped and flipped)."""
-        uniq, inverse = np.unique(self.idx[start:stop], return_inverse=True)
-        block = A.read_images(store.path("datasets", dataset_key), "train", uniq)[inverse]
+        block = train_images_at(store, dataset_key, self.idx[start:stop])
         if self.copy is None:
             return block
         return C.crop_flip(block, C.copy_params(self.seed, self.idx[start:stop], self.copy[start:stop]))
