@@ -29,6 +29,8 @@ def test_parameter_counts_match_their_names():
     assert 80_000 < count["small_cnn"] < 120_000
     assert 350_000 < count["cnn_wide"] < 420_000
     assert 6_000_000 < count["resnet9"] < 7_000_000
+    assert 400_000 < count["resnet9_narrow"] < 420_000 and count["resnet9"] == pytest.approx(16 * count["resnet9_narrow"], rel=0.01)
+    assert 1_700_000 < count["mlp"] < 1_720_000
     assert 11_000_000 < count["resnet18"] < 11_400_000  # CIFAR ResNet-18: 11.17 M
     assert 23_000_000 < count["resnet50"] < 24_000_000  # CIFAR ResNet-50: 23.5 M
 

@@ -28,6 +28,9 @@ def test_each_architecture_has_its_own_independent_model_and_students(transfer_r
     assert [(n.tags["arch"], n.spec.config["model"]["arch"]) for n in students] == [("small_cnn", "small_cnn"),
                                                                                   ("cnn_wide", "cnn_wide")]
     assert all(n.spec.inputs == (plan.constructs["det"].key,) for n in students)
+    # the students' own architecture: the plain det student (replicate's key); another: its own seeds
+    plain = get("replicate").plan(cfg, source_sha256(tiny_tar)).find(role="student", set="det")
+    assert students[0].key == plain[0].key and students[1].spec.config["seeds"] != plain[0].spec.config["seeds"]
     assert plan.constructs["det"].key == get("replicate").plan(cfg, source_sha256(tiny_tar)).constructs["det"].key
     with pytest.raises(ConfigError, match="transfer.archs"):
         resolve("tiny", ["transfer.archs=[vgg99]"])

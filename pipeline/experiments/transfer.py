@@ -56,7 +56,11 @@ def independent_spec(cfg: ExperimentConfig, dataset_key: str, arch: str) -> Stag
 
 def arch_student(cfg: ExperimentConfig, kind: str, arch: str, seed: int, trained_on: StageSpec,
                  source: StageSpec) -> StageSpec:
-    """A student of set ``kind`` with architecture ``arch`` (its seeds derived from both)."""
+    """A student of set ``kind`` with architecture ``arch`` (its seeds derived from both); of the
+    students' own architecture it is the plain student of that set (the same key as replicate's
+    and bugs-only's)."""
+    if arch == cfg.student.model_for(kind).arch:
+        return student_spec(cfg, kind, seed, trained_on, source)
     spec = student_spec(cfg, f"{kind}@{arch}", seed, trained_on, source)
     config = {**spec.config, "set": kind, "model": {**spec.config["model"], "arch": arch}}
     return StageSpec(spec.stage, config, spec.inputs)
