@@ -7,7 +7,7 @@ from pipeline.plan import make_plan
 from pipeline.sets import builder
 
 
-BUNDLED = ["bugs-only", "cpu", "demo", "fast", "paper", "robust-datasets", "spectrum", "tiny", "transfer"]
+BUNDLED = ["bugs-only", "cpu", "debate", "demo", "fast", "paper", "robust-datasets", "spectrum", "tiny", "transfer"]
 
 
 def test_every_bundled_profile_is_tested():

@@ -1,0 +1,132 @@
+"""debate: the union of the other experiments' plans (shared stages once), per-experiment
+overrides, and the evidence table's sides decided from known numbers."""
+
+import pandas as pd
+import pytest
+
+from conftest import run_experiment
+from advfeatures.config import ConfigError, resolve
+from pipeline.experiments import all_experiments, get
+from pipeline.experiments import debate as DB
+from pipeline.stages import source_sha256
+
+BUGS = "{attack: {eps: 2.5, step_size: 0.5, steps: 3, use_best: false}, bugs_only: {ensemble: 2}}"
+OVERRIDES = ["construct.n_images=60", "transfer.archs=[small_cnn,mlp,resnet9_narrow]", "spectrum.eps=[0,0.5]",
+             "spectrum.sets=[det]", "spectrum.steps=2", "spectrum.robust_eps=[0.25]", "evaluate.robust_steps=3",
+             "robust_datasets.steps=6", "robust_datasets.n_images=60", "robust_datasets.adversarial.steps=2",
+             "robust_datasets.robust_eps=[0.25]", f"debate.overrides={{bugs-only: {BUGS}}}"]
+
+
+def test_the_plan_is_the_union_with_shared_stages_once(tiny_tar):
+    cfg = resolve("tiny", OVERRIDES, data=str(tiny_tar))
+    sha = source_sha256(tiny_tar)
+    plan = get("debate").plan(cfg, sha)
+    keys = [s.key for s in plan.stages()]
+    assert len(keys) == len(set(keys))
+    parts = DB.parts(cfg, sha)
+    assert [p[0] for p in parts] == list(DB.PARTS)
+    for name, sub, p in parts:  # every stage of every experiment, once
+        assert {s.key for s in p.stages() if s.stage != "run"} <= set(keys), name
+    assert sum(len(p.nodes()) for _, _, p in parts) > len(plan.nodes())  # shared: the source, det, ...
+    rep = dict((n, p) for n, _, p in parts)
+    assert rep["replicate"].source.key == rep["spectrum"].source.key == rep["transfer"].source.key
+    assert rep["replicate"].constructs["det"].key == rep["poison"].constructs["det"].key
+    # the override is bugs-only's alone: its det is made with eps 2.5, everyone else's with the profile's
+    assert rep["bugs-only"].constructs["det"].config["attack"]["eps"] == 2.5
+    assert rep["replicate"].constructs["det"].config["attack"]["eps"] == 0.5
+    assert rep["bugs-only"].source.key == rep["replicate"].source.key
+    alone = get("bugs-only").plan(resolve("tiny", OVERRIDES[:1] + ["attack.eps=2.5", "attack.step_size=0.5",
+                                                                     "attack.steps=3", "attack.use_best=false",
+                                                                     "bugs_only.ensemble=2"], data=str(tiny_tar)), sha)
+    assert {s.key for s in alone.stages() if s.stage != "run"} <= set(keys)  # as when bugs-only runs alone
+    assert "debate" in all_experiments()
+
+
+def test_bad_debate_settings_fail_before_anything_runs(tiny_tar):
+    sha = source_sha256(tiny_tar)
+    with pytest.raises(ConfigError, match="unknown experiment 'nope'"):
+        get("debate").plan(resolve("tiny", ["debate.experiments=[replicate,nope]"]), sha)
+    with pytest.raises(ConfigError, match=r"debate.overrides.bugs-only: unknown setting attack.epz"):
+        get("debate").plan(resolve("tiny", ["debate.overrides={bugs-only: {attack: {epz: 1}}}"]), sha)
+    with pytest.raises(ConfigError, match="not in debate.experiments"):
+        resolve("tiny", ["debate.experiments=[replicate]", "debate.overrides={poison: {}}"])
+    with pytest.raises(ConfigError, match="cannot hold debate"):
+        resolve("tiny", ["debate.experiments=[debate]"])
+
+
+def _table1(rows):
+    return pd.DataFrame([{"set": s, "seed": i, "acc_xy_%": a, "ci95_lo_%": a - 1, "ci95_hi_%": a + 1, "chance_%": 10.0}
+                         for s, accs in rows.items() for i, a in enumerate(accs)])
+
+
+def test_sides_follow_the_intervals_not_the_point_values():
+    lines = {r["line"].split()[0]: r for r in DB._replicate_lines("controls", _table1({
+        "det": [40.0, 41.0, 42.0], "leak-det": [6.0, 6.5, 6.0],     # far above chance and its control
+        "other": [20.0, 21.0, 19.0], "leak-other": [25.0, 24.0, 26.0],  # above chance, below its control
+        "rand": [9.0, 11.0, 10.0],                                   # chance
+        "errors": [30.0, 31.0, 29.0]}), "k", 10.0)}
+    assert [lines[k]["supports"] for k in ("rand", "other", "det", "errors")] == ["bugs", "neither", "features",
+                                                                                 "caveat"]
+    assert lines["det"]["control"] == "leak-det 6.2" and lines["det"]["reference"] == "paper 43.7"
+    assert lines["det"]["ours"] == "41.0 ± 1.0 (n=3) [38.5, 43.5]"
+    # one student: its own binomial interval decides
+    one = DB._replicate_lines("replicate", _table1({"det": [10.5]}), "k", 10.0)[0]
+    assert one["supports"] == "bugs" and one["ours"] == "10.5 (n=1) [9.5, 11.5]"
+
+    bugs = pd.DataFrame([{"set": s, "seed": i, "acc_xy_%": a, "ci95_lo_%": a - 1, "ci95_hi_%": a + 1,
+                          "acc_xy+1_%": b, "transfer_%": t} for s, i, a, b, t in
+                         (("det", 0, 31.0, 18.0, 81.6), ("det", 1, 32.0, 17.0, 81.6),
+                          ("bugs-only", 0, 7.5, 58.0, 1.8), ("bugs-only", 1, 7.8, 56.0, 1.8))])
+    (line,) = DB._bugs_only_lines("bugs-only", bugs, "k", 10.0)
+    assert line["supports"] == "bugs" and "transfer 1.8" in line["control"]
+    taught = bugs.assign(**{"acc_xy_%": 30.0})
+    assert DB._bugs_only_lines("bugs-only", taught, "k", 10.0)[0]["supports"] == "neither"
+
+    rd = pd.DataFrame([{"model": m, "seed": s, "acc_%": a, "ci95_lo_%": a - 1, "ci95_hi_%": a + 1, "robust_0.25_%": r}
+                       for m, s, a, r in (("source", None, 77.0, 29.0), ("D_R", 0, 45.0, 21.0), ("D_R", 1, 44.8, 21.4),
+                                          ("D_NR", 0, 28.2, 4.5), ("D_NR", 1, 27.1, 6.1))])
+    nr, dr = DB._robust_datasets_lines("robust-datasets", rd, "k", 10.0)
+    assert nr["supports"] == "features" and dr["supports"] == "features" and dr["ours_%"] == pytest.approx(21.2)
+    same = rd.assign(**{"robust_0.25_%": 5.0})
+    assert DB._robust_datasets_lines("robust-datasets", same, "k", 10.0)[1]["supports"] == "neither"
+
+    tr = pd.DataFrame({"arch": list("abc"), "set": "det", "seed": 0, "transfer_%": [10.0, 20.0, 30.0],
+                       "acc_xy_%": [15.0, 25.0, 35.0], "acc_xy+1_%": 0.0})
+    (line,) = DB._transfer_lines("transfer", tr, "k", 10.0)
+    assert line["supports"] == "features" and line["ours_%"] == pytest.approx(100.0)
+    assert DB._transfer_lines("transfer", tr.assign(**{"acc_xy_%": [35.0, 25.0, 15.0]}), "k", 10.0)[0]["supports"] \
+        == "neither"
+
+
+@pytest.fixture(scope="module")
+def debate_run(experiments_store, tiny_tar):
+    return run_experiment("debate", OVERRIDES, experiments_store, tiny_tar)
+
+
+def test_the_debate_writes_every_experiments_run_and_one_evidence_table(debate_run, tiny_tar):
+    from pipeline.report import read_table
+
+    cfg, st, plan = debate_run
+    assert st.is_complete("runs", plan.run.key)
+    df = read_table(st.path("runs", plan.run.key))
+    assert set(df["experiment"]) == {"controls", "robust-datasets", "bugs-only", "transfer", "spectrum", "poison"}
+    assert set(df["supports"]) <= {"features", "bugs", "caveat", "neither"} and df["why"].str.len().min() > 20
+    for name, sub, p in DB.parts(cfg, source_sha256(tiny_tar)):  # each experiment's own run folder, as alone
+        assert st.is_complete("runs", p.run.key), name
+    det = df[df["line"].str.startswith("det students")].iloc[0]
+    controls = read_table(st.path("runs", det["run_key"]))
+    assert det["ours_%"] == pytest.approx(controls[controls["set"] == "det"]["acc_xy_%"].mean())
+    assert "leak-det" in det["control"]
+    text = (st.path("runs", plan.run.key) / "table.md").read_text()
+    assert "Lines by side:" in text
+
+
+def test_the_debate_profile_holds_every_stage_of_the_experiments_cpu_profiles():
+    """One store: running the bugs-only, robust-datasets, transfer and spectrum profiles first leaves
+    the debate only replicate, controls and poison to compute."""
+    sha = "0" * 64
+    debate = {s.key for s in get("debate").plan(resolve("debate"), sha).stages()}
+    for name in ("bugs-only", "robust-datasets", "transfer", "spectrum"):
+        alone = get(name).plan(resolve(name), sha)
+        missing = [s.stage for s in alone.stages() if s.stage != "run" and s.key not in debate]
+        assert not missing, (name, missing)
