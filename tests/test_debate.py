@@ -64,37 +64,37 @@ def test_sides_follow_the_intervals_not_the_point_values():
         "det": [40.0, 41.0, 42.0], "leak-det": [6.0, 6.5, 6.0],     # far above chance and its control
         "other": [20.0, 21.0, 19.0], "leak-other": [25.0, 24.0, 26.0],  # above chance, below its control
         "rand": [9.0, 11.0, 10.0],                                   # chance
-        "errors": [30.0, 31.0, 29.0]}), "k", 10.0)}
+        "errors": [30.0, 31.0, 29.0]}), 10.0)}
     assert [lines[k]["supports"] for k in ("rand", "other", "det", "errors")] == ["bugs", "neither", "features",
                                                                                  "caveat"]
     assert lines["det"]["control"] == "leak-det 6.2" and lines["det"]["reference"] == "paper 43.7"
     assert lines["det"]["ours"] == "41.0 ± 1.0 (n=3) [38.5, 43.5]"
     # one student: its own binomial interval decides
-    one = DB._replicate_lines("replicate", _table1({"det": [10.5]}), "k", 10.0)[0]
+    one = DB._replicate_lines("replicate", _table1({"det": [10.5]}), 10.0)[0]
     assert one["supports"] == "bugs" and one["ours"] == "10.5 (n=1) [9.5, 11.5]"
 
     bugs = pd.DataFrame([{"set": s, "seed": i, "acc_xy_%": a, "ci95_lo_%": a - 1, "ci95_hi_%": a + 1,
                           "acc_xy+1_%": b, "transfer_%": t} for s, i, a, b, t in
                          (("det", 0, 31.0, 18.0, 81.6), ("det", 1, 32.0, 17.0, 81.6),
                           ("bugs-only", 0, 7.5, 58.0, 1.8), ("bugs-only", 1, 7.8, 56.0, 1.8))])
-    (line,) = DB._bugs_only_lines("bugs-only", bugs, "k", 10.0)
+    (line,) = DB._bugs_only_lines("bugs-only", bugs, 10.0)
     assert line["supports"] == "bugs" and "transfer 1.8" in line["control"]
     taught = bugs.assign(**{"acc_xy_%": 30.0})
-    assert DB._bugs_only_lines("bugs-only", taught, "k", 10.0)[0]["supports"] == "neither"
+    assert DB._bugs_only_lines("bugs-only", taught, 10.0)[0]["supports"] == "neither"
 
     rd = pd.DataFrame([{"model": m, "seed": s, "acc_%": a, "ci95_lo_%": a - 1, "ci95_hi_%": a + 1, "robust_0.25_%": r}
                        for m, s, a, r in (("source", None, 77.0, 29.0), ("D_R", 0, 45.0, 21.0), ("D_R", 1, 44.8, 21.4),
                                           ("D_NR", 0, 28.2, 4.5), ("D_NR", 1, 27.1, 6.1))])
-    nr, dr = DB._robust_datasets_lines("robust-datasets", rd, "k", 10.0)
+    nr, dr = DB._robust_datasets_lines("robust-datasets", rd, 10.0)
     assert nr["supports"] == "features" and dr["supports"] == "features" and dr["ours_%"] == pytest.approx(21.2)
     same = rd.assign(**{"robust_0.25_%": 5.0})
-    assert DB._robust_datasets_lines("robust-datasets", same, "k", 10.0)[1]["supports"] == "neither"
+    assert DB._robust_datasets_lines("robust-datasets", same, 10.0)[1]["supports"] == "neither"
 
     tr = pd.DataFrame({"arch": list("abc"), "set": "det", "seed": 0, "transfer_%": [10.0, 20.0, 30.0],
                        "acc_xy_%": [15.0, 25.0, 35.0], "acc_xy+1_%": 0.0})
-    (line,) = DB._transfer_lines("transfer", tr, "k", 10.0)
+    (line,) = DB._transfer_lines("transfer", tr, 10.0)
     assert line["supports"] == "features" and line["ours_%"] == pytest.approx(100.0)
-    assert DB._transfer_lines("transfer", tr.assign(**{"acc_xy_%": [35.0, 25.0, 15.0]}), "k", 10.0)[0]["supports"] \
+    assert DB._transfer_lines("transfer", tr.assign(**{"acc_xy_%": [35.0, 25.0, 15.0]}), 10.0)[0]["supports"] \
         == "neither"
 
 

@@ -32,7 +32,6 @@ from pipeline.experiments import Experiment, get, register
 from pipeline.plan import Plan
 
 PARTS = ("replicate", "controls", "robust-datasets", "bugs-only", "transfer", "spectrum", "poison")
-PAPER = {"rand": 63.3, "other": None, "det": 43.7, "errors": 49.7}  # Ilyas et al. Table 1 (ResNet-50); Wallace
 CONTROLS = {"rand": ("leak-rand", "rand-clean-only"), "other": ("leak-other",), "det": ("leak-det",)}
 
 
@@ -114,11 +113,10 @@ def _fmt(s: dict[str, float] | None) -> str:
     return f"{s['mean']:.1f}{sd} (n={s['n']}){ci}"
 
 
-def _line(experiment: str, what: str, ours: dict | None, control: str, reference: str, supports: str, why: str,
-          run_key: str = "") -> dict[str, Any]:
+def _line(experiment: str, what: str, ours: dict | None, control: str, reference: str, supports: str,
+          why: str) -> dict[str, Any]:
     return {"experiment": experiment, "line": what, "ours_%": (ours or {}).get("mean", float("nan")),
-            "ours": _fmt(ours), "control": control, "reference": reference, "supports": supports, "why": why,
-            "run_key": run_key}
+            "ours": _fmt(ours), "control": control, "reference": reference, "supports": supports, "why": why}
 
 
 def _students(df: Any, set_col: str, name: str, col: str, lo: str = "ci95_lo_%", hi: str = "ci95_hi_%") -> dict:
@@ -126,8 +124,10 @@ def _students(df: Any, set_col: str, name: str, col: str, lo: str = "ci95_lo_%",
     return _stat(g[col], g[lo] if lo in g else None, g[hi] if hi in g else None)
 
 
-def _replicate_lines(name: str, df: Any, key: str, chance: float) -> list[dict[str, Any]]:
+def _replicate_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
     """Table 1's sets (and, from controls, their leak controls beside them)."""
+    from pipeline.report import PAPER  # Ilyas et al. Table 1 (ResNet-50); Wallace
+
     out = []
     sets = list(dict.fromkeys(df["set"]))
     for kind in ("rand", "other", "det", "errors"):
@@ -160,7 +160,7 @@ def _replicate_lines(name: str, df: Any, key: str, chance: float) -> list[dict[s
     return out
 
 
-def _robust_datasets_lines(name: str, df: Any, key: str, chance: float) -> list[dict[str, Any]]:
+def _robust_datasets_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
     out = []
     robust = sorted((c for c in df.columns if c.startswith("robust_")), key=lambda c: float(c.split("_")[1]))
     if not robust:
@@ -185,7 +185,7 @@ def _robust_datasets_lines(name: str, df: Any, key: str, chance: float) -> list[
     return out
 
 
-def _bugs_only_lines(name: str, df: Any, key: str, chance: float) -> list[dict[str, Any]]:
+def _bugs_only_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
     out = []
     if "bugs-only" not in set(df["set"]):
         return out
@@ -203,7 +203,7 @@ def _bugs_only_lines(name: str, df: Any, key: str, chance: float) -> list[dict[s
     return out
 
 
-def _transfer_lines(name: str, df: Any, key: str, chance: float) -> list[dict[str, Any]]:
+def _transfer_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
     import numpy as np
 
     from pipeline.experiments.transfer import summarise
@@ -223,16 +223,15 @@ def _transfer_lines(name: str, df: Any, key: str, chance: float) -> list[dict[st
                   if side == "features" else f"Pearson r = {r:.2f} (shown x100): no clear rise together here.")]
 
 
-def _spectrum_lines(name: str, df: Any, key: str, chance: float) -> list[dict[str, Any]]:
+def _spectrum_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
     out = []
     for kind in dict.fromkeys(df["set"]):
         g = df[df["set"] == kind]
         by = g.groupby("source_eps")["acc_xy_%"].mean()
         lo_eps, hi_eps = by.index.min(), by.index.max()
-        ends = {e: _stat(g[g["source_eps"] == e]["acc_xy_%"], g[g["source_eps"] == e]["ci95_lo_%"],
-                         g[g["source_eps"] == e]["ci95_hi_%"]) for e in (lo_eps, hi_eps)}
-        every = all(_stat(g[g["source_eps"] == e]["acc_xy_%"], g[g["source_eps"] == e]["ci95_lo_%"],
-                          g[g["source_eps"] == e]["ci95_hi_%"])["lo"] > chance for e in by.index)
+        at = {e: _students(g, "source_eps", e, "acc_xy_%") for e in by.index}
+        ends = {e: at[e] for e in (lo_eps, hi_eps)}
+        every = all(st["lo"] > chance for st in at.values())
         trend = "rises" if by.iloc[-1] > by.iloc[0] + 2 else "falls" if by.iloc[-1] < by.iloc[0] - 2 else "stays level"
         out.append(_line(name, f"{kind} students, clean (X, Y), source eps {lo_eps:g} -> {hi_eps:g}", ends[hi_eps],
                          f"at eps {lo_eps:g}: {ends[lo_eps]['mean']:.1f}", "unpublished",
@@ -244,7 +243,7 @@ def _spectrum_lines(name: str, df: Any, key: str, chance: float) -> list[dict[st
     return out
 
 
-def _poison_lines(name: str, df: Any, key: str, chance: float) -> list[dict[str, Any]]:
+def _poison_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
     from pipeline.experiments.poison import CLEAN, KIND
 
     if KIND not in set(df["set"]):
@@ -279,7 +278,7 @@ def evidence(store: Any, runs: dict[str, Any]) -> Any:
             continue
         df = read_table(folder)
         chance = float(df["chance_%"].iloc[0]) if "chance_%" in df else 10.0
-        rows += [{**r, "run_key": folder.name} for r in LINES[name](name, df, folder.name, chance)]
+        rows += [{**r, "run_key": folder.name} for r in LINES[name](name, df, chance)]
     return pd.DataFrame(rows, columns=["experiment", "line", "ours_%", "ours", "control", "reference", "supports",
                                        "why", "run_key"])
 
