@@ -1,6 +1,7 @@
 """spectrum: sources adversarially trained at increasing eps, their sets, transfer and students, on
 tiny data."""
 
+import pandas as pd
 import pytest
 
 from conftest import run_experiment
@@ -46,3 +47,12 @@ def test_the_table_reads_each_sources_stages(spectrum_run):
         tr = st.manifest("evals", plan.one(role="transfer", kind="det", train_eps=r["source_eps"]).key)["metrics"]
         assert r["transfer_%"] == pytest.approx(round(100 * tr["transfer_success"], 2))
     assert "Per source and set" in to_markdown(df)
+
+
+def test_the_markdown_prints_each_radius_as_given():
+    """A radius is a label: 0.25 stays 0.25 (the tables' .1f once printed it as 0.2)."""
+    df = pd.DataFrame({"source_eps": [0.0, 0.25], "set": "det", "seed": 0, "source_acc_%": 70.0,
+                       "fooled_t≠y_%": 90.0, "transfer_%": 80.0, "acc_xy_%": [30.0, 40.0], "acc_xy+1_%": 15.0,
+                       "model_key": ""})
+    text = to_markdown(df)
+    assert "eps 0.25" in text and "eps 0.2 " not in text
