@@ -90,6 +90,13 @@ def t_interval(values: pd.Series) -> tuple[float, float]:
     return (float(values.mean()) - half, float(values.mean()) + half)
 
 
+def seed_stats(values: pd.Series, name: str) -> dict:
+    """One column over seeds, as the experiments' "over seeds" tables show it: ``{name}_mean``,
+    ``{name}_std`` and the 95% t-interval of the mean (``ci95_lo``, ``ci95_hi``; NaN for n < 2)."""
+    lo, hi = t_interval(values)
+    return {f"{name}_mean": values.mean(), f"{name}_std": values.std(), "ci95_lo": lo, "ci95_hi": hi}
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Per (set, model): n seeds, mean and standard deviation over seeds, and the 95% t-interval
     of the mean, of acc (X, Y) and acc (X, Y+1); the mean fooling rates beside them."""

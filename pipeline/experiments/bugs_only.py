@@ -150,15 +150,13 @@ def build_table(store: Any, plan: Plan) -> Any:
 def to_markdown(df: Any) -> str:
     import pandas as pd
 
-    from pipeline.report import t_interval
+    from pipeline.report import seed_stats
 
     text = df.drop(columns=[c for c in df.columns if c.endswith("_key")]).to_markdown(index=False, floatfmt=".1f")
     over = []
     for name, g in df.groupby("set", sort=False):
-        lo, hi = t_interval(g["acc_xy_%"])
         over.append({"set": name, "n": len(g), "attack": g["attack_%"].iloc[0], "transfer": g["transfer_%"].iloc[0],
-                     "acc_xy_mean": g["acc_xy_%"].mean(), "acc_xy_std": g["acc_xy_%"].std(), "ci95_lo": lo,
-                     "ci95_hi": hi, "acc_xy+1_mean": g["acc_xy+1_%"].mean(),
+                     **seed_stats(g["acc_xy_%"], "acc_xy"), "acc_xy+1_mean": g["acc_xy+1_%"].mean(),
                      "Nakkiran": g["paper_attack/transfer/xy/xy+1_%"].iloc[0]})
     text += "\n\nOver seeds (mean, std, 95% t-interval of the mean), beside Nakkiran's numbers:\n\n"
     text += pd.DataFrame(over).to_markdown(index=False, floatfmt=".1f")

@@ -76,17 +76,15 @@ def build_table(store: Any, plan: Plan) -> Any:
 
 
 def to_markdown(df: Any) -> str:
-    from pipeline.report import t_interval
+    from pipeline.report import seed_stats
 
     shown = df.drop(columns=[c for c in df.columns if c.endswith("_key")])
     text = shown.to_markdown(index=False, floatfmt=".1f")
     curve = []
     for epochs, g in df.groupby("teacher_epochs", sort=True):
-        lo, hi = t_interval(g["student_acc_%"])
         curve.append({"teacher_epochs": epochs, "teacher_acc_%": g["teacher_acc_%"].iloc[0],
                       "n_mistakes": g["n_mistakes"].iloc[0], "n_seeds": len(g),
-                      "student_acc_mean": g["student_acc_%"].mean(), "student_acc_std": g["student_acc_%"].std(),
-                      "ci95_lo": lo, "ci95_hi": hi})
+                      **seed_stats(g["student_acc_%"], "student_acc")})
     import pandas as pd
 
     text += "\n\nStudent against teacher (mean over seeds, 95% t-interval of the mean):\n\n"

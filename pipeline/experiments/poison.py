@@ -141,14 +141,13 @@ def build_table(store: Any, plan: Plan) -> Any:
 def to_markdown(df: Any) -> str:
     import pandas as pd
 
-    from pipeline.report import t_interval
+    from pipeline.report import seed_stats
 
     text = df.drop(columns=[c for c in df.columns if c.endswith("_key")]).to_markdown(index=False, floatfmt=".1f")
     over = []
     for name, g in df.groupby("set", sort=False):
-        lo, hi = t_interval(g["acc_xy_%"])
-        over.append({"set": name, "n": len(g), "acc_xy_mean": g["acc_xy_%"].mean(), "acc_xy_std": g["acc_xy_%"].std(),
-                     "ci95_lo": lo, "ci95_hi": hi, "peak_acc_xy_mean": g["peak_acc_xy_%"].mean(),
+        over.append({"set": name, "n": len(g), **seed_stats(g["acc_xy_%"], "acc_xy"),
+                     "peak_acc_xy_mean": g["peak_acc_xy_%"].mean(),
                      "acc_xy-1_mean": g["acc_xy-1_%"].mean()})
     text += "\n\nOver seeds (mean, std, 95% t-interval of the mean):\n\n"
     text += pd.DataFrame(over).to_markdown(index=False, floatfmt=".1f")

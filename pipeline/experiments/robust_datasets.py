@@ -145,15 +145,13 @@ def build_table(store: Any, plan: Plan) -> Any:
 def to_markdown(df: Any) -> str:
     import pandas as pd
 
-    from pipeline.report import t_interval
+    from pipeline.report import seed_stats
 
     text = df.drop(columns=[c for c in df.columns if c.endswith("_key")]).to_markdown(index=False, floatfmt=".1f")
     robust_cols = [c for c in df.columns if c.startswith("robust_")]
     over = []
     for name, g in df[df["seed"].notna()].groupby("model", sort=False):
-        lo, hi = t_interval(g["acc_%"])
-        row = {"set": name, "n": len(g), "acc_mean": g["acc_%"].mean(), "acc_std": g["acc_%"].std(),
-               "ci95_lo": lo, "ci95_hi": hi}
+        row = {"set": name, "n": len(g), **seed_stats(g["acc_%"], "acc")}
         row.update({f"{c}_mean": g[c].mean() for c in robust_cols})
         row["paper (clean / 0.25 / 0.5)"] = g["paper_%"].iloc[0]
         row["rebuild (clean / 0.25 / 0.5)"] = g["rebuild_%"].iloc[0]
