@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from advfeatures import construct as C
 from advfeatures.attacks import threat_model

@@ -120,8 +120,6 @@ def build_table(store: Any, plan: Plan) -> Any:
 
 
 def to_markdown(df: Any) -> str:
-    import pandas as pd  # noqa: F401 - to_markdown needs tabulate through pandas
-
     df = df.assign(source_eps=df["source_eps"].map("eps {:g}".format))  # a label: .1f would print 0.25 as 0.2
     text = df.drop(columns=[c for c in df.columns if c.endswith("_key")]).to_markdown(index=False, floatfmt=".1f")
     keep = [c for c in df.columns if (c.startswith("source_") and c != "source_eps") or c in ("fooled_t≠y_%", "transfer_%")]

@@ -31,7 +31,7 @@ from pipeline import progress
 from pipeline.common import (Log, amp_dtype, dataset_info, load_model, once, quiet, run_record, setup_runtime,
                              train_images_at)
 from pipeline.kinds import Sharded, StageSpec
-from pipeline.sets import SetBuilder, register
+from pipeline.sets import SetBuilder, register, shards
 from storage import arrays as A
 from storage.store import Store, StoreError
 
@@ -76,26 +76,11 @@ def inversion_set(store: Store, spec: StageSpec) -> InversionSet:
 
 def prepare(store: Store, spec: StageSpec) -> list[int] | None:
     """Create the set's arrays (idempotent); the unfinished shards, or None when it is complete."""
-    store.ensure_writable()
-    path = store.path(spec.folder, spec.key)
-    with store.lock(spec.folder, spec.key):
-        if store.is_complete(spec.folder, spec.key):
-            return None
-        layout = inversion_set(store, spec).layout
-        A.create_constructed(path, layout)
-        pending = A.pending_shards(path, layout)
-    if pending:
-        progress.emit({"event": "pgd_set", "key": spec.key, "kind": KIND,
-                       "rows": sum(b - a for a, b in map(layout.rows, pending)), "shards": len(pending),
-                       "total_shards": layout.num_shards})
-    return pending
+    return shards.prepare(store, spec, lambda: inversion_set(store, spec).layout, KIND)
 
 
 def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log = quiet) -> dict[str, Any]:
-    path = store.path(spec.folder, spec.key)
-    return store.once(spec.folder, f"{spec.key}-shard{shard}",
-                      lambda: store.is_complete(spec.folder, spec.key) or A.shard_done(path, shard),
-                      lambda: _run_shard(store, spec, shard, rt, log, path), skipped={"shard": shard, "skipped": True})
+    return shards.once(store, spec, shard, lambda path: _run_shard(store, spec, shard, rt, log, path))
 
 
 def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log, path: Path) -> dict[str, Any]:

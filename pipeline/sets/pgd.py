@@ -21,7 +21,7 @@ from pipeline import progress
 from pipeline.common import (Log, amp_dtype, compiled, dataset_info, load_model, once, quiet, run_record,
                              setup_runtime, train_images_at)
 from pipeline.kinds import Sharded, StageSpec
-from pipeline.sets import SetBuilder, register
+from pipeline.sets import SetBuilder, register, shards
 from pipeline.stages.construct import attack_summary
 from storage import arrays as A
 from storage.store import Store, StoreError
@@ -90,30 +90,13 @@ def pgd_set(store: Store, spec: StageSpec) -> PGDSet:
 
 
 def prepare_construct(store: Store, spec: StageSpec) -> list[int] | None:
-    """Create the arrays of a PGD set (idempotent); return the indices of unfinished shards, or
-    None when the set is complete (checked once, under the set's lock)."""
-    store.ensure_writable()
-    path = store.path(spec.folder, spec.key)
-    with store.lock(spec.folder, spec.key):
-        if store.is_complete(spec.folder, spec.key):
-            return None
-        layout = pgd_set(store, spec).layout
-        A.create_constructed(path, layout)
-        pending = A.pending_shards(path, layout)
-    if pending:
-        progress.emit({"event": "pgd_set", "key": spec.key, "kind": spec.config["kind"],
-                       "rows": sum(b - a for a, b in map(layout.rows, pending)), "shards": len(pending),
-                       "total_shards": layout.num_shards})
-    return pending
+    """Create the arrays of a PGD set (idempotent); the unfinished shards, or None when complete."""
+    return shards.prepare(store, spec, lambda: pgd_set(store, spec).layout, spec.config["kind"])
 
 
 def run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log = quiet) -> dict[str, Any]:
-    """Attack the rows of one shard and write them, then the shard's marker. Skips finished shards;
-    the per-shard lock means one writer per shard, ever."""
-    path = store.path(spec.folder, spec.key)
-    return store.once(spec.folder, f"{spec.key}-shard{shard}",
-                      lambda: store.is_complete(spec.folder, spec.key) or A.shard_done(path, shard),
-                      lambda: _run_shard(store, spec, shard, rt, log, path), skipped={"shard": shard, "skipped": True})
+    """Attack the rows of one shard and write them, then the shard's marker (once per shard)."""
+    return shards.once(store, spec, shard, lambda path: _run_shard(store, spec, shard, rt, log, path))
 
 
 def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log: Log, path: Path) -> dict[str, Any]:
