@@ -70,7 +70,7 @@ def plan_for(cfg: ExperimentConfig, experiment: str = "replicate", until: str | 
 
 @flow(name="generate-set", flow_run_name="generate-{spec.config[kind]}-{spec.key}")
 def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any, pending: list[int] | None = None,
-                 fanout: Any = None) -> str:
+                 fanout: Any = None, dask: Any = None) -> str:
     """One sharded set: create its arrays (unless the caller did and passes its ``pending``
     shards), run every unfinished shard, then seal it with a manifest.
 
@@ -78,13 +78,21 @@ def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any, pending: li
     per-shard lock only stops two runs from computing the same shard. The flow's task
     runner (runtime.shard_workers threads) or the work pool bounds how many run at once. A failed
     shard fails the set; a rerun redoes only the shards without a marker. ``fanout``: where the
-    shards go (``flows.settings.FanoutConfig``; default: this flow's threads).
+    shards go (``flows.settings.FanoutConfig``; default: this flow's threads); ``dask``: the
+    cluster for fanout.executor=dask (``flows.settings.DaskConfig``).
     """
     fanout = fanout or FanoutConfig()
     if pending is None:
         pending = T.prepare_set(spec, store_root, return_state=True).result() or []
     if fanout.executor == "deployment":
         _fan_out(spec, store_root, runtime_cfg, fanout, pending)
+    elif fanout.executor == "dask":
+        from flows import dask_shards
+        from flows.settings import DaskConfig
+
+        path = Store(store_root).path(spec.folder, spec.key)
+        dask_shards.run_shards(spec, store_root, runtime_cfg, fanout, dask or DaskConfig(), pending,
+                               on_done=lambda shard, _out: _shard_progress(spec, path, shard))
     else:
         run_shards(spec, store_root, runtime_cfg, pending)
     return T.finalize_set(spec, store_root, return_state=True).result()
@@ -114,17 +122,18 @@ def _shard_progress(spec: StageSpec, path: Any, shard: int) -> None:
         progress.emit(event(spec, marker, layout.num_shards, layout.num_shards - len(A.pending_shards(path, layout))))
 
 
-def _generate(spec: StageSpec, store_root: str, rt: Any, fanout: Any = None) -> Any:
+def _generate(spec: StageSpec, store_root: str, rt: Any, fanout: Any = None, dask: Any = None) -> Any:
     """A sharded set: prepared here (a complete one ends Cached, without a generation subflow),
     then its shards and seal in the ``generate-set`` subflow. Returns the final state."""
     prepared = T.prepare_set(spec, store_root, return_state=True)
     if prepared.name == "Cached":
         return prepared
     workers = rt.shard_workers
-    if workers > 1 and rt.threads == 0:  # split the cores between concurrent shards
+    local = fanout is None or fanout.executor == "local"
+    if local and workers > 1 and rt.threads == 0:  # split the cores between concurrent shards
         rt = dataclasses.replace(rt, threads=split_threads(workers))
     runner = ThreadPoolTaskRunner(max_workers=workers)
-    state = generate_set.with_options(task_runner=runner)(spec, store_root, rt, prepared.result(), fanout,
+    state = generate_set.with_options(task_runner=runner)(spec, store_root, rt, prepared.result(), fanout, dask,
                                                            return_state=True)
     state.result()  # raises the set's failure
     return state
@@ -164,12 +173,22 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
     def one(spec: StageSpec) -> None:
         tell(spec)
         if sharded(spec) is not None:
-            tell(states=[_generate(spec, root, rt, cfg.fanout)])
+            tell(states=[_generate(spec, root, rt, cfg.fanout, cfg.dask)])
         else:
             tell(states=[run_stage(T.task_for(spec), spec, root, rt, cfg.data)])
 
     tell()
-    if rt.stage_workers == 1:
+    try:
+        _run_stages(stages, cfg, root, one, tell)
+    finally:
+        if cfg.fanout.executor == "dask":
+            from flows import dask_shards
+
+            dask_shards.close_all()  # the cluster this run started, if any, and its workers
+
+
+def _run_stages(stages: list[StageSpec], cfg: ExperimentConfig, root: str, one: Any, tell: Any) -> None:
+    if cfg.runtime.stage_workers == 1:
         for spec in stages:
             one(spec)
         return

@@ -13,7 +13,8 @@ still names one of those is refused with the new name (``MOVED``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from advfeatures.config import _check, register_section
 
@@ -23,11 +24,15 @@ class FanoutConfig:
     executor: str = "local"
     """'local': shards run as tasks of this flow (runtime.shard_workers threads). 'deployment':
     batches of shards are flow runs of the ``deployment`` deployment, taken by its work pool's
-    workers."""
+    workers. 'dask': every shard is a task of a Dask cluster (``dask.*``: a local cluster, an
+    existing scheduler, SLURM/PBS jobs through dask-jobqueue, Kubernetes pods), installed with
+    the ``dask`` extra."""
     deployment: str = "generate-shard/generate-shard"
     retries: int = 2
     """With 'deployment': how often a shard whose run failed, crashed or was lost is submitted
-    again (each shard counts its own tries, whatever batch it ran in)."""
+    again (each shard counts its own tries, whatever batch it ran in). With 'dask': how often a
+    shard whose worker died (Dask's ``KilledWorker``, after ``dask.allowed_failures`` deaths) is
+    submitted again; an error raised by the shard's own code fails the set at once."""
     per_run: int = 0
     """With 'deployment': shards per flow run of the shard deployment, run one after another by
     one worker (each shard keeps its own marker and retry count). 0 = auto: the pending shards
@@ -43,8 +48,8 @@ class FanoutConfig:
     past it the set fails with an error naming the shards and their runs. 0 = no deadline."""
 
     def __post_init__(self):
-        _check(self.executor in ("local", "deployment"),
-               f"fanout.executor={self.executor!r}; choose local or deployment")
+        _check(self.executor in ("local", "deployment", "dask"),
+               f"fanout.executor={self.executor!r}; choose local, deployment or dask")
         _check(self.retries >= 0, "fanout.retries must be >= 0")
         _check(self.per_run >= 0, "fanout.per_run must be >= 0 (0 = auto)")
         _check(self.heartbeat_multiple > 1, "fanout.heartbeat_multiple must be > 1 (heartbeat periods "
@@ -57,6 +62,58 @@ MOVED = {f"runtime.{old}": f"fanout.{new}" for old, new in (
     ("shards_per_run", "per_run"), ("heartbeat_multiple", "heartbeat_multiple"), ("shard_timeout", "timeout"))}
 
 register_section("fanout", FanoutConfig, moved=MOVED)
+
+
+@dataclass(frozen=True)
+class DaskConfig:
+    """Where ``fanout.executor=dask`` sends shards (``flows.dask``). Workers need the store (a
+    local or NFS path, or an fsspec URL) and the project's packages; with a URL store also
+    PREFECT_API_URL (the store's cross-host lock is a Prefect concurrency limit). Tasks carry a
+    set's spec and a shard number, never arrays; a shard's result is its marker in the store."""
+    address: str = ""
+    """An existing scheduler (``tcp://host:8786``); empty = start ``cluster`` for the run and
+    close it at the run's end."""
+    cluster: str = "distributed.LocalCluster"
+    """The cluster class to start, by dotted path: ``distributed.LocalCluster`` (worker processes
+    on this machine), ``dask_jobqueue.SLURMCluster`` (or PBSCluster, ...: workers as batch jobs),
+    ``dask_kubernetes.operator.KubeCluster``."""
+    cluster_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``cluster``. For LocalCluster the defaults are
+    ``n_workers=runtime.shard_workers``, one thread each, processes."""
+    scale: int = 0
+    """Workers (jobs, pods) to ask the started cluster for (``cluster.scale``); 0 = the class's
+    own (LocalCluster's n_workers) unless ``adapt`` is set."""
+    adapt: dict[str, Any] = field(default_factory=dict)
+    """Adaptive bounds for the started cluster (``cluster.adapt(minimum=..., maximum=...)``): it
+    grows while shards wait and shrinks when idle. {} = fixed size."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """What each shard needs of a worker, e.g. {GPU: 1}: with workers started with ``--resources
+    GPU=1`` (one per GPU), a box runs one shard per GPU. {} = any worker, any number at once."""
+    allowed_failures: int = 3
+    """Worker deaths while running one shard before Dask gives up on it (``KilledWorker``;
+    Dask's ``distributed.scheduler.allowed-failures``, set for clusters this run starts; an
+    existing scheduler keeps its own). ``fanout.retries`` then submits the shard again."""
+    timeout: float = 120.0
+    """Seconds to wait for the scheduler to answer (and, with ``scale`` or ``adapt``, for a first
+    worker) before failing with an error naming the address or cluster."""
+
+    def __post_init__(self):
+        _check(self.address == "" or "://" in self.address,
+               f"dask.address={self.address!r}; give the scheduler as tcp://host:8786 (or '' to start dask.cluster)")
+        _check("." in self.cluster, f"dask.cluster={self.cluster!r}; give a class by its dotted path, "
+               "e.g. distributed.LocalCluster or dask_jobqueue.SLURMCluster")
+        _check(self.scale >= 0, "dask.scale must be >= 0 (0 = the cluster class's own size)")
+        _check(not (self.scale and self.adapt), "dask.scale and dask.adapt exclude each other: choose a fixed "
+               "size or adaptive bounds")
+        _check(set(self.adapt) <= {"minimum", "maximum", "wait_count", "interval"},
+               f"dask.adapt={self.adapt}; its keys are minimum, maximum (and wait_count, interval)")
+        _check(all(isinstance(v, (int, float)) and v > 0 for v in self.resources.values()),
+               f"dask.resources={self.resources}; each must be a positive number, e.g. {{GPU: 1}}")
+        _check(self.allowed_failures >= 0, "dask.allowed_failures must be >= 0")
+        _check(self.timeout > 0, "dask.timeout must be > 0 seconds")
+
+
+register_section("dask", DaskConfig)
 
 
 @dataclass(frozen=True)

@@ -292,6 +292,40 @@ def test_parallel_shard_workers_give_identical_sets(first, tiny_tar, tmp_path):
 
 
 @pytest.mark.slow
+def test_dask_executor_gives_identical_sets_and_leaves_nothing_running(first, tiny_tar, tmp_path, monkeypatch):
+    """fanout.executor=dask (a LocalCluster of 2 worker processes started for the run and closed at
+    its end): the same bytes as this process's threads, and no flow or task run left Running."""
+    pytest.importorskip("distributed", reason="the dask extra is not installed")
+    import datetime as dt
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterStartTime, TaskRunFilter,
+                                                TaskRunFilterStartTime)
+
+    from flows import dask_shards
+    from storage import arrays as A
+
+    started = []
+    client_for = dask_shards.client_for
+    monkeypatch.setattr(dask_shards, "client_for", lambda dc, rt: started.append(dc) or client_for(dc, rt))
+    t0 = dt.datetime.now(dt.timezone.utc)
+    store = _seeded(first[0], tmp_path / "dask")
+    over = ["construct.sets=[det]", "runtime.threads=1", "runtime.shard_workers=2", "fanout.executor=dask",
+            "report.write=false"]
+    out = replicate(profile="tiny", overrides=over, data=str(tiny_tar), store=str(store))
+    assert [t["stage"] for t in out["timings"] if t["computed"]] == ["construct", "run"]
+    key = next(t["key"] for t in out["timings"] if t["stage"] == "construct")
+    got, want = A.read_rows(store / "constructed" / key), A.read_rows(first[0] / "constructed" / key)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert len(started) == 1 and dask_shards._CLIENTS == {}  # one cluster for the run, closed at its end
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=t0)))
+        flows = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=t0)))
+    assert tasks and flows
+    assert [r.name for r in [*tasks, *flows] if r.state_type.value != "COMPLETED"] == []
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["path", "url"])
 def test_two_concurrent_runs_compute_each_stage_once(kind, tiny_tar, tmp_path, monkeypatch):
     """Two replicate runs of one config at once: every model is trained once, every shard written

@@ -1,0 +1,205 @@
+"""``fanout.executor=dask``: a sharded set's shards as tasks of a Dask cluster.
+
+The flow (the controller) submits one Dask task per pending shard, ``tasks.remote.run_shard`` with
+the set's spec, the store root and the shard number, and waits for them as they complete. Dask
+places them (``dask.resources``, e.g. one per GPU), and when a worker dies mid-shard it runs the
+shard again on another worker, up to ``dask.allowed_failures`` deaths; past that it raises
+``KilledWorker``, and the controller submits the shard again as a new task, up to
+``fanout.retries`` times, then fails the set with an error naming the shard. A shard that runs
+twice is harmless: rows are a pure function of the spec, each shard writes only its own chunks
+under its own lock, and its marker is written last (the shard protocol, DESIGN.md).
+
+Prefect sees the set's subflow and the controller's tasks, not one task run per shard on the
+workers: prefect-dask's task runner would report each shard's task run from its worker, and a
+worker killed mid-shard leaves that run Running for good (prefect issues 17384 and 21638). Here
+every Prefect state is reported by the controller, which outlives its workers; progress comes
+from the shards' markers, as with the deployment executor.
+
+Clusters: ``dask.address`` (an existing scheduler), else ``dask.cluster`` started for the run,
+with ``dask.cluster_kwargs``, ``dask.scale`` or ``dask.adapt``, and closed at the run's end
+(``close_all``). ``distributed`` is imported only here (the ``dask`` extra).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from advfeatures.config import ConfigError, to_plain
+from advfeatures.cpus import split_threads
+from pipeline.kinds import StageSpec
+
+_CLIENTS: dict[str, tuple[Any, Any]] = {}  # the settings, as JSON -> (the cluster this run started or None, client)
+
+
+def _distributed() -> Any:
+    try:
+        import distributed
+    except ImportError as e:
+        raise ConfigError("fanout.executor=dask needs Dask: pip install -e '.[dask]' (distributed, dask-jobqueue), "
+                          "or choose fanout.executor=local") from e
+    return distributed
+
+
+def cluster_class(path: str) -> type:
+    """``dask.cluster`` by its dotted path (module.Class), with an error naming what is missing."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        hint = {"dask_jobqueue": "pip install dask-jobqueue", "dask_kubernetes": "pip install dask-kubernetes"}
+        extra = hint.get(module.split(".")[0], "check the module and class name")
+        raise ConfigError(f"dask.cluster={path!r} cannot be imported ({e}); {extra}") from e
+
+
+def cluster_kwargs(dc: Any, rt: Any, cls: type) -> dict[str, Any]:
+    """``dask.cluster_kwargs``, with LocalCluster's defaults: runtime.shard_workers worker processes
+    of one thread each, no dashboard, and each worker holding ``dask.resources`` (else a shard
+    that asks for them would wait forever)."""
+    kwargs = dict(dc.cluster_kwargs)
+    if cls is _distributed().LocalCluster:
+        kwargs.setdefault("n_workers", rt.shard_workers)
+        kwargs.setdefault("threads_per_worker", 1)
+        kwargs.setdefault("processes", True)
+        kwargs.setdefault("dashboard_address", None)
+        if dc.resources:
+            kwargs.setdefault("resources", dict(dc.resources))
+    return kwargs
+
+
+def worker_runtime(dc: Any, rt: Any) -> Any:
+    """The runtime the shards run with: on a LocalCluster started here (workers sharing this
+    machine), torch's CPU threads split between its workers unless runtime.threads is set;
+    elsewhere each worker uses what its job or pod has (runtime.threads=0)."""
+    if rt.threads or dc.address:
+        return rt
+    cls = cluster_class(dc.cluster)
+    if cls is not _distributed().LocalCluster:
+        return rt
+    kw = cluster_kwargs(dc, rt, cls)
+    workers = int(kw["n_workers"]) * int(kw["threads_per_worker"])
+    return dataclasses.replace(rt, threads=split_threads(max(1, workers))) if workers > 1 else rt
+
+
+def client_for(dc: Any, rt: Any) -> Any:
+    """The Dask client of these settings: connected to ``dask.address``, or to a cluster started
+    now (once per run and settings; ``close_all`` ends it)."""
+    distributed = _distributed()
+    key = json.dumps([to_plain(dc), rt.shard_workers], sort_keys=True)
+    if key in _CLIENTS and _CLIENTS[key][1].status == "running":
+        return _CLIENTS[key][1]
+    if dc.address:
+        try:
+            client = distributed.Client(dc.address, timeout=dc.timeout)
+        except OSError as e:
+            raise RuntimeError(f"no Dask scheduler answered at dask.address={dc.address} within "
+                               f"{dc.timeout:g} s ({e}); start one (dask scheduler) or fix the address") from e
+        _CLIENTS[key] = (None, client)
+        return client
+    import dask
+
+    cls = cluster_class(dc.cluster)
+    with dask.config.set({"distributed.scheduler.allowed-failures": dc.allowed_failures}):
+        cluster = cls(**cluster_kwargs(dc, rt, cls))
+    if dc.scale:
+        cluster.scale(dc.scale)
+    elif dc.adapt:
+        cluster.adapt(**dc.adapt)
+    client = distributed.Client(cluster, timeout=dc.timeout)
+    _CLIENTS[key] = (cluster, client)
+    wanted = dc.scale or int(dc.adapt.get("minimum", 0))
+    if wanted:
+        try:
+            client.wait_for_workers(1, timeout=dc.timeout)
+        except TimeoutError as e:
+            raise RuntimeError(f"{dc.cluster}: no worker joined within dask.timeout={dc.timeout:g} s (asked for "
+                               f"{wanted}); check the cluster's jobs or pods and their logs") from e
+    return client
+
+
+def close_all() -> None:
+    """Close every client, and every cluster this process started (their workers with them)."""
+    while _CLIENTS:
+        _, (cluster, client) = _CLIENTS.popitem()
+        try:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        except Exception as e:  # noqa: BLE001 - closing is best effort: the run's results are in the store
+            print(f"closing a Dask cluster failed ({type(e).__name__}: {e}); its workers may linger")
+
+
+def run_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pending: list[int],
+               on_done: Callable[[int, dict[str, Any]], None] | None = None,
+               client: Any = None) -> dict[int, dict[str, Any]]:
+    """Every pending shard of ``spec`` as a Dask task; each shard's summary, by shard, once all are
+    done. A ``KilledWorker`` resubmits the shard, at most ``fanout.retries`` times; an error in a
+    shard's own code, or the ``fanout.timeout`` deadline, fails the set (the other shards are
+    cancelled; those done keep their markers, and a rerun does only the rest)."""
+    from tasks.remote import run_shard
+
+    distributed = _distributed()
+    client = client or client_for(dc, rt)
+    rt = worker_runtime(dc, rt)
+    body, runtime = spec.as_dict(), to_plain(rt)
+    tries = dict.fromkeys(pending, 0)
+
+    def submit(shard: int) -> Any:
+        return client.submit(run_shard, body, store_root, shard, runtime, key=f"shard-{spec.key}-{shard}-try{tries[shard]}",
+                             pure=False, resources=dict(dc.resources) or None)
+
+    live = {submit(s): s for s in pending}
+    print(f"set {spec.key}: {len(pending)} shards submitted to Dask ({client.scheduler.address})")
+    done: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + fo.timeout if fo.timeout else None
+    queue = distributed.as_completed(list(live))
+    try:
+        while live:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                fut = next(iter(queue)) if left is None else _next(queue, left)
+            except TimeoutError:
+                out = ", ".join(str(s) for s in sorted(live.values()))
+                raise TimeoutError(f"set {spec.key}: shards {out} not done after fanout.timeout={fo.timeout:g} s on "
+                                   f"Dask; are workers alive (dask.resources they lack?)") from None
+            shard = live.pop(fut)
+            try:
+                done[shard] = fut.result()
+            except distributed.KilledWorker as e:
+                tries[shard] += 1
+                if tries[shard] > fo.retries:
+                    raise RuntimeError(
+                        f"shard {shard} of set {spec.key}: its Dask worker died while running it "
+                        f"{dc.allowed_failures + 1} time(s) in each of {tries[shard]} tries (KilledWorker: {e}); "
+                        f"fanout.retries={fo.retries} used up. Look at the workers' logs (memory, walltime), or "
+                        "raise dask.allowed_failures or fanout.retries") from e
+                print(f"shard {shard} of {spec.key}: its Dask worker died (KilledWorker); resubmitting "
+                      f"(try {tries[shard] + 1})")
+                nxt = submit(shard)
+                live[nxt] = shard
+                queue.add(nxt)
+                continue
+            except Exception as e:
+                raise RuntimeError(f"shard {shard} of set {spec.key} failed on a Dask worker: "
+                                   f"{type(e).__name__}: {e}") from e
+            if on_done is not None:
+                on_done(shard, done[shard])
+    finally:
+        for fut in live:
+            fut.cancel()
+    return done
+
+
+def _next(queue: Any, timeout: float) -> Any:
+    """The next completed future of ``queue`` within ``timeout`` seconds, else TimeoutError."""
+    end = time.monotonic() + timeout
+    while True:
+        if queue.has_ready():
+            return next(queue)
+        if time.monotonic() >= end:
+            raise TimeoutError
+        time.sleep(0.2)

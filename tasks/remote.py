@@ -1,0 +1,27 @@
+"""What a remote worker runs (``fanout.executor=dask``): plain functions of plain arguments, a
+stage spec as a dict (checked against its key), a store root, a shard number and the runtime as a
+dict. No tensors travel; a shard's result is its marker in the store, and what comes back is a
+small summary."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+
+def run_shard(spec: dict[str, Any], store_root: str, shard: int, runtime: dict[str, Any]) -> dict[str, Any]:
+    """Compute one shard of a sharded set (skipped when its marker is there) and return its
+    summary, with the worker's host and pid. Under the store's per-shard lock, as everywhere."""
+    from advfeatures.config import RuntimeConfig, build_config
+    from pipeline import kinds
+    from storage.store import Store
+
+    store = Store(store_root)
+    if store.remote:
+        import tasks.stages  # noqa: F401 - installs the URL store's cross-host lock (needs PREFECT_API_URL)
+    kinds.discover()
+    s = kinds.spec_from_dict(spec)
+    rt = build_config(RuntimeConfig, runtime, "runtime")
+    out = kinds.sharded(s).shard(store, s, shard, rt, lambda _m: None)
+    return {**out, "shard": shard, "host": socket.gethostname(), "pid": os.getpid()}

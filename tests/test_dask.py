@@ -1,0 +1,215 @@
+"""fanout.executor=dask on real processes: a LocalCluster of worker processes on 127.0.0.1 (and
+dask-jobqueue's local "batch" cluster). A worker SIGKILLed mid-shard, workers killed at random
+through a 50-shard set, and KilledWorker with allowed-failures 0; every set is compared row by row
+with the same set generated in this process without interruption."""
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import build
+
+distributed = pytest.importorskip("distributed", reason="the dask extra (pip install -e '.[dask]') is not installed")
+
+from advfeatures.config import resolve  # noqa: E402
+from flows import dask_shards  # noqa: E402
+from flows.settings import DaskConfig, FanoutConfig  # noqa: E402
+from pipeline import stages  # noqa: E402
+from storage import arrays as A  # noqa: E402
+from storage.store import Store  # noqa: E402
+
+# a set of 150 rows in 3 shards, or of 200 rows in 50 shards (the chaos run)
+SMALL = ["construct.sets=[rand]", "construct.n_images=150", "source.train.epochs=1", "runtime.threads=1"]
+MANY = ["construct.sets=[rand]", "construct.n_images=200", "construct.shard_size=4", "construct.chunk_size=4",
+        "source.train.epochs=1", "runtime.threads=1"]
+
+
+def park_once(flag_dir: str) -> None:
+    """Run on every worker (``client.run``): the first zarr write of a shard by the first worker to
+    claim ``flag_dir/parked`` records (pid, shard row) there and sleeps, so the test can SIGKILL it
+    mid-shard. Workers restarted by their nanny do not have the hook."""
+    import zarr
+
+    orig = zarr.Array.__setitem__
+
+    def setitem(self, key, value):
+        orig(self, key, value)
+        if getattr(setitem, "fired", False):
+            return
+        try:
+            fd = os.open(os.path.join(flag_dir, "parked"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            setitem.fired = True
+            return
+        row = key.start if isinstance(key, slice) else (key[0].start if isinstance(key, tuple) else 0)
+        os.write(fd, f"{os.getpid()} {row}".encode())
+        os.close(fd)
+        setitem.fired = True
+        time.sleep(120)
+
+    zarr.Array.__setitem__ = setitem
+
+
+def _wait_parked(flag_dir: Path, timeout: float = 120.0) -> tuple[int, int]:
+    end = time.monotonic() + timeout
+    f = flag_dir / "parked"
+    while time.monotonic() < end:
+        if f.exists() and f.read_text().strip():
+            pid, row = map(int, f.read_text().split())
+            return pid, row
+        time.sleep(0.1)
+    raise AssertionError("no worker parked mid-shard")
+
+
+def _set(tmp, tar, overrides, name):
+    cfg, st, plan = build(tar, tmp / name, overrides)
+    return cfg, st, plan.constructs["rand"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_tar):
+    """The 3-shard set generated in this process without interruption: (store, rows)."""
+    cfg, st, spec = _set(tmp_path_factory.mktemp("ref"), tiny_tar, SMALL, "store")
+    stages.generate(st, spec, cfg.runtime)
+    return st, A.read_rows(st.path("constructed", spec.key))
+
+
+def _cluster(n=2, **kw):
+    return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                                    host="127.0.0.1", **kw)
+
+
+def _same(got, want):
+    return all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_shard_set_completes_identically(tmp_path, tiny_tar, reference):
+    cfg, st, spec = _set(tmp_path, tiny_tar, SMALL, "store")
+    flag = tmp_path / "flag"
+    flag.mkdir()
+    pending = stages.prepare_construct(st, spec)
+    with _cluster() as cluster, distributed.Client(cluster) as client:
+        client.run(park_once, str(flag))
+        box: dict = {}
+        t = threading.Thread(target=lambda: box.update(out=dask_shards.run_shards(
+            spec, str(st.root), cfg.runtime, FanoutConfig(executor="dask"), DaskConfig(), pending, client=client)))
+        t.start()
+        pid, row = _wait_parked(flag)
+        killed = row // 50
+        path = st.path("constructed", spec.key)
+        assert not A.shard_done(path, killed)  # mid-shard: rows started, no marker
+        os.kill(pid, signal.SIGKILL)
+        t.join(timeout=300)
+        assert not t.is_alive()
+    out = box["out"]
+    assert sorted(out) == [0, 1, 2]
+    assert not any(o.get("skipped") for o in out.values())  # each shard computed once after the kill, none twice
+    assert out[killed]["pid"] != pid  # the killed shard's rows come from another worker
+    stages.finalize_construct(st, spec)
+    assert _same(A.read_rows(path), reference[1])
+    assert stages.verify(st, spec.key) == []
+
+
+@pytest.mark.slow
+def test_killed_worker_with_no_failures_allowed_names_the_shard(tmp_path, tiny_tar):
+    cfg, st, spec = _set(tmp_path, tiny_tar, SMALL, "store")
+    flag = tmp_path / "flag"
+    flag.mkdir()
+    pending = stages.prepare_construct(st, spec)
+    import dask
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = _cluster()
+    with cluster, distributed.Client(cluster) as client:
+        client.run(park_once, str(flag))
+        box: dict = {}
+
+        def go():
+            try:
+                dask_shards.run_shards(spec, str(st.root), cfg.runtime, FanoutConfig(executor="dask", retries=0),
+                                       DaskConfig(allowed_failures=0), pending, client=client)
+            except Exception as e:  # noqa: BLE001 - the test looks at it
+                box["error"] = e
+
+        t = threading.Thread(target=go)
+        t.start()
+        pid, row = _wait_parked(flag)
+        os.kill(pid, signal.SIGKILL)
+        t.join(timeout=300)
+    err = str(box.get("error"))
+    assert f"shard {row // 50} of set {spec.key}" in err and "KilledWorker" in err and "fanout.retries=0" in err, err
+    assert not st.is_complete("constructed", spec.key)
+
+
+@pytest.mark.slow
+def test_chaos_fifty_shards_random_kills(tmp_path, tiny_tar):
+    """Workers SIGKILLed at random every ~1.5 s (6 times) through a 50-shard set; nannies restart
+    them. Every shard's marker once, every row equal to the set generated without interruption."""
+    cfg, st, spec = _set(tmp_path, tiny_tar, MANY, "chaos")
+    ref_cfg, ref, ref_spec = _set(tmp_path, tiny_tar, MANY, "clean")
+    assert ref_spec.key == spec.key
+    stages.generate(ref, ref_spec, ref_cfg.runtime)
+    want = A.read_rows(ref.path("constructed", spec.key))
+    pending = stages.prepare_construct(st, spec)
+    assert len(pending) == 50
+    rng = random.Random(0)
+    killed = []
+    with _cluster() as cluster, distributed.Client(cluster) as client:
+        client.wait_for_workers(2)
+        box: dict = {}
+        t = threading.Thread(target=lambda: box.update(out=dask_shards.run_shards(
+            spec, str(st.root), cfg.runtime, FanoutConfig(executor="dask", retries=3), DaskConfig(), pending,
+            client=client)))
+        t.start()
+        while t.is_alive() and len(killed) < 6:
+            time.sleep(rng.uniform(1.0, 2.0))
+            busy = [w for w, keys in client.processing().items() if keys]
+            if not busy:
+                continue
+            pids = client.run(os.getpid, workers=[rng.choice(busy)])
+            for pid in pids.values():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        t.join(timeout=600)
+        assert not t.is_alive()
+    assert killed, "no worker was killed: the set finished too fast for this test"
+    print(f"chaos: {len(killed)} workers killed")
+    out = box["out"]
+    assert sorted(out) == list(range(50))
+    path = st.path("constructed", spec.key)
+    markers = sorted((A.open_root(path) / A.SHARDS_DIR).iterdir())
+    assert len(markers) == 50
+    stages.finalize_construct(st, spec)
+    assert _same(A.read_rows(path), want)
+    assert stages.verify(st, spec.key) == []
+
+
+def test_settings_are_checked_before_any_work(tiny_tar):
+    from advfeatures.config import ConfigError
+
+    for bad, words in ((["fanout.executor=dusk"], "choose local, deployment or dask"),
+                       (["dask.address=localhost:8786"], "tcp://host:8786"),
+                       (["dask.scale=2", "dask.adapt={maximum: 4}"], "exclude each other"),
+                       (["dask.resources={GPU: 0}"], "positive number"),
+                       (["dask.cluster=LocalCluster"], "dotted path")):
+        with pytest.raises(ConfigError, match=words):
+            resolve("tiny", bad, data=str(tiny_tar))
+    with pytest.raises(ConfigError, match="pip install dask-jobqueue|cannot be imported"):
+        dask_shards.cluster_class("dask_jobqueue.NoSuchCluster")
+
+
+def test_local_cluster_defaults_split_threads():
+    from advfeatures.config import RuntimeConfig
+
+    rt = RuntimeConfig(shard_workers=2)
+    kw = dask_shards.cluster_kwargs(DaskConfig(resources={"GPU": 1}), rt, distributed.LocalCluster)
+    assert kw["n_workers"] == 2 and kw["threads_per_worker"] == 1 and kw["resources"] == {"GPU": 1}
+    assert dask_shards.worker_runtime(DaskConfig(), rt).threads >= 1
+    assert dask_shards.worker_runtime(DaskConfig(address="tcp://h:8786"), rt).threads == 0
+    assert dask_shards.worker_runtime(DaskConfig(), RuntimeConfig(shard_workers=2, threads=3)).threads == 3
