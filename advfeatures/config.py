@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import os
 import types
 import typing
@@ -510,6 +511,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
     return parts, value
+
+
+def settings_overrides(path: str) -> list[str]:
+    """A YAML file of settings (a partial profile: ``fanout: {executor: dask}``, ``dask: {...}``)
+    as overrides, one per setting of each section (``dask.cluster_kwargs={...}``): applied after
+    the profile and before ``--set``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--settings {path}: no such file (examples/ holds laptop, gpu-box, slurm and kubernetes)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--settings {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--settings {path} must be a YAML mapping of sections, e.g. dask: {{address: ...}}")
+    out = []
+    for section, body in data.items():
+        items = body.items() if isinstance(body, dict) else [(None, body)]
+        for key, value in items:
+            name = section if key is None else f"{section}.{key}"
+            out.append(f"{name}={json.dumps(value)}")  # JSON is YAML: parse_override reads it back as it was
+    return out
 
 
 def _set_path(tree: dict, parts: list[str], value: Any, text: str) -> None:

@@ -32,6 +32,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="demo", help=f"bundled profile name ({bundled}) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. attack.steps=50 (repeatable)")
+    p.add_argument("--settings", dest="settings", action="append", default=[], metavar="FILE",
+                   help="a YAML file of settings applied after the profile, before --set (repeatable), e.g. "
+                        "examples/slurm.yaml: where shards run")
     p.add_argument("--data", default=None, help="data source: a zip/folder of train/ and test/, "
                    "cifar-10-python.tar.gz or its folder, or 'torchvision' to download")
     p.add_argument("--store", default=None, help="artifact store root (default: runtime.store)")
@@ -156,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.experiments import get as get_experiment
 
         get_experiment(args.experiment)  # an unknown name fails here, with the list
+        if args.settings:
+            from advfeatures.config import settings_overrides
+
+            args.overrides = [o for f in args.settings for o in settings_overrides(f)] + args.overrides
         if args.seeds is not None:
             from pipeline.sweep import seeds_override
 

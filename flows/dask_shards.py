@@ -49,11 +49,15 @@ def cluster_class(path: str) -> type:
     """``dask.cluster`` by its dotted path (module.Class), with an error naming what is missing."""
     module, _, name = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
+        mod = importlib.import_module(module)
+    except ImportError as e:
         hint = {"dask_jobqueue": "pip install dask-jobqueue", "dask_kubernetes": "pip install dask-kubernetes"}
-        extra = hint.get(module.split(".")[0], "check the module and class name")
+        extra = hint.get(module.split(".")[0], "check the module's name and that it is installed")
         raise ConfigError(f"dask.cluster={path!r} cannot be imported ({e}); {extra}") from e
+    if not isinstance(getattr(mod, name, None), type):
+        raise ConfigError(f"dask.cluster={path!r}: {module} has no class {name} (e.g. distributed.LocalCluster, "
+                          "dask_jobqueue.SLURMCluster, dask_kubernetes.operator.KubeCluster)")
+    return getattr(mod, name)
 
 
 def cluster_kwargs(dc: Any, rt: Any, cls: type) -> dict[str, Any]:

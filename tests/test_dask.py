@@ -200,8 +200,13 @@ def test_settings_are_checked_before_any_work(tiny_tar):
                        (["dask.cluster=LocalCluster"], "dotted path")):
         with pytest.raises(ConfigError, match=words):
             resolve("tiny", bad, data=str(tiny_tar))
-    with pytest.raises(ConfigError, match="pip install dask-jobqueue|cannot be imported"):
-        dask_shards.cluster_class("dask_jobqueue.NoSuchCluster")
+    with pytest.raises(ConfigError, match="has no class NoSuchCluster"):
+        dask_shards.cluster_class("distributed.NoSuchCluster")
+    import importlib.util
+
+    if importlib.util.find_spec("dask_kubernetes") is None:
+        with pytest.raises(ConfigError, match="pip install dask-kubernetes"):
+            dask_shards.cluster_class("dask_kubernetes.operator.KubeCluster")
 
 
 def test_local_cluster_defaults_split_threads():
@@ -213,3 +218,67 @@ def test_local_cluster_defaults_split_threads():
     assert dask_shards.worker_runtime(DaskConfig(), rt).threads >= 1
     assert dask_shards.worker_runtime(DaskConfig(address="tcp://h:8786"), rt).threads == 0
     assert dask_shards.worker_runtime(DaskConfig(), RuntimeConfig(shard_workers=2, threads=3)).threads == 3
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_example_settings_resolve(tiny_tar):
+    from advfeatures.config import settings_overrides
+
+    for name in ("laptop", "gpu-box", "slurm", "kubernetes"):
+        cfg = resolve("tiny", settings_overrides(str(EXAMPLES / f"{name}.yaml")), data=str(tiny_tar))
+        assert cfg.fanout.executor == "dask", name
+    assert resolve("tiny", settings_overrides(str(EXAMPLES / "slurm.yaml"))).dask.resources == {"GPU": 1}
+
+
+def test_cli_settings_file(tiny_tar, tmp_path, capsys):
+    """--settings FILE: the file's settings after the profile, --set after them; a bad file is named."""
+    from flows.cli import main
+
+    code = main(["show-config", "--profile", "tiny", "--data", str(tiny_tar), "--settings", str(EXAMPLES / "slurm.yaml"),
+                 "--set", "dask.adapt={minimum: 0, maximum: 2}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "dask_jobqueue.SLURMCluster" in out and "maximum: 2" in out and "--gres=gpu:1" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    assert main(["show-config", "--profile", "tiny", "--settings", str(bad)]) == 2
+    assert "must be a YAML mapping" in capsys.readouterr().err
+    assert main(["show-config", "--profile", "tiny", "--settings", str(tmp_path / "none.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_slurm_example_job_script():
+    """The SLURM example's job script: one GPU per job, the worker holding GPU=1, retiring before
+    the walltime (lifetime 225 min + stagger 10 min < 4 h)."""
+    pytest.importorskip("dask_jobqueue")
+    from advfeatures.config import settings_overrides
+
+    cfg = resolve("tiny", settings_overrides(str(EXAMPLES / "slurm.yaml")))
+    cls = dask_shards.cluster_class(cfg.dask.cluster)
+    with cls(**dask_shards.cluster_kwargs(cfg.dask, cfg.runtime, cls)) as cluster:
+        script = cluster.job_script()
+    for line in ("#SBATCH --gres=gpu:1", "#SBATCH -t 04:00:00", "#SBATCH -p gpu", "#SBATCH -A my-project",
+                 "--resources GPU=1", "--lifetime 225m", "--lifetime-stagger 10m",
+                 "source /shared/advfeatures/.venv/bin/activate"):
+        assert line in script, (line, script)
+
+
+@pytest.mark.slow
+def test_jobqueue_local_cluster_runs_the_set(tmp_path, tiny_tar, reference):
+    """dask-jobqueue's local cluster (each "job" a subprocess running its job script): 2 jobs, each a
+    worker with GPU=1, shards asking for GPU=1; the cluster is started from the settings, as a run
+    does, and closed by close_all."""
+    pytest.importorskip("dask_jobqueue")
+    cfg, st, spec = _set(tmp_path, tiny_tar, SMALL, "store")
+    dc = DaskConfig(cluster="dask_jobqueue.local.LocalCluster", scale=2, resources={"GPU": 1},
+                    cluster_kwargs={"cores": 1, "memory": "2GB", "processes": 1,
+                                    "worker_extra_args": ["--resources", "GPU=1"]})
+    pending = stages.prepare_construct(st, spec)
+    try:
+        out = dask_shards.run_shards(spec, str(st.root), cfg.runtime, FanoutConfig(executor="dask"), dc, pending)
+    finally:
+        dask_shards.close_all()
+    assert sorted(out) == [0, 1, 2] and len({o["pid"] for o in out.values()}) >= 1
+    stages.finalize_construct(st, spec)
+    assert _same(A.read_rows(st.path("constructed", spec.key)), reference[1])
