@@ -25,3 +25,12 @@ def run_shard(spec: dict[str, Any], store_root: str, shard: int, runtime: dict[s
     rt = build_config(RuntimeConfig, runtime, "runtime")
     out = kinds.sharded(s).shard(store, s, shard, rt, lambda _m: None)
     return {**out, "shard": shard, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def warm() -> int:
+    """Import what a shard needs (torch, zarr, every stage kind) once, ahead of the first shard; the
+    worker's pid (``client.run(warm)``: benchmarks, clusters started before a run)."""
+    from pipeline import kinds
+
+    kinds.discover()
+    return os.getpid()
