@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make docker-test`: build the images, start the compose stack (Prefect server on PostgreSQL,
-# controller, 2 shard workers), run a tiny replication through the `replicate` deployment with its
-# shards fanned out to the worker containers, and check the table and who wrote the shards.
+# controller, 2 shard workers, and with profile dask a Dask scheduler and 2 Dask workers), run a
+# tiny replication through the `replicate` deployment with its shards fanned out to the worker
+# containers, then again with fanout.executor=dask (into a second store folder), and check each
+# table and who wrote the shards.
 #
 # Environment: BASE_IMAGE (default: a local debootstrap image, built if missing by
 # docker/build-base.sh), POSTGRES_IMAGE (default: docker/postgres built on BASE_IMAGE),
@@ -44,7 +46,7 @@ fi
 STORE_DIR=$(mktemp -d /tmp/advfeatures-docker-store.XXXXXX)
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export ADVFEATURES_IMAGE=advfeatures:latest POSTGRES_IMAGE STORE_DIR PORT
-compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker/compose.yaml "$@"; }
+compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker/compose.yaml --profile dask "$@"; }
 cleanup() {
     rc=$?
     if [ "$rc" != 0 ]; then compose logs --tail 60 2>/dev/null | tail -200 || true; fi
@@ -56,7 +58,8 @@ trap cleanup EXIT
 
 say "compose up: postgres, server, deploy, controller, $WORKERS workers (UI on port $PORT)"
 compose down -v --remove-orphans >/dev/null 2>&1 || true
-compose up -d --scale worker="$WORKERS" >/dev/null 2>&1 || { compose up -d --scale worker="$WORKERS"; exit 1; }
+scale=(--scale worker="$WORKERS" --scale dask-worker="$WORKERS")
+compose up -d "${scale[@]}" >/dev/null 2>&1 || { compose up -d "${scale[@]}"; exit 1; }
 deploy_id=$(compose ps -q deploy)
 [ "$(docker wait "$deploy_id")" = 0 ] || { echo "docker-test: the deploy step failed:" >&2; docker logs "$deploy_id" >&2; exit 1; }
 # the workers start once deploy has exited; give them a moment to register
@@ -80,4 +83,12 @@ compose exec -T controller prefect deployment run replicate/replicate --params "
     --watch --watch-interval 3 --watch-timeout 600 | tail -1
 rewritten=$(find "$STORE_DIR" -name manifest.json -newer "$STORE_DIR/.before-rerun" | wc -l)
 [ "$rewritten" = 0 ] || { echo "docker-test: the rerun rewrote $rewritten manifests" >&2; exit 1; }
+say "tiny replication with its shards on the Dask workers (fanout.executor=dask), store /store/dask"
+dparams='{"profile": "tiny", "store": "/store/dask", "overrides": ["fanout.executor=dask",
+  "dask.address=tcp://dask-scheduler:8786", "runtime.threads=1", "data.source=/store/data/tiny.zip",
+  "construct.n_images=200", "construct.shard_size=50"]}'
+compose exec -T controller prefect deployment run replicate/replicate --params "$dparams" \
+    --watch --watch-interval 3 --watch-timeout 1200 | tail -5
+dworkers=$(for c in $(compose ps -q dask-worker); do docker inspect -f '{{.Config.Hostname}}' "$c"; done | paste -sd, -)
+"$PY" docker/check_run.py "$STORE_DIR/dask" --min-hosts 2 --workers "$dworkers"
 say "passed"
