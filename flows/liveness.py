@@ -56,7 +56,7 @@ def min_period() -> int:
     """Prefect's floor on the heartbeat period (seconds): shorter settings are raised to it."""
     from prefect import flow_engine
 
-    return int(flow_engine.MINIMUM_HEARTBEAT_INTERVAL)
+    return int(getattr(flow_engine, "MINIMUM_HEARTBEAT_INTERVAL", 30))  # not public API: 30 in prefect 3.4-3.9
 
 
 def deployment_period(client: Any, deployment: str) -> float | None:

@@ -16,6 +16,11 @@ slower to take runs.
 PREFECT_WORKER_QUERY_SECONDS defaults to ``flows.serve.QUERY_SECONDS`` here (unless set).
 
 Signals are handled as by `prefect worker start` (Prefect's own handlers).
+
+The wake-ups use three members of Prefect's ``BaseWorker`` that are not public API
+(``get_and_submit_flow_runs``, ``limiter``, ``is_setup``). A Prefect release without them does
+not break this worker: it logs a warning and takes runs on its polls only, as a stock worker
+(tests/test_worker.py fails on such a release, so the loss of the wake-ups does not go unseen).
 """
 
 from __future__ import annotations
@@ -88,8 +93,18 @@ def _busy(worker) -> bool:
     """At its ``--limit`` (no limit: never)."""
     try:
         return worker.limiter.available_tokens < 1
-    except RuntimeError:
+    except (RuntimeError, AttributeError):
         return False
+
+
+INTERNALS = ("get_and_submit_flow_runs", "limiter", "is_setup")
+"""The members of Prefect's worker that the wake-ups use (not public API)."""
+
+
+def missing_internals(worker) -> list[str]:
+    """Which of ``INTERNALS`` this Prefect's worker lacks (looked up on the class, then the
+    instance: ``limiter`` is a property that raises before the worker is set up)."""
+    return [n for n in INTERNALS if not hasattr(type(worker), n) and n not in getattr(worker, "__dict__", {})]
 
 
 async def run(pool: str, queues: list[str], limit: int | None, name: str | None) -> None:
@@ -99,7 +114,15 @@ async def run(pool: str, queues: list[str], limit: int | None, name: str | None)
     worker = ProcessWorker(name=name, work_pool_name=pool, work_queues=queues, limit=limit,
                            heartbeat_interval_seconds=int(PREFECT_WORKER_HEARTBEAT_SECONDS.value()))
     wake = asyncio.Event()
-    helpers = [asyncio.create_task(_wake_on_events(wake)), asyncio.create_task(_take_when_woken(worker, wake))]
+    missing = missing_internals(worker)
+    if missing:
+        import prefect
+
+        log.warning("prefect %s's worker has no %s: this worker takes runs on its polls only (every %s s), as a "
+                    "stock worker would", prefect.__version__, ", ".join(missing),
+                    os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "?"))
+    helpers = [] if missing else [asyncio.create_task(_wake_on_events(wake)),
+                                  asyncio.create_task(_take_when_woken(worker, wake))]
     try:
         await worker.start(printer=print)
     finally:

@@ -140,3 +140,30 @@ def test_no_limit_is_never_busy():
             raise RuntimeError("Worker has not been correctly initialized")
 
     assert not W._busy(NoLimit())
+
+
+def test_this_prefects_worker_has_the_internals_the_wake_ups_use():
+    """Fails on a Prefect release that renamed them: the worker then only polls (see the next test)."""
+    from prefect.workers.process import ProcessWorker
+
+    assert W.missing_internals(ProcessWorker(work_pool_name="p")) == []
+
+
+def test_a_worker_without_the_internals_falls_back_to_polling(monkeypatch, caplog):
+    """No wake-up helpers (nothing calls the missing members), a warning naming them, and the
+    worker's own start (its polling loop) still runs."""
+    import logging
+
+    class Bare:
+        def __init__(self, **kw):
+            self.started = False
+
+        async def start(self, printer=print):
+            self.started = True
+
+    made = []
+    monkeypatch.setattr("prefect.workers.process.ProcessWorker", lambda **kw: made.append(Bare(**kw)) or made[-1])
+    with caplog.at_level(logging.WARNING, logger="prefect.advfeatures.worker"):
+        asyncio.run(W.run("pool", ["shards"], 1, "w"))
+    assert made[0].started
+    assert "get_and_submit_flow_runs, limiter, is_setup" in caplog.text and "polls only" in caplog.text
