@@ -137,6 +137,34 @@ def close_all() -> None:
             print(f"closing a Dask cluster failed ({type(e).__name__}: {e}); its workers may linger")
 
 
+def _killed(e: Exception, what: str, tries: int, dc: Any, fo: Any) -> None:
+    """Raise the error of a task whose workers kept dying once ``fanout.retries`` is used up."""
+    if tries > fo.retries:
+        raise RuntimeError(
+            f"{what}: its Dask worker died while running it {dc.allowed_failures + 1} time(s) in each of {tries} "
+            f"tries (KilledWorker: {e}); fanout.retries={fo.retries} used up. Look at the workers' logs (memory, "
+            "walltime), or raise dask.allowed_failures or fanout.retries") from e
+    print(f"{what}: its Dask worker died (KilledWorker); resubmitting (try {tries + 1})")
+
+
+def run_stage(spec: StageSpec, store_root: str, rt: Any, data: Any, fo: Any, dc: Any) -> tuple[str, str]:
+    """One stage that is not sharded, as a task of the cluster (``dask.stages``): (key, outcome)."""
+    from tasks.remote import run_stage as remote
+
+    distributed = _distributed()
+    client = client_for(dc, rt)
+    args = (spec.as_dict(), store_root, to_plain(worker_runtime(dc, rt)), to_plain(data) if data else None)
+    what = f"{spec.stage} {spec.key}"
+    for tries in range(fo.retries + 1):
+        fut = client.submit(remote, *args, key=f"{spec.stage}-{spec.key}-try{tries}", pure=False,
+                            resources=dict(dc.resources) or None)
+        try:
+            return fut.result()
+        except distributed.KilledWorker as e:
+            _killed(e, what, tries + 1, dc, fo)
+    raise AssertionError("unreachable")
+
+
 def run_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pending: list[int],
                on_done: Callable[[int, dict[str, Any]], None] | None = None,
                client: Any = None) -> dict[int, dict[str, Any]]:
@@ -175,14 +203,7 @@ def run_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pend
                 done[shard] = fut.result()
             except distributed.KilledWorker as e:
                 tries[shard] += 1
-                if tries[shard] > fo.retries:
-                    raise RuntimeError(
-                        f"shard {shard} of set {spec.key}: its Dask worker died while running it "
-                        f"{dc.allowed_failures + 1} time(s) in each of {tries[shard]} tries (KilledWorker: {e}); "
-                        f"fanout.retries={fo.retries} used up. Look at the workers' logs (memory, walltime), or "
-                        "raise dask.allowed_failures or fanout.retries") from e
-                print(f"shard {shard} of {spec.key}: its Dask worker died (KilledWorker); resubmitting "
-                      f"(try {tries[shard] + 1})")
+                _killed(e, f"shard {shard} of set {spec.key}", tries[shard], dc, fo)
                 nxt = submit(shard)
                 live[nxt] = shard
                 queue.add(nxt)

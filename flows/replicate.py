@@ -14,9 +14,10 @@ import datetime as _dt
 import time
 from typing import Any
 
-from prefect import flow, tags
+from prefect import flow, tags, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures.config import ExperimentConfig, resolve, to_plain
@@ -152,6 +153,26 @@ def stage_timings(store: Store, plan: Plan, since: float) -> list[dict[str, Any]
     return rows
 
 
+@task(name="stage-on-dask", task_run_name="{spec.stage}-{spec.key}", persist_result=False)
+def dask_stage(spec: StageSpec, store_root: str, runtime: Any, data: Any, fanout: Any, dask: Any) -> Any:
+    """A stage run as a task of the Dask cluster (``dask.stages``); Cached when the store held it."""
+    from flows import dask_shards
+
+    key, outcome = dask_shards.run_stage(spec, store_root, runtime, data, fanout, dask)
+    if outcome == "cached":
+        return Completed(name="Cached", message=f"{spec.stage} {spec.key} is in the store already", data=key)
+    return key
+
+
+def _stage_call(spec: StageSpec, cfg: ExperimentConfig) -> tuple[Any, tuple]:
+    """The task that runs a non-sharded stage, and its arguments after (spec, store root, runtime,
+    data): on the Dask cluster with fanout.executor=dask and dask.stages (ingestion stays here: the
+    data source need not be visible to the workers), else in this process."""
+    if cfg.fanout.executor == "dask" and cfg.dask.stages and spec.stage != "dataset":
+        return dask_stage, (cfg.fanout, cfg.dask)
+    return T.task_for(spec), ()
+
+
 def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
     """Every stage of ``plan`` through its kind's task, once: one after another in the plan's
     order, or with runtime.stage_workers > 1, level by level (``waves``), the independent stages
@@ -175,7 +196,8 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
         if sharded(spec) is not None:
             tell(states=[_generate(spec, root, rt, cfg.fanout, cfg.dask)])
         else:
-            tell(states=[run_stage(T.task_for(spec), spec, root, rt, cfg.data)])
+            task, extra = _stage_call(spec, cfg)
+            tell(states=[run_stage(task, spec, root, rt, cfg.data, *extra)])
 
     tell()
     try:
@@ -206,13 +228,17 @@ def _run_level(specs: list[StageSpec], cfg: ExperimentConfig, root: str) -> list
     torch's CPU threads between them unless runtime.threads is set; their final states."""
     rt = cfg.runtime
     workers = min(rt.stage_workers, len(specs))
-    if rt.threads == 0:
+    remote = _stage_call(specs[0], cfg)[0] is dask_stage  # the stages run on the cluster's workers, not here
+    if rt.threads == 0 and not remote:
         rt = dataclasses.replace(rt, threads=split_threads(workers))
     runner = ThreadPoolTaskRunner(max_workers=workers)
 
     @flow(name="stage-level", flow_run_name=f"level-{len(specs)}-stages")
     def level() -> list[Any]:
-        futures = [T.task_for(spec).submit(spec, root, rt, cfg.data) for spec in specs]
+        futures = []
+        for spec in specs:
+            task, extra = _stage_call(spec, cfg)
+            futures.append(task.submit(spec, root, rt, cfg.data, *extra))
         wait(futures)
         for f in futures:
             f.result()  # raises the first failure

@@ -93,6 +93,11 @@ class DaskConfig:
     """Worker deaths while running one shard before Dask gives up on it (``KilledWorker``;
     Dask's ``distributed.scheduler.allowed-failures``, set for clusters this run starts; an
     existing scheduler keeps its own). ``fanout.retries`` then submits the shard again."""
+    stages: bool = False
+    """Also run every other stage but ingestion (models, students, evaluations, sets built whole) as a
+    task of the cluster, e.g. to train the students of one plan level on as many GPUs at once
+    (runtime.stage_workers of them in flight). false: only shards go to the cluster; the rest runs
+    in the run's own process."""
     timeout: float = 120.0
     """Seconds to wait for the scheduler to answer (and, with ``scale`` or ``adapt``, for a first
     worker) before failing with an error naming the address or cluster."""

@@ -27,6 +27,26 @@ def run_shard(spec: dict[str, Any], store_root: str, shard: int, runtime: dict[s
     return {**out, "shard": shard, "host": socket.gethostname(), "pid": os.getpid()}
 
 
+def run_stage(spec: dict[str, Any], store_root: str, runtime: dict[str, Any], data: dict[str, Any] | None
+              ) -> tuple[str, str]:
+    """Run any stage that is not built shard by shard (a model, a student, an evaluation, a set built
+    whole) through its kind's executor: (its key, 'cached' or 'computed')."""
+    from advfeatures.config import DataConfig, RuntimeConfig, build_config
+    from pipeline import kinds
+    from pipeline.common import Context, last_outcome
+    from storage.store import Store
+
+    store = Store(store_root)
+    if store.remote:
+        import tasks.stages  # noqa: F401 - installs the URL store's cross-host lock (needs PREFECT_API_URL)
+    kinds.discover()
+    s = kinds.spec_from_dict(spec)
+    ctx = Context(runtime=build_config(RuntimeConfig, runtime, "runtime"),
+                  data=build_config(DataConfig, data, "data") if data is not None else None)
+    key = kinds.execute(store, s, ctx)
+    return key, last_outcome()
+
+
 def warm() -> int:
     """Import what a shard needs (torch, zarr, every stage kind) once, ahead of the first shard; the
     worker's pid (``client.run(warm)``: benchmarks, clusters started before a run)."""

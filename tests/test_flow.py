@@ -307,22 +307,25 @@ def test_dask_executor_gives_identical_sets_and_leaves_nothing_running(first, ti
 
     started = []
     client_for = dask_shards.client_for
-    monkeypatch.setattr(dask_shards, "client_for", lambda dc, rt: started.append(dc) or client_for(dc, rt))
+    monkeypatch.setattr(dask_shards, "client_for", lambda dc, rt: started.append(client_for(dc, rt)) or started[-1])
     t0 = dt.datetime.now(dt.timezone.utc)
     store = _seeded(first[0], tmp_path / "dask")
     over = ["construct.sets=[det]", "runtime.threads=1", "runtime.shard_workers=2", "fanout.executor=dask",
-            "report.write=false"]
+            "report.write=false", "dask.stages=true", "runtime.stage_workers=2", "student.seeds=[0,1]"]
     out = replicate(profile="tiny", overrides=over, data=str(tiny_tar), store=str(store))
-    assert [t["stage"] for t in out["timings"] if t["computed"]] == ["construct", "run"]
+    # seed 1's student and its evaluation are new: trained and evaluated on the cluster (dask.stages)
+    assert sorted(t["stage"] for t in out["timings"] if t["computed"]) == ["construct", "eval", "run", "student"]
     key = next(t["key"] for t in out["timings"] if t["stage"] == "construct")
     got, want = A.read_rows(store / "constructed" / key), A.read_rows(first[0] / "constructed" / key)
     assert all(np.array_equal(got[k], want[k]) for k in want)
-    assert len(started) == 1 and dask_shards._CLIENTS == {}  # one cluster for the run, closed at its end
+    assert len({id(c) for c in started}) == 1 and dask_shards._CLIENTS == {}  # one cluster for the run, closed
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=t0)))
         flows = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=t0)))
     assert tasks and flows
     assert [r.name for r in [*tasks, *flows] if r.state_type.value != "COMPLETED"] == []
+    on_dask = sorted(r.state_name for r in tasks if r.name.startswith("student-"))
+    assert on_dask == ["Cached", "Completed"], on_dask  # seed 0's found in the store by a worker, seed 1's trained
 
 
 @pytest.mark.slow
