@@ -72,7 +72,19 @@ def cluster_kwargs(dc: Any, rt: Any, cls: type) -> dict[str, Any]:
         kwargs.setdefault("dashboard_address", None)
         if dc.resources:
             kwargs.setdefault("resources", dict(dc.resources))
+        api = _api_url()
+        if api:  # a URL store's locks are on this server: the workers must talk to it too
+            kwargs.setdefault("env", {"PREFECT_API_URL": api})
     return kwargs
+
+
+def _api_url() -> str | None:
+    """The Prefect API this process talks to (set in its environment or settings), if any."""
+    try:
+        from prefect.settings import get_current_settings
+    except ImportError:
+        return None
+    return get_current_settings().api.url or None
 
 
 def worker_runtime(dc: Any, rt: Any) -> Any:
