@@ -1,8 +1,8 @@
 """`advfeatures` command line.
 
     advfeatures experiments                list the experiments, one line each
-    advfeatures run [--experiment NAME] --profile demo [--set attack.steps=50 ...] [--data PATH] [--store PATH]
-                    [--sweep construct.n_images=2000,8000 --sweep attack.steps=5,20 ...] [--seeds N] [--until KIND]
+    advfeatures run [--experiment NAME] --profile demo [--settings FILE] [--set attack.steps=50 ...] [--data PATH]
+                    [--store PATH] [--sweep construct.n_images=2000,8000 --sweep attack.steps=5,20 ...] [--seeds N] [--until KIND]
     advfeatures show-config [--experiment NAME] --profile demo [--set ...] [--data PATH] [--until KIND]
     advfeatures verify KEY [--store PATH] [--repair]
     advfeatures report RUN [--store PATH]  the run folder's report.html + report.md (figures, tables, timings)
