@@ -349,13 +349,14 @@ def main(argv=None) -> int:
         good, overhead[mode] = _print(a, mode, results, mach)
         ok = ok and good
     if len(overhead) > 1:
-        print("# same run, 2 workers: " + "; ".join(f"{m}: orchestration {o[0]:.2f} s/shard ({o[1]:.1f}%), speed-up "
-                                                    f"{o[2]:.2f}x" for m, o in overhead.items() if o))
+        print("# same run, the most workers: " + "; ".join(
+            f"{m}: {o[3]} workers, orchestration {o[0]:.2f} s/shard ({o[1]:.1f}%), speed-up {o[2]:.2f}x"
+            for m, o in overhead.items() if o))
     return 0 if ok else 1
 
 
 def _print(a, mode: str, results: dict, mach: str) -> tuple[bool, tuple | None]:
-    """The table of one mode; (no warning, (orchestration s/shard, %, speed-up) of its largest W)."""
+    """The table of one mode; (no warning, (orchestration s/shard, %, speed-up, W) of its largest W)."""
     what = {"processes": "process workers (Prefect work pool)", "dask": "Dask worker processes (LocalCluster)",
             "threads": "threads of one process"}[mode]
     print(f"# {a.shards} shards x {a.shard_size} images x {a.steps} steps, small_cnn, shard workers = {what}, "
@@ -426,7 +427,8 @@ def _print(a, mode: str, results: dict, mach: str) -> tuple[bool, tuple | None]:
     if not orchs:
         return ok, None
     best = orchs[max(orchs)]
-    return ok, (statistics.median(o for o, _ in best), statistics.median(p for _, p in best), speedup or float("nan"))
+    return ok, (statistics.median(o for o, _ in best), statistics.median(p for _, p in best), speedup or float("nan"),
+                max(orchs))
 
 if __name__ == "__main__":
     sys.exit(main())
