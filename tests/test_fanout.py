@@ -192,7 +192,7 @@ def test_fanout_settings_are_checked_and_the_old_names_refused():
         resolve("tiny", ["runtime.shard_executor=deployment"])
     with pytest.raises(ConfigError, match="runtime.shards_per_run is now fanout.per_run"):
         resolve({"runtime": {"shards_per_run": 2}})
-    with pytest.raises(ConfigError, match="fanout.executor='ray'; choose local or deployment"):
+    with pytest.raises(ConfigError, match="fanout.executor=.ray.; choose local, deployment or dask"):
         resolve("tiny", ["fanout.executor=ray"])
     with pytest.raises(ConfigError, match="heartbeat_multiple must be > 1"):
         FanoutConfig(heartbeat_multiple=1)
