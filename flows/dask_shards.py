@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -199,13 +198,11 @@ def run_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pend
     live = {submit(s): s for s in pending}
     print(f"set {spec.key}: {len(pending)} shards submitted to Dask ({client.scheduler.address})")
     done: dict[int, dict[str, Any]] = {}
-    deadline = time.monotonic() + fo.timeout if fo.timeout else None
-    queue = distributed.as_completed(list(live))
+    queue = distributed.as_completed(list(live), timeout=fo.timeout or None)  # the deadline counts from here
     try:
         while live:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                fut = next(iter(queue)) if left is None else _next(queue, left)
+                fut = next(queue)
             except TimeoutError:
                 out = ", ".join(str(s) for s in sorted(live.values()))
                 raise TimeoutError(f"set {spec.key}: shards {out} not done after fanout.timeout={fo.timeout:g} s on "
@@ -229,14 +226,3 @@ def run_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pend
         for fut in live:
             fut.cancel()
     return done
-
-
-def _next(queue: Any, timeout: float) -> Any:
-    """The next completed future of ``queue`` within ``timeout`` seconds, else TimeoutError."""
-    end = time.monotonic() + timeout
-    while True:
-        if queue.has_ready():
-            return next(queue)
-        if time.monotonic() >= end:
-            raise TimeoutError
-        time.sleep(0.2)

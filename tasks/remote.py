@@ -34,10 +34,8 @@ def tune_malloc() -> None:
         pass
 
 
-def run_shard(spec: dict[str, Any], store_root: str, shard: int, runtime: dict[str, Any]) -> dict[str, Any]:
-    """Compute one shard of a sharded set (skipped when its marker is there) and return its
-    summary, with the worker's host and pid. Under the store's per-shard lock, as everywhere."""
-    from advfeatures.config import RuntimeConfig, build_config
+def _open(spec: dict[str, Any], store_root: str) -> tuple[Any, Any]:
+    """What both entry points do first on a worker: (the store, the spec checked against its key)."""
     from pipeline import kinds
     from storage.store import Store
 
@@ -46,7 +44,16 @@ def run_shard(spec: dict[str, Any], store_root: str, shard: int, runtime: dict[s
     if store.remote:
         import tasks.stages  # noqa: F401 - installs the URL store's cross-host lock (needs PREFECT_API_URL)
     kinds.discover()
-    s = kinds.spec_from_dict(spec)
+    return store, kinds.spec_from_dict(spec)
+
+
+def run_shard(spec: dict[str, Any], store_root: str, shard: int, runtime: dict[str, Any]) -> dict[str, Any]:
+    """Compute one shard of a sharded set (skipped when its marker is there) and return its
+    summary, with the worker's host and pid. Under the store's per-shard lock, as everywhere."""
+    from advfeatures.config import RuntimeConfig, build_config
+    from pipeline import kinds
+
+    store, s = _open(spec, store_root)
     rt = build_config(RuntimeConfig, runtime, "runtime")
     out = kinds.sharded(s).shard(store, s, shard, rt, lambda _m: None)
     return {**out, "shard": shard, "host": socket.gethostname(), "pid": os.getpid()}
@@ -59,14 +66,8 @@ def run_stage(spec: dict[str, Any], store_root: str, runtime: dict[str, Any], da
     from advfeatures.config import DataConfig, RuntimeConfig, build_config
     from pipeline import kinds
     from pipeline.common import Context, last_outcome
-    from storage.store import Store
 
-    tune_malloc()
-    store = Store(store_root)
-    if store.remote:
-        import tasks.stages  # noqa: F401 - installs the URL store's cross-host lock (needs PREFECT_API_URL)
-    kinds.discover()
-    s = kinds.spec_from_dict(spec)
+    store, s = _open(spec, store_root)
     ctx = Context(runtime=build_config(RuntimeConfig, runtime, "runtime"),
                   data=build_config(DataConfig, data, "data") if data is not None else None)
     key = kinds.execute(store, s, ctx)

@@ -282,3 +282,13 @@ def test_jobqueue_local_cluster_runs_the_set(tmp_path, tiny_tar, reference):
     assert sorted(out) == [0, 1, 2] and len({o["pid"] for o in out.values()}) >= 1
     stages.finalize_construct(st, spec)
     assert _same(A.read_rows(st.path("constructed", spec.key)), reference[1])
+
+
+def test_shards_no_worker_can_take_time_out_naming_them(tmp_path, tiny_tar):
+    """Shards asking for a resource no worker has never start: fanout.timeout fails the set, naming them."""
+    cfg, st, spec = _set(tmp_path, tiny_tar, SMALL, "store")
+    pending = stages.prepare_construct(st, spec)
+    with _cluster(1) as cluster, distributed.Client(cluster) as client:
+        with pytest.raises(TimeoutError, match=r"shards 0, 1, 2 not done after fanout.timeout=2 s"):
+            dask_shards.run_shards(spec, str(st.root), cfg.runtime, FanoutConfig(executor="dask", timeout=2),
+                                   DaskConfig(resources={"GPU": 1}), pending, client=client)
