@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 WORKERS ?= 2
 PORT   ?= 4200
 
-.PHONY: demo test install bench serve docker-test clean-store
+.PHONY: demo tiny test install bench serve docker-test clean-store
 
 # torchattacks 3.5.1 (the PGD peer of the tests and benchmarks) pins requests~=2.25.1, which breaks
 # other packages: install it without its dependencies (it needs only torch, numpy, scipy and tqdm,
@@ -28,8 +28,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Without DATA the demo downloads CIFAR-10 with torchvision; when that fails (no internet: the CLI
+# exits with 3) it says so and runs the tiny synthetic path instead, which needs no download.
 demo: $(STAMP)
-	$(BIN)/advfeatures run --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(STORE),--store $(STORE)) \
+	@$(BIN)/advfeatures run --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(STORE),--store $(STORE)) \
+		$(foreach s,$(SET),--set $(s)); rc=$$?; \
+	if [ $$rc -eq 3 ] && [ -z "$(DATA)" ]; then \
+		echo "make demo: CIFAR-10 could not be downloaded (above). Running the tiny synthetic path instead" \
+		     "(make tiny: synthetic images, not science); for the real demo: make demo DATA=path/to/cifar10"; \
+		$(MAKE) --no-print-directory tiny; \
+	else exit $$rc; fi
+
+# The one-minute first run, no download: a tiny synthetic data set and every stage on it.
+TINY_DATA ?= .advstore/synthetic-tiny.zip
+tiny: $(STAMP)
+	test -f $(TINY_DATA) || $(BIN)/advfeatures synth $(TINY_DATA)
+	$(BIN)/advfeatures run --profile tiny --data $(TINY_DATA) $(if $(STORE),--store $(STORE)) \
 		$(foreach s,$(SET),--set $(s))
 
 # Every test (CI: .ci/run), on JOBS pytest workers (pytest-xdist; each module on one worker, the

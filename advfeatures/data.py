@@ -36,6 +36,11 @@ class DataSourceError(ValueError):
     """A data source is missing or malformed; the message says what was expected."""
 
 
+class DownloadError(DataSourceError):
+    """The torchvision download failed (no internet): the CLI exits with 3, on which `make demo`
+    falls back to the tiny synthetic path."""
+
+
 @dataclass
 class Split:
     images: np.ndarray  # (N, 3, H, W) uint8
@@ -226,10 +231,13 @@ def download_torchvision(root: str) -> Path:
     try:
         torchvision.datasets.CIFAR10(str(root_p), train=True, download=True)
     except Exception as e:  # noqa: BLE001 - network errors come in many types
-        raise DataSourceError(
+        raise DownloadError(
             f"could not download CIFAR-10 with torchvision into {root_p} ({type(e).__name__}: {e}). "
             "Without internet, pass a local copy: --data PATH (a zip or folder of train/ and test/, "
-            "or cifar-10-python.tar.gz)") from None
+            "or cifar-10-python.tar.gz, which https://www.cs.toronto.edu/~kriz/cifar-10.html serves; "
+            "fetch it on a machine with internet and copy it here). Or run without CIFAR-10: "
+            "`advfeatures synth tiny.zip && advfeatures run --profile tiny --data tiny.zip` "
+            "(synthetic images, about a minute; `make demo` does this by itself when it cannot download)") from None
     return root_p / "cifar-10-python.tar.gz"
 
 

@@ -311,7 +311,7 @@ def _processes(a, tmp: Path, tar: Path) -> tuple[dict, str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["processes", "dask", "threads"], nargs="+", default=["processes"],
+    p.add_argument("--mode", "--executor", dest="mode", choices=["processes", "dask", "threads"], nargs="+", default=["processes"],
                    help="shard workers as Prefect process workers of a local server, as Dask worker processes, or "
                         "as threads of one process; several: one table each, in one run")
     p.add_argument("--shards", type=int, default=10)

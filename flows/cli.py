@@ -24,11 +24,38 @@ from pathlib import Path
 import yaml
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", default="replicate", help="which experiment (`advfeatures experiments`)")
+def profile_summaries() -> dict[str, str]:
+    """Every bundled profile (advfeatures/profiles/*.yaml) and the first sentence of its header comment."""
+    import re
+
     from advfeatures.config import PROFILE_DIR
 
-    bundled = ", ".join(sorted(x.stem for x in PROFILE_DIR.glob("*.yaml")))
+    out = {}
+    for path in sorted(PROFILE_DIR.glob("*.yaml")):
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "# (no header)")
+        first = re.sub(r"\s*\((`advfeatures|measured).*$", "", first.lstrip("# ").strip())  # a run line, a pointer
+        out[path.stem] = first.rstrip(".:;,")
+    return out
+
+
+def _listing() -> str:
+    """The epilog of `run --help` / `show-config --help`: profiles and experiments from their registries."""
+    from pipeline.experiments import all_experiments
+
+    profiles = profile_summaries()
+    experiments = {name: e.summary for name, e in all_experiments().items()}
+    w = max(map(len, [*profiles, *experiments]))
+    lines = ["profiles (--profile NAME, or a YAML path; advfeatures/profiles/):"]
+    lines += [f"  {name:<{w}}  {text}" for name, text in profiles.items()]
+    lines += ["", "experiments (--experiment NAME):"]
+    lines += [f"  {name:<{w}}  {text}" for name, text in experiments.items()]
+    return "\n".join(lines)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default="replicate",
+                   help="which experiment (listed below, and by `advfeatures experiments`)")
+    bundled = ", ".join(profile_summaries())
     p.add_argument("--profile", default="demo", help=f"bundled profile name ({bundled}) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. attack.steps=50 (repeatable)")
@@ -61,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("experiments", help="list the experiments, one line each")
-    _common(sub.add_parser("run", help="run an experiment's flow (local ephemeral Prefect server)"))
-    _common(sub.add_parser("show-config", help="print the resolved config and every stage's key"))
+    argv = sys.argv[1:] if argv is None else argv
+    # the experiments' registry imports torch (seconds): only a help that shows it pays for it
+    wants_help = bool({"-h", "--help"} & set(argv)) and bool({"run", "show-config"} & set(argv))
+    epilog = dict(epilog=_listing(), formatter_class=argparse.RawDescriptionHelpFormatter) if wants_help else {}
+    _common(sub.add_parser("run", help="run an experiment's flow (local ephemeral Prefect server)", **epilog))
+    _common(sub.add_parser("show-config", help="print the resolved config and every stage's key", **epilog))
     ver = sub.add_parser("verify", help="check a stored artifact against its recorded checksums")
     ver.add_argument("key", help="an artifact key (see show-config)")
     ver.add_argument("--store", default=None,
@@ -158,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from pipeline.experiments import get as get_experiment
 
-        get_experiment(args.experiment)  # an unknown name fails here, with the list
+        experiment = get_experiment(args.experiment)  # an unknown name fails here, with the list
         if args.settings:
             from advfeatures.config import settings_overrides
 
@@ -173,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             for point in points(axes(args.sweeps)):  # every point's config is valid before anything runs
                 resolve(args.profile, args.overrides + point, data=args.data, store=args.store)
         cfg = resolve(args.profile, args.overrides, data=args.data, store=args.store)
+        if experiment.check is not None:
+            experiment.check(cfg)  # folders and files the settings name, before any work
         if args.until is not None:
             from pipeline.kinds import SCHEMA
 
@@ -183,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show-config":
             return _show(cfg, args.experiment, args.until)
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        # Prefect's 20-s default for the temporary server's start fails on a busy 2-core machine
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
         from flows.replicate import check_shared_locks, replicate, run_experiment, sweep
         from pipeline.stages import locate_source
         from storage.store import Store
@@ -207,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (ConfigError, DataSourceError, StoreError) as e:
         print(f"advfeatures: error: {e}", file=sys.stderr)
-        return 2
+        from advfeatures.data import DownloadError
+
+        return 3 if isinstance(e, DownloadError) else 2  # 3: `make demo` falls back to the tiny path
 
 
 def _verify(args) -> int:

@@ -369,6 +369,48 @@ def test_released_sets_import_by_content_and_train_students(tmp_path, tiny_tar, 
     assert changed.constructs["drand_CIFAR"].key != plan.constructs["drand_CIFAR"].key
 
 
+def test_run_help_lists_every_profile_and_experiment_from_their_registries(capsys):
+    from advfeatures.config import PROFILE_DIR
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    listed = out[out.index("profiles (--profile"):]
+    for name in [p.stem for p in PROFILE_DIR.glob("*.yaml")] + list(EXPERIMENTS):
+        assert f"\n  {name} " in listed, name
+
+
+def test_experiment_checks_run_before_any_work_and_a_failed_download_exits_3(tmp_path, tiny_tar, capsys,
+                                                                              monkeypatch):
+    """`--experiment released` with a root that is not a folder: a one-line error before the
+    temporary server starts and before the store exists; a failed torchvision download: exit 3
+    (what `make demo` falls back on), with how to get CIFAR-10 or run without it."""
+    import flows.replicate
+
+    def never(**_kw):
+        raise AssertionError("a flow started")
+
+    monkeypatch.setattr(flows.replicate, "run_experiment", never)
+    store = tmp_path / "store"
+    assert main(["run", "--experiment", "released", "--profile", "tiny", "--data", str(tiny_tar),
+                 "--store", str(store), "--set", f"released.root={tmp_path / 'nope'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "released.root=" in err and "is not a folder" in err
+    assert not store.exists()
+
+    from advfeatures import data as D
+
+    def offline(*_a, **_kw):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", offline)
+    assert main(["run", "--profile", "tiny", "--store", str(store), "--set", "data.source=torchvision",
+                 "--set", f"data.download_root={tmp_path / 'dl'}"]) == 3
+    err = capsys.readouterr().err
+    assert "could not download CIFAR-10" in err and "cifar-10-python.tar.gz" in err and "--profile tiny" in err
+    assert not store.exists() and D.DownloadError.__mro__[1] is D.DataSourceError
+
+
 def test_released_sets_refuse_bad_input(tmp_path, tiny_tar, tiny_arrays):
     from pipeline import stages
     from pipeline.experiments.released import import_released

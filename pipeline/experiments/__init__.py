@@ -33,6 +33,9 @@ class Experiment:
     section: tuple[str, type] | None = None
     """(name, dataclass): the experiment's own config section (``cfg.<name>``), validated like
     every other section."""
+    check: Callable[[ExperimentConfig], Any] | None = None
+    """cfg -> raises ConfigError: what the section's own validation cannot see (files, folders),
+    checked by the CLI before any work or server starts; None: nothing beyond the section."""
     report: Callable[..., None] | None = None
     """(doc, store, run info, figures folder) -> None: the experiment's section of the HTML
     report (``pipeline.html_report``), after the table."""

@@ -138,4 +138,5 @@ def build_table(store: Any, plan: Plan) -> Any:
 EXPERIMENT = register(Experiment(
     name="released",
     summary="students of the paper's released sets (drand, ddet, robust, non_robust CIFAR), imported by content",
-    plan=plan, table=build_table, section=("released", ReleasedConfig)))
+    plan=plan, table=build_table, section=("released", ReleasedConfig),
+    check=lambda cfg: [released_folder(cfg, name) for name in cfg.released.sets]))
