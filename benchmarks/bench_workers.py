@@ -3,7 +3,7 @@ machine; prints the speed-up and the orchestration overhead per shard (the wall 
 spent per shard, wall x workers / shards, minus the PGD seconds recorded in the shard markers:
 process start, imports, loading, Zarr writes, markers, Prefect bookkeeping and polling).
 
-    python benchmarks/bench_workers.py [--mode processes|dask|threads ...] [--shards 10] [--shard-size 1000]
+    python benchmarks/bench_workers.py [--mode processes|dask|threads|bare ...] [--shards 10] [--shard-size 1000]
                                        [--steps 45] [--workers 1 2] [--shards-per-run 0 [1 ...]]
                                        [--worker event [stock]] [--repeat R]
 
@@ -31,6 +31,12 @@ thread each), started, and warmed up by importing the shard code, before the tim
 workers are long-lived; a process worker starts a process per flow run, which the timing includes);
 the shard tasks are submitted by this process, whose Prefect is the ephemeral server. ``--mode
 processes dask`` measures both in one run, and prints the ratio of their overheads.
+
+--mode bare: the machine's own ceiling, the peer of the others. W plain Python processes, each
+running its share of the shards' PGD (small_cnn, the same images per shard, steps, batch of 250,
+one torch thread) on random weights and images: no store, no Prefect, no Dask. Its speed-up is
+what W cores give this computation when nothing orchestrates it; ``--mode bare dask processes``
+prints each executor's speed-up as a fraction of it.
 
 --mode threads: W threads of this one process (runtime.shard_workers=W, the flow's task runner)
 against Prefect's own ephemeral server (a PREFECT_API_URL in the shell is ignored); each shard is
@@ -163,6 +169,73 @@ def _one(a) -> int:
     r["machine"] = machine("cpu")
     print(RESULT + json.dumps(r), flush=True)
     return 0
+
+
+def _bare_child(a) -> int:
+    """Child of --mode bare: ``a.bare`` shards' PGD in this process, nothing else; prints its seconds."""
+    import torch
+
+    from advfeatures.attacks import pgd, threat_model
+    from advfeatures.models import build_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, (0.5,) * 3, (0.25,) * 3).eval()
+    x = torch.rand(a.shard_size, 3, 32, 32)
+    t = torch.randint(0, 10, (a.shard_size,))
+    threat = threat_model("l2", 0.5)
+    pgd(model, x[:8], t[:8], threat, 1, 0.1)  # warm-up
+    print("ready", flush=True)
+    sys.stdin.readline()  # every child starts at once, imports done
+    start, t0 = time.time(), time.perf_counter()
+    for _ in range(a.bare):
+        for i in range(0, a.shard_size, 250):
+            pgd(model, x[i:i + 250], t[i:i + 250], threat, a.steps, 0.1)
+    print(RESULT + json.dumps({"seconds": time.perf_counter() - t0, "shards": a.bare, "start": start,
+                               "end": time.time()}), flush=True)
+    return 0
+
+
+def _bare(a, tmp: Path, tar: Path) -> tuple[dict, str]:
+    """W plain processes splitting the shards (the ceiling: no orchestration at all)."""
+    from benchmarks.common import machine
+
+    results = {}
+    for k in range(a.repeat):
+        for w in (a.workers if k % 2 == 0 else a.workers[::-1]):
+            share = [a.shards // w + (i < a.shards % w) for i in range(w)]
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--shard-size", str(a.shard_size),
+                   "--steps", str(a.steps)]
+            procs = [subprocess.Popen(cmd + ["--_bare", str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for n in share if n]
+            for p in procs:
+                assert p.stdout.readline().strip() == "ready", "a --_bare child failed before its start"
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            outs = [json.loads(next(ln for ln in p.communicate()[0].splitlines() if ln.startswith(RESULT))[len(RESULT):])
+                    for p in procs]
+            # from the first child's first PGD step to the last child's end: imports are not timed, as a
+            # warmed-up Dask worker's are not
+            results[("bare", w, k)] = {"wall": max(o["end"] for o in outs) - min(o["start"] for o in outs), "per_shard": [
+                o["seconds"] / o["shards"] for o in outs]}
+    return results, machine("cpu")
+
+
+def _print_bare(a, results: dict, mach: str) -> float | None:
+    print(f"# {a.shards} shards x {a.shard_size} images x {a.steps} steps, small_cnn, W plain processes each "
+          f"running its share of the shards' PGD (no store, no orchestrator): the ceiling; {mach}")
+    print(f"{'workers':>7} {'try':>3} {'wall s':>8} {'PGD s/shard':>12}")
+    for (_, w, k), r in results.items():
+        print(f"{w:>7} {k + 1:>3} {r['wall']:>8.1f} {statistics.mean(r['per_shard']):>12.1f}")
+    walls = {w: statistics.median(r["wall"] for (_, w_, _), r in results.items() if w_ == w)
+             for w in dict.fromkeys(w for _, w, _ in results)}
+    if 1 not in walls or len(walls) < 2:
+        return None
+    best = max(walls)
+    print(f"# ceiling: speed-up {best} plain processes vs 1: {walls[1] / walls[best]:.2f}x "
+          f"({best} cores running this PGD at once, nothing orchestrating)")
+    return walls[1] / walls[best]
 
 
 def _free_port() -> int:
@@ -311,9 +384,11 @@ def _processes(a, tmp: Path, tar: Path) -> tuple[dict, str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", "--executor", dest="mode", choices=["processes", "dask", "threads"], nargs="+", default=["processes"],
-                   help="shard workers as Prefect process workers of a local server, as Dask worker processes, or "
-                        "as threads of one process; several: one table each, in one run")
+    p.add_argument("--mode", "--executor", dest="mode", choices=["processes", "dask", "threads", "bare"], nargs="+",
+                   default=["processes"],
+                   help="shard workers as Prefect process workers of a local server, as Dask worker processes, "
+                        "as threads of one process, or bare: plain processes with no orchestration (the "
+                        "ceiling); several: one table each, in one run")
     p.add_argument("--shards", type=int, default=10)
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--steps", type=int, default=45)
@@ -331,11 +406,14 @@ def main(argv=None) -> int:
                         "server's events, polling every flows.serve.QUERY_SECONDS as the fallback) or as stock "
                         f"`prefect worker start` polling every {STOCK_QUERY_SECONDS} s; one measurement per value")
     p.add_argument("--_one", dest="one", type=int, help=argparse.SUPPRESS)  # child of --mode processes
+    p.add_argument("--_bare", dest="bare", type=int, help=argparse.SUPPRESS)  # child of --mode bare
     p.add_argument("--_tar", dest="tar", help=argparse.SUPPRESS)
     p.add_argument("--_store", dest="store", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one is not None:
         return _one(a)
+    if a.bare is not None:
+        return _bare_child(a)
 
     # a plain `kill` of the benchmark still stops its server and workers (the finally blocks run)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -343,14 +421,18 @@ def main(argv=None) -> int:
     n = a.shards * a.shard_size
     tar = write_cifar_tar(tmp / "cifar-10-python.tar.gz", make_arrays(n_train=n, n_test=100))
     _config(a, tar, tmp / "store", [])  # a bad configuration fails here, before any server starts
-    ok, overhead = True, {}
+    ok, overhead, ceiling = True, {}, None
     for mode in a.mode:
-        results, mach = {"processes": _processes, "dask": _dask, "threads": _threads}[mode](a, tmp, tar)
+        results, mach = {"processes": _processes, "dask": _dask, "threads": _threads, "bare": _bare}[mode](a, tmp, tar)
+        if mode == "bare":
+            ceiling = _print_bare(a, results, mach)
+            continue
         good, overhead[mode] = _print(a, mode, results, mach)
         ok = ok and good
-    if len(overhead) > 1:
+    if len(overhead) > 1 or (overhead and ceiling):
         print("# same run, the most workers: " + "; ".join(
             f"{m}: {o[3]} workers, orchestration {o[0]:.2f} s/shard ({o[1]:.1f}%), speed-up {o[2]:.2f}x"
+            + (f" = {100 * o[2] / ceiling:.0f}% of the bare ceiling {ceiling:.2f}x" if ceiling else "")
             for m, o in overhead.items() if o))
     return 0 if ok else 1
 
