@@ -116,7 +116,7 @@ def test_source_and_teacher_with_equal_settings_are_different_models():
 
 # The keys of the `tiny` profile on a fixed data fingerprint. A change here invalidates every
 # user's store: it must come with a schema bump in pipeline/kinds.py (the kind's schema number, and its history)
-# and a line in the README's "Cache keys" section. Update these values only then.
+# and a line in CHANGELOG.md (schema bumps and what they invalidate). Update these values only then.
 TINY_KEYS = {
     ("dataset", "data"): "dcf5356f11c32aff",
     ("model", "source"): "4ec9532f14e822f1",
