@@ -92,7 +92,8 @@ class DataConfig:
     source: str = "torchvision"
     """'torchvision' downloads CIFAR-10 into ``download_root``; otherwise a local path: an
     ImageFolder directory (train/<class>/*, test/<class>/*), a zip of one, the official
-    cifar-10-python.tar.gz, or its extracted cifar-10-batches-py folder."""
+    cifar-10-python.tar.gz, or its extracted cifar-10-batches-py folder. Keys hold the sha256 of its
+    content, not this path."""
     download_root: str = "~/.cache/advfeatures/downloads"
     """Where the torchvision download goes. Not part of any cache key."""
 
@@ -104,6 +105,7 @@ class ModelConfig:
     mean: tuple[float, ...] = CIFAR_MEAN
     """Per-channel normalisation applied inside the model; inputs stay in [0, 1] pixel space."""
     std: tuple[float, ...] = CIFAR_STD
+    """Per-channel standard deviation of that normalisation (the robustness library's CIFAR values)."""
 
     def __post_init__(self):
         from advfeatures.models import MODELS
@@ -124,6 +126,7 @@ class AdversarialTraining:
     eps: float = 0.5
     """Radius in [0, 1] pixel space."""
     steps: int = 7
+    """PGD steps per batch."""
     step_size: float | None = None
     """None: 2.5 · eps / steps."""
 
@@ -143,18 +146,24 @@ class AdversarialTraining:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
+    """Passes over the training set."""
     batch_size: int = 128
     """Examples per SGD step."""
     lr: float = 0.1
     """Peak learning rate (per batch, not rescaled with batch size)."""
     momentum: float = 0.9
+    """SGD momentum."""
     nesterov: bool = False
+    """Nesterov momentum (needs momentum > 0)."""
     weight_decay: float = 5e-4
+    """SGD weight decay (on every parameter)."""
     schedule: str = "step"
     """'step' (lr x gamma every step_epochs), 'onecycle' (linear up over warmup, linear down to 0),
     or 'constant'."""
     step_epochs: int = 50
+    """step: epochs between two learning-rate drops."""
     gamma: float = 0.1
+    """step: the factor each drop multiplies the learning rate by."""
     warmup: float = 0.2
     """onecycle: fraction of all steps spent rising to lr."""
     augment: str | bool = "crop_flip"
@@ -202,8 +211,11 @@ class AttackConfig:
     eps: float = 0.5
     """Radius of the threat model in [0, 1] pixel space."""
     step_size: float = 0.1
+    """Length of each step in [0, 1] pixel space: along the normalised gradient (l2) or its sign (linf)."""
     steps: int = 100
+    """PGD iterations per image."""
     random_start: bool = False
+    """Start from a random point of the eps-ball around the image (seeded per row) instead of the image."""
     use_best: bool = True
     """Keep each example's lowest-target-loss iterate, the start included."""
 
@@ -340,7 +352,9 @@ class RuntimeConfig:
     """Shards generated at once in this process (a thread pool bounds it); torch's CPU threads are
     split between them unless runtime.threads is set."""
     attack_batch_size: int = 250
+    """Images per batch of the attacks that build sets (PGD, inversion)."""
     eval_batch_size: int = 1000
+    """Images per batch of inference (evaluations, teachers' labels) and of robust evaluations' attacks."""
 
     def __post_init__(self):
         _check(self.threads >= 0, "runtime.threads must be >= 0")
@@ -358,7 +372,9 @@ class EvaluateConfig:
     """Robust accuracy: every model of the plan is also evaluated on untargeted PGD adversarial
     examples of the clean test set at each of these radii (e.g. [0.25, 0.5]); () = clean only."""
     robust_norm: str = "l2"
+    """'l2' or 'linf'."""
     robust_steps: int = 20
+    """PGD steps of the robust evaluation's untargeted attack."""
     robust_step_size: float = 0.0
     """0 = 2.5 * eps / steps (Madry et al.)."""
 
@@ -377,13 +393,24 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "custom"
+    """The run's name (a profile's file name unless it sets one): the run stage's key and the report's titles."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Where the images come from (CIFAR-10 or any ImageFolder-like set of the same shape)."""
     source: ModelStageConfig = field(default_factory=ModelStageConfig)
+    """The source: the classifier trained on the clean training set that the PGD sets attack (a standard
+    one unless train.adversarial is set)."""
     teacher: ModelStageConfig = field(default_factory=ModelStageConfig)
+    """Wallace's teacher, whose mistakes on the clean training images make the errors set. Starts from
+    source's settings with train.epochs 2 (train.adversarial is not inherited)."""
     attack: AttackConfig = field(default_factory=AttackConfig)
+    """The targeted PGD attack against the source that makes the rand, other and det sets."""
     construct: ConstructConfig = field(default_factory=ConstructConfig)
+    """Which training sets are built, from how many images, and how they are stored."""
     student: StudentConfig = field(default_factory=StudentConfig)
+    """The students trained from scratch on each constructed set and evaluated on the clean test set.
+    model and train start from source's (train.adversarial is not inherited)."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Evaluations beyond clean test accuracy."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     sections: dict[str, Any] = field(default_factory=dict)
     """The experiments' own sections (``SECTIONS``), by name; read them as ``cfg.<name>``."""

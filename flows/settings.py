@@ -28,6 +28,7 @@ class FanoutConfig:
     existing scheduler, SLURM/PBS jobs through dask-jobqueue, Kubernetes pods), installed with
     the ``dask`` extra."""
     deployment: str = "generate-shard/generate-shard"
+    """With 'deployment': the shard deployment, as flow name/deployment name (prefect.yaml's)."""
     retries: int = 2
     """With 'deployment': how often a shard whose run failed, crashed or was lost is submitted
     again (each shard counts its own tries, whatever batch it ran in). With 'dask': how often a
