@@ -39,7 +39,9 @@ class SpectrumConfig:
     steps: int = 7
     """PGD steps of adversarial training (step 2.5 eps / steps: the robustness library's)."""
     sets: tuple[str, ...] = ("det", "rand")
+    """The PGD sets built from every source with the same attack (rand, other, det)."""
     robust_eps: tuple[float, ...] = (0.25, 0.5)
+    """L2 radii at which each source's robust accuracy is reported (untargeted PGD, evaluate.robust_steps)."""
     shared_init: bool = True
     """Every source starts from the standard source's initial weights and data order, so eps is
     the only difference (false: each from its own, seeded by its eps)."""
