@@ -298,33 +298,35 @@ def run_experiment_body(experiment: str, profile: str, overrides: list[str] | No
                              description="seconds per stage; computed in this run or cached")
     print(f"\n{table_md}\nrun folder: {run_dir}\n")
     print(_timings_md(timings))
-    # a run found whole in the store keeps its report (its figures and tables are of the same artifacts;
-    # rendering the tiny profile's took 3.9 CPU-s on 2 cores): `advfeatures report RUN` rewrites it on demand
-    cached = not any(t["computed"] for t in timings if t["key"] == plan.run.key)
+    # a report drawn from the same tables and stages by the same code is kept (report.json beside it
+    # says what it was drawn from; drawing the tiny profile's took 3.9 CPU-s on 2 cores)
     path = publish_report(st, run_dir, f"{experiment}-report", f"{cfg.name}: report of run {plan.run.key}",
-                          keep=cached, write=cfg.report.write)
+                          write=cfg.report.write)
     return {"run_key": plan.run.key, "run_dir": str(run_dir), "timings": timings, "experiment": experiment,
             "report": str(path) if path else None}
 
 
-def publish_report(st: Store, folder: Any, key: str, description: str, keep: bool = False,
-                   write: bool = True) -> Any:
+def publish_report(st: Store, folder: Any, key: str, description: str, write: bool = True) -> Any:
     """Write the folder's report (HTML, Markdown, figures), publish its Markdown as a Prefect
-    artifact (figures named by path: the UI cannot show local files) and print its path. With
-    ``keep``, a report already in the folder is published as it is; without ``write``
+    artifact (figures named by path: the UI cannot show local files) and print its path. A report
+    drawn from the same files by the same code (``report_data.report_is_current``: a rerun that
+    changed nothing) is published as it is, without importing matplotlib; without ``write``
     (report.write=false), none is written. A report that fails is reported, not raised: the run's
     tables are written already."""
     import re
 
-    from pipeline.html_report import write_report
+    from pipeline.report_data import report_is_current
 
     if not write:
         print(f"report: not written (report.write=false); `advfeatures report {folder}` writes it")
         return None
     path = folder / "report.html"
-    if keep and path.exists() and (folder / "report.md").exists():
-        print(f"report (kept from the run that wrote the tables; `advfeatures report {folder}` rewrites it):")
+    if report_is_current(folder):
+        print(f"report (unchanged: drawn from these tables and stages by this code; `advfeatures report {folder}` "
+              "draws it again):")
     else:
+        from pipeline.html_report import write_report
+
         try:
             path = write_report(st, folder)
         except Exception as e:  # noqa: BLE001 - the results are safe in the store; say how to retry

@@ -1,7 +1,7 @@
 """The report's figures (matplotlib, Agg): each function takes plain data and returns a Figure;
 ``save`` writes it as PNG and SVG. Percentages are 0..100; images are (N, C, H, W) floats in [0, 1].
 
-    table1_bars(df)            student clean accuracy per set, 95% intervals, the paper's numbers, chance
+    table1_bars(df)            student clean accuracy per set: every seed, 95% intervals, the paper's, chance
     attack_histograms(sets)    per-example perturbation norm and target loss, per set
     fooling_per_class(sets)    the source's fooling rate per target class (rows with t != y)
     training_curves(hist)      loss and accuracy per epoch of every model
@@ -66,17 +66,52 @@ def set_intervals(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def table1_bars(df: pd.DataFrame, title: str = "Clean test accuracy (Table 1)") -> Any:
+    """Per set: a bar at the mean clean accuracy over seeds, every seed as a dot, and whiskers:
+    the 95% t-interval of the mean from ``T_MIN_SEEDS`` (3) seeds; with fewer, each model's own
+    95% Wilson interval (with 2 seeds the t-interval, t(0.975, 1) = 12.7 times std / sqrt(2), says
+    little: a note under the axes says so). The paper's numbers beside them; chance dashed. The
+    whiskers' line collections carry gids ``t-interval:<set>`` or ``wilson:<set>``, the dots
+    ``seeds:<set>``."""
+    from pipeline.report import T_MIN_SEEDS, t_multiplier
+
     iv = set_intervals(df)
     x = np.arange(len(iv))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * len(iv)), 3.6))
     mean = iv["mean"].to_numpy(float)
-    err = np.vstack([mean - iv["lo"].to_numpy(float), iv["hi"].to_numpy(float) - mean]).clip(min=0)
-    ax.bar(x - 0.2, mean, 0.4, yerr=err, capsize=3, color=OURS, label="ours (95% interval)")
+    ax.bar(x - 0.2, mean, 0.4, color=OURS, alpha=0.85, label="ours: mean over seeds")
     paper = iv["paper"].to_numpy(float)
     has = ~np.isnan(paper)
     ax.bar(x[has] + 0.2, paper[has], 0.4, color=PAPER, label="published")
-    for xi, m, top, n in zip(x, mean, np.fmax(iv["hi"].to_numpy(float), mean), iv["n"]):
-        ax.text(xi - 0.2, top + 1.5, f"{m:.1f}" + (f"\nn={n}" if n > 1 else ""), ha="center", va="bottom", fontsize=7)
+    labelled, two = set(), False
+
+    def once(what: str, text: str) -> str:
+        if what in labelled:
+            return "_"
+        labelled.add(what)
+        return text
+
+    groups = [g for _, g in df.groupby(["set", "model"], sort=False)]
+    for xi, m, r, g in zip(x, mean, iv.itertuples(), groups):
+        acc = g["acc_xy_%"].to_numpy(float)
+        n = len(acc)
+        xs = xi - 0.2 + (np.linspace(-0.1, 0.1, n) if n > 1 else np.zeros(1))
+        if n >= T_MIN_SEEDS:
+            err = np.clip([[m - r.lo], [r.hi - m]], 0, None)
+            eb = ax.errorbar([xi - 0.2], [m], yerr=err, fmt="none", ecolor="black", capsize=4, lw=1.2,
+                             label=once("t", "95% t-interval of the mean (n ≥ 3)"))
+            eb.lines[2][0].set_gid(f"t-interval:{r.set}")
+            top = max(r.hi, acc.max())
+        else:
+            lo, hi = g["ci95_lo_%"].to_numpy(float), g["ci95_hi_%"].to_numpy(float)
+            eb = ax.errorbar(xs, acc, yerr=np.clip([acc - lo, hi - acc], 0, None), fmt="none", ecolor="#444",
+                             capsize=2, lw=0.8, label=once("w", "95% Wilson interval of each model"))
+            eb.lines[2][0].set_gid(f"wilson:{r.set}")
+            top = np.nanmax(np.append(hi, acc))
+        ax.scatter(xs, acc, s=14, facecolor="white", edgecolor="black", lw=0.8, zorder=3, gid=f"seeds:{r.set}",
+                   label=once("s", "each seed"))
+        two |= n == 2
+        ax.text(xi - 0.2, top + 1.5, f"{m:.1f}" + (f"\nn={n}" if n > 1 else ""), ha="center", va="bottom",
+                fontsize=7)
     for xi, p in zip(x[has], paper[has]):
         ax.text(xi + 0.2, p + 1.5, f"{p:.1f}", ha="center", va="bottom", fontsize=7)
     chance = float(iv["chance"].iloc[0])
@@ -86,6 +121,12 @@ def table1_bars(df: pd.DataFrame, title: str = "Clean test accuracy (Table 1)") 
     ax.set_ylim(0, 112)
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=7, frameon=False)
+    if two:
+        ax.annotate(f"n = 2 seeds: no t-interval drawn; it would be mean ± t · std/√2 with t(0.975, 1) = "
+                    f"{t_multiplier(2):.1f},\nthat is ± 6.35 × the two seeds' difference. Whiskers there: each "
+                    "model's own 95% Wilson interval.",
+                    (0, 0), xycoords="axes fraction", xytext=(0, -30 if len(iv) <= 6 else -42),
+                    textcoords="offset points", fontsize=6.5, color="#5b6573", va="top", gid="note:n=2")
     return fig
 
 

@@ -102,19 +102,60 @@ class _Doc:
         return "\n".join(out)
 
 
-def headline(df: pd.DataFrame) -> pd.DataFrame:
+def trained_rows_label(df: pd.DataFrame, select: float | None = None) -> str:
+    """What the students' rows are, for a column name: "top 40%" for a margin selection of 40%
+    (``select``: the run's construct.select; else read from the table's ``trained_rows_%``, which
+    per-stratum rounding puts a little above it on small sets), "all rows" without selection."""
+    share = df["trained_rows_%"].dropna() if "trained_rows_%" in df else pd.Series(dtype=float)
+    selected = share[share < 99.95].round()
+    if selected.empty:
+        return "all rows" if len(share) else "rows trained on"
+    if select is not None and 0 < select < 1:
+        return f"top {100 * select:g}%"
+    return f"top {selected.iloc[0]:.0f}%" if selected.nunique() == 1 else "top share per set"
+
+
+def interval_text(lo: float, hi: float, n: int) -> str:
+    """A 95% interval clipped to [0, 100]; with 2 seeds, why it is so wide (t(0.975, 1) = 12.7)."""
+    from pipeline.report import t_multiplier
+
+    text = f"{max(lo, 0):.1f} – {min(hi, 100):.1f}"
+    return text + f" (n=2: t={t_multiplier(2):.1f})" if n == 2 else text
+
+
+def headline(df: pd.DataFrame, select: float | None = None) -> pd.DataFrame:
     """One row per set: clean accuracy (mean over seeds, its 95% interval), (X, Y+1), the source's
-    fooling rate on the set, and the published number: the comparison with the paper at a glance."""
+    fooling rate on the whole set and on the rows the students trained on (a margin selection's
+    top rows: 100% fooled whenever at least that share of the set is), and the published number:
+    the comparison with the paper at a glance. ``select``: the run's construct.select, for the
+    column's name."""
     iv = F.set_intervals(df).set_index("set")
+    trained = f"source fooled, trained rows ({trained_rows_label(df, select)}) %"
     rows = []
     for set_name, g in df.groupby("set", sort=False):
         r = iv.loc[set_name]
         rows.append({"set": set_name, "models": len(g), "acc (X, Y) %": r["mean"],
                      "std": g["acc_xy_%"].std() if len(g) > 1 else float("nan"),
-                     "95% interval": f"{max(r['lo'], 0):.1f} – {min(r['hi'], 100):.1f}", "acc (X, Y+1) %": g["acc_xy+1_%"].mean(),
-                     "source fooled %": g["attack_success_%"].mean(), "paper %": r["paper"],
+                     "95% interval": interval_text(r["lo"], r["hi"], len(g)), "acc (X, Y+1) %": g["acc_xy+1_%"].mean(),
+                     "source fooled, whole set (all rows) %": g["fooled_whole_set_%"].mean(),
+                     trained: g["fooled_trained_rows_%"].mean(), "paper %": r["paper"],
                      "vs chance": "/".join(dict.fromkeys(g["vs_chance"]))})
     return pd.DataFrame(rows)
+
+
+def fooling_note(df: pd.DataFrame, select: float | None = None) -> str:
+    """What the two fooling columns are, in one sentence."""
+    what = trained_rows_label(df, select)
+    text = ("Source fooled: the share of rows the source classifies as their assigned target, over the whole "
+            "constructed set and over the rows the students trained on")
+    if what == "all rows":
+        return text + ": every row of their set, so the two agree."
+    if what.startswith("top"):
+        share = "the top share (trained_rows_% below)" if what == "top share per set" else f"the {what}"
+        return text + (f": {share} of each set by target margin (construct.select), the rows the source is most "
+                       "surely fooled on, so that rate is 100% whenever the source is fooled on at least that share "
+                       "of the set.")
+    return text + "."
 
 
 def _results(doc: _Doc, store: Store, info: D.RunInfo, figs: Path) -> None:
@@ -134,15 +175,23 @@ def _results(doc: _Doc, store: Store, info: D.RunInfo, figs: Path) -> None:
         doc.table(_shown(df), "results")
         own(doc, store, info, figs)
         return
-    doc.table(headline(df), "headline")
+    select = _config(info).get("construct", {}).get("select")
+    doc.table(headline(df, select), "headline")
+    doc.p(fooling_note(df, select))
     doc.p(init_note(df))
     doc.table(_shown(df).drop(columns=["n_test"], errors="ignore"), "results", "every model (one row per set and seed)")
     if df["seed"].groupby(df["set"]).size().max() > 1:
         doc.table(summarize(df), "summary", "over seeds: mean, std, 95% t-interval of the mean")
     doc.figure(F.save(F.table1_bars(df), figs, "table1"),
-               "Clean test accuracy per set: ours (mean over seeds, 95% t-interval of the mean; one seed: Wilson "
-               "interval) beside the published numbers (Ilyas et al. 2019 Table 1; Wallace 2019 for errors); "
-               "dashed: chance.")
+               "Clean test accuracy per set: ours (bar: mean over seeds; dots: every seed; whiskers: the 95% "
+               "t-interval of the mean from 3 seeds, else each model's 95% Wilson interval, since with 2 seeds "
+               "t(0.975, 1) = 12.7 makes the t-interval uninformative) beside the published numbers (Ilyas et al. "
+               "2019 Table 1; Wallace 2019 for errors); dashed: chance.")
+
+
+def _config(info: D.RunInfo) -> dict[str, Any]:
+    """The run's resolved config (config.yaml), {} without one."""
+    return (yaml.safe_load(info.config_text) or {}) if info.config_text else {}
 
 
 def _experiment_report(info: D.RunInfo) -> Any:
@@ -225,15 +274,19 @@ def build(store: Store, folder: Any, device: str = "cpu") -> tuple[str, str, dic
             _sets(doc, store, info, figs)
             _models(doc, store, info, figs, device)
         _appendix(doc, store, info)
-        name = yaml.safe_load(info.config_text or "{}").get("name", "") if info.config_text else ""
+        name = _config(info).get("name", "")
         title = ("Sweep" if info.kind == "sweep" else info.kind if _experiment_report(info) else "Run") + f" {info.key}"
         subtitle = (f"profile {name}; " if name else "") + f"{store.url}; written {info.manifest.get('created', '')[:19]}"
         files = {f"figures/{p.name}": p.read_bytes() for p in sorted(figs.iterdir())}
         return doc.html(title, subtitle), doc.markdown(title, subtitle), files
 
 
-def write_report(store: Store, folder: Any, device: str = "cpu") -> Any:
-    """Write report.html, report.md and figures/ into ``folder``; return report.html's path."""
+def write_report(store: Store, folder: Any, device: str = "cpu", if_changed: bool = False) -> Any:
+    """Write report.html, report.md and figures/ into ``folder``, then ``report.json`` (what they
+    were drawn from); return report.html's path. With ``if_changed``, a report drawn from the same
+    files by the same code (``report_data.report_is_current``) is left as it is."""
+    if if_changed and D.report_is_current(folder):
+        return folder / "report.html"
     page, md, files = build(store, folder, device)
     try:
         (folder / "figures").mkdir(parents=True, exist_ok=True)
@@ -243,4 +296,5 @@ def write_report(store: Store, folder: Any, device: str = "cpu") -> Any:
         D.put(folder / name, data)
     D.put(folder / "report.md", md.encode())
     D.put(folder / "report.html", page.encode())
+    D.put(folder / D.REPORT_RECORD, D.report_record(folder, [*files, "report.md", "report.html"]))
     return folder / "report.html"

@@ -3,9 +3,14 @@
 One row per (set, model, seed): the source (trained on D), the teacher of `errors`, and every
 student. Accuracies are on the original, clean test set, in percent, with a 95% Wilson interval;
 ``vs_chance`` says whether that interval lies above or below chance (1/C) or contains it.
-``attack_success`` is the source's fooling rate on the stored images, over all rows and over the
-rows whose target differs from the true label; ``share_t=y`` is the share of rows whose target is
-their own label (about 1/C for rand, 0 for the others). ``init`` is a short hash of the model's initial
+The source's fooling rate (it predicts the target on the stored image) comes twice, over all rows
+and over the rows whose target differs from the true label: ``fooled_whole_set_%`` over the whole
+constructed set, and ``fooled_trained_rows_%`` over the rows the students trained on, which with a
+margin selection (construct.select < 1) are the ``trained_rows_%`` of the set with the largest
+target margin (the margin is > 0 exactly when fooled, so 100% whenever at least that share of the
+set fools the source); without one the two are the same rows.
+``share_t=y`` is the share of trained rows whose target is their own label (about 1/C for rand, 0
+for the others). ``init`` is a short hash of the model's initial
 weights: the Markdown table says whether any two models of the run share them. With
 ``evaluate.robust_eps``, ``robust_acc_eps<r>_%`` is the accuracy on untargeted PGD adversarial
 examples of the clean test set at radius r.
@@ -53,8 +58,7 @@ def _row(store: Store, set_name: str, model_spec: StageSpec, eval_spec: StageSpe
     return {
         "set": set_name, "model": model_spec.config["model"]["arch"], "seed": man["seeds"]["train"],
         "n_train": man["n_train"], "init": man.get("init_sha256", "")[:8],
-        "attack_success_%": _pct(summary.get("attack_success")),
-        "attack_success_t≠y_%": _pct(summary.get("attack_success_t_ne_y")),
+        **fooling(store, construct),
         "share_t=y_%": _pct(summary.get("share_target_is_true")),
         "acc_xy_%": _pct(m["acc_xy"]), "ci95_lo_%": _pct(m["ci95_xy"][0]), "ci95_hi_%": _pct(m["ci95_xy"][1]),
         "acc_xy+1_%": _pct(m["acc_xy1"]), "vs_chance": _vs_chance(m["ci95_xy"], m["chance"]),
@@ -64,6 +68,59 @@ def _row(store: Store, set_name: str, model_spec: StageSpec, eval_spec: StageSpe
         **{f"robust_acc_eps{r.config['robust']['eps']:g}_%": _pct(store.manifest("evals", r.key)["metrics"]["acc_xy"])
            for r in robust},
     }
+
+
+FOOLING = ("fooled_whole_set_%", "fooled_whole_set_t≠y_%", "fooled_trained_rows_%", "fooled_trained_rows_t≠y_%",
+           "trained_rows_%")
+"""The table's fooling columns (``fooling``); tables written before them had ``attack_success_%``
+and ``attack_success_t≠y_%``, over the trained rows (``with_fooling``)."""
+
+
+def whole_set(store: Store, construct: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the set a constructed set's rows were taken from: a margin selection's
+    parent PGD set; any other set is whole itself."""
+    parent = construct.get("parent")
+    if (construct.get("stage") or {}).get("stage") == "select" and parent:
+        return store.manifest("constructed", parent)
+    return construct
+
+
+def fooling(store: Store, construct: dict[str, Any] | None) -> dict[str, float]:
+    """The source's fooling rate over the whole set (all rows, rows with t != y), over the rows
+    the students trained on (the same, or a margin selection's rows), and the share of the set's
+    rows they trained on, in percent (NaN for models trained on D and sets made without attack)."""
+    if not construct:
+        return dict.fromkeys(FOOLING, float("nan"))
+    trained = construct.get("summary", {})
+    whole = whole_set(store, construct).get("summary", {})
+    n_whole, n_trained = whole.get("n"), trained.get("n")
+    return {"fooled_whole_set_%": _pct(whole.get("attack_success")),
+            "fooled_whole_set_t≠y_%": _pct(whole.get("attack_success_t_ne_y")),
+            "fooled_trained_rows_%": _pct(trained.get("attack_success")),
+            "fooled_trained_rows_t≠y_%": _pct(trained.get("attack_success_t_ne_y")),
+            "trained_rows_%": _pct(n_trained / n_whole) if n_whole and n_trained is not None else float("nan")}
+
+
+def with_fooling(store: Store, df: pd.DataFrame) -> pd.DataFrame:
+    """A table written before ``FOOLING``'s columns, with them (from the store's set manifests; a
+    set the store no longer holds: its old columns as the trained rows', the whole set's NaN), in
+    place of ``attack_success_%`` and ``attack_success_t≠y_%``. Newer tables come back as they are."""
+    old = ["attack_success_%", "attack_success_t≠y_%"]
+    if "fooled_trained_rows_%" in df.columns or not set(old) <= set(df.columns):
+        return df
+    rows = []
+    for r in df.to_dict("records"):
+        key = r.get("construct_key")
+        if isinstance(key, str) and key and store.is_complete("constructed", key):
+            rows.append(fooling(store, store.manifest("constructed", key)))
+        else:
+            rows.append({**dict.fromkeys(FOOLING, float("nan")), "fooled_trained_rows_%": r[old[0]],
+                         "fooled_trained_rows_t≠y_%": r[old[1]]})
+    at = list(df.columns).index(old[0])
+    out = df.drop(columns=old)
+    for i, col in enumerate(FOOLING):
+        out.insert(at + i, col, [row[col] for row in rows])
+    return out
 
 
 def build_table(store: Store, plan: Plan) -> pd.DataFrame:
@@ -90,6 +147,20 @@ def t_interval(values: pd.Series) -> tuple[float, float]:
     return (float(values.mean()) - half, float(values.mean()) + half)
 
 
+def t_multiplier(n: int) -> float:
+    """t(0.975, n-1): the 95% t-interval of a mean over n values is mean +- this * std / sqrt(n)
+    (12.7 for n = 2, 4.3 for n = 3, 2.8 for n = 5); NaN for n < 2."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) if n >= 2 else float("nan")
+
+
+T_MIN_SEEDS = 3
+"""The fewest seeds whose t-interval the figures draw: with 2, t(0.975, 1) = 12.7 makes it +-6.35
+times the two students' difference (5 points apart: +-32 points), wider than either student's own
+95% interval (about +-1 point on 10,000 test images) as soon as they differ by 0.2 points."""
+
+
 def seed_stats(values: pd.Series, name: str) -> dict:
     """One column over seeds, as the experiments' "over seeds" tables show it: ``{name}_mean``,
     ``{name}_std`` and the 95% t-interval of the mean (``ci95_lo``, ``ci95_hi``; NaN for n < 2)."""
@@ -99,7 +170,8 @@ def seed_stats(values: pd.Series, name: str) -> dict:
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Per (set, model): n seeds, mean and standard deviation over seeds, and the 95% t-interval
-    of the mean, of acc (X, Y) and acc (X, Y+1); the mean fooling rates beside them."""
+    of the mean, of acc (X, Y) and acc (X, Y+1); the mean fooling rates (whole set, trained rows)
+    beside them."""
     rows = []
     for (set_name, model), g in df.groupby(["set", "model"], sort=False):
         lo, hi = t_interval(g["acc_xy_%"])
@@ -107,8 +179,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
                      "acc_xy_mean": g["acc_xy_%"].mean(), "acc_xy_std": g["acc_xy_%"].std(),
                      "acc_xy_ci95_lo": lo, "acc_xy_ci95_hi": hi,
                      "acc_xy1_mean": g["acc_xy+1_%"].mean(), "acc_xy1_std": g["acc_xy+1_%"].std(),
-                     "attack_success_%": g["attack_success_%"].mean(),
-                     "attack_success_t≠y_%": g["attack_success_t≠y_%"].mean()})
+                     **{c: g[c].mean() for c in FOOLING[:4] if c in g}})
     return pd.DataFrame(rows)
 
 

@@ -4,12 +4,18 @@ written before evaluations kept a confusion matrix, a det student's test predict
 A run folder (``runs/<key>/``) holds its table, ``config.yaml``, ``plan.json`` (every stage spec)
 and a manifest; a sweep folder holds ``sweep.parquet`` and a manifest listing its points' runs.
 Everything else (sets, models, evaluations) is found by key in the store around the folder.
+
+A report records what it was drawn from in ``report.json`` beside it (``fingerprint``: the
+folder's files above and the report's code); ``report_is_current`` says whether drawing it again
+would draw the same report, so a rerun that changes nothing skips it.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +71,9 @@ def load_run(store: Store, folder: Any) -> RunInfo:
         return RunInfo(folder, man["key"], "sweep", _read_parquet(folder / "sweep.parquet"), man, config_text)
     if not (folder / "table.parquet").is_file():
         raise StoreError(f"{folder} holds no table.parquet or sweep.parquet: not a run folder")
-    table = _read_parquet(folder / "table.parquet")
+    from pipeline.report import with_fooling
+
+    table = with_fooling(store, _read_parquet(folder / "table.parquet"))  # tables of older runs: the new columns
     stages = read_json(folder / "plan.json") if (folder / "plan.json").is_file() else []
     labels = {**stage_labels(stages), **(man.get("labels") or {})}
     return RunInfo(folder, man["key"], man.get("experiment", ""), table, man, config_text, stages, labels)
@@ -250,3 +258,51 @@ def put(path: Any, data: bytes) -> None:
         tmp.replace(path)
     else:
         path.write_bytes(data)
+
+
+REPORT_RECORD = "report.json"
+REPORT_INPUTS = ("manifest.json", "table.parquet", "sweep.parquet", "plan.json", "config.yaml")
+"""The files of a run or sweep folder a report is drawn from (with the artifacts they name by key,
+which never change under their key)."""
+
+
+def report_code() -> list[Path]:
+    """The modules that draw reports: the generic sections and figures, and every experiment's
+    (their own report sections). A change to any of them draws reports again."""
+    here = Path(__file__).resolve().parent
+    return [here / f"{m}.py" for m in ("html_report", "figures", "report_data", "report")] + \
+        sorted((here / "experiments").glob("*.py"))
+
+
+def report_fingerprint(folder: Any) -> str:
+    """sha256 of the folder's ``REPORT_INPUTS`` (each one present, by name and bytes) and of the
+    report's code (``report_code``)."""
+    h = hashlib.sha256()
+    for name in REPORT_INPUTS:
+        path = folder / name
+        if path.is_file():
+            data = path.read_bytes()
+            h.update(f"{name}\0{len(data)}\0".encode() + data)
+    for path in report_code():
+        data = path.read_bytes() if path.is_file() else b""
+        h.update(f"{path.name}\0{len(data)}\0".encode() + data)
+    return h.hexdigest()
+
+
+def report_record(folder: Any, files: list[str]) -> bytes:
+    """``report.json``: the fingerprint of what the report was drawn from and the files it wrote."""
+    made = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return json.dumps({"fingerprint": report_fingerprint(folder), "files": sorted(files), "made": made},
+                      indent=1).encode()
+
+
+def report_is_current(folder: Any) -> bool:
+    """The folder's report was drawn from these same files by this same code, and every file it
+    wrote is there: drawing it again would give the same report."""
+    try:
+        rec = read_json(folder / REPORT_RECORD)
+    except (OSError, ValueError):  # none yet, or unreadable: draw it
+        return False
+    files = rec.get("files") or []
+    return bool(files) and all((folder / f).is_file() for f in files) and \
+        rec.get("fingerprint") == report_fingerprint(folder)

@@ -69,10 +69,13 @@ def test_first_run_writes_the_table(first):
             same = rows["y_target"] == rows["y_true"]
             assert r["share_t=y_%"] == round(100 * same.mean(), 2)
             if r["set"] != "errors":  # PGD sets: how often the source was fooled, over all rows and t != y
-                assert r["attack_success_%"] == round(100 * rows["fooled"].mean(), 2)
-                assert r["attack_success_t≠y_%"] == round(100 * rows["fooled"][~same].mean(), 2)
+                # (no selection in this profile: the students trained on the whole set)
+                for where in ("whole_set", "trained_rows"):
+                    assert r[f"fooled_{where}_%"] == round(100 * rows["fooled"].mean(), 2)
+                    assert r[f"fooled_{where}_t≠y_%"] == round(100 * rows["fooled"][~same].mean(), 2)
+                assert r["trained_rows_%"] == 100.0
         else:
-            assert r["n_train"] == 200 and np.isnan(r["attack_success_%"])
+            assert r["n_train"] == 200 and np.isnan(r["fooled_whole_set_%"]) and np.isnan(r["fooled_trained_rows_%"])
     assert (csv["n_train"].iloc[2:5] == 120).all()
     assert csv.loc[0, "acc_xy_%"] > 50  # the synthetic classes are easy: the source learns them
     md = (run_dir / "table.md").read_text()

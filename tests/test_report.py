@@ -111,14 +111,17 @@ def test_intervals_headline_and_example_rows_known_answers():
     df = pd.DataFrame({"set": ["rand", "rand", "det"], "model": ["m"] * 3, "seed": [0, 1, 0],
                        "acc_xy_%": [50.0, 60.0, 30.0], "acc_xy+1_%": [1.0, 3.0, 40.0], "ci95_lo_%": [0, 0, 25.0],
                        "ci95_hi_%": [0, 0, 35.0], "paper_%": [63.3, 63.3, 43.7], "chance_%": [10.0] * 3,
-                       "attack_success_%": [80.0, 80.0, 70.0], "attack_success_t≠y_%": [78.0, 78.0, 70.0],
-                       "vs_chance": ["above"] * 3})
+                       "fooled_whole_set_%": [80.0, 80.0, 70.0], "fooled_whole_set_t≠y_%": [78.0, 78.0, 70.0],
+                       "fooled_trained_rows_%": [100.0] * 3, "fooled_trained_rows_t≠y_%": [100.0] * 3,
+                       "trained_rows_%": [40.0] * 3, "vs_chance": ["above"] * 3})
     iv = set_intervals(df).set_index("set")
     half = np.tan(0.475 * np.pi) * np.std([50, 60], ddof=1) / np.sqrt(2)  # t(0.975, 1) = tan(pi (p - 1/2)) (Cauchy)
     assert iv.loc["rand", "mean"] == 55 and iv.loc["rand", "lo"] == pytest.approx(55 - half)
     assert (iv.loc["det", "lo"], iv.loc["det", "hi"]) == (25.0, 35.0)  # one seed: its Wilson interval
     h = headline(df).set_index("set")
-    assert h.loc["rand", "95% interval"] == f"0.0 – {min(55 + half, 100):.1f}"  # clipped to [0, 100]
+    # clipped to [0, 100]; with two seeds, why it is that wide
+    assert h.loc["rand", "95% interval"] == f"0.0 – {min(55 + half, 100):.1f} (n=2: t=12.7)"
+    assert h.loc["det", "95% interval"] == "25.0 – 35.0"
     assert h.loc["rand", "acc (X, Y+1) %"] == 2.0 and h.loc["det", "paper %"] == 43.7
     rec = {"y_target": np.array([0, 1, 2, 3, 4, 5]), "y_true": np.array([0, 0, 1, 1, 2, 2]),
            "fooled": np.array([True, False, True, True, False, True])}
@@ -287,3 +290,156 @@ def test_t_interval_known_answers():
     lo, hi = t_interval(values)
     assert abs(lo - (19.5 - half)) < 1e-9 and abs(hi - (19.5 + half)) < 1e-9
     assert all(np.isnan(t_interval(pd.Series([5.0, np.nan]))))  # n counts values, not NaNs
+
+
+def test_fooling_over_the_whole_set_and_over_the_trained_rows_known_answer(tmp_path):
+    """A stub PGD set of 10 rows: t = y on rows 0-1 (fooled for free), t != y on rows 2-9, of which
+    2-5 fool the source: 60% of all rows, 50% of rows with t != y. A margin selection of half of
+    each stratum keeps rows 0 and 2-5, every one fooled. The table and the headline give the whole
+    set's rates and the trained rows' (100%) under names that say which is which; a table of an
+    older run (one attack_success column, over the trained rows) gets both from the store."""
+    from pipeline.common import save_set
+    from pipeline.html_report import fooling_note, headline, trained_rows_label
+    from pipeline.kinds import StageSpec
+    from pipeline.report import FOOLING, _row, fooling, with_fooling
+    from pipeline.stages import select_rows
+
+    st = Store(tmp_path)
+    n = 10
+    y_true = np.arange(n) % 10
+    y_target = np.where(np.arange(n) < 2, y_true, (y_true + 1) % 10)
+    fooled = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], bool)
+    margin = np.array([5, -1, 4, 3, 2, 1, -1, -2, -3, -4], np.float32)
+    rows = {"x": np.zeros((n, 3, 2, 2), np.float16), "y_target": y_target, "y_true": y_true,
+            "index": np.arange(n), "fooled": fooled, "loss": np.ones(n, np.float32),
+            "norm": np.ones(n, np.float32), "margin": margin}
+    parent = StageSpec("construct", {"kind": "rand", "stub": True}, ("d" * 16, "s" * 16))
+    from pipeline.stages.construct import attack_summary
+
+    save_set(st, parent, rows, [str(i) for i in range(10)], attack_summary(rows), {}, 0.0)
+    sel = StageSpec("select", {"fraction": 0.5, "by": "target_margin", "strata": "t==y"}, (parent.key, "s" * 16))
+    select_rows(st, sel)
+    man = st.manifest("constructed", sel.key)
+    assert man["summary"]["n"] == 5 and man["summary"]["attack_success"] == 1.0  # rows 0, 2, 3, 4, 5
+
+    want = {"fooled_whole_set_%": 60.0, "fooled_whole_set_t≠y_%": 50.0, "fooled_trained_rows_%": 100.0,
+            "fooled_trained_rows_t≠y_%": 100.0, "trained_rows_%": 50.0}
+    assert fooling(st, man) == want
+    assert fooling(st, st.manifest("constructed", parent.key)) == {  # a set trained on whole
+        **want, "fooled_trained_rows_%": 60.0, "fooled_trained_rows_t≠y_%": 50.0, "trained_rows_%": 100.0}
+    assert all(np.isnan(v) for v in fooling(st, None).values())  # models trained on D
+
+    class Manifests:  # the set's manifests from the store, a student's and its evaluation's stubbed
+        def manifest(self, folder, key):
+            if folder == "constructed":
+                return st.manifest(folder, key)
+            if folder == "models":
+                return {"seeds": {"train": 0}, "n_train": 5, "init_sha256": key}
+            return {"metrics": {"acc_xy": 0.5, "ci95_xy": [0.45, 0.55], "acc_xy1": 0.1, "chance": 0.1,
+                                "n_test": 100}}
+
+    def spec(stage, seed):
+        return StageSpec(stage, {"model": {"arch": "stub"}, "seed": seed})
+
+    df = pd.DataFrame([_row(Manifests(), "rand", spec("student", s), spec("eval", s), {**man, "key": sel.key}, 0.9)
+                       for s in (0, 1)])
+    assert {k: df[k].tolist() for k in FOOLING} == {k: [v, v] for k, v in want.items()}
+    assert list(df.columns[df.columns.str.startswith("fooled") | (df.columns == "trained_rows_%")]) == list(FOOLING)
+    h = headline(df).set_index("set")
+    assert h.loc["rand", "source fooled, whole set (all rows) %"] == 60.0
+    assert h.loc["rand", "source fooled, trained rows (top 50%) %"] == 100.0
+    assert "the top 50% of each set by target margin" in fooling_note(df)
+    uneven = df.assign(**{"trained_rows_%": [50.8, 50.0]})  # per-stratum rounding on a small set
+    assert trained_rows_label(uneven) == "top share per set" and trained_rows_label(uneven, 0.5) == "top 50%"
+    assert trained_rows_label(df.assign(**{"trained_rows_%": 100.0}), 1.0) == "all rows"
+
+    old = df.drop(columns=list(FOOLING))  # the columns as tables had them before
+    at = list(df.columns).index(FOOLING[0])
+    old.insert(at, "attack_success_t≠y_%", 100.0)
+    old.insert(at, "attack_success_%", 100.0)
+    old = pd.concat([old, old.assign(construct_key="gone" * 4)], ignore_index=True)  # one set no longer stored
+    new = with_fooling(st, old)
+    assert "attack_success_%" not in new and list(new.columns) == list(df.columns)
+    assert new.loc[:1, list(FOOLING)].to_dict("list") == {k: [v, v] for k, v in want.items()}
+    gone = new.loc[2]
+    assert gone["fooled_trained_rows_%"] == 100.0 and np.isnan(gone["fooled_whole_set_%"])
+    assert with_fooling(st, df) is df
+
+
+def _collections(ax, prefix):
+    return {c.get_gid().split(":", 1)[1]: c for c in ax.collections if (c.get_gid() or "").startswith(prefix)}
+
+
+def test_table1_draws_every_seed_and_the_t_interval_only_from_three_seeds():
+    """Two seeds of rand 1 point apart: their t-interval would be mean +- 12.7 * 0.71 / 1.41
+    (+-6.35 points); it is not drawn, each seed's own Wilson interval is (and a note says why).
+    Three seeds of det: the t-interval of the mean is drawn, with three dots."""
+    from pipeline.figures import table1_bars
+    from pipeline.report import t_interval
+
+    df = pd.DataFrame({"set": ["rand", "rand", "det", "det", "det"], "model": ["m"] * 5, "seed": [0, 1, 0, 1, 2],
+                       "acc_xy_%": [50.0, 51.0, 30.0, 31.0, 33.0], "ci95_lo_%": [49.0, 50.0, 29.0, 30.0, 32.0],
+                       "ci95_hi_%": [51.0, 52.0, 31.0, 32.0, 34.0], "paper_%": [63.3, 63.3, 43.7, 43.7, 43.7],
+                       "chance_%": [10.0] * 5, "acc_xy+1_%": [1.0] * 5})
+    fig = table1_bars(df)
+    ax = fig.axes[0]
+    dots = _collections(ax, "seeds:")
+    assert sorted(dots) == ["det", "rand"]
+    assert sorted(dots["rand"].get_offsets()[:, 1]) == [50.0, 51.0] and len(dots["det"].get_offsets()) == 3
+    t_bars, wilson = _collections(ax, "t-interval:"), _collections(ax, "wilson:")
+    assert list(t_bars) == ["det"] and list(wilson) == ["rand"]
+    (seg,) = t_bars["det"].get_segments()
+    assert sorted(seg[:, 1]) == pytest.approx(t_interval(df["acc_xy_%"][2:]))
+    assert sorted(tuple(sorted(s[:, 1])) for s in wilson["rand"].get_segments()) == [(49.0, 51.0), (50.0, 52.0)]
+    rand_x = dots["rand"].get_offsets()[:, 0]
+    for c in ax.collections:  # nothing over rand's bar reaches beyond its seeds' own intervals
+        for s in getattr(c, "get_segments", lambda: [])():
+            if rand_x.min() - 0.1 <= s[:, 0].mean() <= rand_x.max() + 0.1:
+                assert s[:, 1].min() >= 49.0 and s[:, 1].max() <= 52.0
+    notes = [t for t in ax.texts if t.get_gid() == "note:n=2"]
+    assert len(notes) == 1 and "12.7" in notes[0].get_text()
+    three = table1_bars(df[df["set"] == "det"]).axes[0]
+    assert list(_collections(three, "t-interval:")) == ["det"] and not [t for t in three.texts if t.get_gid()]
+
+
+def test_report_is_drawn_again_only_when_what_it_shows_changed(tiny_run, tmp_path, monkeypatch):
+    """report.json records what the report was drawn from: ``if_changed`` leaves a report of the
+    same folder files and report code as it is (a cached rerun: no figure drawn), and draws it
+    again when a table or the config changed, when one of its files is gone, or when the report's
+    code changed."""
+    from pipeline import html_report
+    from pipeline import report_data as D
+
+    st, _, _, folder, _, _ = tiny_run
+    assert D.report_is_current(folder)
+    copy = tmp_path / folder.name  # the run folder elsewhere; its artifacts still in st
+    shutil.copytree(folder, copy)
+    calls = []
+    real_build = html_report.build
+    monkeypatch.setattr(html_report, "build", lambda *a, **k: calls.append(1) or real_build(*a, **k))
+    assert D.report_is_current(copy)
+    assert html_report.write_report(st, copy, if_changed=True) == copy / "report.html" and calls == []
+    with (copy / "config.yaml").open("a") as f:
+        f.write("# edited\n")
+    assert not D.report_is_current(copy)
+    html_report.write_report(st, copy, if_changed=True)
+    assert calls == [1] and D.report_is_current(copy)
+    html_report.write_report(st, copy, if_changed=True)
+    assert calls == [1]
+    df = pd.read_parquet(copy / "table.parquet")
+    df.loc[0, "acc_xy_%"] += 1
+    df.to_parquet(copy / "table.parquet", index=False)
+    assert not D.report_is_current(copy)
+    html_report.write_report(st, copy)  # without if_changed: always drawn
+    assert calls == [1, 1] and D.report_is_current(copy)
+    (copy / "figures" / "table1.svg").unlink()
+    assert not D.report_is_current(copy)
+    html_report.write_report(st, copy)
+    code, real_code = tmp_path / "experiment.py", D.report_code()
+    code.write_text("# a report section\n")
+    monkeypatch.setattr(D, "report_code", lambda: [*real_code, code])
+    assert not D.report_is_current(copy)  # a module that draws reports appeared
+    html_report.write_report(st, copy)
+    assert D.report_is_current(copy)
+    code.write_text("# a report section, changed\n")
+    assert not D.report_is_current(copy)

@@ -18,5 +18,9 @@ def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
 
 
 # Bumps: 2: the table gains init, attack_success_t!=y and share_t=y.
+# Not bumped (run keys stay): attack_success_% / attack_success_t!=y_% (over the rows students trained
+# on) became fooled_trained_rows_% / fooled_trained_rows_t!=y_%, beside fooled_whole_set_% /
+# fooled_whole_set_t!=y_% and trained_rows_%; a table found in the store keeps its older columns, and
+# reports read both (pipeline.report.with_fooling).
 KIND = declare(StageKind("run", 2, "runs", execute, "the tables of a plan's evaluations",
                          label=lambda spec, labels: "table", task_name="write-tables"))
