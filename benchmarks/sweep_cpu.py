@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         if new:
             w.writeheader()
         for r in table.to_dict("records"):
+            # tables since 2026-12-03 name the trained rows' rate apart from the whole set's; this CSV
+            # keeps its columns (attack_success_*: over the trained rows; pgd_fooled_*: the whole set)
+            r.setdefault("attack_success_%", r.get("fooled_trained_rows_%"))
+            r.setdefault("attack_success_t≠y_%", r.get("fooled_trained_rows_t≠y_%"))
             man = st.manifest("models", r["model_key"])
             computed = pd.Timestamp(man["created"]).timestamp() >= t0 - a.since
             w.writerow({"lever": a.lever, "profile": a.profile, "overrides": " ".join(a.overrides),

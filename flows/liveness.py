@@ -112,7 +112,7 @@ def zombie_automation(period: float, multiple: float) -> Any:
             within=_dt.timedelta(seconds=within)),
         actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True,
                                     message=f"no heartbeat for {within:.0f} s: the run's process died "
-                                            "without reporting (see docs/scale.md, "When a process dies")")])
+                                            "without reporting (see docs/scale.md, 'When a process dies')")])
 
 
 def install_zombie_automation(client: Any, period: float, multiple: float) -> UUID:
