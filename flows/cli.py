@@ -73,6 +73,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "train the students elsewhere with a run without --until on the same store")
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain", "none"],
                    help="run: live bars (rich) on a terminal, plain lines in logs (auto picks by stdout)")
+    p.add_argument("--record", action="store_true",
+                   help="run: start the flow even when every stage, the table and the report are in the store "
+                        "already (by default such a rerun prints them without starting Prefect)")
 
 
 def _heartbeat_args(p: argparse.ArgumentParser) -> None:
@@ -224,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
 
         check_shared_locks(Store(cfg.runtime.store))  # a URL store needs a shared server: refused here
         locate_source(cfg.data)  # a missing or malformed source fails here, before Prefect starts
+        if not (args.record or args.sweeps or args.until):
+            done = _in_store_already(cfg, args.experiment)
+            if done is not None:
+                return done
         from flows.console import display, print_last
 
         kwargs = dict(profile=args.profile, overrides=args.overrides, data=args.data, store=args.store)
@@ -245,6 +252,34 @@ def main(argv: list[str] | None = None) -> int:
         from advfeatures.data import DownloadError
 
         return 3 if isinstance(e, DownloadError) else 2  # 3: `make demo` falls back to the tiny path
+
+
+def _in_store_already(cfg, experiment: str) -> int | None:
+    """A rerun with nothing to do: every stage of the plan and the run folder complete in a local
+    store, and its report (if written) drawn from them by this code. Prints the table and the
+    report's path as the flow would, without starting Prefect (a temporary server's start is most of
+    a cached rerun's time); None: the flow has work, or the store is a URL (its server records runs)."""
+    from pipeline.experiments import get as get_experiment
+    from pipeline.report_data import report_is_current
+    from pipeline.stages import locate_source, source_sha256
+    from storage.store import Store
+
+    st = Store(cfg.runtime.store)
+    if st.remote or not st.root.is_dir():
+        return None
+    plan = get_experiment(experiment).plan(cfg, source_sha256(locate_source(cfg.data), st))
+    if not all(st.is_complete(s.folder, s.key) for s in plan.stages()):
+        return None
+    folder = st.path(plan.run.folder, plan.run.key)
+    if cfg.report.write and not report_is_current(folder):
+        return None
+    print((folder / "table.md").read_text().rstrip())
+    print(f"\nrun folder: {folder}")
+    print(f"every stage of this run is in the store ({len(plan.stages())} stages): nothing computed, Prefect not "
+          "started (--record runs the flow anyway, to record the run on the Prefect server)")
+    if cfg.report.write:
+        print(f"report: {folder / 'report.html'}")
+    return 0
 
 
 def _verify(args) -> int:

@@ -129,6 +129,27 @@ def test_second_run_computes_nothing(first, tiny_tar, monkeypatch):
     assert not any(t["computed"] for t in again["timings"])
 
 
+def test_cli_rerun_with_everything_in_the_store_starts_no_flow(first, tiny_tar, monkeypatch, capsys):
+    """`advfeatures run` of a run whose stages, table and report are all in the store prints them
+    without a flow (no temporary server to start); with --record, or once a stage is missing, the
+    flow runs."""
+    import flows.replicate as R
+    from flows.cli import main as cli_main
+
+    store, out = first
+    started = []
+    monkeypatch.setattr(R, "replicate", lambda **kw: started.append(kw) or {"report": None})
+    args = ["run", "--profile", "tiny", "--data", str(tiny_tar), "--store", str(store)]
+    before = _manifest_mtimes(store)
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert not started and _manifest_mtimes(store) == before
+    assert f"run folder: {out['run_dir']}" in printed and "Prefect not started" in printed
+    assert f"report: {out['report']}" in printed
+    assert cli_main(args + ["--record"]) == 0 and len(started) == 1
+    assert cli_main(args + ["--set", "student.train.epochs=3"]) == 0 and len(started) == 2  # work to do
+
+
 def _computed(out):
     return sorted((t["stage"], t["what"]) for t in out["timings"] if t["computed"])
 
