@@ -5,7 +5,6 @@ names, so that a rerun committed without the README (or the reverse) fails here.
 import re
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
