@@ -33,8 +33,9 @@ the shard tasks are submitted by this process, whose Prefect is the ephemeral se
 processes dask`` measures both in one run, and prints the ratio of their overheads.
 
 --mode bare: the machine's own ceiling, the peer of the others. W plain Python processes, each
-running its share of the shards' PGD (small_cnn, the same images per shard, steps, batch of 250,
-one torch thread) on random weights and images: no store, no Prefect, no Dask. Its speed-up is
+running its share of the shards' PGD (a shard's own attack code, ``construct.attack_block``, with
+the same images per shard, steps, batches and memory format, one torch thread) on random weights
+and images: no store, no Prefect, no Dask. Its speed-up is
 what W cores give this computation when nothing orchestrates it; ``--mode bare dask processes``
 prints each executor's speed-up as a fraction of it.
 
@@ -172,25 +173,34 @@ def _one(a) -> int:
 
 
 def _bare_child(a) -> int:
-    """Child of --mode bare: ``a.bare`` shards' PGD in this process, nothing else; prints its seconds."""
+    """Child of --mode bare: ``a.bare`` shards' PGD in this process, nothing else; prints its seconds.
+    The computation is a shard's own (``construct.attack_block``: channels_last, batches of 250, the
+    records on the stored float16 images) on random weights and images, without reading or writing."""
+    import numpy as np
     import torch
 
-    from advfeatures.attacks import pgd, threat_model
+    from advfeatures.config import resolve
+    from advfeatures.construct import attack_block
     from advfeatures.models import build_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    cfg = resolve("demo", [f"attack.steps={a.steps}", "runtime.amp=none"])
     model = build_model("small_cnn", 10, (0.5,) * 3, (0.25,) * 3).eval()
-    x = torch.rand(a.shard_size, 3, 32, 32)
-    t = torch.randint(0, 10, (a.shard_size,))
-    threat = threat_model("l2", 0.5)
-    pgd(model, x[:8], t[:8], threat, 1, 0.1)  # warm-up
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (a.shard_size, 3, 32, 32), dtype=np.uint8)
+    targets = rng.integers(0, 10, a.shard_size).astype(np.int64)
+
+    def shard(n):
+        return attack_block(model, images[:n], targets[:n], cfg.attack, batch_size=cfg.runtime.attack_batch_size,
+                            channels_last=cfg.runtime.channels_last, store_dtype=cfg.construct.dtype)
+
+    shard(8)  # warm-up
     print("ready", flush=True)
     sys.stdin.readline()  # every child starts at once, imports done
     start, t0 = time.time(), time.perf_counter()
     for _ in range(a.bare):
-        for i in range(0, a.shard_size, 250):
-            pgd(model, x[i:i + 250], t[i:i + 250], threat, a.steps, 0.1)
+        shard(a.shard_size)
     print(RESULT + json.dumps({"seconds": time.perf_counter() - t0, "shards": a.bare, "start": start,
                                "end": time.time()}), flush=True)
     return 0
