@@ -292,3 +292,44 @@ def test_shards_no_worker_can_take_time_out_naming_them(tmp_path, tiny_tar):
         with pytest.raises(TimeoutError, match=r"shards 0, 1, 2 not done after fanout.timeout=2 s"):
             dask_shards.run_shards(spec, str(st.root), cfg.runtime, FanoutConfig(executor="dask", timeout=2),
                                    DaskConfig(resources={"GPU": 1}), pending, client=client)
+
+
+def _mmapped_on_reuse() -> int:
+    """How many blocks glibc serves by mmap for a 2-MiB buffer allocated, freed and allocated
+    again: 1 while its mmap threshold is frozen at 128 KiB (what a nanny's MALLOC_TRIM_THRESHOLD_
+    does: every large tensor of a PGD step mmap'ed and unmapped), 0 once it is raised."""
+    import ctypes
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Info
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    held = 0
+    for _ in range(2):
+        before = libc.mallinfo2().hblks
+        p = libc.malloc(2 << 20)
+        held = libc.mallinfo2().hblks - before
+        libc.free(p)
+    return held
+
+
+@pytest.mark.slow
+def test_shard_workers_undo_the_nannys_malloc_setting(tmp_path, tiny_tar):
+    """A nanny's worker starts with glibc's mmap threshold frozen (PGD 2.2x slower, measured); the
+    first shard a worker runs raises it (tasks.remote.tune_malloc)."""
+    cfg, st, spec = _set(tmp_path, tiny_tar, SMALL, "store")
+    pending = stages.prepare_construct(st, spec)
+    with _cluster(1) as cluster, distributed.Client(cluster) as client:
+        try:
+            before = set(client.run(_mmapped_on_reuse).values())
+        except (OSError, AttributeError) as e:  # not glibc, or glibc < 2.33 (no mallinfo2)
+            pytest.skip(f"needs glibc's mallinfo2: {e}")
+        if before != {1}:
+            pytest.skip(f"this Dask/glibc does not freeze the mmap threshold (a reused 2-MiB block: {before})")
+        dask_shards.run_shards(spec, str(st.root), cfg.runtime, FanoutConfig(executor="dask"), DaskConfig(),
+                               pending, client=client)
+        assert set(client.run(_mmapped_on_reuse).values()) == {0}
