@@ -259,15 +259,14 @@ def _in_store_already(cfg, experiment: str) -> int | None:
     store, and its report (if written) drawn from them by this code. Prints the table and the
     report's path as the flow would, without starting Prefect (a temporary server's start is most of
     a cached rerun's time); None: the flow has work, or the store is a URL (its server records runs)."""
-    from pipeline.experiments import get as get_experiment
+    from pipeline.experiments import plan_for
     from pipeline.report_data import report_is_current
-    from pipeline.stages import locate_source, source_sha256
     from storage.store import Store
 
     st = Store(cfg.runtime.store)
     if st.remote or not st.root.is_dir():
         return None
-    plan = get_experiment(experiment).plan(cfg, source_sha256(locate_source(cfg.data), st))
+    plan = plan_for(cfg, experiment)
     if not all(st.is_complete(s.folder, s.key) for s in plan.stages()):
         return None
     folder = st.path(plan.run.folder, plan.run.key)
@@ -306,21 +305,16 @@ def _verify(args) -> int:
 
 
 def _show(cfg, experiment: str, until: str | None = None) -> int:
-    from storage.store import Store
-
     from advfeatures.data import DataSourceError
-    from pipeline.experiments import get as get_experiment
+    from pipeline.experiments import plan_for
     from pipeline.plan import plan_summary
-    from pipeline.stages import locate_source, source_sha256
 
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     try:
-        sha = source_sha256(locate_source(cfg.data), Store(cfg.runtime.store))
+        plan = plan_for(cfg, experiment, until)
     except DataSourceError as e:
         print(f"\n# stage keys need the data source: {e}")
         return 0
-    plan = get_experiment(experiment).plan(cfg, sha)
-    plan = plan.until(until) if until else plan
     print("\n# the plan: every stage, its key and the stages it reads" + (f" (until {until})" if until else ""))
     rows = plan_summary(plan)
     width = max(len(r["what"]) for r in rows)

@@ -25,10 +25,9 @@ from advfeatures.cpus import split_threads
 from flows.settings import FanoutConfig
 from pipeline import progress
 from pipeline.experiments import get as get_experiment
+from pipeline.experiments import plan_for  # noqa: F401 - flows.replicate.plan_for, as the docs and benchmarks call it
 from pipeline.kinds import StageSpec, sharded, waves
 from pipeline.plan import Plan
-from pipeline.stages import locate_source
-from pipeline.stages.dataset import source_sha256
 from storage.store import Store, StoreError
 from tasks import stages as T
 
@@ -59,14 +58,6 @@ def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[
     wait(futures)
     for f in futures:
         f.result()  # raises the first shard failure
-
-
-def plan_for(cfg: ExperimentConfig, experiment: str = "replicate", until: str | None = None) -> Plan:
-    """Fingerprint the data source (sha256 of its bytes) and derive every stage key; with
-    ``until``, only the stages of that kind and what they need."""
-    sha = source_sha256(locate_source(cfg.data), Store(cfg.runtime.store))  # hashed only when it changed
-    plan = get_experiment(experiment).plan(cfg, sha)
-    return plan.until(until) if until else plan
 
 
 @flow(name="generate-set", flow_run_name="generate-{spec.config[kind]}-{spec.key}")

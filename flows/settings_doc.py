@@ -258,12 +258,9 @@ class Effect:
 
 
 def _set(tree: dict, dotted: str, value: Any) -> dict:
+    """A copy of ``tree`` with the setting replaced, as ``--set dotted=value`` would (config._set_path)."""
     out = copy.deepcopy(tree)
-    node = out
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = copy.deepcopy(value)
+    C._set_path(out, dotted.split("."), copy.deepcopy(value), dotted)
     return out
 
 

@@ -138,19 +138,17 @@ def build_table(store: Store, plan: Plan) -> pd.DataFrame:
 
 def t_interval(values: pd.Series) -> tuple[float, float]:
     """95% t-interval of the mean over seeds: mean +- t(0.975, n-1) * std / sqrt(n); NaN for n < 2."""
-    from scipy.stats import t  # lazily: importing the report stays cheap
-
     n = int(values.count())
     if n < 2:
         return (float("nan"), float("nan"))
-    half = float(t.ppf(0.975, n - 1)) * float(values.std()) / n ** 0.5
+    half = t_multiplier(n) * float(values.std()) / n ** 0.5
     return (float(values.mean()) - half, float(values.mean()) + half)
 
 
 def t_multiplier(n: int) -> float:
     """t(0.975, n-1): the 95% t-interval of a mean over n values is mean +- this * std / sqrt(n)
     (12.7 for n = 2, 4.3 for n = 3, 2.8 for n = 5); NaN for n < 2."""
-    from scipy.stats import t
+    from scipy.stats import t  # lazily: importing the report stays cheap
 
     return float(t.ppf(0.975, n - 1)) if n >= 2 else float("nan")
 

@@ -69,6 +69,17 @@ def get(name: str) -> Experiment:
     return EXPERIMENTS[name]
 
 
+def plan_for(cfg: ExperimentConfig, experiment: str = "replicate", until: str | None = None) -> Any:
+    """Fingerprint the data source (sha256 of its bytes, read again only when its size or mtime
+    changed) and derive every stage key of the experiment's plan; with ``until``, only the stages
+    of that kind and what they need."""
+    from pipeline.stages import locate_source, source_sha256
+    from storage.store import Store
+
+    plan = get(experiment).plan(cfg, source_sha256(locate_source(cfg.data), Store(cfg.runtime.store)))
+    return plan.until(until) if until else plan
+
+
 def all_experiments() -> dict[str, Experiment]:
     """Every experiment, in the order they were found (replicate first)."""
     from pipeline.kinds import discover
