@@ -187,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from advfeatures.config import ConfigError, resolve
     from advfeatures.data import DataSourceError
+    from flows import early_server
     from storage.store import StoreError
 
+    early = None  # Prefect's temporary server, started early (flows.early_server)
     try:
         from pipeline.experiments import get as get_experiment
 
@@ -221,21 +223,26 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         # Prefect's 20-s default for the temporary server's start fails on a busy 2-core machine
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-        from flows.replicate import check_shared_locks, replicate, run_experiment, sweep
-        from pipeline.stages import locate_source
-        from storage.store import Store
-
-        check_shared_locks(Store(cfg.runtime.store))  # a URL store needs a shared server: refused here
-        locate_source(cfg.data)  # a missing or malformed source fails here, before Prefect starts
         if not (args.record or args.sweeps or args.until):
             done = _in_store_already(cfg, args.experiment)
             if done is not None:
                 return done
+        from storage.store import Store
+
+        # the temporary server imports and migrates on the other core while this process imports torch
+        # and the flows below (a URL store is refused without PREFECT_API_URL, before it is used)
+        early = None if Store(cfg.runtime.store).remote else early_server.start()
+        from flows.replicate import check_shared_locks, replicate, run_experiment, sweep
+        from pipeline.stages import locate_source
+
+        check_shared_locks(Store(cfg.runtime.store))  # a URL store needs a shared server: refused here
+        locate_source(cfg.data)  # a missing or malformed source fails here, before a flow starts
         from flows.console import display, print_last
 
         kwargs = dict(profile=args.profile, overrides=args.overrides, data=args.data, store=args.store)
         print_last(None)  # before Prefect starts a temporary server, whose stop at exit logs a line
         with display(args.progress):
+            early_server.hand_over(early)
             if args.sweeps:
                 out = sweep(experiment=args.experiment, sweeps=args.sweeps, **kwargs)
             elif args.until:
@@ -248,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             print_last(f"report: {out['report']}")
         return 0
     except (ConfigError, DataSourceError, StoreError) as e:
+        if early is not None:
+            early_server.discard(early)
         print(f"advfeatures: error: {e}", file=sys.stderr)
         from advfeatures.data import DownloadError
 
@@ -259,13 +268,14 @@ def _in_store_already(cfg, experiment: str) -> int | None:
     store, and its report (if written) drawn from them by this code. Prints the table and the
     report's path as the flow would, without starting Prefect (a temporary server's start is most of
     a cached rerun's time); None: the flow has work, or the store is a URL (its server records runs)."""
-    from pipeline.experiments import plan_for
-    from pipeline.report_data import report_is_current
     from storage.store import Store
 
     st = Store(cfg.runtime.store)
     if st.remote or not st.root.is_dir():
-        return None
+        return None  # before importing torch: a first run starts Prefect's server early (flows.early_server)
+    from pipeline.experiments import plan_for
+    from pipeline.report_data import report_is_current
+
     plan = plan_for(cfg, experiment)
     if not all(st.is_complete(s.folder, s.key) for s in plan.stages()):
         return None
