@@ -17,7 +17,7 @@ def tune_malloc() -> None:
     """Undo Dask's MALLOC_TRIM_THRESHOLD_=65536 for this worker (once). A nanny sets it for the
     worker process so that freed memory returns to the OS; glibc then also stops raising its mmap
     threshold, so every tensor over 128 KiB is mmap'ed and unmapped, and a PGD shard ran 2.2x
-    slower (36.3 against 16.4 s, small_cnn, 1 thread; measured with benchmarks/bench_workers.py).
+    slower (36.3 against 16.9 s, small_cnn, 1 thread; measured with benchmarks/bench_workers.py).
     mallopt sets both thresholds back up: 32 MiB for mmap, 64 MiB before trimming. glibc only;
     elsewhere nothing happens."""
     global _MALLOC_TUNED
