@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from advfeatures.config import resolve
+from pipeline.inventory import scan
 from pipeline.plan import dataset_spec
 from pipeline.stages import dataset as DS
 from storage.hashing import path_sha256
@@ -76,14 +77,36 @@ def test_a_changed_size_or_mtime_is_hashed_again(ingested, monkeypatch):
         DS.source_sha256(src, store)
 
 
-def test_a_copy_elsewhere_is_hashed(ingested, tmp_path, monkeypatch):
+def test_a_copy_or_a_touched_source_is_hashed_once(ingested, tmp_path, monkeypatch):
+    """The same bytes at another path, or touched: hashed the first time, then remembered beside the
+    datasets (DS.RESTATS) and not read again while unchanged; other bytes are never remembered."""
     src, store, spec = ingested
+    old = store.manifest("datasets", spec.key)["source_sha256"]
     copy = tmp_path / "copy.tar.gz"
     shutil.copy2(src, copy)  # same size and mtime, another path
-    assert DS.source_sha256(copy, store) == store.manifest("datasets", spec.key)["source_sha256"]
-    _unread(monkeypatch)
-    with pytest.raises(AssertionError, match="was hashed"):
-        DS.source_sha256(copy, store)
+    with monkeypatch.context() as m:
+        _unread(m)
+        with pytest.raises(AssertionError, match="was hashed"):
+            DS.source_sha256(copy, store)  # not the recorded path: read
+    assert DS.source_sha256(copy, store) == old
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes
+    assert DS.source_sha256(src, store) == old
+    with monkeypatch.context() as m:
+        _unread(m)
+        assert DS.source_sha256(copy, store) == old and DS.source_sha256(src, store) == old
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))  # touched again: read again
+        with pytest.raises(AssertionError, match="was hashed"):
+            DS.source_sha256(src, store)
+    other = tmp_path / "other.tar.gz"
+    other.write_bytes(src.read_bytes() + b"x")  # bytes no dataset holds: hashed every time
+    assert DS.source_sha256(other, store) == path_sha256(other)
+    with monkeypatch.context() as m:
+        _unread(m)
+        with pytest.raises(AssertionError, match="was hashed"):
+            DS.source_sha256(other, store)
+    assert (store.root / "datasets" / DS.RESTATS).is_file()
+    assert [a.key for a in scan(store)] == [spec.key]  # not an artifact to ls or gc
 
 
 def test_a_source_changed_after_planning_records_no_stat(tmp_path, tiny_tar):

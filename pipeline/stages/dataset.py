@@ -9,6 +9,7 @@ They are provenance, not part of the key (the stage's config is ``{"source_sha25
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -45,19 +46,59 @@ def _dataset_manifests(store: Store) -> Iterator[dict[str, Any]]:
             continue
 
 
+# <store>/datasets/.source-stats.json: sources hashed again after their ingestion (touched, copied
+# again, moved) whose bytes are a stored dataset's, by path, size and mtime (a folder: listing)
+RESTATS = ".source-stats.json"
+
+
+def _stat_id(stat: dict[str, Any]) -> str:
+    return json.dumps([stat.get(k) for k in STAT_FIELDS])
+
+
 def source_sha256(path: str | os.PathLike, store: Store | None = None) -> str:
     """The data source's fingerprint: sha256 of the file, or of a folder's (path, bytes) pairs.
 
     With ``store``, a dataset of it whose manifest recorded this source at the same path, size
     and mtime (a folder: the same listing) gives its sha256 without reading the source; a source
-    moved, touched or rewritten since is hashed again. Without one, it is always hashed."""
-    if store is not None:
-        stat = source_stat(path)
-        want = {k: stat.get(k) for k in STAT_FIELDS}
-        for man in _dataset_manifests(store):
-            if man.get("source_sha256") and {k: man.get(k) for k in STAT_FIELDS} == want:
+    moved, touched or rewritten since is hashed again, and where its bytes are still a stored
+    dataset's (a copy, a touch) the new path, size and mtime are remembered beside the datasets
+    (``RESTATS``), so that it is hashed once, not on every run. Without a store, it is always hashed."""
+    if store is None:
+        return path_sha256(path)
+    stat = source_stat(path)
+    want = {k: stat.get(k) for k in STAT_FIELDS}
+    known = set()
+    for man in _dataset_manifests(store):
+        if man.get("source_sha256"):
+            if {k: man.get(k) for k in STAT_FIELDS} == want:
                 return man["source_sha256"]
-    return path_sha256(path)
+            known.add(man["source_sha256"])
+    restats = _read_restats(store)
+    if restats.get(_stat_id(want)) in known:
+        return restats[_stat_id(want)]
+    sha = path_sha256(path)
+    if sha in known and not store.remote:
+        _write_restats(store, {**restats, _stat_id(want): sha})
+    return sha
+
+
+def _read_restats(store: Store) -> dict[str, str]:
+    try:
+        out = json.loads((store.root / "datasets" / RESTATS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def _write_restats(store: Store, restats: dict[str, str]) -> None:
+    """Atomically (a temporary file renamed over it); a store it cannot write to only loses the shortcut."""
+    dest = store.root / "datasets" / RESTATS
+    tmp = dest.with_name(f"{RESTATS}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(restats, indent=1))
+        os.replace(tmp, dest)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def locate_source(data: DataConfig) -> Path:
