@@ -19,21 +19,26 @@ PORT   ?= 4200
 # torchattacks 3.5.1 (the PGD peer of the tests and benchmarks) pins requests~=2.25.1, which breaks
 # other packages: install it without its dependencies (it needs only torch, numpy, scipy and tqdm,
 # which the dev extra brings).
-# With uv on PATH (`pip install uv`) the install takes ~40 s instead of ~2.5 min (PyTorch's CUDA build
-# is 5.5 GB unpacked; uv downloads and unpacks in parallel): UV= (empty) forces pip. uv reads neither
-# pip.conf nor pip's constraints: it takes the registry's newest matching release.
+# With uv on PATH (`pip install uv`) the install takes ~25 s instead of 2-3 min (PyTorch's CUDA build
+# is 5.5 GB unpacked; uv downloads and unpacks in parallel); UV= (empty) forces pip. uv reads neither
+# pip.conf nor pip's constraints (it takes the registry's newest matching releases): where it fails
+# (a private index, a proxy), make says so and installs with pip instead.
 UV ?= $(shell command -v uv 2>/dev/null)
 $(STAMP): pyproject.toml
-ifneq ($(strip $(UV)),)
-	test -x $(BIN)/python || $(UV) venv -q --python $(PYTHON) $(VENV)
-	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(UV) pip install -q -e '.[dev]'
-	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(UV) pip install -q --no-deps torchattacks==3.5.1
-else
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@if [ -n "$(UV)" ]; then \
+		echo "make: installing .venv with uv ($(UV))"; \
+		{ test -x $(BIN)/python || $(UV) venv -q --python "$$(command -v $(PYTHON))" $(VENV); } && \
+		VIRTUAL_ENV=$(CURDIR)/$(VENV) $(UV) pip install -q -e '.[dev]' && \
+		VIRTUAL_ENV=$(CURDIR)/$(VENV) $(UV) pip install -q --no-deps torchattacks==3.5.1 && exit 0; \
+		echo "make: uv could not install (above); installing with pip instead (UV= skips uv)"; \
+		$(BIN)/python -m pip --version >/dev/null 2>&1 || rm -rf $(VENV); \
+	fi; \
+	set -e; \
+	echo "make: installing .venv with pip (PyTorch's CUDA build: 2-3 min the first time)"; \
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	$(BIN)/python -m pip install -q --upgrade pip; \
+	$(BIN)/python -m pip install -q -e '.[dev]'; \
 	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
-endif
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # the temporary server imports and migrates on the other core while this process imports torch
         # and the flows below (a URL store is refused without PREFECT_API_URL, before it is used)
-        early = None if Store(cfg.runtime.store).remote else early_server.start()
+        early = None if Store(cfg.runtime.store).remote else early_server.start(cfg.data.source)
         from flows.replicate import check_shared_locks, replicate, run_experiment, sweep
         from pipeline.stages import locate_source
 

@@ -47,8 +47,10 @@ def _settings_elsewhere() -> str | None:
     for name in ("PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
         if os.environ.get(name):
             return f"{name} is set"
-    if os.environ.get("PREFECT_SERVER_EPHEMERAL_ENABLED", "").strip().lower() in ("0", "false", "no", "off"):
-        return "the temporary server is disabled"
+    for name in ("PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"):  # the old name too
+        value = os.environ.get(name, "").strip().lower()
+        if value and value not in ("1", "true", "t", "yes", "y", "on"):
+            return f"{name}={value}: the temporary server may be disabled"
     home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
     for f in (home / "profiles.toml", Path("prefect.toml"), Path(".env")):
         if f.exists():
@@ -71,10 +73,13 @@ def _free_port() -> int | None:
     return None
 
 
-def start() -> Early | None:
+def start(data_source: str | None = None) -> Early | None:
     """Launch the temporary server's process now (None where Prefect would not start one from the
-    environment alone, or ADVFEATURES_EARLY_SERVER=0)."""
+    environment alone, where ``data_source`` is a path that does not exist (the run stops before
+    its flow), or with ADVFEATURES_EARLY_SERVER=0)."""
     if os.environ.get("ADVFEATURES_EARLY_SERVER", "1") == "0" or _settings_elsewhere():
+        return None
+    if data_source not in (None, "torchvision") and not Path(data_source).expanduser().exists():
         return None
     try:
         import importlib.util
@@ -121,13 +126,14 @@ def hand_over(early: Early | None) -> bool:
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    if settings.api.url or None in SubprocessASGIServer._instances:
-        discard(early)  # a server is configured, or one is already registered: not ours to replace
+    if settings.api.url or not settings.server.ephemeral.enabled or None in SubprocessASGIServer._instances:
+        discard(early)  # a server is configured, none may be started, or one is registered: not ours
         return False
-    timeout = settings.server.ephemeral.startup_timeout_seconds
+    # as long as Prefect would wait for a server it started now (the early one has had a head start)
+    deadline = time.monotonic() + settings.server.ephemeral.startup_timeout_seconds
     url = f"http://127.0.0.1:{early.port}/api/health"
     with httpx.Client() as client:
-        while time.monotonic() - early.started < timeout and early.process.poll() is None:
+        while time.monotonic() < deadline and early.process.poll() is None:
             try:
                 if client.get(url).status_code == 200:
                     break

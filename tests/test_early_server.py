@@ -22,37 +22,33 @@ SCRIPT = textwrap.dedent("""
     from prefect.server.api.server import SubprocessASGIServer
     assert None not in SubprocessASGIServer._instances
 
-    early = early_server.start()
-    assert early_server.hand_over(early) is True and early.handed
-    from prefect import flow, get_client
-
-    @flow
-    def answer():
-        return 42
-
-    assert answer() == 42
+    # the run command: its server started as it began, handed over, used by the flow
+    from flows.cli import main
+    assert main(["run", "--profile", "tiny", "--data", sys.argv[1], "--store", sys.argv[2], "--until", "dataset"]) == 0
     server = SubprocessASGIServer()
-    assert server.server_process is early.process and server.port == early.port, "Prefect started its own"
+    from prefect import get_client
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
-    assert [r.name for r in runs] and str(early.port) in str(client.api_url), client.api_url
-    print("early server used", early.process.pid, flush=True)
+    assert [r.name for r in runs] and str(server.port) in str(client.api_url), client.api_url
+    print("early server used", server.server_process.pid, flush=True)
 """)
 
 
-def test_the_early_server_is_the_one_prefect_uses(tmp_path):
-    """The flow's client talks to the early process (no second server), and a process that died
-    first is given back for Prefect to start its own; the server stops with the process."""
+def test_the_early_server_is_the_one_prefect_uses(tmp_path, tiny_tar):
+    """`advfeatures run`'s flow talks to the server started as the command began (no second
+    server: Prefect's own start logs "Starting temporary server"), and a process that died first is
+    given back for Prefect to start its own; the server stops with the process."""
     db = tmp_path / "prefect.db"
     migrated_database(db)  # ~15 CPU-s of migrations a fresh database would cost
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
     env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{db}",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", ADVFEATURES_EARLY_SERVER="1")
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_tar), str(tmp_path / "store")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:  # a hang (seen when Prefect starts a second server beside ours)
             os.killpg(proc.pid, signal.SIGKILL)  # the servers with it
@@ -60,6 +56,7 @@ def test_the_early_server_is_the_one_prefect_uses(tmp_path):
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert "early server used" in stdout
     assert "Starting temporary server" not in stdout + stderr  # Prefect's line for its own start
+    assert "started as the command began" in stdout + stderr
     pid = int(stdout.split("early server used")[1].split()[0])
     assert not _alive(pid), "the server outlived its process (Prefect's exit hook did not stop it)"
 

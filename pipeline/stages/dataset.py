@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,8 +78,9 @@ def source_sha256(path: str | os.PathLike, store: Store | None = None) -> str:
     if restats.get(_stat_id(want)) in known:
         return restats[_stat_id(want)]
     sha = path_sha256(path)
-    if sha in known and not store.remote:
-        _write_restats(store, {**restats, _stat_id(want): sha})
+    if sha in known and not store.remote and source_stat(path) == stat:  # unchanged while it was read
+        kept = {k: v for k, v in restats.items() if v in known}  # none of a dataset since removed
+        _write_restats(store, {**kept, _stat_id(want): sha})
     return sha
 
 
@@ -93,12 +95,16 @@ def _read_restats(store: Store) -> dict[str, str]:
 def _write_restats(store: Store, restats: dict[str, str]) -> None:
     """Atomically (a temporary file renamed over it); a store it cannot write to only loses the shortcut."""
     dest = store.root / "datasets" / RESTATS
-    tmp = dest.with_name(f"{RESTATS}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(restats, indent=1))
-        os.replace(tmp, dest)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f"{RESTATS}.", suffix=".tmp")
     except OSError:
-        tmp.unlink(missing_ok=True)
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(restats, f, indent=1)
+        os.replace(tmp, dest)  # a concurrent writer's entry may be lost: only its shortcut
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def locate_source(data: DataConfig) -> Path:
