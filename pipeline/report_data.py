@@ -148,8 +148,6 @@ def example_rows(rec: dict[str, np.ndarray], n: int) -> np.ndarray:
 def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] | None:
     """Clean image, stored (adversarial) image and perturbation of ``n`` rows of a perturbed set,
     with true and assigned labels; None when the set holds no clean-image index (released sets)."""
-    from pipeline.kinds import spec_from_dict
-
     path = store.path("constructed", spec["key"])
     man = store.manifest("constructed", spec["key"])
     rec = set_records(store, spec["key"])
@@ -161,10 +159,7 @@ def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] |
         return None
     dataset_key = _dataset_of(store, spec)
     if spec["config"].get("augment_copies"):  # a copy's clean image is its crop + flip
-        from pipeline.sets.pgd import pgd_set
-
-        s = pgd_set(store, spec_from_dict(spec))
-        clean = np.concatenate([s.images(store, dataset_key, int(r), int(r) + 1) for r in rows])
+        clean = _copies_clean(store, spec, dataset_key, rows)
     else:
         idx = at["index"]
         uniq, inv = np.unique(idx, return_inverse=True)
@@ -174,6 +169,25 @@ def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] |
     return {"kind": spec["config"].get("kind"), "key": spec["key"], "clean": clean, "adv": adv, "delta": adv - clean,
             "y_true": rec["y_true"][rows], "y_target": rec["y_target"][rows], "fooled": rec["fooled"][rows],
             "norm": rec["norm"][rows], "classes": man.get("classes") or [str(i) for i in range(man["num_classes"])]}
+
+
+def _copies_clean(store: Store, spec: dict[str, Any], dataset_key: str, rows: np.ndarray) -> np.ndarray:
+    """The clean images (uint8) of ``rows`` of a set built on augmented copies: a PGD set's, or a
+    control's (whose rows are its PGD set's, rand-clean-only's filtered)."""
+    from advfeatures import construct as C
+    from pipeline.common import dataset_info, train_images_at
+    from pipeline.experiments.controls import CLEAN_ONLY, LEAK, control_rows
+    from pipeline.kinds import spec_from_dict
+    from pipeline.sets.pgd import pgd_set
+
+    cfg = spec["config"]
+    if cfg.get("kind") in LEAK + (CLEAN_ONLY,):
+        y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
+        idx, _, copy = control_rows(cfg, y_all, len(dataset_info(store, dataset_key)["classes"]))
+        block = train_images_at(store, dataset_key, idx[rows])
+        return C.crop_flip(block, C.copy_params(cfg["seed"], idx[rows], copy[rows]))
+    s = pgd_set(store, spec_from_dict(spec))
+    return np.concatenate([s.images(store, dataset_key, int(r), int(r) + 1) for r in rows])
 
 
 def _dataset_of(store: Store, spec: dict[str, Any]) -> str:

@@ -505,5 +505,14 @@ def test_controls_mirror_the_augmented_copies_of_their_sets(tmp_path, tiny_tar):
     assert np.allclose(r["x"].astype(np.float32), expect, atol=2e-3)
     c = rows["rand-clean-only"]
     assert np.array_equal(c["index"], rand.idx[same]) and np.allclose(c["x"].astype(np.float32), clean[same], atol=2e-3)
+    from pipeline.report_data import examples  # the report's examples: each row beside its own clean copy
+
+    for kind in ("leak-rand", "rand-clean-only"):
+        spec = plan.constructs[kind]
+        ex = examples(st, spec.as_dict(), n=4)
+        assert ex is not None and ex["kind"] == kind
+        want = np.clip(ex["clean"] + patterns[ex["y_target"]], 0, 1) if kind == "leak-rand" else ex["clean"]
+        moved = ex["y_target"] != ex["y_true"] if kind == "leak-rand" else np.ones(len(want), bool)
+        assert moved.any() and np.allclose(ex["adv"][moved], want[moved], atol=2e-3)  # each row's own crop
     plain = get("controls").plan(build(tiny_tar, tmp_path / "plain")[0], source_sha256(tiny_tar))
     assert "augment_copies" not in plain.constructs["leak-rand"].config

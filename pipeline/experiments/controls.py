@@ -38,6 +38,20 @@ LEAK = tuple(f"leak-{k}" for k in PGD_KINDS)
 CLEAN_ONLY = "rand-clean-only"
 
 
+def control_rows(cfg: dict, y_all: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A control's rows as K's (each image's copies, cropped and flipped as K's are): image index,
+    target and copy number of each row (rand-clean-only: only the rows whose target is their label)."""
+    kind = cfg["kind"]
+    images = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
+    copies = cfg.get("augment_copies", 0)
+    idx, copy = C.copy_rows(images, copies)
+    t = np.repeat(C.make_targets(base_kind(kind), y_all[images], num_classes, cfg["seed"]), max(copies, 1))
+    if kind == CLEAN_ONLY:
+        keep = t == y_all[idx]
+        idx, t, copy = idx[keep], t[keep], copy[keep]
+    return idx, t, copy
+
+
 def base_kind(kind: str) -> str:
     """The PGD set whose rows and targets a control mirrors: leak-rand -> rand; rand-clean-only -> rand."""
     return kind[len("leak-"):] if kind.startswith("leak-") else "rand"
@@ -57,13 +71,8 @@ def build_control(store: Store, spec: StageSpec, rt, log=lambda _m: None) -> str
     info = dataset_info(store, dataset_key)
     num_classes = len(info["classes"])
     x_all, y_all = load_split(store, dataset_key, "train")
-    images = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
-    copies = cfg.get("augment_copies", 0)  # K's rows: each image's copies, cropped and flipped as K's are
-    idx, copy = C.copy_rows(images, copies)
-    t = np.repeat(C.make_targets(base_kind(kind), y_all[images], num_classes, cfg["seed"]), max(copies, 1))
-    if kind == CLEAN_ONLY:
-        keep = t == y_all[idx]
-        idx, t, copy = idx[keep], t[keep], copy[keep]
+    idx, t, copy = control_rows(cfg, y_all, num_classes)
+    copies = cfg.get("augment_copies", 0)
     block = x_all[idx] if not copies else C.crop_flip(x_all[idx], C.copy_params(cfg["seed"], idx, copy))
     norm, eps = cfg.get("norm", "l2"), cfg.get("eps", 0.0)
     patterns = C.leak_patterns(num_classes, tuple(info["image_shape"]), norm, eps, cfg["seed"]) \
