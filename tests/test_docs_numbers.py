@@ -23,8 +23,12 @@ def _markdown_rows(text: str, first_header: str) -> list[list[str]]:
 
 
 def _over_seeds(path: Path) -> dict[str, dict[str, str]]:
-    """A committed run table's over-seeds rows, by set."""
+    """A committed run table's over-seeds rows, by set (one seed: its rows, acc_xy_% as the mean)."""
     text = path.read_text()
+    if "Over seeds" not in text:
+        header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+        return {r[0]: {**dict(zip(header, r)), "acc_xy_mean": dict(zip(header, r))["acc_xy_%"]}
+                for r in _markdown_rows(text, "set ")}
     over = text[text.index("Over seeds"):]
     header = [c.strip() for c in next(ln for ln in over.splitlines() if ln.startswith("| set ")).strip("|").split("|")]
     return {r[0]: dict(zip(header, r)) for r in _markdown_rows(over, "set ")}
