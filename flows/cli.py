@@ -231,11 +231,12 @@ def main(argv: list[str] | None = None) -> int:
 
         # the temporary server imports and migrates on the other core while this process imports torch
         # and the flows below (a URL store is refused without PREFECT_API_URL, before it is used)
-        early = None if Store(cfg.runtime.store).remote else early_server.start(cfg.data.source)
+        store = Store(cfg.runtime.store)
+        early = None if store.remote else early_server.start(cfg.data.source)
         from flows.replicate import check_shared_locks, replicate, run_experiment, sweep
         from pipeline.stages import locate_source
 
-        check_shared_locks(Store(cfg.runtime.store))  # a URL store needs a shared server: refused here
+        check_shared_locks(store)  # a URL store needs a shared server: refused here
         locate_source(cfg.data)  # a missing or malformed source fails here, before a flow starts
         from flows.console import display, print_last
 

@@ -172,22 +172,19 @@ def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] |
 
 
 def _copies_clean(store: Store, spec: dict[str, Any], dataset_key: str, rows: np.ndarray) -> np.ndarray:
-    """The clean images (uint8) of ``rows`` of a set built on augmented copies: a PGD set's, or a
-    control's (whose rows are its PGD set's, rand-clean-only's filtered)."""
+    """The clean images (uint8) of ``rows`` of a set built on augmented copies, each its image's crop
+    and flip: a PGD set's rows, or a control's (its PGD set's; rand-clean-only's filtered)."""
     from advfeatures import construct as C
     from pipeline.common import dataset_info, train_images_at
     from pipeline.experiments.controls import CLEAN_ONLY, LEAK, control_rows
-    from pipeline.kinds import spec_from_dict
-    from pipeline.sets.pgd import pgd_set
+    from pipeline.sets.pgd import set_rows
 
     cfg = spec["config"]
-    if cfg.get("kind") in LEAK + (CLEAN_ONLY,):
-        y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
-        idx, _, copy = control_rows(cfg, y_all, len(dataset_info(store, dataset_key)["classes"]))
-        block = train_images_at(store, dataset_key, idx[rows])
-        return C.crop_flip(block, C.copy_params(cfg["seed"], idx[rows], copy[rows]))
-    s = pgd_set(store, spec_from_dict(spec))
-    return np.concatenate([s.images(store, dataset_key, int(r), int(r) + 1) for r in rows])
+    y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
+    num_classes = len(dataset_info(store, dataset_key)["classes"])
+    idx, _, copy = control_rows(cfg, y_all, num_classes) if cfg.get("kind") in LEAK + (CLEAN_ONLY,) \
+        else set_rows(cfg, cfg.get("targets", cfg["kind"]), y_all, num_classes)
+    return C.crop_flip(train_images_at(store, dataset_key, idx[rows]), C.copy_params(cfg["seed"], idx[rows], copy[rows]))
 
 
 def _dataset_of(store: Store, spec: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ from pipeline.plan import Plan, add_set, make_plan, order_core
 from pipeline.sets import SetBuilder
 from pipeline.sets import register as register_set
 from pipeline.sets.pgd import KINDS as PGD_KINDS
+from pipeline.sets.pgd import set_rows
 from pipeline.stages.construct import attack_summary
 from storage.store import Store
 
@@ -42,10 +43,7 @@ def control_rows(cfg: dict, y_all: np.ndarray, num_classes: int) -> tuple[np.nda
     """A control's rows as K's (each image's copies, cropped and flipped as K's are): image index,
     target and copy number of each row (rand-clean-only: only the rows whose target is their label)."""
     kind = cfg["kind"]
-    images = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
-    copies = cfg.get("augment_copies", 0)
-    idx, copy = C.copy_rows(images, copies)
-    t = np.repeat(C.make_targets(base_kind(kind), y_all[images], num_classes, cfg["seed"]), max(copies, 1))
+    idx, t, copy = set_rows(cfg, base_kind(kind), y_all, num_classes)
     if kind == CLEAN_ONLY:
         keep = t == y_all[idx]
         idx, t, copy = idx[keep], t[keep], copy[keep]

@@ -76,17 +76,25 @@ class PGDSet:
         return np.stack([self.idx[start:stop], self.copy[start:stop]], 1)
 
 
+def set_rows(cfg: dict[str, Any], targets: str, y_all: np.ndarray, num_classes: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of a set over ``cfg``'s images (n_images, seed) and copies (augment_copies): image
+    index, target (``targets``' rule; every copy of an image has the image's target) and copy number
+    of each row. PGD sets and the controls that mirror them (pipeline.experiments.controls)."""
+    images = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
+    copies = cfg.get("augment_copies", 0)
+    idx, copy = C.copy_rows(images, copies)
+    t = np.repeat(C.make_targets(targets, y_all[images], num_classes, cfg["seed"]), max(copies, 1))
+    return idx, t, copy
+
+
 def pgd_set(store: Store, spec: StageSpec) -> PGDSet:
     dataset_key, cfg = spec.inputs[0], spec.config
     info = dataset_info(store, dataset_key)
     y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
-    images = C.choose_subset(len(y_all), cfg["n_images"], cfg["seed"])
-    t_images = C.make_targets(cfg.get("targets", cfg["kind"]), y_all[images], len(info["classes"]), cfg["seed"])
-    copies = cfg.get("augment_copies", 0)
-    idx, copy = C.copy_rows(images, copies)
-    t = np.repeat(t_images, max(copies, 1))  # every copy of an image has the image's target
+    idx, t, copy = set_rows(cfg, cfg.get("targets", cfg["kind"]), y_all, len(info["classes"]))
     return PGDSet(idx, y_all[idx], t, _layout(store, spec, len(idx), info["image_shape"]), len(info["classes"]),
-                  copy if copies else None, cfg["seed"])
+                  copy if cfg.get("augment_copies", 0) else None, cfg["seed"])
 
 
 def prepare_construct(store: Store, spec: StageSpec) -> list[int] | None:
