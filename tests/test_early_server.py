@@ -86,5 +86,10 @@ def test_no_early_start_where_settings_may_name_a_server(tmp_path, monkeypatch):
     (tmp_path / "pyproject.toml").write_text("[tool.prefect]\napi.url = 'http://x'\n")
     assert "tool.prefect" in early_server._settings_elsewhere()
     (tmp_path / "pyproject.toml").unlink()
+    monkeypatch.setenv("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "f")  # the old name, a false Prefect reads
+    assert "ALLOW_EPHEMERAL_MODE" in early_server._settings_elsewhere()
+    monkeypatch.delenv("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE")
+    monkeypatch.setenv("ADVFEATURES_EARLY_SERVER", "1")
+    assert early_server.start(str(tmp_path / "missing.zip")) is None  # the run stops before its flow
     monkeypatch.setenv("ADVFEATURES_EARLY_SERVER", "0")
     assert early_server._settings_elsewhere() is None and early_server.start() is None

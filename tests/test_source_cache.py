@@ -154,3 +154,22 @@ def test_a_folder_listing_names_its_files(tmp_path):
     (tmp_path / "b/2.bin").rename(tmp_path / "b/3.bin")  # same size and mtime: only the name differs
     assert DS.source_stat(tmp_path) != stat
     assert stat["source_size"] == 8 and stat["source_mtime_ns"] == 10**18
+
+
+def test_a_source_changed_while_hashed_is_not_remembered(ingested, tmp_path, monkeypatch):
+    """The stat recorded is the one before hashing: a source touched meanwhile gets no record."""
+    src, store, spec = ingested
+    copy = tmp_path / "copy.tar.gz"
+    shutil.copy2(src, copy)
+    real = DS.path_sha256
+
+    def touching(path):
+        sha = real(path)
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        return sha
+
+    monkeypatch.setattr(DS, "path_sha256", touching)
+    DS.source_sha256(copy, store)
+    assert not (store.root / "datasets" / DS.RESTATS).exists()
+
