@@ -221,10 +221,13 @@ def select_spec(cfg: ExperimentConfig, construct: StageSpec, source: StageSpec) 
 
 
 def student_spec(cfg: ExperimentConfig, kind: str, seed: int, construct: StageSpec,
-                 source: StageSpec | None) -> StageSpec:
+                 source: StageSpec | None, recipe: str | None = None) -> StageSpec:
     """A student of set ``kind`` with ``seed``: its own initial weights and data order, unless
-    ``student.init`` is shared_with_source (then the source's initial weights)."""
-    model = to_plain(cfg.student.model_for(kind))
+    ``student.init`` is shared_with_source (then the source's initial weights). ``recipe``: the set
+    whose ``student.per_set`` entry it trains with (a control trains as its set does), unless
+    ``student.per_set`` names ``kind`` itself."""
+    rk = kind if recipe is None or kind in cfg.student.per_set else recipe
+    model = to_plain(cfg.student.model_for(rk))
     seeds = model_seeds("student", (kind,), seed)
     if cfg.student.init == "shared_with_source":
         if source is None:
@@ -236,7 +239,7 @@ def student_spec(cfg: ExperimentConfig, kind: str, seed: int, construct: StageSp
                               "set student.init=independent or the same arch")
         seeds["init"] = source.config["seeds"]["init"]
     return StageSpec("student", {"role": "student", "set": kind, "init": cfg.student.init, "model": model,
-                                 "train": train_config(cfg.student.train_for(kind, seed)), "seeds": seeds,
+                                 "train": train_config(cfg.student.train_for(rk, seed)), "seeds": seeds,
                                  "amp": cfg.runtime.amp}, (construct.key,))
 
 
@@ -265,9 +268,10 @@ def add_model(plan: Plan, cfg: ExperimentConfig, spec: StageSpec, label: str, ds
 
 
 def add_students(plan: Plan, cfg: ExperimentConfig, kind: str, trained_on: StageSpec, ds: StageSpec,
-                 source: StageSpec | None, robust: bool = True) -> list[StageSpec]:
-    """One student per seed of ``student.seeds`` on ``trained_on``, each evaluated."""
-    return [add_model(plan, cfg, student_spec(cfg, kind, seed, trained_on, source), f"{kind} seed={seed}", ds,
+                 source: StageSpec | None, robust: bool = True, recipe: str | None = None) -> list[StageSpec]:
+    """One student per seed of ``student.seeds`` on ``trained_on``, each evaluated (``recipe``: as
+    ``student_spec``)."""
+    return [add_model(plan, cfg, student_spec(cfg, kind, seed, trained_on, source, recipe), f"{kind} seed={seed}", ds,
                       robust, role="student", set=kind, seed=seed) for seed in cfg.student.seeds]
 
 

@@ -152,7 +152,8 @@ def test_controls_reuse_every_replicate_stage_and_add_only_controls(tiny_tar):
     rep, ctl = get("replicate").plan(cfg, sha), get("controls").plan(cfg, sha)
     rep_keys = {s.key for s in rep.stages() if s.stage != "run"}
     assert rep_keys < {s.key for s in ctl.stages()}  # a controls run after replicate recomputes none of these
-    assert set(ctl.constructs) - set(rep.constructs) == {"leak-rand", "leak-other", "leak-det", "rand-clean-only"}
+    assert set(ctl.constructs) - set(rep.constructs) == {"leak-rand", "leak-other", "leak-det", "rand-clean-only",
+                                                         "clean-rand", "clean-other", "clean-det"}
     with pytest.raises(ConfigError, match="no PGD set"):
         get("controls").plan(resolve("tiny", ["construct.sets=[errors]"]), sha)
 
@@ -516,3 +517,39 @@ def test_controls_mirror_the_augmented_copies_of_their_sets(tmp_path, tiny_tar):
         assert moved.any() and np.allclose(ex["adv"][moved], want[moved], atol=2e-3)  # each row's own crop
     plain = get("controls").plan(build(tiny_tar, tmp_path / "plain")[0], source_sha256(tiny_tar))
     assert "augment_copies" not in plain.constructs["leak-rand"].config
+
+
+@pytest.mark.parametrize("copies", [0, 2])
+def test_row_matched_control_is_exactly_the_trained_rows_clean(tmp_path, tiny_tar, copies):
+    """clean-K holds the rows K's students train on (its margin selection's, in order), each
+    labelled t, with the clean image put back: its distance to K's row is that row's recorded
+    perturbation norm (a wrong row, copy or crop would be far off). Its students train with K's
+    recipe; at construct.select=1 it mirrors the whole set."""
+    from conftest import build
+
+    from pipeline.experiments.controls import build_matched
+    from pipeline.sets.pgd import generate
+    from pipeline.stages.select import select_rows
+
+    over = ["construct.select=0.5", "construct.sets=[rand,det]", "student.per_set={rand: {lr: 0.01}}"]
+    cfg, st, _ = build(tiny_tar, tmp_path, over + ([f"construct.augment_copies={copies}"] if copies else []))
+    plan = get("controls").plan(cfg, source_sha256(tiny_tar))
+    for k in ("rand", "det"):
+        sel, matched = plan.selections[k], plan.constructs[f"clean-{k}"]
+        assert matched.inputs == (plan.dataset.key, plan.source.key, sel.key)
+        generate(st, plan.constructs[k], cfg.runtime)
+        select_rows(st, sel, cfg.runtime)
+        build_matched(st, matched, cfg.runtime)
+        s, m = A.read_rows(st.path("constructed", sel.key)), A.read_rows(st.path("constructed", matched.key))
+        assert len(m["index"]) == len(s["index"]) < len(A.read_rows(st.path("constructed", plan.constructs[k].key),
+                                                                     names=("index",))["index"])
+        assert np.array_equal(m["index"], s["index"]) and np.array_equal(m["y_target"], s["y_target"])
+        assert np.array_equal(m["y_true"], s["y_true"]) and (m["norm"] < 0.01).all()
+        dist = np.sqrt(((s["x"].astype(np.float32) - m["x"].astype(np.float32)) ** 2).reshape(len(m["x"]), -1).sum(1))
+        assert np.allclose(dist, s["norm"], atol=0.02), (k, np.abs(dist - s["norm"]).max())
+        assert s["norm"].mean() > 0.1  # the check has something to find
+    students = {st_.kind: st_.student for st_ in plan.students}
+    assert students["clean-rand"].config["train"]["lr"] == students["rand"].config["train"]["lr"] == 0.01
+    assert students["clean-det"].config["train"] == students["det"].config["train"]
+    whole = get("controls").plan(resolve("tiny", ["construct.select=1"], data=str(tiny_tar)), source_sha256(tiny_tar))
+    assert whole.constructs["clean-det"].inputs[2] == whole.constructs["det"].key and not whole.selections

@@ -7,6 +7,13 @@
   50.1 on the clean test set).
 - ``rand-clean-only`` (when rand is built): only D_rand's rows whose target is their own label,
   unperturbed: how much of a rand student's accuracy those ~1/C correctly labelled rows explain.
+- ``clean-K``, the row-matched selection control, for each PGD set K: exactly the rows K's
+  students train on (after margin selection, if any), each labelled with its target t, but with
+  the clean image put back. Selection keeps the rows on which the source is most confident of t;
+  if it found images that already look like t to a standard model, students learn t from robust,
+  perceptible cues, and ``clean-K`` scores as K does. The gap between K and ``clean-K`` is what
+  the perturbation adds on top of the rows selection chose. Its students train with K's recipe
+  (``student.per_set.K``) unless ``student.per_set.clean-K`` says otherwise.
 
 Each control mirrors every construction setting of its set: the subset, seed and storage dtype
 and, with ``construct.augment_copies``, the same copies of each image, cropped and flipped as the
@@ -24,19 +31,22 @@ import numpy as np
 from advfeatures import construct as C
 from advfeatures.attacks import threat_model
 from advfeatures.config import ConfigError, ExperimentConfig
-from pipeline.common import Context, dataset_info, load_model, load_split, once, run_record, save_set, setup_runtime
+from pipeline.common import (Context, dataset_info, load_model, load_split, once, run_record, save_set, setup_runtime,
+                             verified_set)
 from pipeline.experiments import Experiment, register
 from pipeline.kinds import StageSpec
-from pipeline.plan import Plan, add_set, make_plan, order_core
+from pipeline.plan import Plan, add_set, add_students, make_plan, order_core
 from pipeline.sets import SetBuilder
 from pipeline.sets import register as register_set
 from pipeline.sets.pgd import KINDS as PGD_KINDS
 from pipeline.sets.pgd import set_rows
 from pipeline.stages.construct import attack_summary
-from storage.store import Store
+from storage.store import Store, StoreError
 
 LEAK = tuple(f"leak-{k}" for k in PGD_KINDS)
 CLEAN_ONLY = "rand-clean-only"
+MATCHED = tuple(f"clean-{k}" for k in PGD_KINDS)
+"""The row-matched selection controls: K's trained rows, clean, labelled t."""
 
 
 def control_rows(cfg: dict, y_all: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,6 +97,61 @@ def build_control(store: Store, spec: StageSpec, rt, log=lambda _m: None) -> str
     return spec.key
 
 
+def matched_rows(store: Store, trained_on: str, y_all: np.ndarray, num_classes: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The rows students of a PGD set train on (``trained_on``: its margin selection, or the set
+    itself when there is none), as image index, target and copy number of each row, and the PGD
+    set's config. The selected positions come from the PGD set's stored margins by the selection's
+    own rule (``selected_positions``), and are checked against the rows the selection stored."""
+    from pipeline.stages.select import selected_positions
+
+    man = store.manifest("constructed", trained_on)
+    stage = man["stage"]
+    parent = stage["inputs"][0] if stage["stage"] == "select" else trained_on
+    pcfg = store.manifest("constructed", parent)["stage"]["config"]
+    idx, t, copy = set_rows(pcfg, pcfg.get("targets", pcfg["kind"]), y_all, num_classes)
+    if stage["stage"] == "select":
+        _, rec = verified_set(store, parent, names=("margin", "y_target", "y_true"))
+        pos = selected_positions(rec, stage["config"]["fraction"])
+        _, kept = verified_set(store, trained_on, names=("index", "y_target"))
+        if not (np.array_equal(kept["index"], idx[pos]) and np.array_equal(kept["y_target"], t[pos])):
+            raise StoreError(f"constructed/{trained_on}: the selection's rows are not those its rule picks from "
+                             f"constructed/{parent}; run `advfeatures verify {trained_on} --repair` and rerun")
+        idx, t, copy = idx[pos], t[pos], copy[pos]
+    return idx, t, copy, pcfg
+
+
+@once
+def build_matched(store: Store, spec: StageSpec, rt, log=lambda _m: None) -> str:
+    """clean-K: the rows K's students train on (``spec.inputs[2]``: K's selection, or K), each
+    labelled with its target t, with the clean image (with augmented copies, the same crop and flip
+    as K's row) instead of the perturbed one. Records (fooled, loss, norm, margin) under the source
+    on the clean images: ``fooled`` is then the share of rows the source already gives t unperturbed."""
+    dataset_key, source_key, trained_on = spec.inputs
+    device = setup_runtime(rt)
+    t0 = time.perf_counter()
+    info = dataset_info(store, dataset_key)
+    x_all, y_all = load_split(store, dataset_key, "train")
+    idx, t, copy, pcfg = matched_rows(store, trained_on, y_all, len(info["classes"]))
+    block = x_all[idx] if not pcfg.get("augment_copies", 0) else C.crop_flip(x_all[idx], C.copy_params(pcfg["seed"], idx, copy))
+    arrays = C.pattern_block(load_model(store, source_key, device), block, t, threat_model("l2", 1e-12), device,
+                             rt.eval_batch_size, spec.config["dtype"])
+    rows = {**arrays, "y_target": t, "y_true": y_all[idx], "index": idx}
+    summary = attack_summary(rows)
+    save_set(store, spec, rows, info["classes"], summary, run_record(rt, device), t0,
+             seeds={"construct": pcfg["seed"]}, parent=trained_on)
+    log(f"control {spec.config['kind']} {spec.key}: {len(idx)} rows of {trained_on}, clean; the source gives "
+        f"their target to {summary['attack_success']:.3f} of them unperturbed")
+    return spec.key
+
+
+def matched_spec(cfg: ExperimentConfig, kind: str, dataset: StageSpec, source: StageSpec,
+                 trained_on: StageSpec) -> StageSpec:
+    """clean-K from the rows K's students train on: everything that decides them is in
+    ``trained_on``'s key; the storage dtype is the set's."""
+    return StageSpec("construct", {"kind": kind, "dtype": cfg.construct.dtype}, (dataset.key, source.key, trained_on.key))
+
+
 def control_spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) -> StageSpec:
     """Every construction setting of the set the control mirrors: subset, seed, storage dtype and,
     when on, its augmented copies (keyed only then, as for PGD sets)."""
@@ -105,10 +170,16 @@ def _build(store: Store, spec: StageSpec, ctx: Context) -> str:
     return build_control(store, spec, ctx.runtime, ctx.log)
 
 
+def _build_matched(store: Store, spec: StageSpec, ctx: Context) -> str:
+    return build_matched(store, spec, ctx.runtime, ctx.log)
+
+
 register_set(SetBuilder(LEAK, "PGD set K's rows and targets plus one fixed random pattern of norm eps per target class",
                         build=_build, spec=control_spec, perturbed=True, task_name="build-control"))
 register_set(SetBuilder((CLEAN_ONLY,), "D_rand's rows whose target is their own label, unperturbed",
                         build=_build, spec=control_spec, task_name="build-control"))
+register_set(SetBuilder(MATCHED, "the rows PGD set K's students train on (after margin selection), clean, labelled t",
+                        build=_build_matched, plannable=False, selectable=False, task_name="build-control"))
 
 
 def controls_of(sets: tuple[str, ...]) -> list[str]:
@@ -116,7 +187,8 @@ def controls_of(sets: tuple[str, ...]) -> list[str]:
 
 
 def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
-    """replicate's plan plus each PGD set's leak control and rand-clean-only."""
+    """replicate's plan plus each PGD set's leak control, rand-clean-only and its row-matched
+    selection control clean-K."""
     controls = controls_of(tuple(cfg.construct.sets))
     if not controls:
         raise ConfigError(f"construct.sets={list(cfg.construct.sets)} has no PGD set to control; add rand, other or det")
@@ -124,7 +196,18 @@ def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
     for kind in controls:
         if kind not in cfg.construct.sets:
             add_set(out, cfg, kind)
+    add_matched(out, cfg)
     return order_core(out).with_run(cfg.name)
+
+
+def add_matched(plan: Plan, cfg: ExperimentConfig) -> None:
+    """clean-K for each PGD set K of the plan, beside K: its students train on it as K's do."""
+    ds, source = plan.dataset, plan.source
+    for k in [k for k in cfg.construct.sets if k in PGD_KINDS]:
+        trained_on = plan.selections.get(k) or plan.constructs[k]
+        spec = plan.add(matched_spec(cfg, f"clean-{k}", ds, source, trained_on), f"clean-{k}", role="set",
+                        set=f"clean-{k}")
+        add_students(plan, cfg, f"clean-{k}", spec, ds, source, recipe=k)
 
 
 EXPERIMENT = register(Experiment(

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from advfeatures import construct as C
 from advfeatures.config import RuntimeConfig
 from pipeline.common import Context, Log, once, quiet, run_record, save_set, verified_set
 from pipeline.kinds import StageKind, StageSpec, declare
 from pipeline.stages.construct import attack_summary, verify_set
 from storage.store import Store
+
+
+def selected_positions(rows: dict, fraction: float) -> np.ndarray:
+    """The positions, in a PGD set, of the rows its selection keeps: the ``fraction`` with the
+    largest target margin among rows with t = y and among rows with t != y (``rows``: the set's
+    ``margin``, ``y_target`` and ``y_true``). The selection and the row-matched control
+    (``pipeline.experiments.controls``) both take their rows from here."""
+    return C.select_by_margin(rows["margin"], fraction, strata=rows["y_target"] == rows["y_true"])
 
 
 @once
@@ -22,7 +32,7 @@ def select_rows(store: Store, spec: StageSpec, rt: RuntimeConfig | None = None, 
     (construct_key, _source_key), fraction = spec.inputs, spec.config["fraction"]
     t0 = time.perf_counter()
     cman, rows = verified_set(store, construct_key)
-    keep = C.select_by_margin(rows["margin"], fraction, strata=rows["y_target"] == rows["y_true"])
+    keep = selected_positions(rows, fraction)
     kept = {k: v[keep] for k, v in rows.items()}
     summary = {**attack_summary(kept), "fraction": fraction, "n_parent": int(len(rows["margin"])),
                "min_margin_kept": float(kept["margin"].min()),
