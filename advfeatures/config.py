@@ -205,6 +205,21 @@ class ModelStageConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig(ModelStageConfig):
+    """The source: a model stage, plus the source seeds a run varies."""
+    seeds: tuple[int, ...] = ()
+    """Source seeds to vary (replicate and controls): one source per seed, each with every set made
+    from it (its own set seed), its teacher and its students, so that a result's spread covers the
+    source, the set and the student (tables: the mean over sources, the spread between and within
+    sources, the 95% interval over sources). The first seed's stages are those of a run with
+    ``train.seed`` set to it; () = the one source of ``train.seed``."""
+
+    def __post_init__(self):
+        _check(len(set(self.seeds)) == len(self.seeds), f"source.seeds has repeats: {list(self.seeds)}")
+        _check(all(s >= 0 for s in self.seeds), f"source.seeds must be >= 0, got {list(self.seeds)}")
+
+
+@dataclass(frozen=True)
 class AttackConfig:
     norm: str = "l2"
     """'l2' or 'linf'."""
@@ -396,7 +411,7 @@ class ExperimentConfig:
     """The run's name (a profile's file name unless it sets one): the run stage's key and the report's titles."""
     data: DataConfig = field(default_factory=DataConfig)
     """Where the images come from (CIFAR-10 or any ImageFolder-like set of the same shape)."""
-    source: ModelStageConfig = field(default_factory=ModelStageConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
     """The source: the classifier trained on the clean training set that the PGD sets attack (a standard
     one unless train.adversarial is set)."""
     teacher: ModelStageConfig = field(default_factory=ModelStageConfig)
@@ -622,7 +637,7 @@ def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple
     # train.adversarial is the source's own: a robust source's teacher and students train as
     # standard models unless they ask for it themselves
     inherited = {k: ({kk: vv for kk, vv in v.items() if kk != "adversarial"} if k == "train" and isinstance(v, dict)
-                     else v) for k, v in source.items()}
+                     else v) for k, v in source.items() if k != "seeds"}
     teacher_base = _deep_merge(inherited, {"train": {"epochs": 2}})
     raw["teacher"] = _deep_merge(teacher_base, raw.get("teacher") or {})
     raw["student"] = _deep_merge({k: v for k, v in inherited.items() if k in ("model", "train")},

@@ -283,7 +283,7 @@ def _plans(raw: dict, experiments: tuple[str, ...]) -> dict[str, dict[str, list[
     out = {}
     for name in experiments:
         try:
-            plan = get(name).plan(cfg, SHA)
+            plan = get(name).plan_of(cfg, SHA)
         except C.ConfigError:
             continue
         labels = plan.labels()
@@ -368,6 +368,8 @@ def _candidates(s: Setting, current: Any, strings: list[str], named: list[str], 
         return [folder, *named, *strings]
     if isinstance(current, list):
         out = [current[:-1]] if len(current) > 1 else []
+        if not current and (t.endswith("of float") or t.endswith("of int")):  # an empty list: one value, two
+            return [[1], [0, 1]]
         if t.endswith("of str"):
             return out + [current + [v] for v in dict.fromkeys([*named, *strings]) if v not in current]
         if current and (t.endswith("of float") or t.endswith("of int")):  # one more value; another first value

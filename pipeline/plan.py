@@ -27,13 +27,14 @@ them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 from advfeatures.config import ConfigError, ExperimentConfig, ModelStageConfig, TrainConfig, to_plain
-from advfeatures.seeds import model_seeds
+from advfeatures.seeds import derive_seed, model_seeds
 from pipeline.kinds import FOLDER, SCHEMA, StageSpec  # noqa: F401 - re-exported for plans
 
 
@@ -52,11 +53,14 @@ class Plan:
     """Stage specs in dependency order (every input of a stage is an earlier stage of the plan, or
     outside it), each with a label and tags, and the run stage that tabulates them (if any)."""
 
-    def __init__(self, nodes: Iterable[Node] = (), run: StageSpec | None = None):
+    def __init__(self, nodes: Iterable[Node] = (), run: StageSpec | None = None,
+                 replicates: dict[int, Plan] | None = None):
         self._nodes: dict[str, Node] = {}
         for n in nodes:
             self._add(n)
         self.run = run
+        self.replicates: dict[int, Plan] = dict(replicates or {})
+        """source seed -> the plan of that source (``over_sources``); empty: one source."""
 
     # building -----------------------------------------------------------------------------------
     def _add(self, node: Node) -> StageSpec:
@@ -78,7 +82,7 @@ class Plan:
         robust ones, each in plan order (the run's key depends on that order)."""
         evals = [n for n in self.nodes() if n.spec.stage == "eval"]
         ordered = [n.key for n in evals if "eps" not in n.tags] + [n.key for n in evals if "eps" in n.tags]
-        return Plan(self.nodes(), StageSpec("run", {"name": name}, tuple(ordered)))
+        return Plan(self.nodes(), StageSpec("run", {"name": name}, tuple(ordered)), self.replicates)
 
     def until(self, stage: str) -> Plan:
         """Only the stages of kind ``stage`` and everything they need (no run stage), e.g.
@@ -228,7 +232,8 @@ def student_spec(cfg: ExperimentConfig, kind: str, seed: int, construct: StageSp
     ``student.per_set`` names ``kind`` itself."""
     rk = kind if recipe is None or kind in cfg.student.per_set else recipe
     model = to_plain(cfg.student.model_for(rk))
-    seeds = model_seeds("student", (kind,), seed)
+    src = cfg.source.train.seed  # a varied source's students (``for_source``) get seeds of their own
+    seeds = model_seeds("student", (kind,) if src == source_seeds(cfg)[0] else (kind, "source", src), seed)
     if cfg.student.init == "shared_with_source":
         if source is None:
             raise ConfigError(f"student.init=shared_with_source: the {kind} students have no source model in this "
@@ -315,6 +320,49 @@ def make_plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
     for kind in cfg.construct.sets:
         add_set(plan, cfg, kind)
     return order_core(plan).with_run(cfg.name)
+
+
+def source_seeds(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """The source seeds of a run: ``source.seeds``, else the one of ``source.train.seed``."""
+    return tuple(cfg.source.seeds) or (cfg.source.train.seed,)
+
+
+def replicate_seed(cfg: ExperimentConfig, s: int, base: int) -> int:
+    """A seed of the replicate of source seed ``s``: ``base`` (the config's own) for the first source
+    seed, so its stages are those of a one-source run; derived from (base, s) for the others."""
+    if s == source_seeds(cfg)[0]:
+        return base
+    return derive_seed("replicate", base, s) & 0x7FFFFFFF
+
+
+def for_source(cfg: ExperimentConfig, s: int) -> ExperimentConfig:
+    """``cfg`` for the replicate of source seed ``s``: the source trained with seed s, and the sets
+    and teacher made from it with their own seeds (``replicate_seed``); students get theirs from
+    the source seed too (``student_spec``), so no two models of a run share initial weights."""
+    teacher = dataclasses.replace(cfg.teacher, train=dataclasses.replace(
+        cfg.teacher.train, seed=replicate_seed(cfg, s, cfg.teacher.train.seed)))
+    return dataclasses.replace(
+        cfg, source=dataclasses.replace(cfg.source, train=dataclasses.replace(cfg.source.train, seed=s)),
+        teacher=teacher, construct=dataclasses.replace(cfg.construct, seed=replicate_seed(cfg, s, cfg.construct.seed)))
+
+
+def over_sources(build: Any, cfg: ExperimentConfig, source_sha256: str, experiment: str = "",
+                 varies_sources: bool = True) -> Plan:
+    """An experiment's plan (``build(cfg, sha)``) once per source seed (``source.seeds``), as one
+    plan: every node tagged with its ``source_seed`` (shared stages, the dataset, once), the run
+    stage over every evaluation, ``replicates`` holding each source's own plan for its table."""
+    seeds = source_seeds(cfg)
+    if not cfg.source.seeds:
+        return build(cfg, source_sha256)
+    if not varies_sources and len(seeds) > 1:
+        raise ConfigError(f"source.seeds={list(seeds)}: the {experiment or 'this'} experiment has one source; vary "
+                          "source seeds with replicate or controls, or give one seed")
+    if len(seeds) == 1:
+        return build(for_source(cfg, seeds[0]), source_sha256)
+    subs = {s: build(for_source(cfg, s), source_sha256) for s in seeds}
+    nodes = [Node(n.spec, f"{n.label} [source {s}]" if n.tags.get("role") != "dataset" else n.label,
+                  {**n.tags, "source_seed": s}) for s, sub in subs.items() for n in sub.nodes()]
+    return Plan(nodes, replicates=subs).with_run(cfg.name)
 
 
 def _upstream(kind: str) -> str:

@@ -124,6 +124,14 @@ def with_fooling(store: Store, df: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_table(store: Store, plan: Plan) -> pd.DataFrame:
+    """Table 1: one row per model; over several source seeds (``plan.replicates``), each source's
+    rows in turn, ``source_seed`` saying which."""
+    if plan.replicates:
+        return pd.concat([_source_table(store, sub) for sub in plan.replicates.values()], ignore_index=True)
+    return _source_table(store, plan)
+
+
+def _source_table(store: Store, plan: Plan) -> pd.DataFrame:
     source_acc = store.manifest("evals", plan.source_eval.key)["metrics"]["acc_xy"]
     robust = plan.robust
     rows = [_row(store, "D (source)", plan.source, plan.source_eval, None, source_acc, robust.get(plan.source.key, []))]
@@ -133,7 +141,9 @@ def build_table(store: Store, plan: Plan) -> pd.DataFrame:
     for s in plan.students:
         rows.append(_row(store, s.kind, s.student, s.eval, store.manifest("constructed", s.construct.key), source_acc,
                          robust.get(s.student.key, [])))
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.insert(2, "source_seed", plan.source.config["train"]["seed"])
+    return df
 
 
 def t_interval(values: pd.Series) -> tuple[float, float]:
@@ -166,10 +176,28 @@ def seed_stats(values: pd.Series, name: str) -> dict:
     return {f"{name}_mean": values.mean(), f"{name}_std": values.std(), "ci95_lo": lo, "ci95_hi": hi}
 
 
+def nested_stats(g: pd.DataFrame, col: str = "acc_xy_%") -> dict[str, float]:
+    """``col`` over a nested design (sources x students; ``source_seed``): the mean of the source
+    means, the spread between sources (the std of the source means), the spread within a source
+    (the pooled std of students around their source's mean), and the 95% t-interval of the mean
+    over the source means (n = sources): a t-interval over every student would treat students of
+    one source as independent and understate it."""
+    by = g.groupby("source_seed", sort=False)[col]
+    means = by.mean()
+    dev = g[col] - by.transform("mean")
+    dof = int((by.count() - 1).clip(lower=0).sum())
+    lo, hi = t_interval(means)
+    return {"n_sources": int(means.count()), "mean": float(means.mean()), "between_std": float(means.std()),
+            "within_std": float(((dev ** 2).sum() / dof) ** 0.5) if dof else float("nan"), "ci95_lo": lo, "ci95_hi": hi}
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Per (set, model): n seeds, mean and standard deviation over seeds, and the 95% t-interval
     of the mean, of acc (X, Y) and acc (X, Y+1); the mean fooling rates (whole set, trained rows)
-    beside them."""
+    beside them. Over several source seeds (``source_seed``): the mean over sources, the spread
+    between and within sources, and the interval over sources (``nested_stats``)."""
+    if "source_seed" in df and df["source_seed"].nunique() > 1:
+        return summarize_nested(df)
     rows = []
     for (set_name, model), g in df.groupby(["set", "model"], sort=False):
         lo, hi = t_interval(g["acc_xy_%"])
@@ -181,13 +209,31 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def summarize_nested(df: pd.DataFrame) -> pd.DataFrame:
+    """``summarize`` over sources x students: per (set, model), n models and n sources, acc (X, Y)'s
+    mean over the source means, its spread between and within sources and its 95% interval over
+    sources; acc (X, Y+1) and the fooling rates likewise averaged over sources."""
+    rows = []
+    for (set_name, model), g in df.groupby(["set", "model"], sort=False):
+        xy, xy1 = nested_stats(g), nested_stats(g, "acc_xy+1_%")
+        rows.append({"set": set_name, "model": model, "n": len(g), "n_sources": xy["n_sources"],
+                     "acc_xy_mean": xy["mean"], "acc_xy_between_std": xy["between_std"],
+                     "acc_xy_within_std": xy["within_std"], "acc_xy_ci95_lo": xy["ci95_lo"],
+                     "acc_xy_ci95_hi": xy["ci95_hi"], "acc_xy1_mean": xy1["mean"],
+                     "acc_xy1_between_std": xy1["between_std"],
+                     **{c: g.groupby("source_seed")[c].mean().mean() for c in FOOLING[:4] if c in g}})
+    return pd.DataFrame(rows)
+
+
 def init_note(df: pd.DataFrame) -> str:
     """One line: do any two models of the table share initial weights?"""
     inits = df[df["init"] != ""]
     shared = inits[inits.duplicated("init", keep=False)]
     if shared.empty:
         return f"Initial weights: all {len(inits)} models start from different weights."
-    groups = ["; ".join(f"{r.set} seed {r.seed}" for r in g.itertuples()) for _, g in shared.groupby("init")]
+    src = (lambda r: f" source {r.source_seed}") if "source_seed" in df and df["source_seed"].nunique() > 1 \
+        else (lambda r: "")
+    groups = ["; ".join(f"{r.set} seed {r.seed}{src(r)}" for r in g.itertuples()) for _, g in shared.groupby("init")]
     return "Initial weights SHARED by: " + " | ".join(groups)
 
 
@@ -195,8 +241,11 @@ def to_markdown(df: pd.DataFrame) -> str:
     shown = df.drop(columns=[c for c in df.columns if c.endswith("_key")] + ["n_test"])
     text = shown.to_markdown(index=False, floatfmt=".1f")
     if df["seed"].groupby(df["set"]).size().max() > 1:
-        text += "\n\nOver seeds (mean, std, 95% t-interval of the mean):\n\n" + \
-            summarize(df).to_markdown(index=False, floatfmt=".1f")
+        nested = "source_seed" in df and df["source_seed"].nunique() > 1
+        head = ("Over sources x students (the mean of the source means; the std of the source means (between) and of "
+                "students around their source's mean (within); the 95% t-interval over sources)") if nested \
+            else "Over seeds (mean, std, 95% t-interval of the mean)"
+        text += f"\n\n{head}:\n\n" + summarize(df).to_markdown(index=False, floatfmt=".1f")
     return text + "\n\n" + init_note(df)
 
 

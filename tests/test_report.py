@@ -452,3 +452,50 @@ def test_report_is_drawn_again_only_when_what_it_shows_changed(tiny_run, tmp_pat
     assert D.report_fingerprint(copy) not in (before, appeared)
     html_report.write_report(st, copy)  # without if_changed: always drawn
     assert calls == [1, 1] and D.report_is_current(copy)
+
+
+def test_nested_stats_known_answer_sources_by_students():
+    """3 sources x 2 students: the headline is the mean of the source means, its interval a
+    t-interval over the 3 source means (not over the 6 students, which would be narrower), the
+    between spread the std of the source means, the within spread the pooled std around each
+    source's mean."""
+    from pipeline.report import nested_stats, summarize, to_markdown
+
+    acc = {0: (50.0, 52.0), 1: (60.0, 60.0), 2: (40.0, 43.0)}  # source means 51, 60, 41.5
+    df = pd.DataFrame([{"set": "det", "model": "m", "source_seed": s, "seed": k, "acc_xy_%": a, "acc_xy+1_%": 1.0,
+                        "init": f"{s}{k}"} for s, pair in acc.items() for k, a in enumerate(pair)])
+    got = nested_stats(df)
+    means = np.array([51.0, 60.0, 41.5])
+    half = 4.302652729911275 * means.std(ddof=1) / 3 ** 0.5
+    assert got["n_sources"] == 3 and got["mean"] == pytest.approx(means.mean())
+    assert got["between_std"] == pytest.approx(means.std(ddof=1))
+    assert got["within_std"] == pytest.approx(((1 + 1 + 0 + 0 + 2.25 + 2.25) / 3) ** 0.5)  # 3 dof
+    assert (got["ci95_lo"], got["ci95_hi"]) == pytest.approx((means.mean() - half, means.mean() + half))
+    row = summarize(df).iloc[0]
+    assert row["n"] == 6 and row["n_sources"] == 3 and row["acc_xy_ci95_lo"] == pytest.approx(means.mean() - half)
+    assert "Over sources x students" in to_markdown(df.assign(n_test=1))
+    one = df[df["source_seed"] == 0]
+    assert "acc_xy_std" in summarize(one) and "n_sources" not in summarize(one)  # one source: over seeds, as before
+
+
+def test_source_seeds_replicate_the_plan_without_sharing_any_seed(tiny_tar):
+    """source.seeds=[0, 1, 2]: the first source's stages are a one-source run's; the others have
+    their own source, set, teacher and student seeds (no two models share initial-weight seeds);
+    experiments with one source refuse the setting."""
+    from advfeatures.config import ConfigError
+
+    sha = source_sha256(tiny_tar)
+    one = get("controls").plan_of(resolve("tiny", [], data=str(tiny_tar)), sha)
+    many = get("controls").plan_of(resolve("tiny", ["source.seeds=[0,1,2]"], data=str(tiny_tar)), sha)
+    assert sorted(many.replicates) == [0, 1, 2]
+    assert {s.key for s in many.replicates[0].stages() if s.stage != "run"} == \
+        {s.key for s in one.stages() if s.stage != "run"}
+    models = [n.spec for n in many.nodes() if n.spec.stage in ("model", "student")]
+    inits = [m.config["seeds"]["init"] for m in models]
+    assert len(inits) == len(set(inits)) == 3 * len([s for s in one.stages() if s.stage in ("model", "student")])
+    sets = {n.tags["source_seed"]: n.spec.config["seed"] for n in many.find(role="set", set="det")}
+    assert len(set(sets.values())) == 3 and sets[0] == 0
+    assert {n.tags["source_seed"] for n in many.find(role="source")} == {0, 1, 2}
+    assert len(many.run.inputs) == 3 * len(one.run.inputs)
+    with pytest.raises(ConfigError, match="one source"):
+        get("spectrum").plan_of(resolve("spectrum", ["source.seeds=[0,1]"], data=str(tiny_tar)), sha)

@@ -39,6 +39,15 @@ class Experiment:
     report: Callable[..., None] | None = None
     """(doc, store, run info, figures folder) -> None: the experiment's section of the HTML
     report (``pipeline.html_report``), after the table."""
+    varies_sources: bool = False
+    """Its plan may be repeated over ``source.seeds`` (``pipeline.plan.over_sources``); others
+    refuse more than one source seed."""
+
+    def plan_of(self, cfg: ExperimentConfig, source_sha256: str) -> Any:
+        """The experiment's plan over the run's source seeds (one plan per seed, as one)."""
+        from pipeline.plan import over_sources
+
+        return over_sources(self.plan, cfg, source_sha256, self.name, self.varies_sources)
 
     def write(self, store: Any, plan: Any, cfg: ExperimentConfig) -> Path:
         """The run folder holding the tables; called once every stage is done."""
@@ -76,7 +85,7 @@ def plan_for(cfg: ExperimentConfig, experiment: str = "replicate", until: str | 
     from pipeline.stages import locate_source, source_sha256
     from storage.store import Store
 
-    plan = get(experiment).plan(cfg, source_sha256(locate_source(cfg.data), Store(cfg.runtime.store)))
+    plan = get(experiment).plan_of(cfg, source_sha256(locate_source(cfg.data), Store(cfg.runtime.store)))
     return plan.until(until) if until else plan
 
 

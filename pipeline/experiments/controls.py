@@ -213,4 +213,4 @@ def add_matched(plan: Plan, cfg: ExperimentConfig) -> None:
 EXPERIMENT = register(Experiment(
     name="controls",
     summary="the replication beside leak-K (a fixed random pattern per target class, no PGD) and rand-clean-only",
-    plan=plan))
+    plan=plan, varies_sources=True))

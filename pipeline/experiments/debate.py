@@ -73,7 +73,7 @@ def parts(cfg: ExperimentConfig, source_sha256: str) -> list[tuple[str, Experime
     for name in cfg.debate.experiments:
         exp = get(name)  # ConfigError naming the known experiments
         sub = part_config(cfg, name)
-        out.append((name, sub, exp.plan(sub, source_sha256)))
+        out.append((name, sub, exp.plan_of(sub, source_sha256)))
     return out
 
 

@@ -10,4 +10,4 @@ from pipeline.plan import make_plan
 EXPERIMENT = register(Experiment(
     name="replicate",
     summary="section 3.2 (rand, other, det) and Wallace's errors set: students on the clean test set, Table 1",
-    plan=make_plan))
+    plan=make_plan, varies_sources=True))
