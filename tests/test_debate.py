@@ -1,6 +1,7 @@
 """debate: the union of the other experiments' plans (shared stages once), per-experiment
 overrides, and the evidence table's sides decided from known numbers."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -8,6 +9,7 @@ from conftest import run_experiment
 from advfeatures.config import ConfigError, resolve
 from pipeline.experiments import all_experiments, get
 from pipeline.experiments import debate as DB
+from pipeline.readings import READINGS
 from pipeline.stages import source_sha256
 
 BUGS = "{attack: {eps: 2.5, step_size: 0.5, steps: 3, use_best: false}, bugs_only: {ensemble: 2}}"
@@ -54,24 +56,36 @@ def test_bad_debate_settings_fail_before_anything_runs(tiny_tar):
         resolve("tiny", ["debate.experiments=[debate]"])
 
 
-def _table1(rows):
-    return pd.DataFrame([{"set": s, "seed": i, "acc_xy_%": a, "ci95_lo_%": a - 1, "ci95_hi_%": a + 1, "chance_%": 10.0}
+def _table1(rows, xy1=None):
+    xy1 = xy1 or {}
+    return pd.DataFrame([{"set": s, "seed": i, "acc_xy_%": a, "ci95_lo_%": a - 1, "ci95_hi_%": a + 1, "chance_%": 10.0,
+                          "acc_xy+1_%": xy1.get(s, [5.0] * len(accs))[i]}
                          for s, accs in rows.items() for i, a in enumerate(accs)])
 
 
-def test_sides_follow_the_intervals_not_the_point_values():
+def test_readings_follow_the_intervals_not_the_point_values():
     lines = {r["line"].split()[0]: r for r in DB._replicate_lines("controls", _table1({
-        "det": [40.0, 41.0, 42.0], "leak-det": [6.0, 6.5, 6.0],     # far above chance and its control
+        "det": [40.0, 41.0, 42.0], "leak-det": [6.0, 6.5, 6.0], "clean-det": [20.0, 21.0, 22.0],  # above every control
         "other": [20.0, 21.0, 19.0], "leak-other": [25.0, 24.0, 26.0],  # above chance, below its control
-        "rand": [9.0, 11.0, 10.0],                                   # chance
+        "rand": [9.0, 11.0, 10.0],                                       # chance
         "errors": [30.0, 31.0, 29.0]}), 10.0)}
-    assert [lines[k]["supports"] for k in ("rand", "other", "det", "errors")] == ["bugs", "neither", "features",
-                                                                                 "caveat"]
-    assert lines["det"]["control"] == "leak-det 6.2" and lines["det"]["reference"] == "paper 43.7"
+    assert [lines[k]["supports"] for k in ("rand", "other", "det", "errors")] == ["neither", "neither", "features",
+                                                                                 "neither"]
+    assert lines["det"]["control"] == "leak-det 6.2; clean-det 21.0; (X, Y+1) 5.0"
+    assert lines["det"]["reference"] == "paper 43.7" and "det - clean-det = +20.0 [20.0, 20.0]" in lines["det"]["why"]
     assert lines["det"]["ours"] == "41.0 ± 1.0 (n=3) [38.5, 43.5]"
+    # the row-matched control reaches det: not features, whatever the leak control says
+    matched = DB._replicate_lines("controls", _table1({"det": [40.0, 41.0, 42.0], "leak-det": [6.0, 6.5, 6.0],
+                                                       "clean-det": [41.0, 40.0, 42.5]}), 10.0)[0]
+    assert matched["supports"] == "neither" and "clean-det" in matched["why"]
+    # the base recipe of the old debate: det below chance with (X, Y+1) high, other below chance, rand at chance
+    weak = {r["line"].split()[0]: r["supports"] for r in DB._replicate_lines("controls", _table1(
+        {"rand": [14.5, 12.0, 17.0], "other": [4.4, 4.3, 4.5], "det": [6.0, 5.9, 6.1]},
+        {"det": [63.0, 63.2, 63.4]}), 10.0)}
+    assert weak == {"rand": "neither", "other": "inconclusive: recipe too weak", "det": "inconclusive: recipe too weak"}
     # one student: its own binomial interval decides
     one = DB._replicate_lines("replicate", _table1({"det": [10.5]}), 10.0)[0]
-    assert one["supports"] == "bugs" and one["ours"] == "10.5 (n=1) [9.5, 11.5]"
+    assert one["supports"] == "neither" and one["ours"] == "10.5 (n=1) [9.5, 11.5]"
 
     bugs = pd.DataFrame([{"set": s, "seed": i, "acc_xy_%": a, "ci95_lo_%": a - 1, "ci95_hi_%": a + 1,
                           "acc_xy+1_%": b, "transfer_%": t} for s, i, a, b, t in
@@ -81,21 +95,51 @@ def test_sides_follow_the_intervals_not_the_point_values():
     assert line["supports"] == "bugs" and "transfer 1.8" in line["control"]
     taught = bugs.assign(**{"acc_xy_%": 30.0})
     assert DB._bugs_only_lines("bugs-only", taught, 10.0)[0]["supports"] == "neither"
+    weak_det = bugs.assign(**{"acc_xy_%": [8.0, 9.0, 7.5, 7.8]})
+    assert DB._bugs_only_lines("bugs-only", weak_det, 10.0)[0]["supports"] == "inconclusive: recipe too weak"
 
     rd = pd.DataFrame([{"model": m, "seed": s, "acc_%": a, "ci95_lo_%": a - 1, "ci95_hi_%": a + 1, "robust_0.25_%": r}
-                       for m, s, a, r in (("source", None, 77.0, 29.0), ("D_R", 0, 45.0, 21.0), ("D_R", 1, 44.8, 21.4),
+                       for m, s, a, r in (("source", None, 77.0, 15.0), ("D_R", 0, 45.0, 21.0), ("D_R", 1, 44.8, 21.4),
                                           ("D_NR", 0, 28.2, 4.5), ("D_NR", 1, 27.1, 6.1))])
     nr, dr = DB._robust_datasets_lines("robust-datasets", rd, 10.0)
     assert nr["supports"] == "features" and dr["supports"] == "features" and dr["ours_%"] == pytest.approx(21.2)
     same = rd.assign(**{"robust_0.25_%": 5.0})
     assert DB._robust_datasets_lines("robust-datasets", same, 10.0)[1]["supports"] == "neither"
+    standard_more = rd.assign(**{"robust_0.25_%": [28.9, 21.0, 21.4, 4.5, 6.1]})  # the committed table's case
+    assert DB._robust_datasets_lines("robust-datasets", standard_more, 10.0)[1]["supports"] == "neither"
 
-    tr = pd.DataFrame({"arch": list("abc"), "set": "det", "seed": 0, "transfer_%": [10.0, 20.0, 30.0],
-                       "acc_xy_%": [15.0, 25.0, 35.0], "acc_xy+1_%": 0.0})
+    tr = pd.DataFrame({"arch": list("abcde"), "set": "det", "seed": 0, "transfer_%": [10.0, 20.0, 30.0, 40.0, 50.0],
+                       "acc_xy_%": [15.0, 25.0, 35.0, 44.0, 56.0], "acc_xy+1_%": 0.0})
     (line,) = DB._transfer_lines("transfer", tr, 10.0)
-    assert line["supports"] == "features" and line["ours_%"] == pytest.approx(100.0)
-    assert DB._transfer_lines("transfer", tr.assign(**{"acc_xy_%": [35.0, 25.0, 15.0]}), 10.0)[0]["supports"] \
-        == "neither"
+    assert line["supports"] == "features" and line["ours_%"] == pytest.approx(100 * np.corrcoef([10, 20, 30, 40, 50], [15, 25, 35, 44, 56])[0, 1])
+    assert DB._transfer_lines("transfer", tr.iloc[:3], 10.0)[0]["supports"] == "neither"  # 3 architectures
+    assert DB._transfer_lines("transfer", tr.assign(**{"acc_xy_%": [56.0, 15.0, 44.0, 25.0, 35.0]}), 10.0)[0][
+        "supports"] == "neither"
+
+    sp = pd.DataFrame([{"set": "det", "source_eps": e, "source_seed": s, "seed": 0, "acc_xy_%": a + s,
+                        "ci95_lo_%": a + s - 1, "ci95_hi_%": a + s + 1} for s in (0, 1, 2)
+                       for e, a in ((0.0, 30.0), (0.25, 36.0), (0.5, 42.0))])
+    assert DB._spectrum_lines("spectrum", sp, 10.0)[0]["supports"] == "features"  # slope 24 on every source
+    assert DB._spectrum_lines("spectrum", sp[sp["source_seed"] == 0], 10.0)[0]["supports"] == "neither"  # one seed
+    flat = sp.assign(**{"acc_xy_%": [30.0, 36.0, 30.0, 30.0, 25.0, 30.0, 31.0, 36.0, 26.0]})
+    assert DB._spectrum_lines("spectrum", flat, 10.0)[0]["supports"] == "neither"
+
+
+def test_a_table_over_sources_reads_its_interval_over_sources_and_pairs_controls_by_source():
+    """3 sources x 2 students: det's interval is over the 3 source means; its difference with a
+    control is paired by source, so a source effect shared by set and control cancels."""
+    rows = []
+    for s, shift in ((0, 0.0), (1, 8.0), (2, -8.0)):
+        for k in (0, 1):
+            for kind, a in (("det", 30.0), ("clean-det", 27.0)):
+                rows.append({"set": kind, "source_seed": s, "seed": k, "acc_xy_%": a + shift + 0.1 * k,
+                             "ci95_lo_%": 0.0, "ci95_hi_%": 0.0, "acc_xy+1_%": 20.0, "chance_%": 10.0})
+    df = pd.DataFrame(rows)
+    d = DB.paired_difference(df, "det", "clean-det")
+    assert d["n"] == 3 and d["mean"] == pytest.approx(3.0) and d["hi"] - d["lo"] < 1e-9  # paired: no spread
+    (line,) = DB._replicate_lines("controls", df, 10.0)
+    assert line["supports"] == "features" and "3 sources" in line["ours"]
+    assert "[10.2, 49.9]" in line["ours"]  # 30.05 +- 4.303 * 8 / sqrt(3)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +154,7 @@ def test_the_debate_writes_every_experiments_run_and_one_evidence_table(debate_r
     assert st.is_complete("runs", plan.run.key)
     df = read_table(st.path("runs", plan.run.key))
     assert set(df["experiment"]) == {"controls", "robust-datasets", "bugs-only", "transfer", "spectrum", "poison"}
-    assert set(df["supports"]) <= {"features", "bugs", "caveat", "neither"} and df["why"].str.len().min() > 20
+    assert set(df["supports"]) <= set(READINGS) and df["why"].str.len().min() > 20
     for name, sub, p in DB.parts(cfg, source_sha256(tiny_tar)):  # each experiment's own run folder, as alone
         assert st.is_complete("runs", p.run.key), name
     det = df[df["line"].str.startswith("det students")].iloc[0]
@@ -118,7 +162,7 @@ def test_the_debate_writes_every_experiments_run_and_one_evidence_table(debate_r
     assert det["ours_%"] == pytest.approx(controls[controls["set"] == "det"]["acc_xy_%"].mean())
     assert "leak-det" in det["control"]
     text = (st.path("runs", plan.run.key) / "table.md").read_text()
-    assert "Lines by side:" in text
+    assert "Readings: features" in text
 
 
 def test_the_debate_profile_holds_every_stage_of_the_experiments_cpu_profiles():

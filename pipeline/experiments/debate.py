@@ -14,10 +14,11 @@ and why, in one sentence, decided from the numbers (95% intervals, not point val
                          profile's shape: {bugs-only: {attack: {eps: 2.5}}}. Merged over the
                          resolved config, so overriding source does not change the students.
 
-The sides: ``features`` (the line shows what the features view predicts and the bugs view does
-not: perturbations that teach the true labels beyond their control), ``bugs`` (what the bugs view
-predicts: examples that fool without teaching), ``caveat`` (a result that weakens the inference
-either way, as Wallace's errors set), ``neither`` (the interval does not decide).
+Each line's reading (``pipeline.readings``, rules with known-answer tests): ``features``, ``bugs``,
+``neither`` (the interval contains chance or its control, no trend, or both views predict it) or
+``inconclusive: recipe too weak`` (the set did not produce the phenomenon the line tests). Only
+features and bugs count for a side. With several source seeds (``source.seeds``) a line's interval
+is over sources, and a set is compared with each control paired by source.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pipeline.experiments import Experiment, get, register
 from pipeline.plan import Plan
 
 PARTS = ("replicate", "controls", "robust-datasets", "bugs-only", "transfer", "spectrum", "poison")
-CONTROLS = {"rand": ("leak-rand", "rand-clean-only"), "other": ("leak-other",), "det": ("leak-det",)}
+CONTROLS = {"rand": ("leak-rand", "rand-clean-only", "clean-rand"), "other": ("leak-other", "clean-other"),
+            "det": ("leak-det", "clean-det")}
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,9 @@ def _stat(values: Any, lo: Any = None, hi: Any = None) -> dict[str, float]:
 def _fmt(s: dict[str, float] | None) -> str:
     if not s or math.isnan(s["mean"]):
         return ""
+    if "n_sources" in s:  # over sources x students
+        return (f"{s['mean']:.1f} ± {s['between_std']:.1f} between / {s['within_std']:.1f} within sources "
+                f"(n={s['n']}: {s['n_sources']} sources) [{s['lo']:.1f}, {s['hi']:.1f}]")
     sd = f" ± {s['std']:.1f}" if not math.isnan(s["std"]) else ""
     ci = f" [{s['lo']:.1f}, {s['hi']:.1f}]" if not math.isnan(s["lo"]) else ""
     return f"{s['mean']:.1f}{sd} (n={s['n']}){ci}"
@@ -119,13 +124,36 @@ def _line(experiment: str, what: str, ours: dict | None, control: str, reference
             "ours": _fmt(ours), "control": control, "reference": reference, "supports": supports, "why": why}
 
 
+def _sources(df: Any) -> bool:
+    return "source_seed" in df and df["source_seed"].nunique() > 1
+
+
 def _students(df: Any, set_col: str, name: str, col: str, lo: str = "ci95_lo_%", hi: str = "ci95_hi_%") -> dict:
+    """A set's students' ``col``: over sources x students (the interval over source means) when
+    the table has several sources, else over seeds."""
+    from pipeline.report import nested_stats
+
     g = df[df[set_col] == name]
+    if _sources(df) and len(g):
+        s = nested_stats(g, col)
+        return {**s, "n": len(g), "lo": s["ci95_lo"], "hi": s["ci95_hi"], "std": s["between_std"]}
     return _stat(g[col], g[lo] if lo in g else None, g[hi] if hi in g else None)
 
 
+def paired_difference(df: Any, a: str, b: str, col: str = "acc_xy_%") -> dict[str, float]:
+    """Set ``a``'s ``col`` minus set ``b``'s, paired: per source (the mean over its students) when
+    the table has several sources, else per student seed; mean and t-interval over the pairs."""
+    from pipeline.readings import stat
+
+    keys = ["source_seed"] if _sources(df) else ["seed"]
+    ga = df[df["set"] == a].groupby(keys)[col].mean()
+    gb = df[df["set"] == b].groupby(keys)[col].mean()
+    return stat((ga - gb).dropna())
+
+
 def _replicate_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
-    """Table 1's sets (and, from controls, their leak controls beside them)."""
+    """Table 1's sets (and, from controls, every control beside its set, each compared paired)."""
+    from pipeline.readings import read_errors, read_set
     from pipeline.report import PAPER  # Ilyas et al. Table 1 (ResNet-50); Wallace
 
     out = []
@@ -135,32 +163,23 @@ def _replicate_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
             continue
         s = _students(df, "set", kind, "acc_xy_%")
         ctrl = {c: _students(df, "set", c, "acc_xy_%") for c in CONTROLS.get(kind, ()) if c in sets}
-        bar = max([chance, *(c["mean"] for c in ctrl.values())])
         control = "; ".join(f"{c} {v['mean']:.1f}" for c, v in ctrl.items()) or f"chance {chance:.0f}"
         ref = f"paper {PAPER[kind]}" if PAPER.get(kind) else ""
         if kind == "errors":
-            side, why = (("caveat", "Students of a teacher's errors (no perturbation at all) learn the true labels: "
-                                    "a mislabelled set teaches through the teacher's function (Wallace), so learning "
-                                    "from mislabelled sets is not by itself proof of non-robust features.")
-                         if s["lo"] > chance else
-                         ("neither", "The errors set's students are not above chance here: Wallace's alternative "
-                                     "explanation is neither shown nor ruled out."))
-        elif s["lo"] > bar:
-            side = "features"
-            why = (f"{kind}'s labels are {'random' if kind == 'rand' else 'wrong'} for the image, yet its students "
-                   f"beat chance{' and every control' if ctrl else ''} on the true labels of clean images: the "
-                   "perturbations carry features of their target class that generalise.")
-        elif s["lo"] > chance:
-            side, why = "neither", (f"{kind}'s students beat chance but not their control ({control}): what they "
-                                    "learn is not shown to come from the source's perturbations.")
+            side, why = read_errors(s, chance)
         else:
-            side, why = "bugs", (f"{kind}'s students do not beat chance on clean images: here the perturbations "
-                                 "did not teach, as the bugs view predicts.")
+            diffs = {c: paired_difference(df, kind, c) for c in ctrl}
+            xy1 = _students(df, "set", kind, "acc_xy+1_%", lo="", hi="") if kind == "det" else None
+            if xy1 is not None:
+                control += f"; (X, Y+1) {xy1['mean']:.1f}"
+            side, why = read_set(kind, s, chance, diffs, xy1)
         out.append(_line(name, f"{kind} students, clean (X, Y)", s, control, ref, side, why))
     return out
 
 
 def _robust_datasets_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
+    from pipeline.readings import FEATURES, NEITHER, above, read_robust_gain
+
     out = []
     robust = sorted((c for c in df.columns if c.startswith("robust_")), key=lambda c: float(c.split("_")[1]))
     if not robust:
@@ -168,38 +187,37 @@ def _robust_datasets_lines(name: str, df: Any, chance: float) -> list[dict[str, 
     r0 = robust[0]
     nr, dr = (_students(df, "model", n, "acc_%") for n in ("D_NR", "D_R"))
     nr_r, dr_r = (_stat(df[df["model"] == n][r0]) for n in ("D_NR", "D_R"))
-    side = "features" if nr["lo"] > chance else "neither"
+    side = FEATURES if above(nr, chance) else NEITHER
     out.append(_line(name, "D_NR students (non-robust features only), clean accuracy", nr,
                      f"robust accuracy at {r0.split('_')[1]}: {nr_r['mean']:.1f}", "paper 88 / 0; rebuild 84.4 / 0.0",
                      side, "Images carrying only the standard model's non-robust features teach clean accuracy "
-                           "well above chance: such features are real and generalise." if side == "features" else
+                           "well above chance: such features are real and generalise." if side == FEATURES else
                            "D_NR's students are not above chance here: no evidence that non-robust features alone "
                            "teach."))
-    more = dr_r["lo"] > nr_r["hi"] if dr_r["n"] >= 2 and nr_r["n"] >= 2 else dr_r["mean"] > nr_r["mean"] + 5
+    others = {"D_NR": nr_r}
+    standard = "D" if (df["model"] == "D").any() else "source"  # students of the clean images, else the source
+    if (df["model"] == standard).any():
+        others[f"{standard} (standard training)"] = _stat(df[df["model"] == standard][r0])
+    side, why = read_robust_gain(dr_r, others)
     out.append(_line(name, f"D_R students, robust accuracy at L2 {r0.split('_')[1]}", dr_r,
-                     f"D_NR {nr_r['mean']:.1f}; D_R clean {dr['mean']:.1f}", "paper 48; rebuild 49.9",
-                     "features" if more else "neither",
-                     "Standard training on D_R (the robust model's features only) gives robustness that D_NR "
-                     "does not: robustness is a property of the data's features." if more else
-                     "D_R's students are not clearly more robust than D_NR's here."))
+                     "; ".join(f"{k} {v['mean']:.1f}" for k, v in others.items()) + f"; D_R clean {dr['mean']:.1f}",
+                     "paper 48; rebuild 49.9", side, why))
     return out
 
 
 def _bugs_only_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
+    from pipeline.readings import read_bugs_only
+
     out = []
     if "bugs-only" not in set(df["set"]):
         return out
     b, b1 = _students(df, "set", "bugs-only", "acc_xy_%"), _stat(df[df["set"] == "bugs-only"]["acc_xy+1_%"])
     d = _students(df, "set", "det", "acc_xy_%")
     tr = float(df[df["set"] == "bugs-only"]["transfer_%"].iloc[0])
-    bugs = b["hi"] <= chance + 2 and b1["mean"] > 2 * chance
+    side, why = read_bugs_only(b, b1, d, chance)
     out.append(_line(name, "bugs-only students, clean (X, Y)", b,
-                     f"det of the same attack {d['mean']:.1f}; transfer {tr:.1f}",
-                     "Nakkiran 2.8 (X, Y+1 70.8); det 33.2", "bugs" if bugs else "neither",
-                     (f"Examples made to fool only the source (transfer {tr:.1f}%) teach nothing of the true "
-                      f"labels (their students learn (X, Y+1): {b1['mean']:.1f}%): some adversarial examples are "
-                      "only bugs, so fooling alone does not make an example a feature.") if bugs else
-                     "The bugs-only students are not clearly at or below chance here."))
+                     f"det of the same attack {d['mean']:.1f}; (X, Y+1) {b1['mean']:.1f}; transfer {tr:.1f}",
+                     "Nakkiran 2.8 (X, Y+1 70.8); det 33.2", side, why))
     return out
 
 
@@ -207,56 +225,56 @@ def _transfer_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
     import numpy as np
 
     from pipeline.experiments.transfer import summarise
+    from pipeline.readings import correlation_interval, read_correlation
 
     s = summarise(df)
     det = s[s["set"] == "det"]
-    if len(det) < 3:
+    if len(det) < 2:
         return []
     r = float(np.corrcoef(det["transfer"], det["acc_xy_mean"])[0, 1])
-    side = "features" if r >= 0.5 else "neither"
+    lo, hi = correlation_interval(r, len(det))
+    side, why = read_correlation(r, len(det))
     return [_line(name, f"det: correlation of transfer with students' (X, Y) over {len(det)} architectures",
-                  {"mean": 100 * r, "std": float("nan"), "n": len(det), "lo": float("nan"), "hi": float("nan")},
+                  {"mean": 100 * r, "std": float("nan"), "n": len(det), "lo": 100 * lo, "hi": 100 * hi},
                   f"bugs-only transfer {s[s['set'] == 'bugs-only']['transfer'].mean():.1f}"
-                  if (s["set"] == "bugs-only").any() else "", "paper: rise together",
-                  side, (f"Pearson r = {r:.2f} (shown x100): the architectures its examples fool more also learn "
-                         "more from them; what transfers is what teaches, as the features view predicts.")
-                  if side == "features" else f"Pearson r = {r:.2f} (shown x100): no clear rise together here.")]
+                  if (s["set"] == "bugs-only").any() else "", "paper: rise together", side, why + " (r shown x100)")]
 
 
 def _spectrum_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
+    from pipeline.readings import above, read_trend, slope, stat
+
     out = []
     for kind in dict.fromkeys(df["set"]):
         g = df[df["set"] == kind]
         by = g.groupby("source_eps")["acc_xy_%"].mean()
         lo_eps, hi_eps = by.index.min(), by.index.max()
         at = {e: _students(g, "source_eps", e, "acc_xy_%") for e in by.index}
-        ends = {e: at[e] for e in (lo_eps, hi_eps)}
-        every = all(st["lo"] > chance for st in at.values())
-        trend = "rises" if by.iloc[-1] > by.iloc[0] + 2 else "falls" if by.iloc[-1] < by.iloc[0] - 2 else "stays level"
-        out.append(_line(name, f"{kind} students, clean (X, Y), source eps {lo_eps:g} -> {hi_eps:g}", ends[hi_eps],
-                         f"at eps {lo_eps:g}: {ends[lo_eps]['mean']:.1f}", "unpublished",
-                         "features" if every else "neither",
-                         f"Across source robustness the students' accuracy {trend} "
-                         f"({by.iloc[0]:.1f} -> {by.iloc[-1]:.1f}); "
-                         + ("every source's examples teach above chance." if every else
-                            "not every source's examples teach above chance.")))
+        every = all(above(st, chance) for st in at.values())
+        per_source = g.groupby("source_seed") if "source_seed" in g else [(0, g)]
+        slopes = stat([slope(*zip(*sorted(h.groupby("source_eps")["acc_xy_%"].mean().items())))
+                       for _, h in per_source])
+        side, why = read_trend(slopes, every, f"{kind} students' (X, Y) from source eps {lo_eps:g} to {hi_eps:g} "
+                                              f"({by.iloc[0]:.1f} -> {by.iloc[-1]:.1f})")
+        out.append(_line(name, f"{kind} students, clean (X, Y), source eps {lo_eps:g} -> {hi_eps:g}", at[hi_eps],
+                         f"at eps {lo_eps:g}: {at[lo_eps]['mean']:.1f}", "unpublished", side, why))
     return out
 
 
 def _poison_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
     from pipeline.experiments.poison import CLEAN, KIND
+    from pipeline.readings import NEITHER
 
     if KIND not in set(df["set"]):
         return []
     p, shifted = _students(df, "set", KIND, "acc_xy_%"), _stat(df[df["set"] == KIND]["acc_xy-1_%"])
     c = _students(df, "set", CLEAN, "acc_xy_%") if CLEAN in set(df["set"]) else None
-    works = c is not None and p["hi"] < c["lo"] and shifted["mean"] > chance
-    return [_line(name, "poison students (correct labels, det's perturbations), clean (X, Y)", p,
+    lower = c is not None and p["hi"] < c["lo"]
+    return [_line(name, "poison students (correct labels, det's perturbations; not Fowl's recipe), clean (X, Y)", p,
                   f"same rows unperturbed {c['mean']:.1f}; (X, Y-1) {shifted['mean']:.1f}" if c else "",
-                  "Fowl et al. 2021: strong poison", "features" if works else "neither",
-                  "Correctly labelled images carrying another class's perturbation teach that class: the "
-                  "perturbation's features outweigh the true label." if works else
-                  "The poison does not clearly lower accuracy below its clean control here.")]
+                  "Fowl et al. 2021 (their recipe: near chance)", NEITHER,
+                  "Not Fowl's recipe (class-targeted L-inf 8/255, >= 40 steps, every image): this variant "
+                  + ("lowers accuracy below its clean control " if lower else "does not clearly lower accuracy ")
+                  + "but reads for no side until Fowl's recipe is run.")]
 
 
 LINES = {"replicate": _replicate_lines, "controls": _replicate_lines, "robust-datasets": _robust_datasets_lines,
@@ -286,8 +304,11 @@ def evidence(store: Any, runs: dict[str, Any]) -> Any:
 def to_markdown(df: Any) -> str:
     shown = df.drop(columns=[c for c in df.columns if c.endswith("_key")] + ["ours_%"])
     text = shown.to_markdown(index=False)
+    from pipeline.readings import READINGS, SIDES
+
     counts = df["supports"].value_counts()
-    text += "\n\nLines by side: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."
+    text += ("\n\nReadings: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in READINGS) + ". Only "
+             + " and ".join(SIDES) + " count for a side.")
     return text + ("\n\nours: mean ± std over seeds (n) and the 95% interval (t over seeds from n >= 2; one "
                    "model's binomial interval on the clean test set otherwise), clean test accuracy in % unless the "
                    "line says otherwise. Every experiment's own table is in its run folder (run_key).")
@@ -305,25 +326,43 @@ class Debate(Experiment):
                                  experiment=self.name)
 
 
+COLORS = {"features": "#2a7", "bugs": "#b33", "neither": "#888", "inconclusive: recipe too weak": "#c80"}
+
+
+def debate_figure(df: Any) -> Any:
+    """Every line of the table, each with its interval, coloured by reading."""
+    import re
+
+    from pipeline import figures as F
+
+    fig, ax = F.plt.subplots(figsize=(7.5, 0.45 * len(df) + 1.4))
+    y, left = list(range(len(df)))[::-1], -5.0
+    for yi, (_, r) in zip(y, df.iterrows()):
+        m = re.search(r"\[(-?[\d.]+), (-?[\d.]+)\]", str(r["ours"]))
+        color = COLORS.get(r["supports"], "#888")
+        if m:
+            lo, hi = float(m.group(1)), float(m.group(2))
+            left = min(left, lo - 5)
+            ax.plot([lo, hi], [yi, yi], color=color, lw=2, alpha=0.6)
+        ax.scatter([r["ours_%"]], [yi], color=color, s=30, zorder=3)
+    ax.set_yticks(y, [f"{e}: {ln}"[:72] for e, ln in zip(df["experiment"], df["line"])], fontsize=7)
+    ax.axvline(10, color=F.CHANCE, ls="--", lw=1)
+    for side, c in COLORS.items():
+        ax.scatter([], [], color=c, label=side)
+    ax.set(xlabel="ours: clean (or robust) test accuracy %; r x 100 for the correlation", xlim=(left, 100),
+           title="the debate: every line, its interval and its reading")
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
 def report(doc: Any, store: Any, info: Any, figs: Any) -> None:
     """Each experiment's own section of the report (its table and figure), after the evidence."""
     from pipeline import figures as F
     from pipeline import report_data as D
 
-    df = info.table[~info.table["line"].str.contains("correlation")]  # the figure's axis is accuracy in %
-    colors = {"features": "#2a7", "bugs": "#b33", "caveat": "#c80", "neither": "#888"}
-    fig, ax = F.plt.subplots(figsize=(7, 0.45 * len(df) + 1.2))
-    y = list(range(len(df)))[::-1]
-    ax.scatter(df["ours_%"], y, c=[colors.get(s, "#888") for s in df["supports"]], s=30, zorder=3)
-    ax.set_yticks(y, [f"{e}: {ln}"[:70] for e, ln in zip(df["experiment"], df["line"])], fontsize=7)
-    ax.axvline(10, color=F.CHANCE, ls="--", lw=1)
-    for side, c in colors.items():
-        ax.scatter([], [], c=c, label=side)
-    ax.set(xlabel="ours: clean (or robust) test accuracy %", xlim=(0, 100), title="the debate: every headline and its side")
-    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    doc.figure(F.save(fig, figs, "debate"), "Every accuracy line of the debate's table: our number, coloured by the "
-                                           "side it supports (decided from its 95% interval against its control and "
-                                           "chance). Dashed: chance.")
+    doc.figure(F.save(debate_figure(info.table), figs, "debate"),
+               "Every line of the debate's table: our number with its 95% interval, coloured by its reading (decided "
+               "from the interval against chance and each control). The correlation line is r x 100. Dashed: chance.")
     for name, key in dict.fromkeys(zip(info.table["experiment"], info.table["run_key"])):
         folder = store.path("runs", key)
         if not store.is_complete("runs", key):
