@@ -174,3 +174,15 @@ def test_the_debate_profile_holds_every_stage_of_the_experiments_cpu_profiles():
         alone = get(name).plan(resolve(name), sha)
         missing = [s.stage for s in alone.stages() if s.stage != "run" and s.key not in debate]
         assert not missing, (name, missing)
+
+
+def test_the_debates_section_3_2_is_the_demo_profiles_over_three_sources(tiny_tar):
+    """The debate's replicate and controls parts are planned exactly as the demo profile's controls
+    over source seeds 0-2: `make demo`'s stages are the debate's."""
+    sha = source_sha256(tiny_tar)
+    parts = {n: p for n, _, p in DB.parts(resolve("debate", data=str(tiny_tar)), sha)}
+    demo = get("controls").plan_of(resolve("demo", ["source.seeds=[0,1,2]"], data=str(tiny_tar)), sha)
+    assert {s.key for s in parts["controls"].stages()} - {parts["controls"].run.key} == \
+        {s.key for s in demo.stages()} - {demo.run.key}
+    one = get("replicate").plan(resolve("demo", data=str(tiny_tar)), sha)  # make demo
+    assert {s.key for s in one.stages() if s.stage != "run"} <= {s.key for s in parts["replicate"].stages()}
