@@ -286,17 +286,21 @@ def evidence(store: Any, runs: dict[str, Any]) -> Any:
     """The debate's table from each experiment's run folder: ``runs`` name -> run folder. When
     controls is part of the debate its lines (Table 1 with the controls beside) replace
     replicate's."""
-    import pandas as pd
-
     from pipeline.report import read_table
 
+    return evidence_of({name: (read_table(folder), folder.name) for name, folder in runs.items()})
+
+
+def evidence_of(tables: dict[str, Any]) -> Any:
+    """The debate's table from each experiment's table: ``tables`` name -> (table, run key)."""
+    import pandas as pd
+
     rows = []
-    for name, folder in runs.items():
-        if name == "replicate" and "controls" in runs or name not in LINES:
+    for name, (df, run_key) in tables.items():
+        if name == "replicate" and "controls" in tables or name not in LINES:
             continue
-        df = read_table(folder)
         chance = float(df["chance_%"].iloc[0]) if "chance_%" in df else 10.0
-        rows += [{**r, "run_key": folder.name} for r in LINES[name](name, df, chance)]
+        rows += [{**r, "run_key": run_key} for r in LINES[name](name, df, chance)]
     return pd.DataFrame(rows, columns=["experiment", "line", "ours_%", "ours", "control", "reference", "supports",
                                        "why", "run_key"])
 
@@ -383,3 +387,27 @@ EXPERIMENT = register(Debate(
     summary="the union of replicate, controls, robust-datasets, bugs-only, transfer, spectrum and poison: shared "
             "stages once, one table of every headline beside its control and reference, and the side it supports",
     plan=plan, section=("debate", DebateConfig), report=report))
+
+
+def reread(parts: dict[str, Any], out: Any) -> Any:
+    """Read the debate again from committed tables (``parts``: experiment -> "table.csv" or
+    "table.csv:RUN_KEY", the run that wrote it), with the rules of ``pipeline.readings``: writes
+    table.csv, table.md and debate.png into ``out``.
+
+        python benchmarks/reread_debate.py OUT NAME=TABLE.csv[:RUN_KEY] ...
+    """
+    from pathlib import Path
+
+    import pandas as pd
+
+    from pipeline import figures as F
+
+    out = Path(out)
+    split = {name: (spec.split(":", 1) + [Path(spec).parent.name])[:2] for name, spec in parts.items()}
+    df = evidence_of({name: (pd.read_csv(path), key) for name, (path, key) in split.items()})
+    df.to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(to_markdown(df) + "\n")
+    fig = debate_figure(df)
+    fig.savefig(out / "debate.png", dpi=110, bbox_inches="tight")
+    F.plt.close(fig)
+    return df
