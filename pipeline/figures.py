@@ -91,6 +91,8 @@ def table1_bars(df: pd.DataFrame, title: str = "Clean test accuracy (Table 1)") 
         return text
 
     groups = [g for _, g in df.groupby(["set", "model"], sort=False)]
+    sources = int(df["source_seed"].nunique()) if "source_seed" in df else 1
+    what = f"95% t-interval over the {sources} sources' means" if sources > 1 else "95% t-interval of the mean (n ≥ 3)"
     for xi, m, r, g in zip(x, mean, iv.itertuples(), groups):
         acc = g["acc_xy_%"].to_numpy(float)
         n = len(acc)
@@ -98,7 +100,7 @@ def table1_bars(df: pd.DataFrame, title: str = "Clean test accuracy (Table 1)") 
         if n >= T_MIN_SEEDS:
             err = np.clip([[m - r.lo], [r.hi - m]], 0, None)
             eb = ax.errorbar([xi - 0.2], [m], yerr=err, fmt="none", ecolor="black", capsize=4, lw=1.2,
-                             label=once("t", "95% t-interval of the mean (n ≥ 3)"))
+                             label=once("t", what))
             eb.lines[2][0].set_gid(f"t-interval:{r.set}")
             top = max(r.hi, acc.max())
         else:

@@ -373,16 +373,18 @@ def _upstream(kind: str) -> str:
 
 def order_core(plan: Plan) -> Plan:
     """The stages in the order plans always had (the run key does not depend on it, the order
-    stages run in does): dataset, models with their evaluations, sets, selections, then each
-    student with its evaluations."""
+    stages run in does): dataset, models with their evaluations, sets, selections, the sets made
+    from a selection (the row-matched controls), then each student with its evaluations."""
     nodes = plan.nodes()
     first = [n for n in nodes if n.tags.get("role") in ("dataset", "source", "teacher")
              or (n.tags.get("role") == "eval" and _is_model(plan, n.tags.get("of")))]
-    sets = [n for n in nodes if n.tags.get("role") == "set"]
     sels = [n for n in nodes if n.tags.get("role") == "selection"]
-    placed = {n.key for n in first + sets + sels}
+    sel_keys = {n.key for n in sels}
+    sets = [n for n in nodes if n.tags.get("role") == "set" and not sel_keys & set(n.spec.inputs)]
+    after = [n for n in nodes if n.tags.get("role") == "set" and sel_keys & set(n.spec.inputs)]  # clean-K
+    placed = {n.key for n in first + sets + sels + after}
     rest = [n for n in nodes if n.key not in placed]
-    return Plan(first + sets + sels + rest, plan.run)
+    return Plan(first + sets + sels + after + rest, plan.run, plan.replicates)
 
 
 def _is_model(plan: Plan, key: str | None) -> bool:

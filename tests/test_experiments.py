@@ -553,3 +553,17 @@ def test_row_matched_control_is_exactly_the_trained_rows_clean(tmp_path, tiny_ta
     assert students["clean-det"].config["train"] == students["det"].config["train"]
     whole = get("controls").plan(resolve("tiny", ["construct.select=1"], data=str(tiny_tar)), source_sha256(tiny_tar))
     assert whole.constructs["clean-det"].inputs[2] == whole.constructs["det"].key and not whole.selections
+
+
+def test_every_plan_lists_a_stage_after_all_of_its_inputs(tiny_tar):
+    """Stages run in plan order: with margin selection the row-matched controls (made from a
+    selection) come after it, and over several sources every source's stages keep that order."""
+    sha = source_sha256(tiny_tar)
+    for over in (["construct.select=0.5"], ["construct.select=0.5", "source.seeds=[0,1]"]):
+        for name in ("replicate", "controls"):
+            plan = get(name).plan_of(resolve("tiny", over, data=str(tiny_tar)), sha)
+            seen: set[str] = set()
+            inside = {s.key for s in plan.stages()}
+            for s in plan.stages():
+                assert all(k in seen for k in s.inputs if k in inside), (name, over, s.stage, s.config.get("kind"))
+                seen.add(s.key)
