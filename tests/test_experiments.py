@@ -156,6 +156,11 @@ def test_controls_reuse_every_replicate_stage_and_add_only_controls(tiny_tar):
                                                          "clean-rand", "clean-other", "clean-det"}
     with pytest.raises(ConfigError, match="no PGD set"):
         get("controls").plan(resolve("tiny", ["construct.sets=[errors]"]), sha)
+    only = get("controls").plan(resolve("tiny", ["controls.kinds=[matched]"], data=str(tiny_tar)), sha)
+    assert set(only.constructs) - set(rep.constructs) == {"clean-rand", "clean-other", "clean-det"}
+    assert {s.key for s in only.stages() if s.stage != "run"} < {s.key for s in ctl.stages()}
+    with pytest.raises(ConfigError, match="controls.kinds"):
+        resolve("tiny", ["controls.kinds=[leaks]"])
 
 
 @pytest.mark.parametrize("keep", [False, True])

@@ -25,12 +25,13 @@ for the PGD sets), so every stage of ``replicate`` with the same config is reuse
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from advfeatures import construct as C
 from advfeatures.attacks import threat_model
-from advfeatures.config import ConfigError, ExperimentConfig
+from advfeatures.config import ConfigError, ExperimentConfig, _check
 from pipeline.common import (Context, dataset_info, load_model, load_split, once, run_record, save_set, setup_runtime,
                              verified_set)
 from pipeline.experiments import Experiment, register
@@ -182,21 +183,38 @@ register_set(SetBuilder(MATCHED, "the rows PGD set K's students train on (after 
                         build=_build_matched, plannable=False, selectable=False, task_name="build-control"))
 
 
-def controls_of(sets: tuple[str, ...]) -> list[str]:
-    return [f"leak-{k}" for k in sets if k in PGD_KINDS] + ([CLEAN_ONLY] if "rand" in sets else [])
+KINDS = ("leak", "clean-only", "matched")
+
+
+@dataclass(frozen=True)
+class ControlsConfig:
+    kinds: tuple[str, ...] = KINDS
+    """The controls experiment's controls: 'leak' (leak-K: a fixed pattern per target class instead
+    of PGD), 'clean-only' (rand-clean-only: D_rand's t = y rows, unperturbed) and 'matched' (clean-K:
+    the rows K's students train on, clean, labelled t)."""
+
+    def __post_init__(self):
+        _check(len(self.kinds) >= 1 and set(self.kinds) <= set(KINDS),
+               f"controls.kinds={list(self.kinds)}; choose among {list(KINDS)}")
+        _check(len(set(self.kinds)) == len(self.kinds), f"controls.kinds has repeats: {list(self.kinds)}")
+
+
+def controls_of(sets: tuple[str, ...], kinds: tuple[str, ...] = KINDS) -> list[str]:
+    return [f"leak-{k}" for k in sets if k in PGD_KINDS and "leak" in kinds] + \
+        ([CLEAN_ONLY] if "rand" in sets and "clean-only" in kinds else [])
 
 
 def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
-    """replicate's plan plus each PGD set's leak control, rand-clean-only and its row-matched
-    selection control clean-K."""
-    controls = controls_of(tuple(cfg.construct.sets))
-    if not controls:
+    """replicate's plan plus, for each PGD set, the controls of ``controls.kinds``: its leak
+    control, rand-clean-only and its row-matched selection control clean-K."""
+    if not any(k in PGD_KINDS for k in cfg.construct.sets):
         raise ConfigError(f"construct.sets={list(cfg.construct.sets)} has no PGD set to control; add rand, other or det")
     out = Plan(make_plan(cfg, source_sha256).nodes())
-    for kind in controls:
+    for kind in controls_of(tuple(cfg.construct.sets), cfg.controls.kinds):
         if kind not in cfg.construct.sets:
             add_set(out, cfg, kind)
-    add_matched(out, cfg)
+    if "matched" in cfg.controls.kinds:
+        add_matched(out, cfg)
     return order_core(out).with_run(cfg.name)
 
 
@@ -212,5 +230,6 @@ def add_matched(plan: Plan, cfg: ExperimentConfig) -> None:
 
 EXPERIMENT = register(Experiment(
     name="controls",
-    summary="the replication beside leak-K (a fixed random pattern per target class, no PGD) and rand-clean-only",
-    plan=plan, varies_sources=True))
+    summary="the replication beside leak-K (a fixed random pattern per target class, no PGD), rand-clean-only and "
+            "clean-K (the rows K's students train on, unperturbed)",
+    plan=plan, section=("controls", ControlsConfig), varies_sources=True))
