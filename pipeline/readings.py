@@ -90,7 +90,9 @@ def read_set(kind: str, xy: Stat, chance: float, diffs: dict[str, Stat] | None =
         return NEITHER, (f"{kind}'s students beat chance but not every control ({said}): what they learn is not "
                          "shown to come from the source's perturbations.")
     beyond = "; ".join(f"{kind} - {c} = {fmt_stat(d)}" for c, d in diffs.items())
-    return FEATURES, (f"{kind}'s labels are wrong for the image, yet its students beat chance"
+    labels = ("rand's labels are drawn at random (right only for the ~1/C of rows with t = y)" if kind == "rand"
+              else f"{kind}'s labels are wrong for every image")
+    return FEATURES, (f"{labels}, yet its students beat chance"
                       + (f" and every control ({beyond})" if diffs else " (no control in this run)")
                       + " on the true labels of clean images: the perturbations carry features of their target "
                         "class that generalise.")
@@ -180,6 +182,6 @@ def read_robust_gain(robust: Stat, others: dict[str, Stat]) -> tuple[str, str]:
     said = "; ".join(f"{k} {v['mean']:.1f}" for k, v in others.items())
     if short:
         return NEITHER, (f"D_R's students ({robust['mean']:.1f}) are not clearly more robust than "
-                         f"{', '.join(short)} ({said}): the signature does not show here.")
+                         f"{' and '.join(short)} ({said}): the signature does not show here.")
     return FEATURES, (f"D_R's students ({robust['mean']:.1f}) are more robust than {said}: robustness comes with the "
                       "data's features.")

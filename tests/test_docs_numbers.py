@@ -23,21 +23,29 @@ def _markdown_rows(text: str, first_header: str) -> list[list[str]]:
 
 
 def _over_seeds(path: Path) -> dict[str, dict[str, str]]:
-    """A committed run table's over-seeds rows, by set (one seed: its rows, acc_xy_% as the mean)."""
+    """A committed run table's summary rows, by set: over sources x students (``acc_xy_std``
+    then the spread between sources), else over seeds (one seed: its rows, acc_xy_% as the mean)."""
     text = path.read_text()
-    if "Over seeds" not in text:
-        header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
-        return {r[0]: {**dict(zip(header, r)), "acc_xy_mean": dict(zip(header, r))["acc_xy_%"]}
-                for r in _markdown_rows(text, "set ")}
-    over = text[text.index("Over seeds"):]
-    header = [c.strip() for c in next(ln for ln in over.splitlines() if ln.startswith("| set ")).strip("|").split("|")]
-    return {r[0]: dict(zip(header, r)) for r in _markdown_rows(over, "set ")}
+    for head in ("Over sources", "Over seeds"):
+        if head in text:
+            over = text[text.index(head):]
+            header = [c.strip() for c in next(ln for ln in over.splitlines() if ln.startswith("| set ")).strip("|")
+                      .split("|")]
+            rows = {r[0]: dict(zip(header, r)) for r in _markdown_rows(over, "set ")}
+            for r in rows.values():
+                r.setdefault("acc_xy_std", r.get("acc_xy_between_std", ""))
+            return rows
+    header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    return {r[0]: {**dict(zip(header, r)), "acc_xy_mean": dict(zip(header, r))["acc_xy_%"]}
+            for r in _markdown_rows(text, "set ")}
 
 
 def test_readme_results_tables_are_the_committed_tables():
     """Each table of "What it finds" follows the line naming its source (Source: [`results/...md`]);
-    a column headed "without selection" is checked against the table named by its own line
-    (Without selection: [`results/...md`]), n = 1 there."""
+    its "acc (X, Y)" cell is the summary's mean ± std (over sources: ± the spread between sources),
+    its "acc (X, Y+1)" cell the summary's mean, a "within" column the spread within sources and an
+    "interval" column the 95% interval; a column headed "without selection" is checked against the
+    table named by its own line (Without selection: [`results/...md`]), n = 1 there."""
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## What it finds"):]
     section = section[:section.index("\n## ", 1)]
@@ -50,21 +58,29 @@ def test_readme_results_tables_are_the_committed_tables():
         table = _over_seeds(committed)
         nosel = re.search(r"Without selection: \[`(results/[^`]+\.md)`\]", part)
         header = [c.strip() for c in next(ln for ln in part.splitlines() if ln.startswith("| set |")).strip("|").split("|")]
+        col = {h: j for j, h in enumerate(header)}
+        xy = next(j for h, j in col.items() if h.startswith("acc (X, Y)"))
+        xy1 = next(j for h, j in col.items() if h.startswith("acc (X, Y+1)"))
         for cells in _markdown_rows(part, "set |"):
             name = re.sub(r"\s*\(control\)", "", cells[0])
-            m = re.fullmatch(r"\**([\d.]+) ± ([\d.]+)\**", cells[2])
+            m = re.fullmatch(r"\**([\d.]+) ± ([\d.]+)\**", cells[xy])
             assert m, f"README row {cells}: acc (X, Y) is not 'mean ± std'"
             assert name in table, f"README row {name!r} is not in {committed}"
             row = table[name]
             assert (float(m.group(1)), float(m.group(2))) == (float(row["acc_xy_mean"]), float(row["acc_xy_std"])), \
-                f"{name}: README {cells[2]} vs {committed}: {row['acc_xy_mean']} ± {row['acc_xy_std']}"
-            assert float(cells[3]) == pytest.approx(float(row["acc_xy1_mean"])), f"{name}: (X, Y+1) {cells[3]}"
+                f"{name}: README {cells[xy]} vs {committed}: {row['acc_xy_mean']} ± {row['acc_xy_std']}"
+            assert float(cells[xy1]) == pytest.approx(float(row["acc_xy1_mean"])), f"{name}: (X, Y+1) {cells[xy1]}"
             checked += 1
-            for col, cell in zip(header, cells):
-                if "without selection" in col and cell not in ("", "-", "—"):
+            for h, cell in zip(header, cells):
+                if h.startswith("within") and cell:
+                    assert float(cell) == float(row["acc_xy_within_std"]), f"{name}: {h} {cell}"
+                if h.startswith("95%") and cell:
+                    lo, hi = (float(v) for v in re.findall(r"-?[\d.]+", cell))
+                    assert (lo, hi) == (float(row["acc_xy_ci95_lo"]), float(row["acc_xy_ci95_hi"])), f"{name}: {cell}"
+                if "without selection" in h and cell not in ("", "-", "—"):
                     assert nosel, "a 'without selection' column with no 'Without selection: [`results/...md`]' line"
                     other = _over_seeds(ROOT / nosel.group(1))
-                    assert float(cell.strip("*")) == float(other[name]["acc_xy_mean"]), f"{name}: {col} {cell}"
+                    assert float(cell.strip("*")) == float(other[name]["acc_xy_mean"]), f"{name}: {h} {cell}"
                     checked += 1
     assert checked >= 6
 

@@ -353,7 +353,7 @@ def debate_figure(df: Any) -> Any:
     ax.axvline(10, color=F.CHANCE, ls="--", lw=1)
     for side, c in COLORS.items():
         ax.scatter([], [], color=c, label=side)
-    ax.set(xlabel="ours: clean (or robust) test accuracy %; r x 100 for the correlation", xlim=(left, 100),
+    ax.set(xlabel="ours: clean (or robust) test accuracy %; r x 100 for the correlation", xlim=(left, 103),
            title="the debate: every line, its interval and its reading")
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
