@@ -72,7 +72,7 @@ def table1_bars(df: pd.DataFrame, title: str = "Clean test accuracy (Table 1)") 
     little: a note under the axes says so). The paper's numbers beside them; chance dashed. The
     whiskers' line collections carry gids ``t-interval:<set>`` or ``wilson:<set>``, the dots
     ``seeds:<set>``."""
-    from pipeline.report import T_MIN_SEEDS, t_multiplier
+    from pipeline.report import T_MIN_SEEDS, several_sources, t_multiplier
 
     iv = set_intervals(df)
     x = np.arange(len(iv))
@@ -91,8 +91,8 @@ def table1_bars(df: pd.DataFrame, title: str = "Clean test accuracy (Table 1)") 
         return text
 
     groups = [g for _, g in df.groupby(["set", "model"], sort=False)]
-    sources = int(df["source_seed"].nunique()) if "source_seed" in df else 1
-    what = f"95% t-interval over the {sources} sources' means" if sources > 1 else "95% t-interval of the mean (n ≥ 3)"
+    what = f"95% t-interval over the {df['source_seed'].nunique()} sources' means" if several_sources(df) \
+        else "95% t-interval of the mean (n ≥ 3)"
     for xi, m, r, g in zip(x, mean, iv.itertuples(), groups):
         acc = g["acc_xy_%"].to_numpy(float)
         n = len(acc)

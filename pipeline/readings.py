@@ -46,18 +46,6 @@ def below(s: Stat, x: float) -> bool:
     return has_interval(s) and s["hi"] < x
 
 
-def stat(values: Any) -> Stat:
-    """Mean, n and the 95% t-interval of the mean of ``values`` (NaN interval for n < 2)."""
-    from pipeline.report import t_interval
-
-    import pandas as pd
-
-    v = pd.Series(list(values), dtype=float).dropna()
-    lo, hi = t_interval(v)
-    return {"mean": float(v.mean()) if len(v) else float("nan"), "std": float(v.std()) if len(v) > 1 else float("nan"),
-            "n": int(len(v)), "lo": lo, "hi": hi}
-
-
 def fmt_stat(s: Stat) -> str:
     ci = f" [{s['lo']:.1f}, {s['hi']:.1f}]" if has_interval(s) else " (no interval)"
     return f"{s['mean']:+.1f}{ci}"

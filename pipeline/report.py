@@ -176,6 +176,11 @@ def seed_stats(values: pd.Series, name: str) -> dict:
     return {f"{name}_mean": values.mean(), f"{name}_std": values.std(), "ci95_lo": lo, "ci95_hi": hi}
 
 
+def several_sources(df: pd.DataFrame) -> bool:
+    """The table holds more than one source seed (``source.seeds``): a nested design."""
+    return "source_seed" in df and df["source_seed"].nunique() > 1
+
+
 def nested_stats(g: pd.DataFrame, col: str = "acc_xy_%") -> dict[str, float]:
     """``col`` over a nested design (sources x students; ``source_seed``): the mean of the source
     means, the spread between sources (the std of the source means), the spread within a source
@@ -196,7 +201,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     of the mean, of acc (X, Y) and acc (X, Y+1); the mean fooling rates (whole set, trained rows)
     beside them. Over several source seeds (``source_seed``): the mean over sources, the spread
     between and within sources, and the interval over sources (``nested_stats``)."""
-    if "source_seed" in df and df["source_seed"].nunique() > 1:
+    if several_sources(df):
         return summarize_nested(df)
     rows = []
     for (set_name, model), g in df.groupby(["set", "model"], sort=False):
@@ -231,8 +236,7 @@ def init_note(df: pd.DataFrame) -> str:
     shared = inits[inits.duplicated("init", keep=False)]
     if shared.empty:
         return f"Initial weights: all {len(inits)} models start from different weights."
-    src = (lambda r: f" source {r.source_seed}") if "source_seed" in df and df["source_seed"].nunique() > 1 \
-        else (lambda r: "")
+    src = (lambda r: f" source {r.source_seed}") if several_sources(df) else (lambda r: "")
     groups = ["; ".join(f"{r.set} seed {r.seed}{src(r)}" for r in g.itertuples()) for _, g in shared.groupby("init")]
     return "Initial weights SHARED by: " + " | ".join(groups)
 
@@ -241,10 +245,9 @@ def to_markdown(df: pd.DataFrame) -> str:
     shown = df.drop(columns=[c for c in df.columns if c.endswith("_key")] + ["n_test"])
     text = shown.to_markdown(index=False, floatfmt=".1f")
     if df["seed"].groupby(df["set"]).size().max() > 1:
-        nested = "source_seed" in df and df["source_seed"].nunique() > 1
         head = ("Over sources x students (the mean of the source means; the std of the source means (between) and of "
-                "students around their source's mean (within); the 95% t-interval over sources)") if nested \
-            else "Over seeds (mean, std, 95% t-interval of the mean)"
+                "students around their source's mean (within); the 95% t-interval over sources)") \
+            if several_sources(df) else "Over seeds (mean, std, 95% t-interval of the mean)"
         text += f"\n\n{head}:\n\n" + summarize(df).to_markdown(index=False, floatfmt=".1f")
     return text + "\n\n" + init_note(df)
 

@@ -61,6 +61,14 @@ def control_rows(cfg: dict, y_all: np.ndarray, num_classes: int) -> tuple[np.nda
     return idx, t, copy
 
 
+def clean_images(x_all: np.ndarray, idx: np.ndarray, copy: np.ndarray, cfg: dict) -> np.ndarray:
+    """The clean images of a set's rows (uint8): each image, or with ``augment_copies`` (in the
+    set's ``cfg``) its copy's crop and flip, as the PGD set attacks them."""
+    if not cfg.get("augment_copies", 0):
+        return x_all[idx]
+    return C.crop_flip(x_all[idx], C.copy_params(cfg["seed"], idx, copy))
+
+
 def base_kind(kind: str) -> str:
     """The PGD set whose rows and targets a control mirrors: leak-rand -> rand; rand-clean-only -> rand."""
     return kind[len("leak-"):] if kind.startswith("leak-") else "rand"
@@ -81,8 +89,7 @@ def build_control(store: Store, spec: StageSpec, rt, log=lambda _m: None) -> str
     num_classes = len(info["classes"])
     x_all, y_all = load_split(store, dataset_key, "train")
     idx, t, copy = control_rows(cfg, y_all, num_classes)
-    copies = cfg.get("augment_copies", 0)
-    block = x_all[idx] if not copies else C.crop_flip(x_all[idx], C.copy_params(cfg["seed"], idx, copy))
+    block = clean_images(x_all, idx, copy, cfg)
     norm, eps = cfg.get("norm", "l2"), cfg.get("eps", 0.0)
     patterns = C.leak_patterns(num_classes, tuple(info["image_shape"]), norm, eps, cfg["seed"]) \
         if kind in LEAK else None
@@ -134,7 +141,7 @@ def build_matched(store: Store, spec: StageSpec, rt, log=lambda _m: None) -> str
     info = dataset_info(store, dataset_key)
     x_all, y_all = load_split(store, dataset_key, "train")
     idx, t, copy, pcfg = matched_rows(store, trained_on, y_all, len(info["classes"]))
-    block = x_all[idx] if not pcfg.get("augment_copies", 0) else C.crop_flip(x_all[idx], C.copy_params(pcfg["seed"], idx, copy))
+    block = clean_images(x_all, idx, copy, pcfg)
     arrays = C.pattern_block(load_model(store, source_key, device), block, t, threat_model("l2", 1e-12), device,
                              rt.eval_batch_size, spec.config["dtype"])
     rows = {**arrays, "y_target": t, "y_true": y_all[idx], "index": idx}
@@ -168,11 +175,8 @@ def control_spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) -> S
 
 
 def _build(store: Store, spec: StageSpec, ctx: Context) -> str:
-    return build_control(store, spec, ctx.runtime, ctx.log)
-
-
-def _build_matched(store: Store, spec: StageSpec, ctx: Context) -> str:
-    return build_matched(store, spec, ctx.runtime, ctx.log)
+    build = build_matched if spec.config["kind"] in MATCHED else build_control
+    return build(store, spec, ctx.runtime, ctx.log)
 
 
 register_set(SetBuilder(LEAK, "PGD set K's rows and targets plus one fixed random pattern of norm eps per target class",
@@ -180,7 +184,7 @@ register_set(SetBuilder(LEAK, "PGD set K's rows and targets plus one fixed rando
 register_set(SetBuilder((CLEAN_ONLY,), "D_rand's rows whose target is their own label, unperturbed",
                         build=_build, spec=control_spec, task_name="build-control"))
 register_set(SetBuilder(MATCHED, "the rows PGD set K's students train on (after margin selection), clean, labelled t",
-                        build=_build_matched, plannable=False, selectable=False, task_name="build-control"))
+                        build=_build, plannable=False, selectable=False, task_name="build-control"))
 
 
 KINDS = ("leak", "clean-only", "matched")

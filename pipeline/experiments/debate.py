@@ -120,21 +120,18 @@ def _fmt(s: dict[str, float] | None) -> str:
 
 def _line(experiment: str, what: str, ours: dict | None, control: str, reference: str, supports: str,
           why: str) -> dict[str, Any]:
-    return {"experiment": experiment, "line": what, "ours_%": (ours or {}).get("mean", float("nan")),
-            "ours": _fmt(ours), "control": control, "reference": reference, "supports": supports, "why": why}
-
-
-def _sources(df: Any) -> bool:
-    return "source_seed" in df and df["source_seed"].nunique() > 1
+    ours = ours or {}
+    return {"experiment": experiment, "line": what, "ours_%": ours.get("mean", float("nan")),
+            "ours_lo_%": ours.get("lo", float("nan")), "ours_hi_%": ours.get("hi", float("nan")), "ours": _fmt(ours), "control": control, "reference": reference, "supports": supports, "why": why}
 
 
 def _students(df: Any, set_col: str, name: str, col: str, lo: str = "ci95_lo_%", hi: str = "ci95_hi_%") -> dict:
     """A set's students' ``col``: over sources x students (the interval over source means) when
     the table has several sources, else over seeds."""
-    from pipeline.report import nested_stats
+    from pipeline.report import nested_stats, several_sources
 
     g = df[df[set_col] == name]
-    if _sources(df) and len(g):
+    if several_sources(df) and len(g):
         s = nested_stats(g, col)
         return {**s, "n": len(g), "lo": s["ci95_lo"], "hi": s["ci95_hi"], "std": s["between_std"]}
     return _stat(g[col], g[lo] if lo in g else None, g[hi] if hi in g else None)
@@ -143,12 +140,14 @@ def _students(df: Any, set_col: str, name: str, col: str, lo: str = "ci95_lo_%",
 def paired_difference(df: Any, a: str, b: str, col: str = "acc_xy_%") -> dict[str, float]:
     """Set ``a``'s ``col`` minus set ``b``'s, paired: per source (the mean over its students) when
     the table has several sources, else per student seed; mean and t-interval over the pairs."""
-    from pipeline.readings import stat
+    import pandas as pd
 
-    keys = ["source_seed"] if _sources(df) else ["seed"]
+    from pipeline.report import several_sources
+
+    keys = ["source_seed"] if several_sources(df) else ["seed"]
     ga = df[df["set"] == a].groupby(keys)[col].mean()
     gb = df[df["set"] == b].groupby(keys)[col].mean()
-    return stat((ga - gb).dropna())
+    return _stat(pd.Series(ga - gb, dtype=float))
 
 
 def _replicate_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
@@ -241,7 +240,9 @@ def _transfer_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
 
 
 def _spectrum_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
-    from pipeline.readings import above, read_trend, slope, stat
+    import pandas as pd
+
+    from pipeline.readings import above, read_trend, slope
 
     out = []
     for kind in dict.fromkeys(df["set"]):
@@ -251,8 +252,8 @@ def _spectrum_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
         at = {e: _students(g, "source_eps", e, "acc_xy_%") for e in by.index}
         every = all(above(st, chance) for st in at.values())
         per_source = g.groupby("source_seed") if "source_seed" in g else [(0, g)]
-        slopes = stat([slope(*zip(*sorted(h.groupby("source_eps")["acc_xy_%"].mean().items())))
-                       for _, h in per_source])
+        slopes = _stat(pd.Series([slope(*zip(*sorted(h.groupby("source_eps")["acc_xy_%"].mean().items())))
+                                   for _, h in per_source], dtype=float))
         side, why = read_trend(slopes, every, f"{kind} students' (X, Y) from source eps {lo_eps:g} to {hi_eps:g} "
                                               f"({by.iloc[0]:.1f} -> {by.iloc[-1]:.1f})")
         out.append(_line(name, f"{kind} students, clean (X, Y), source eps {lo_eps:g} -> {hi_eps:g}", at[hi_eps],
@@ -301,12 +302,12 @@ def evidence_of(tables: dict[str, Any]) -> Any:
             continue
         chance = float(df["chance_%"].iloc[0]) if "chance_%" in df else 10.0
         rows += [{**r, "run_key": run_key} for r in LINES[name](name, df, chance)]
-    return pd.DataFrame(rows, columns=["experiment", "line", "ours_%", "ours", "control", "reference", "supports",
-                                       "why", "run_key"])
+    return pd.DataFrame(rows, columns=["experiment", "line", "ours_%", "ours_lo_%", "ours_hi_%", "ours", "control",
+                                       "reference", "supports", "why", "run_key"])
 
 
 def to_markdown(df: Any) -> str:
-    shown = df.drop(columns=[c for c in df.columns if c.endswith("_key")] + ["ours_%"])
+    shown = df.drop(columns=[c for c in df.columns if c.endswith("_key") or c.startswith("ours_")])
     text = shown.to_markdown(index=False)
     from pipeline.readings import READINGS, SIDES
 
@@ -335,17 +336,16 @@ COLORS = {"features": "#2a7", "bugs": "#b33", "neither": "#888", "inconclusive: 
 
 def debate_figure(df: Any) -> Any:
     """Every line of the table, each with its interval, coloured by reading."""
-    import re
+    import math
 
     from pipeline import figures as F
 
     fig, ax = F.plt.subplots(figsize=(7.5, 0.45 * len(df) + 1.4))
     y, left = list(range(len(df)))[::-1], -5.0
     for yi, (_, r) in zip(y, df.iterrows()):
-        m = re.search(r"\[(-?[\d.]+), (-?[\d.]+)\]", str(r["ours"]))
         color = COLORS.get(r["supports"], "#888")
-        if m:
-            lo, hi = float(m.group(1)), float(m.group(2))
+        lo, hi = r.get("ours_lo_%", float("nan")), r.get("ours_hi_%", float("nan"))  # tables before them: none
+        if not (math.isnan(lo) or math.isnan(hi)):
             left = min(left, lo - 5)
             ax.plot([lo, hi], [yi, yi], color=color, lw=2, alpha=0.6)
         ax.scatter([r["ours_%"]], [yi], color=color, s=30, zorder=3)
