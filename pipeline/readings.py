@@ -173,3 +173,29 @@ def read_robust_gain(robust: Stat, others: dict[str, Stat]) -> tuple[str, str]:
                          f"{' and '.join(short)} ({said}): the signature does not show here.")
     return FEATURES, (f"D_R's students ({robust['mean']:.1f}) are more robust than {said}: robustness comes with the "
                       "data's features.")
+
+
+def read_poison(drop: Stat, shifted: Stat, chance: float, fowl: bool = True) -> tuple[str, str]:
+    """An availability poison: training images perturbed toward y + 1, every label true. ``drop``:
+    the poisoned students' clean (X, Y) minus the clean students' of the same rows (paired by
+    seed); ``shifted``: the poisoned students' (X, Y-1). features: accuracy falls (the drop's
+    interval below 0) and (X, Y-1) is above chance: the students learned the perturbations'
+    features of y + 1 as class y, which the features view predicts and the bugs view does not.
+    inconclusive: Fowl's recipe that does not lower accuracy did not poison at this scale.
+    neither: a fall without the shifted mapping, or a variant that is not Fowl's recipe."""
+    if not fowl:
+        return NEITHER, ("Not Fowl's recipe (class-targeted L-inf 8/255, >= 40 steps, every image): a variant that "
+                         "reads for no side.")
+    if not has_interval(drop):
+        return NEITHER, "One student per set and no interval: nothing is decided."
+    if not below(drop, 0.0):
+        return WEAK, (f"The poison does not lower clean accuracy (poisoned - clean = {fmt_stat(drop)}): it did not "
+                      "poison at this scale, which says nothing of either view.")
+    if above(shifted, chance):
+        return FEATURES, (f"Correctly labelled images carrying perturbations toward y + 1 lower clean accuracy "
+                          f"(poisoned - clean = {fmt_stat(drop)}) and teach (X, Y-1) above chance "
+                          f"({shifted['mean']:.1f}): the students learned the perturbations' features of y + 1 "
+                          "as class y.")
+    return NEITHER, (f"The poison lowers clean accuracy (poisoned - clean = {fmt_stat(drop)}) but its students do not "
+                     f"map class y + 1's features to y ((X, Y-1) {shifted['mean']:.1f}): a fall that noise-like "
+                     "damage would also give.")

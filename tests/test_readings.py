@@ -81,3 +81,14 @@ def test_robustness_of_d_r_must_beat_standard_training_too():
     # the committed table: the standard source is more robust (28.9) than D_R's students
     reading, why = R.read_robust_gain(dr, {"D_NR": S(5.3, 4.0, 6.5, 2), "source": S(28.9, float("nan"), float("nan"), 1)})
     assert reading == R.NEITHER and "source" in why
+
+
+def test_a_poison_reads_features_only_when_it_poisons_and_teaches_the_shift():
+    drop, shifted = S(-40.0, -45.0, -35.0), S(30.0, 25.0, 35.0)
+    assert R.read_poison(drop, shifted, 10.0)[0] == R.FEATURES
+    assert R.read_poison(drop, S(10.5, 9.0, 12.0), 10.0)[0] == R.NEITHER  # a fall without the shifted mapping
+    assert R.read_poison(S(-2.0, -5.0, 1.0), shifted, 10.0)[0] == R.WEAK  # did not poison: inconclusive, no side
+    assert R.read_poison(S(3.0, 1.0, 5.0), shifted, 10.0)[0] == R.WEAK
+    assert R.read_poison(drop, shifted, 10.0, fowl=False)[0] == R.NEITHER  # not Fowl's recipe: no side
+    assert R.read_poison(S(-40.0, math.nan, math.nan, 1), shifted, 10.0)[0] == R.NEITHER  # no interval
+    assert "did not poison" in R.read_poison(S(-2.0, -5.0, 1.0), shifted, 10.0)[1]

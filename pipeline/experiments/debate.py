@@ -262,20 +262,25 @@ def _spectrum_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
 
 
 def _poison_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
-    from pipeline.experiments.poison import CLEAN, KIND
-    from pipeline.readings import NEITHER
+    """One line per poison recipe: its students' clean (X, Y), read from the drop against the clean
+    students of the same rows (paired) and the poisoned students' (X, Y-1)."""
+    from pipeline.experiments.poison import RECIPES
+    from pipeline.readings import read_poison
 
-    if KIND not in set(df["set"]):
-        return []
-    p, shifted = _students(df, "set", KIND, "acc_xy_%"), _stat(df[df["set"] == KIND]["acc_xy-1_%"])
-    c = _students(df, "set", CLEAN, "acc_xy_%") if CLEAN in set(df["set"]) else None
-    lower = c is not None and p["hi"] < c["lo"]
-    return [_line(name, "poison students (correct labels, det's perturbations; not Fowl's recipe), clean (X, Y)", p,
-                  f"same rows unperturbed {c['mean']:.1f}; (X, Y-1) {shifted['mean']:.1f}" if c else "",
-                  "Fowl et al. 2021 (their recipe: near chance)", NEITHER,
-                  "Not Fowl's recipe (class-targeted L-inf 8/255, >= 40 steps, every image): this variant "
-                  + ("lowers accuracy below its clean control " if lower else "does not clearly lower accuracy ")
-                  + "but reads for no side until Fowl's recipe is run.")]
+    out = []
+    for recipe, (poisoned, clean) in RECIPES.items():
+        if poisoned not in set(df["set"]):
+            continue
+        p, shifted = _students(df, "set", poisoned, "acc_xy_%"), _stat(df[df["set"] == poisoned]["acc_xy-1_%"])
+        drop = paired_difference(df, poisoned, clean) if clean in set(df["set"]) else {}
+        side, why = read_poison(drop, shifted, chance, fowl=recipe == "fowl")
+        peak = df[df["set"] == poisoned]["peak_acc_xy_%"].mean() if "peak_acc_xy_%" in df else float("nan")
+        what = ("Fowl's poison (class-targeted L-inf, every image, true labels), clean (X, Y)" if recipe == "fowl"
+                else "det's perturbations with true labels (not Fowl's recipe), clean (X, Y)")
+        control = (f"same rows unperturbed {_students(df, 'set', clean, 'acc_xy_%')['mean']:.1f}; "
+                   if clean in set(df["set"]) else "") + f"peak {peak:.1f}; (X, Y-1) {shifted['mean']:.1f}"
+        out.append(_line(name, what, p, control, "Fowl et al. 2021 (their recipe: near chance)", side, why))
+    return out
 
 
 LINES = {"replicate": _replicate_lines, "controls": _replicate_lines, "robust-datasets": _robust_datasets_lines,
