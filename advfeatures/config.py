@@ -392,8 +392,22 @@ class EvaluateConfig:
     """PGD steps of the robust evaluation's untargeted attack."""
     robust_step_size: float = 0.0
     """0 = 2.5 * eps / steps (Madry et al.)."""
+    check_restarts: int = 0
+    """The attack's strength check: each robust evaluation is repeated on the first ``check_n``
+    test images with ``check_steps_factor`` times its steps, from the image and from this many
+    random starts; a point is robust only if no attack fools the model. Tables show the drop
+    from the evaluation's own attack on the same images (it should be <= 1 point). 0: no check."""
+    check_steps_factor: int = 2
+    """The check's steps: this many times ``robust_steps`` (step 2.5 * eps / steps)."""
+    check_n: int = 1000
+    """Test images the check attacks (the first ones of the clean test set)."""
 
     def __post_init__(self):
+        _check(self.check_restarts >= 0, f"evaluate.check_restarts must be >= 0 (0: no check), got "
+                                         f"{self.check_restarts}")
+        _check(self.check_steps_factor >= 1, f"evaluate.check_steps_factor must be >= 1, got "
+                                             f"{self.check_steps_factor}")
+        _check(self.check_n >= 1, f"evaluate.check_n must be >= 1, got {self.check_n}")
         _check(all(e > 0 for e in self.robust_eps), f"evaluate.robust_eps={list(self.robust_eps)} must be > 0")
         _check(len(set(self.robust_eps)) == len(self.robust_eps), "evaluate.robust_eps has repeats")
         _check(self.robust_norm in ("l2", "linf"), f"evaluate.robust_norm={self.robust_norm!r}; choose 'l2' or 'linf'")
@@ -403,6 +417,12 @@ class EvaluateConfig:
     def attack_for(self, eps: float) -> dict[str, Any]:
         step = self.robust_step_size or 2.5 * eps / self.robust_steps
         return {"norm": self.robust_norm, "eps": eps, "steps": self.robust_steps, "step_size": step}
+
+    def check_for(self, eps: float) -> dict[str, Any]:
+        """The strength check of ``attack_for(eps)`` (``check_restarts`` > 0)."""
+        steps = self.check_steps_factor * self.robust_steps
+        return {"norm": self.robust_norm, "eps": eps, "steps": steps, "step_size": 2.5 * eps / steps,
+                "restarts": self.check_restarts, "n": self.check_n, "seed": 0, "base": self.attack_for(eps)}
 
 
 @dataclass(frozen=True)

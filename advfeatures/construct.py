@@ -208,13 +208,15 @@ def invert_block(model: nn.Module, goals: np.ndarray, starts: np.ndarray, target
                  step_size: float, radius: float | None = None, device: torch.device | str = "cpu",
                  batch_size: int = 250, amp_dtype: torch.dtype | None = None, store_dtype: str = "float32",
                  channels_last: bool = False,
-                 on_batch: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 trace_at: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
     """Representation inversion of a block: for goal images and start images (uint8, N,C,H,W),
     ``advfeatures.inversion.invert`` from each start toward its goal's representation. Returns x
     as stored and, computed on the stored images in fp32, the records of a constructed set toward
     ``targets`` (the goals' labels: fooled = the model predicts it, loss, margin), norm = ||x -
     start||_2, and the representation distances to the goal at the start and at x
-    (``start_distance``, ``distance``)."""
+    (``start_distance``, ``distance``); with ``trace_at``, ``trace`` (N, K): the smallest distance
+    after each of those step counts, as the inversion computed it."""
     from advfeatures.attacks import L2
     from advfeatures.inversion import invert, represent
 
@@ -224,13 +226,16 @@ def invert_block(model: nn.Module, goals: np.ndarray, starts: np.ndarray, target
         model = model.to(memory_format=torch.channels_last)
     sdtype = getattr(torch, store_dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = {k: [] for k in ("x", "fooled", "loss", "norm", "margin", "distance", "start_distance")}
+    out = {k: [] for k in ("x", "fooled", "loss", "norm", "margin", "distance", "start_distance",
+                           *(("trace",) if trace_at else ()))}
     for s in range(0, goals.shape[0], batch_size):
         xg = to_unit(torch.from_numpy(goals[s:s + batch_size]).to(device)).contiguous(memory_format=fmt)
         x0 = to_unit(torch.from_numpy(starts[s:s + batch_size]).to(device)).contiguous(memory_format=fmt)
         tb = torch.from_numpy(targets[s:s + batch_size]).to(device)
-        r = invert(model, xg, x0, steps, step_size, radius=radius, amp_dtype=amp_dtype)
+        r = invert(model, xg, x0, steps, step_size, radius=radius, amp_dtype=amp_dtype, trace_at=trace_at)
         xs, rec = stored_records(model, x0, r.x, tb, L2(float("inf")), sdtype)
+        if trace_at:
+            rec["trace"] = r.trace.T
         with frozen_eval(model), torch.no_grad():
             goal = represent(model, xg)
             rec["distance"] = (represent(model, xs) - goal).norm(dim=1)

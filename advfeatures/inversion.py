@@ -28,6 +28,7 @@ class InversionResult:
     x: torch.Tensor      # (B, C, H, W) float32 in [0, 1]: the iterate of smallest distance
     distance: torch.Tensor  # (B,) ||g(x_r) - g(x)|| at x
     start_distance: torch.Tensor  # (B,) ||g(x0) - g(x)||
+    trace: torch.Tensor | None = None  # (K, B) the smallest distance after each of ``trace_at``'s step counts
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
@@ -59,11 +60,13 @@ def represent(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def invert(model: nn.Module, x: torch.Tensor, start: torch.Tensor, steps: int, step_size: float = 0.1,
-           radius: float | None = None, amp_dtype: torch.dtype | None = None) -> InversionResult:
+           radius: float | None = None, amp_dtype: torch.dtype | None = None,
+           trace_at: tuple[int, ...] = ()) -> InversionResult:
     """x_r from ``start`` (B,C,H,W in [0, 1]) whose representation approaches that of ``x``:
     ``steps`` normalised-gradient steps of ``step_size`` on ||g(x_r) - g(x)||, clamped to [0, 1]
     after each, projected into the L2 ball of ``radius`` around ``start`` when given; the iterate
-    of smallest distance is kept."""
+    of smallest distance is kept. ``trace_at``: step counts after which the smallest distance so
+    far is recorded (``trace``), to show where the inversion stops improving."""
     x, x0 = x.detach().float(), start.detach().float()
     ball = L2(math.inf if radius is None else radius)  # the step's norm, and the constraint if any
 
@@ -75,6 +78,7 @@ def invert(model: nn.Module, x: torch.Tensor, start: torch.Tensor, steps: int, s
             model(x)
         goal = seen.pop().float()
         xr, best_x, best_d, first_d = x0, x0, None, None
+        trace = {}
         for i in range(steps + 1):
             last = i == steps
             xr = xr.detach().requires_grad_(not last)
@@ -91,6 +95,9 @@ def invert(model: nn.Module, x: torch.Tensor, start: torch.Tensor, steps: int, s
                 better = d < best_d
                 best_x = torch.where(better.view(-1, 1, 1, 1), xr.detach(), best_x)
                 best_d = torch.where(better, d, best_d)
+            if i in trace_at:
+                trace[i] = best_d
             if not last:
                 xr = advance(ball, xr, x0, grad, step_size)
-    return InversionResult(x=best_x, distance=best_d, start_distance=first_d)
+    return InversionResult(x=best_x, distance=best_d, start_distance=first_d,
+                           trace=torch.stack([trace[i] for i in trace_at]) if trace_at else None)

@@ -175,6 +175,10 @@ class Plan:
                                 construct=self._nodes[n.spec.inputs[0]].spec if n.spec.inputs[0] in self._nodes
                                 else None, eval=self.evals_of(n.key)[0]) for n in self.find(role="student")]
 
+    def checks_of(self, model_key: str) -> list[StageSpec]:
+        """A model's attack-strength checks (``evaluate.check_restarts``), by radius."""
+        return [n.spec for n in self.find(role="check", of=model_key)]
+
     @property
     def robust(self) -> dict[str, list[StageSpec]]:
         """model key -> its robust evaluations, for models that have any."""
@@ -258,6 +262,25 @@ def robust_eval_spec(cfg: ExperimentConfig, model: StageSpec, ds: StageSpec, eps
                      (model.key, ds.key))
 
 
+def check_eval_spec(cfg: ExperimentConfig, model: StageSpec, ds: StageSpec, eps: float) -> StageSpec:
+    """The strength check of ``robust_eval_spec`` at ``eps``: more steps and random restarts on the
+    first ``evaluate.check_n`` test images (``evaluate.check_restarts``)."""
+    return StageSpec("eval", {"labels": "clean", "robust": cfg.evaluate.check_for(eps), "amp": cfg.runtime.amp},
+                     (model.key, ds.key))
+
+
+def add_robust_evals(plan: Plan, cfg: ExperimentConfig, spec: StageSpec, ds: StageSpec, label: str,
+                     radii: Any) -> None:
+    """``spec``'s robust evaluations at ``radii`` and, with ``evaluate.check_restarts``, their
+    strength checks (role check)."""
+    for eps in radii:
+        plan.add(robust_eval_spec(cfg, spec, ds, eps), f"{label} eps={eps:g}", role="eval", of=spec.key, eps=eps)
+    if cfg.evaluate.check_restarts:
+        for eps in radii:
+            plan.add(check_eval_spec(cfg, spec, ds, eps), f"{label} eps={eps:g} check", role="check", of=spec.key,
+                     eps=eps)
+
+
 # ---------------------------------------------------------------------------------------------
 # Building plans
 
@@ -267,8 +290,7 @@ def add_model(plan: Plan, cfg: ExperimentConfig, spec: StageSpec, label: str, ds
     """A model, its clean evaluation and (``evaluate.robust_eps``) its robust ones."""
     plan.add(spec, label, **tags)
     plan.add(eval_spec(spec, ds), label, role="eval", of=spec.key)
-    for eps in (cfg.evaluate.robust_eps if robust else ()):
-        plan.add(robust_eval_spec(cfg, spec, ds, eps), f"{label} eps={eps:g}", role="eval", of=spec.key, eps=eps)
+    add_robust_evals(plan, cfg, spec, ds, label, cfg.evaluate.robust_eps if robust else ())
     return spec
 
 

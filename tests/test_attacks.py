@@ -122,3 +122,45 @@ def test_bf16_autocast_keeps_x_fp32_and_rechecks_records_in_fp32():
     assert not torch.equal(d, d.to(torch.bfloat16).float())
     fp32 = pgd(model, x, t, L2(0.5), steps=5, step_size=0.1)
     assert abs(r.fooled.float().mean() - fp32.fooled.float().mean()) <= 0.15
+
+
+class _FlatThenSteep(torch.nn.Module):
+    """Class 0 while every pixel is within tau of grey: s = 1 - k * sum relu(|x - 0.5| - tau). At
+    an all-grey image the gradient is zero, so PGD from the image never moves; from a random start
+    in the ball most pixels are past tau, and the gradient leads out of class 0."""
+
+    def __init__(self, tau=0.01, k=10.0):
+        super().__init__()
+        self.tau, self.k = tau, k
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        s = 1 - self.k * torch.relu((x - 0.5).abs() - self.tau).flatten(1).sum(1) + 0 * self.dummy
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+def test_random_restarts_find_what_the_attack_from_the_image_cannot():
+    from advfeatures.attacks import L2, robust_predictions, strongest_predictions
+
+    x, y = torch.full((6, 3, 4, 4), 0.5), torch.zeros(6, dtype=torch.long)
+    model = _FlatThenSteep()
+    assert (robust_predictions(model, x, y, L2(0.5), 20, 0.0625) == 0).all()  # robust to the plain attack
+    preds = strongest_predictions(model, x, y, L2(0.5), 40, 2.5 * 0.5 / 40, restarts=2, seed=0)
+    assert preds.shape == (3, 6)
+    assert (preds[0] == 0).all() and (preds[1:] == 1).all()  # every restart fools it
+    # the starts come from the seed over the whole input, not from the batch
+    assert torch.equal(preds, strongest_predictions(model, x, y, L2(0.5), 40, 2.5 * 0.5 / 40, 2, 0, batch_size=4))
+
+
+def test_the_strength_check_counts_a_point_robust_only_if_no_attack_fools_it():
+    import numpy as np
+
+    from advfeatures.config import EvaluateConfig, RuntimeConfig
+    from pipeline.stages.evaluation import strength_check
+
+    x, y = np.full((8, 3, 4, 4), 128, np.uint8), np.zeros(8, np.int64)  # grey: within tau of 0.5
+    a = EvaluateConfig(robust_steps=10, check_restarts=2, check_n=5).check_for(0.5)
+    pred, m = strength_check(_FlatThenSteep(), x, y, a, RuntimeConfig(device="cpu"), "cpu", None)
+    assert len(pred) == 5 and m["n_checked"] == 5 and (pred.numpy() == 1).all()
+    assert m["acc_base"] == 1.0 and m["strength_drop"] == 1.0 and m["acc_each_attack"] == [1.0, 1.0, 0.0, 0.0]
+    assert a["steps"] == 20 and a["base"]["steps"] == 10

@@ -186,3 +186,12 @@ def test_the_debates_section_3_2_is_the_demo_profiles_over_three_sources(tiny_ta
         {s.key for s in demo.stages()} - {demo.run.key}
     one = get("replicate").plan(resolve("demo", data=str(tiny_tar)), sha)  # make demo
     assert {s.key for s in one.stages() if s.stage != "run"} <= {s.key for s in parts["replicate"].stages()}
+
+
+def test_the_debates_poison_is_the_demo_profiles(tiny_tar):
+    """`advfeatures run --experiment poison --profile demo` computes the debate's poison part."""
+    sha = source_sha256(tiny_tar)
+    parts = {n: p for n, _, p in DB.parts(resolve("debate", data=str(tiny_tar)), sha)}
+    demo = get("poison").plan(resolve("demo", data=str(tiny_tar)), sha)
+    assert {s.key for s in parts["poison"].stages()} - {parts["poison"].run.key} == \
+        {s.key for s in demo.stages()} - {demo.run.key}

@@ -32,9 +32,15 @@ def test_starts_are_other_images_drawn_independently_of_labels():
         C.inversion_starts(np.zeros(1, np.int64), 1, 0)
 
 
+def sets_of(plan):
+    return plan.constructs
+
+
 @pytest.fixture(scope="module")
 def rd_run(experiments_store, tiny_tar):
-    return run_experiment("robust-datasets", OVERRIDES + ["robust_datasets.li_radius=0.3"], experiments_store, tiny_tar)
+    return run_experiment("robust-datasets", OVERRIDES + ["robust_datasets.li_radius=0.3", "robust_datasets.epochs=[1,2]",
+                                                          "evaluate.check_restarts=1", "evaluate.check_n=50"],
+                          experiments_store, tiny_tar)
 
 
 def test_the_plan_reuses_replicates_source_and_trains_a_robust_one_from_its_own_weights(rd_run, tiny_tar):
@@ -43,9 +49,21 @@ def test_the_plan_reuses_replicates_source_and_trains_a_robust_one_from_its_own_
     assert plan.source.key == rep.source.key
     robust = plan.one(role="robust-source").spec
     assert robust.config["train"]["adversarial"] == {"norm": "l2", "eps": 0.5, "steps": 2, "step_size": None}
+    short = plan.one(role="robust-source-budget").spec  # the plateau check: the same recipe, fewer epochs
+    assert robust.config["train"]["epochs"] == 2 and short.config["train"]["epochs"] == 1
+    assert short.config["seeds"] == robust.config["seeds"] and short.key != robust.key
+    assert get("robust-datasets").plan(resolve("tiny", OVERRIDES), "x").one(role="robust-source").key == \
+        get("robust-datasets").plan(resolve("tiny", OVERRIDES + ["robust_datasets.epochs=[2]"]), "x").one(
+            role="robust-source").key == get("robust-datasets").plan(resolve("tiny", OVERRIDES), "x").one(
+            role="robust-source").key  # one budget equal to the source's: the key it always had
+    with pytest.raises(ConfigError, match="robust_datasets.epochs"):
+        resolve("tiny", ["robust_datasets.epochs=[4,2]"])
+    # D: the goal images of D_R, clean, with their labels; its students train like the others
+    assert plan.constructs["D"].config == {"kind": "inversion-goals"}
+    assert plan.constructs["D"].inputs == (sets_of(plan)["D_R"].key, plan.dataset.key)
     assert "adversarial" not in plan.source.config["train"]
     assert robust.config["seeds"]["init"] != plan.source.config["seeds"]["init"]
-    sets = plan.constructs
+    sets = sets_of(plan)
     assert sets["D_R"].inputs == (plan.dataset.key, robust.key) and sets["D_NR"].inputs == (plan.dataset.key,
                                                                                               plan.source.key)
     assert "radius" not in sets["D_NR"].config and sets["D_NR-li"].config["radius"] == 0.3
@@ -78,6 +96,12 @@ def test_inversion_sets_hold_the_inverted_rows_with_the_goals_labels(rd_run, tin
     man = st.manifest("constructed", spec.key)
     assert man["summary"]["n"] == 60 and man["layout"]["extra"] == [list(e) for e in inversion.EXTRA]
     assert man["summary"]["median_distance_ratio"] < 1
+    trace = man["summary"]["ratio_trace"]  # the mean ratio after every tenth of the steps, over every shard
+    assert trace["steps"] == [0, 1, 2, 3, 4, 5, 6] and trace["mean_ratio"][0] == pytest.approx(1.0)
+    ratio = rows["distance"] / rows["start_distance"]
+    assert trace["mean_ratio"][-1] == pytest.approx(ratio.mean(), rel=2e-2)  # as computed vs on the stored rows
+    assert all(a >= b - 1e-6 for a, b in zip(trace["mean_ratio"], trace["mean_ratio"][1:]))  # the best so far
+    assert trace["fall_last_fifth"] == pytest.approx(trace["mean_ratio"][5] - trace["mean_ratio"][6], abs=1e-4)
 
 
 def test_inversion_sets_are_the_same_however_they_are_sharded(rd_run, tmp_path):
@@ -103,8 +127,10 @@ def test_inversion_sets_are_the_same_however_they_are_sharded(rd_run, tmp_path):
 def test_the_table_is_the_manifests_numbers(rd_run):
     cfg, st, plan = rd_run
     df = build_table(st, plan)
-    assert list(df["model"]) == ["source", "robust source", "D_R", "D_NR", "D_NR-li"]
-    assert df["init"].nunique() == 5 and "robust_0.25_%" in df.columns
+    assert list(df["model"]) == ["source", "robust source 1 ep", "robust source", "D", "D_R", "D_NR", "D_NR-li"]
+    assert df["init"].nunique() == 6 and "robust_0.25_%" in df.columns  # the budgets share their weights' init
+    assert list(df["epochs"][:3]) == [2, 1, 2]
+    assert (df["n_train"][3:] == 60).all()
     x, y = (torch.from_numpy(a) for a in A.read_split(st.path("datasets", plan.dataset.key), "test"))
     for row in df.to_dict("records"):
         with torch.no_grad():
@@ -116,3 +142,19 @@ def test_the_table_is_the_manifests_numbers(rd_run):
     assert d_r["paper_%"] == "84 / 48 / -" and d_r["n_train"] == 60
     md = to_markdown(df)
     assert "Students over seeds" in md and "86.8 / 49.9 / 19.2" in md
+    assert "Attack strength check" in md and "Signature" in md
+    # every check: its own metrics' accuracy, never above the evaluation's attack on the same images
+    for node in plan.find(role="check"):
+        m = st.manifest("evals", node.key)["metrics"]
+        assert m["n_checked"] == 50 and m["acc_xy"] <= m["acc_base"] + 1e-9
+        assert m["strength_drop"] == pytest.approx(m["acc_base"] - m["acc_xy"])
+        assert len(m["acc_each_attack"]) == 3 and m["acc_xy"] <= min(m["acc_each_attack"]) + 1e-9
+    row = df[df["model"] == "robust source"].iloc[0]
+    check = st.manifest("evals", plan.checks_of(row["model_key"])[0].key)["metrics"]
+    assert row["check_0.25_drop"] == pytest.approx(round(100 * check["strength_drop"], 2))
+    # D's rows are D_R's goals, clean
+    goals = A.read_rows(st.path("constructed", plan.constructs["D"].key))
+    d_r = A.read_rows(st.path("constructed", plan.constructs["D_R"].key), names=("goal", "y_target"))
+    assert np.array_equal(goals["index"], d_r["goal"]) and np.array_equal(goals["y_target"], d_r["y_target"])
+    x_train = A.read_split(st.path("datasets", plan.dataset.key), "train")[0]
+    assert np.array_equal(goals["x"], (x_train[d_r["goal"]] / 255).astype(np.float16))

@@ -15,6 +15,12 @@ are too (the robust source must be robust for D_R to mean anything).
     robust_datasets.li_radius     also D_NR-li: D_NR within this L2 distance of its start (Li et
                                   al. 2023: 2.0, with step 0.01; ``li_step_size``)
     robust_datasets.robust_eps    the radii every model is evaluated at (default 0.25, 0.5)
+    robust_datasets.epochs        the robust source's epoch budgets: the last makes D_R, the
+                                  others show whether its robust accuracy has plateaued
+    robust_datasets.baseline      students of the same recipe on the goal images, clean (D)
+
+Every robust evaluation can be checked for a weak attack (``evaluate.check_restarts``: more
+steps and random restarts on the first test images); the table gives each check's drop.
 """
 
 from __future__ import annotations
@@ -23,21 +29,30 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import time
+
 import numpy as np
 
 from advfeatures.config import AdversarialTraining, ExperimentConfig, _check, register_set_kind
+from pipeline.common import Context, dataset_info, load_split, once, run_record, save_set, verified_set
 from pipeline.experiments import Experiment, register
-from pipeline.plan import Plan, add_model, base_plan, model_spec, robust_eval_spec, student_spec
-from pipeline.sets import inversion
+from pipeline.kinds import StageSpec
+from pipeline.plan import Plan, add_model, add_robust_evals, base_plan, model_spec, student_spec
+from pipeline.sets import SetBuilder, inversion
+from pipeline.sets import register as register_set
+from storage.store import Store
 
-ROBUST, NONROBUST, LI = "D_R", "D_NR", "D_NR-li"
+ROBUST, NONROBUST, LI, CLEAN = "D_R", "D_NR", "D_NR-li", "D"
 for _name in (ROBUST, NONROBUST, LI):  # student.per_set may name them (D_NR's students: lr 0.01 in the paper)
     register_set_kind(_name, plannable=False)
+GOALS = "inversion-goals"
+"""The set kind of D: an inversion set's goal images, clean, with their labels."""
 
 REFERENCES = {  # clean / robust at L2 0.25 / 0.5 test accuracy, % (SCIENCE.md part 2); None: not reported
     ROBUST: {"paper": (84.0, 48.0, None), "rebuild": (86.8, 49.9, 19.2)},
     NONROBUST: {"paper": (88.0, 0.0, None), "rebuild": (84.4, 0.0, 0.0)},
     "robust source": {"paper": (90.8, 82.3, 70.2), "rebuild": (None, None, None)},  # the released model
+    CLEAN: {"paper": (95.3, None, None), "rebuild": (None, None, None)},  # standard training on D (Table 1)
 }
 
 
@@ -59,6 +74,13 @@ class RobustDatasetsConfig:
     """D_NR-li's step (Li et al.: 0.01)."""
     robust_eps: tuple[float, ...] = (0.25, 0.5)
     """Robust accuracy of every model of the experiment at these L2 radii (``evaluate``'s attack)."""
+    epochs: tuple[int, ...] = ()
+    """The robust source's epoch budgets (): the source's. The last one's source makes D_R; each
+    other is the same recipe (same initial weights and data order) trained for fewer epochs and
+    evaluated alike, so the table shows whether robust accuracy has plateaued."""
+    baseline: bool = True
+    """Students of the same recipe on the goal images themselves, clean (D): what standard training
+    on the same images gives, beside D_R and D_NR."""
 
     def __post_init__(self):
         _check(self.steps >= 1, f"robust_datasets.steps must be >= 1, got {self.steps}")
@@ -68,30 +90,75 @@ class RobustDatasetsConfig:
                f"robust_datasets.li_radius must be > 0 (Li et al.: 2.0), or unset for no D_NR-li; got {self.li_radius}")
         _check(self.li_step_size > 0, f"robust_datasets.li_step_size must be > 0, got {self.li_step_size}")
         _check(all(e > 0 for e in self.robust_eps), f"robust_datasets.robust_eps={list(self.robust_eps)} must be > 0")
+        _check(all(e >= 1 for e in self.epochs) and list(self.epochs) == sorted(set(self.epochs)),
+               f"robust_datasets.epochs={list(self.epochs)} must be increasing epoch counts >= 1 (the last makes D_R)")
 
 
-def robust_source_spec(cfg: ExperimentConfig, dataset_key: str) -> Any:
-    """The source's recipe with ``robust_datasets.adversarial``: role robust-source (its own seeds)."""
+def robust_source_spec(cfg: ExperimentConfig, dataset_key: str, epochs: int | None = None) -> Any:
+    """The source's recipe with ``robust_datasets.adversarial`` (and ``epochs`` when given): role
+    robust-source (its own seeds; every budget the same)."""
     rd = cfg.robust_datasets
-    robust = dataclasses.replace(cfg.source, train=dataclasses.replace(cfg.source.train, adversarial=rd.adversarial))
-    return model_spec(robust, dataset_key, "robust-source", cfg.runtime.amp)
+    train = dataclasses.replace(cfg.source.train, adversarial=rd.adversarial)
+    if epochs is not None:
+        train = dataclasses.replace(train, epochs=epochs)
+    return model_spec(dataclasses.replace(cfg.source, train=train), dataset_key, "robust-source", cfg.runtime.amp)
 
 
 def _evaluated(out: Plan, cfg: ExperimentConfig, spec: Any, label: str, **tags: Any) -> Any:
-    add_model(out, cfg, spec, label, out.dataset, **tags)
-    for eps in cfg.robust_datasets.robust_eps:
-        out.add(robust_eval_spec(cfg, spec, out.dataset, eps), f"{label} eps={eps:g}", role="eval", of=spec.key,
-                eps=eps)
+    add_model(out, cfg, spec, label, out.dataset, robust=False, **tags)
+    add_robust_evals(out, cfg, spec, out.dataset, label, cfg.robust_datasets.robust_eps)
     return spec
+
+
+@once
+def build_goals(store: Store, spec: StageSpec, rt: Any = None, log: Any = lambda _m: None) -> str:
+    """D: the goal images of an inversion set (its first input, checked against its checksums),
+    clean, each with its own label: what standard training on the same images teaches. Records:
+    nothing is perturbed (norm 0, fooled false, loss and margin NaN)."""
+    parent, dataset_key = spec.inputs
+    t0 = time.perf_counter()
+    man, rows = verified_set(store, parent, names=("goal", "y_target"))
+    x_all, y_all = load_split(store, dataset_key, "train")
+    goal = rows["goal"]
+    if not np.array_equal(y_all[goal], rows["y_target"]):
+        raise ValueError(f"constructed/{parent}: its goals' labels differ from the dataset's; delete it and rerun")
+    n = len(goal)
+    out = {"x": (x_all[goal].astype(np.float32) / 255).astype(man["layout"]["x_dtype"]), "y_target": y_all[goal],
+           "y_true": y_all[goal], "index": goal, "fooled": np.zeros(n, bool), "loss": np.full(n, np.nan, np.float32),
+           "norm": np.zeros(n, np.float32), "margin": np.full(n, np.nan, np.float32)}
+    summary = {"n": n, "share_target_is_true": 1.0, "attack_success": float("nan"),
+               "attack_success_t_ne_y": float("nan"), "mean_norm": 0.0}
+    save_set(store, spec, out, dataset_info(store, dataset_key)["classes"], summary, run_record(rt), t0,
+             parent=parent, seeds=man.get("seeds", {}))
+    log(f"{GOALS} {spec.key}: the {n} goal images of {parent}, clean")
+    return spec.key
+
+
+def _build(store: Store, spec: StageSpec, ctx: Context) -> str:
+    return build_goals(store, spec, ctx.runtime, ctx.log)
+
+
+register_set(SetBuilder((GOALS,), "an inversion set's goal images, clean, with their labels (D, section 3.1)",
+                        build=_build, plannable=False, selectable=False, task_name="build-goals"))
+register_set_kind(CLEAN, plannable=False)
+
+
+def budgets(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """The robust source's epoch budgets; the last makes D_R."""
+    return cfg.robust_datasets.epochs or (cfg.source.train.epochs,)
 
 
 def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
     rd, c = cfg.robust_datasets, cfg.construct
     out = base_plan(cfg, source_sha256)
     ds, standard = out.dataset, out.source
-    for eps in rd.robust_eps:
-        out.add(robust_eval_spec(cfg, standard, ds, eps), f"source eps={eps:g}", role="eval", of=standard.key, eps=eps)
-    robust = _evaluated(out, cfg, robust_source_spec(cfg, ds.key), "robust source", role="robust-source")
+    add_robust_evals(out, cfg, standard, ds, "source", rd.robust_eps)
+    robust = None
+    for epochs in budgets(cfg):
+        spec = robust_source_spec(cfg, ds.key, epochs if rd.epochs else None)
+        last = epochs == budgets(cfg)[-1]
+        robust = _evaluated(out, cfg, spec, "robust source" if last else f"robust source {epochs} ep",
+                            role="robust-source" if last else "robust-source-budget", epochs=epochs)
 
     def inverted(model: Any, step_size: float, radius: float | None = None) -> Any:
         return inversion.spec(ds.key, model.key, rd.steps, step_size, rd.n_images, rd.seed, c.dtype, cfg.runtime.amp,
@@ -102,6 +169,10 @@ def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
         sets.append((LI, inverted(standard, rd.li_step_size, rd.li_radius)))
     for name, spec in sets:
         out.add(spec, name, role="set", set=name)
+    if rd.baseline:
+        goals = out.add(StageSpec("construct", {"kind": GOALS}, (sets[0][1].key, ds.key)), CLEAN, role="set",
+                        set=CLEAN)
+        sets.insert(0, (CLEAN, goals))
     for name, spec in sets:
         for seed in cfg.student.seeds:
             _evaluated(out, cfg, student_spec(cfg, name, seed, spec, standard), f"{name} seed={seed}",
@@ -110,27 +181,42 @@ def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
 
 
 def build_table(store: Any, plan: Plan) -> Any:
-    """One row per model: the two sources, then every student; clean accuracy with its 95%
-    interval, robust accuracy at each radius, and for students the set's inversion records."""
+    """One row per model: the standard source, the robust source at each epoch budget, then every
+    student (D, D_R, D_NR); clean accuracy with its 95% interval, robust accuracy at each radius
+    and, where checked, the strongest attack's accuracy on the checked images and its drop from
+    the evaluation's own attack on them; for students, the set's inversion records (the distance
+    ratio, its fall over the last fifth of the steps, the share the maker classifies as its
+    label)."""
     import pandas as pd
 
     from pipeline.report import _pct
 
-    models = [(plan.source, "source", None), (plan.one(role="robust-source").spec, "robust source", None)]
-    models += [(n.spec, n.tags["set"], n.tags["seed"]) for n in plan.find(role="student")]
+    models = [(plan.source, "source", None, None)]
+    models += [(n.spec, f"robust source {n.tags['epochs']} ep", None, n.tags["epochs"])
+               for n in plan.find(role="robust-source-budget")]
+    robust = plan.one(role="robust-source")
+    models.append((robust.spec, "robust source", None, robust.tags.get("epochs")))
+    models += [(n.spec, n.tags["set"], n.tags["seed"], None) for n in plan.find(role="student")]
     rows = []
-    for spec, name, seed in models:
-        clean, robust = plan.evals_of(spec.key)
+    for spec, name, seed, epochs in models:
+        clean, robust_evals = plan.evals_of(spec.key)
         m = store.manifest("evals", clean.key)["metrics"]
         man = store.manifest("models", spec.key)
         row = {"model": name, "seed": seed, "arch": spec.config["model"]["arch"], "n_train": man["n_train"],
-               "init": man.get("init_sha256", "")[:8], "acc_%": _pct(m["acc_xy"]), "ci95_lo_%": _pct(m["ci95_xy"][0]),
-               "ci95_hi_%": _pct(m["ci95_xy"][1])}
-        for ev in robust:
+               "epochs": len(man.get("history", [])) or epochs, "init": man.get("init_sha256", "")[:8],
+               "acc_%": _pct(m["acc_xy"]), "ci95_lo_%": _pct(m["ci95_xy"][0]), "ci95_hi_%": _pct(m["ci95_xy"][1])}
+        for ev in robust_evals:
             row[f"robust_{ev.config['robust']['eps']:g}_%"] = _pct(store.manifest("evals", ev.key)["metrics"]["acc_xy"])
+        for ev in plan.checks_of(spec.key):
+            cm = store.manifest("evals", ev.key)["metrics"]
+            eps = f"{ev.config['robust']['eps']:g}"
+            row[f"check_{eps}_%"] = _pct(cm["acc_xy"])
+            row[f"check_{eps}_drop"] = round(100 * cm["strength_drop"], 2)
         if seed is not None:
             summary = store.manifest("constructed", spec.inputs[0])["summary"]
-            row.update({"set_distance_ratio": round(summary["median_distance_ratio"], 4),
+            trace = summary.get("ratio_trace") or {}
+            row.update({"set_distance_ratio": round(summary.get("median_distance_ratio", float("nan")), 4),
+                        "set_ratio_fall_last_fifth": trace.get("fall_last_fifth", float("nan")),
                         "set_norm": round(summary["mean_norm"], 3),
                         "set_model_says_label_%": _pct(summary["attack_success"])})
         ref = REFERENCES.get(name, {})
@@ -159,10 +245,40 @@ def to_markdown(df: Any) -> str:
     if over:
         text += "\n\nStudents over seeds (mean, std, 95% t-interval of the mean):\n\n"
         text += pd.DataFrame(over).to_markdown(index=False, floatfmt=".1f")
+    drops = [c for c in df.columns if c.startswith("check_") and c.endswith("_drop")]
+    if drops:
+        worst = df[drops].max().max()
+        text += (f"\n\nAttack strength check: on the first test images, {df[drops].notna().sum().sum()} checks "
+                 "(2x the steps, from the image and from random restarts) lower robust accuracy by at most "
+                 f"{worst:.1f} points (check_*_drop; the rule: <= 1)" + (" - the evaluation's attack is weak here."
+                                                                         if worst > 1 else "."))
+    verdict = signature(df)
+    if verdict:
+        text += f"\n\nSignature (D_R's students more robust than D's and D_NR's): {verdict[0]}. {verdict[1]}"
     return text + ("\n\nRobust accuracy: untargeted L2 PGD on the clean test set (evaluate.robust_steps steps of "
                    "2.5·eps/steps). The claim of section 3.1: D_R's students gain robustness that D_NR's lack, "
                    "while both learn clean accuracy; set_distance_ratio is the median ||g(x_r)-g(x)|| / "
                    "||g(x0)-g(x)|| of the set's rows (how far the inversion went).")
+
+
+def signature(df: Any, eps: str = "0.25") -> tuple[str, str] | None:
+    """Section 3.1's reading from a table: D_R's students' robust accuracy at ``eps`` against D's
+    and D_NR's (each over seeds, 95% t-interval), by ``readings.read_robust_gain``; None without
+    D_R's students or that radius."""
+    from pipeline.readings import read_robust_gain
+    from pipeline.report import t_interval
+
+    col = f"robust_{eps}_%"
+    if col not in df or ROBUST not in set(df["model"]):
+        return None
+
+    def stat(name: str) -> dict[str, float]:
+        v = df.loc[df["model"] == name, col].dropna()
+        lo, hi = t_interval(v)
+        return {"mean": float(v.mean()), "lo": lo, "hi": hi, "n": int(v.count())}
+
+    others = {n: stat(n) for n in (CLEAN, NONROBUST) if n in set(df["model"])}
+    return read_robust_gain(stat(ROBUST), others)
 
 
 def report(doc: Any, store: Any, info: Any, figs: Any) -> None:

@@ -98,15 +98,18 @@ def _run_shard(store: Store, spec: StageSpec, shard: int, rt: RuntimeConfig, log
         progress.emit({"event": "pgd_batch", "key": spec.key, "shard": shard, "rows_done": done, "shard_rows": total,
                        "image_steps": done * cfg["steps"], "seconds": time.perf_counter() - t_inv})
 
+    at = trace_steps(cfg["steps"])
     out = C.invert_block(model, goals, starts, s.y[start:stop], cfg["steps"], cfg["step_size"], cfg.get("radius"),
                          device, rt.attack_batch_size, amp_dtype(cfg["amp"]), s.layout.x_dtype, rt.channels_last,
-                         on_batch)
+                         on_batch, trace_at=at)
     seconds = time.perf_counter() - t_inv
+    ratio = out["trace"] / np.maximum(out["start_distance"], 1e-12)[:, None]  # (n, K)
+    trace = {"steps": list(at), "ratio_sum": [float(v) for v in ratio.sum(0)], "count": int(len(ratio))}
     rows = {"x": out["x"], "y_target": s.y[start:stop], "y_true": s.y_start[start:stop],
             "index": s.start[start:stop], "goal": s.goal[start:stop],
             **{k: out[k] for k in ("fooled", "loss", "norm", "margin", "start_distance", "distance")}}
     marker = A.write_shard(path, s.layout, shard, rows, seconds=time.perf_counter() - t0, attack_seconds=seconds,
-                           meta=run_record(rt, device))
+                           meta={**run_record(rt, device), "ratio_trace": trace})
     log(f"construct {KIND} {spec.key} shard {shard + 1}/{s.layout.num_shards}: rows {start}:{stop}, "
         f"distance {out['start_distance'].mean():.2f} -> {out['distance'].mean():.2f}, {seconds:.1f}s")
     progress.emit(shard_event(spec, marker, s.layout.num_shards,
@@ -120,6 +123,27 @@ def shard_event(spec: StageSpec, marker: dict[str, Any], total_shards: int, shar
     return {"event": "shard_done", "key": spec.key, "kind": KIND, "shard": marker["shard"],
             "total_shards": total_shards, "shards_done": shards_done, "rows": marker["count"], "steps": steps,
             "seconds": secs, "image_steps_per_s": marker["count"] * steps / max(secs, 1e-9)}
+
+
+def trace_steps(steps: int) -> tuple[int, ...]:
+    """The step counts at which a shard records its rows' distance ratio: every tenth of the run
+    (and 0), so the summary shows where the inversion stops improving."""
+    return tuple(sorted({round(steps * k / 10) for k in range(11)}))
+
+
+def ratio_trace(markers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The rows' mean distance ratio ||g(x_r) - g(x)|| / ||g(x0) - g(x)|| after each traced step
+    count, over every shard (None for shards written before traces were recorded), and the
+    plateau figure: the fall of that mean over the last fifth of the steps."""
+    traces = [m.get("ratio_trace") for m in markers]
+    if not traces or any(t is None for t in traces):
+        return None
+    steps, n = traces[0]["steps"], sum(t["count"] for t in traces)
+    mean = [sum(t["ratio_sum"][k] for t in traces) / n for k in range(len(steps))]
+    at = {s: m for s, m in zip(steps, mean)}
+    four_fifths = min(steps, key=lambda s: abs(s - 0.8 * steps[-1]))
+    return {"steps": steps, "mean_ratio": [round(m, 5) for m in mean],
+            "fall_last_fifth": round(at[four_fifths] - at[steps[-1]], 5)}
 
 
 def summarise(rec: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -151,7 +175,8 @@ def finalize(store: Store, spec: StageSpec) -> str:
         raise StoreError(f"{path}: stored goals, starts or labels differ from the plan; delete {path} and rerun")
     body = store.manifest_body(spec.folder, spec.key, spec.as_dict(), num_classes=s.num_classes,
                                classes=info["classes"], layout=s.layout.attrs(), shards=markers,
-                               seeds={"construct": spec.config["seed"]}, summary=summarise(rec),
+                               seeds={"construct": spec.config["seed"]},
+                               summary={**summarise(rec), "ratio_trace": ratio_trace(markers)},
                                seconds=round(sum(m["seconds"] for m in markers), 3), **run_record(None))
     store.write_manifest(spec.folder, spec.key, body)
     return spec.key

@@ -5,10 +5,12 @@ test set (robust accuracy). Never anything but the clean test split."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import numpy as np
 import torch
 
-from advfeatures.attacks import robust_predictions, threat_model
+from advfeatures.attacks import robust_predictions, strongest_predictions, threat_model
 from advfeatures.config import RuntimeConfig
 from advfeatures.training import accuracy_metrics, predict
 from pipeline.common import (
@@ -37,17 +39,46 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet)
     num_classes = len(dataset_info(store, dataset_key)["classes"])
     model = load_model(store, model_key, device)
     t0 = time.perf_counter()
-    if "robust" in spec.config:  # untargeted PGD on the clean test set, then the same metrics
+    extra: dict[str, Any] = {}
+    if "robust" in spec.config and "restarts" in spec.config["robust"]:  # the attack's strength check
+        pred, extra = strength_check(model, x, y, spec.config["robust"], rt, device, amp_dtype(spec.config["amp"]))
+        y = y[:len(pred)]
+    elif "robust" in spec.config:  # untargeted PGD on the clean test set, then the same metrics
         a = spec.config["robust"]
         pred = robust_predictions(model, torch.from_numpy(x), torch.from_numpy(y), threat_model(a["norm"], a["eps"]),
                                   a["steps"], a["step_size"], rt.eval_batch_size, device,
                                   amp_dtype(spec.config["amp"]))
     else:
         pred = predict(model, torch.from_numpy(x), rt.eval_batch_size, device, rt.channels_last)
-    metrics = accuracy_metrics(pred, torch.from_numpy(y), num_classes)
+    metrics = {**accuracy_metrics(pred, torch.from_numpy(y), num_classes), **extra}
     publish(store, spec, t0, metrics=metrics, **run_record(rt, device))
     log(f"eval {model_key}: acc(X,Y) {metrics['acc_xy']:.4f}  acc(X,Y+1) {metrics['acc_xy1']:.4f}")
     return spec.key
+
+
+def strength_check(model: Any, x: np.ndarray, y: np.ndarray, a: dict[str, Any], rt: RuntimeConfig, device: Any,
+                   amp: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The first ``a['n']`` test images under the strongest attack: the evaluation's own attack
+    (``a['base']``: its steps and step size, from the image) and ``a['steps']`` steps from the
+    image and from each of ``a['restarts']`` random starts; a point counts as robust only when no
+    attack fools the model. Predictions: the first attack's that is wrong, else the label. Extra
+    metrics: the base attack's accuracy on the same images (``acc_base``) and the drop."""
+    n = min(int(a["n"]), len(y))
+    xt, yt = torch.from_numpy(x[:n]), torch.from_numpy(y[:n])
+    threat = threat_model(a["norm"], a["eps"])
+    base = robust_predictions(model, xt, yt, threat, a["base"]["steps"], a["base"]["step_size"], rt.eval_batch_size,
+                              device, amp)
+    strong = strongest_predictions(model, xt, yt, threat, a["steps"], a["step_size"], a["restarts"],
+                                   seed=int(a.get("seed", 0)), batch_size=rt.eval_batch_size, device=device,
+                                   amp_dtype=amp)
+    every = torch.cat([base[None], strong])  # (A, n)
+    wrong = every != yt[None]
+    first = wrong.float().argmax(0)  # the first attack that fools (0 where none does)
+    pred = torch.where(wrong.any(0), every.gather(0, first[None])[0], yt)
+    acc_base = float((base == yt).double().mean())
+    acc_strong = float((pred == yt).double().mean())
+    return pred, {"acc_base": acc_base, "strength_drop": acc_base - acc_strong, "n_checked": n,
+                  "acc_each_attack": [float(v) for v in (every == yt[None]).double().mean(1)]}
 
 
 def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
@@ -55,8 +86,11 @@ def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
 
 
 def label(spec: dict, labels: dict[str, str]) -> str:
-    eps = spec["config"].get("robust", {}).get("eps")
-    return f"eval {labels.get(spec['inputs'][0], spec['inputs'][0])}" + (f" eps={eps:g}" if eps is not None else "")
+    a = spec["config"].get("robust", {})
+    eps = a.get("eps")
+    check = " check" if "restarts" in a else ""
+    return f"eval {labels.get(spec['inputs'][0], spec['inputs'][0])}" + (f" eps={eps:g}{check}" if eps is not None
+                                                                          else "")
 
 
 KIND = declare(StageKind("eval", 1, "evals", execute, "clean (or robust) test accuracy of a model", label=label,
