@@ -199,3 +199,26 @@ def read_poison(drop: Stat, shifted: Stat, chance: float, fowl: bool = True) -> 
     return NEITHER, (f"The poison lowers clean accuracy (poisoned - clean = {fmt_stat(drop)}) but its students do not "
                      f"map class y + 1's features to y ((X, Y-1) {shifted['mean']:.1f}): a fall that noise-like "
                      "damage would also give.")
+
+
+PROBE_RISE = 10.0
+"""Points of transfer to the robust probe by which the most robust source's set may exceed the
+standard source's before its students' trend is read as learning robust, perceptible features."""
+
+
+def read_spectrum(slopes: Stat, every_above_chance: bool, what: str, matched: bool,
+                  probe_rise: float | None = None) -> tuple[str, str]:
+    """A fooling-matched spectrum line. Not fooling-matched (some source is fooled on too few rows
+    at the one radius): inconclusive, its sets differ in how much of them is perturbed at all.
+    Otherwise the trend's reading (``read_trend``), except that a trend whose robust sources' sets
+    fool the robust probe ``PROBE_RISE`` points more than the standard source's (``probe_rise``)
+    reads neither: their students may learn robust, perceptible features, not non-robust ones."""
+    if not matched:
+        return WEAK, (f"{what}: not fooling-matched (some source is fooled on fewer rows than the rule asks at the "
+                      "one radius), so the sets differ in how much of them is perturbed; nothing is read.")
+    side, why = read_trend(slopes, every_above_chance, what)
+    if side != NEITHER and probe_rise is not None and probe_rise > PROBE_RISE:
+        return NEITHER, (f"{why} But the robust sources' examples fool the robust probe {probe_rise:.1f} points more "
+                         "than the standard source's: they carry robust, perceptible features, so the trend is not "
+                         "shown to come from non-robust ones.")
+    return side, why

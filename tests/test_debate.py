@@ -121,6 +121,12 @@ def test_readings_follow_the_intervals_not_the_point_values():
                        for e, a in ((0.0, 30.0), (0.25, 36.0), (0.5, 42.0))])
     assert DB._spectrum_lines("spectrum", sp, 10.0)[0]["supports"] == "features"  # slope 24 on every source
     assert DB._spectrum_lines("spectrum", sp[sp["source_seed"] == 0], 10.0)[0]["supports"] == "neither"  # one seed
+    probed = sp.assign(**{"fooled_t≠y_%": 95.0, "probe_transfer_%": [10.0, 11.0, 12.0] * 3})
+    assert DB._spectrum_lines("spectrum", probed, 10.0)[0]["supports"] == "features"  # matched, probe flat
+    assert DB._spectrum_lines("spectrum", probed.assign(**{"fooled_t≠y_%": [99.0, 95.0, 60.0] * 3}), 10.0)[0][
+        "supports"] == "inconclusive: recipe too weak"  # the robust source is rarely fooled: not matched
+    line = DB._spectrum_lines("spectrum", probed.assign(**{"probe_transfer_%": [10.0, 30.0, 50.0] * 3}), 10.0)[0]
+    assert line["supports"] == "neither" and "probe transfer rise +40.0" in line["control"]
     flat = sp.assign(**{"acc_xy_%": [30.0, 36.0, 30.0, 30.0, 25.0, 30.0, 31.0, 36.0, 26.0]})
     assert DB._spectrum_lines("spectrum", flat, 10.0)[0]["supports"] == "neither"
 

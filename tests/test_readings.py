@@ -92,3 +92,13 @@ def test_a_poison_reads_features_only_when_it_poisons_and_teaches_the_shift():
     assert R.read_poison(drop, shifted, 10.0, fowl=False)[0] == R.NEITHER  # not Fowl's recipe: no side
     assert R.read_poison(S(-40.0, math.nan, math.nan, 1), shifted, 10.0)[0] == R.NEITHER  # no interval
     assert "did not poison" in R.read_poison(S(-2.0, -5.0, 1.0), shifted, 10.0)[1]
+
+
+def test_a_spectrum_reads_only_fooling_matched_and_beside_its_probe():
+    up = S(24.0, 20.0, 28.0)
+    assert R.read_spectrum(up, True, "det", matched=True, probe_rise=2.0)[0] == R.FEATURES
+    assert R.read_spectrum(up, True, "det", matched=False, probe_rise=2.0)[0] == R.WEAK  # not matched: no reading
+    reading, why = R.read_spectrum(up, True, "det", matched=True, probe_rise=R.PROBE_RISE + 5)
+    assert reading == R.NEITHER and "probe" in why  # robust features would give the trend too
+    assert R.read_spectrum(up, True, "det", matched=True, probe_rise=None)[0] == R.FEATURES  # no probe in the run
+    assert R.read_spectrum(S(3.0, -5.0, 11.0), True, "det", matched=True, probe_rise=0.0)[0] == R.NEITHER

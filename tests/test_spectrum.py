@@ -7,16 +7,34 @@ import pytest
 from conftest import run_experiment
 from advfeatures.config import ConfigError, resolve
 from pipeline.experiments import get
-from pipeline.experiments.spectrum import build_table, to_markdown
+from pipeline.experiments.spectrum import build_table, fooling_matched, probe_rise, slopes_over_sources, to_markdown
 from pipeline.stages import source_sha256
 
 OVERRIDES = ["spectrum.eps=[0,0.5]", "spectrum.sets=[det]", "spectrum.steps=2", "spectrum.robust_eps=[0.25]",
              "evaluate.robust_steps=3", "construct.n_images=60"]
 
 
+SEEDS = ["source.seeds=[0,1]", "spectrum.sets=[det,leak-det]"]
+
+
 @pytest.fixture(scope="module")
 def spectrum_run(experiments_store, tiny_tar):
     return run_experiment("spectrum", OVERRIDES, experiments_store, tiny_tar)
+
+
+@pytest.fixture(scope="module")
+def seeds_run(experiments_store, tiny_tar):
+    """Two source seeds, det and its leak control, and the robust probe."""
+    from advfeatures.config import resolve
+    from pipeline import kinds
+    from pipeline.common import Context
+    from storage.store import Store
+
+    cfg = resolve("tiny", OVERRIDES + SEEDS, data=str(tiny_tar), store=str(experiments_store))
+    plan = get("spectrum").plan_of(cfg, source_sha256(tiny_tar))
+    st = Store(experiments_store)
+    kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg, experiment="spectrum"))
+    return cfg, st, plan
 
 
 def test_sources_differ_only_in_their_adversarial_training(spectrum_run, tiny_tar):
@@ -56,3 +74,36 @@ def test_the_markdown_prints_each_radius_as_given():
                        "model_key": ""})
     text = to_markdown(df)
     assert "eps 0.25" in text and "eps 0.2 " not in text
+
+
+def test_over_source_seeds_one_probe_serves_every_source(seeds_run):
+    cfg, st, plan = seeds_run
+    assert sorted(plan.replicates) == [0, 1]
+    probes = {n.key for n in plan.find(role="probe")}
+    assert len(probes) == 1  # one robust probe, of its own seed, whatever the source seed
+    probe = plan.one(role="probe").spec
+    assert probe.config["train"]["adversarial"]["eps"] == 0.5 and probe.config["role"] == "probe"
+    sources = {sub.source.config["seeds"]["init"] for sub in plan.replicates.values()}
+    assert len(sources) == 2 and probe.config["seeds"]["init"] not in sources
+    df = build_table(st, plan)
+    assert sorted(set(df["source_seed"])) == [0, 1] and set(df["set"]) == {"det", "leak-det"}
+    assert len(df) == 2 * 2 * 2  # source seeds x eps x sets (one student each)
+    for sub_seed, sub in plan.replicates.items():
+        for r in df[df["source_seed"] == sub_seed].to_dict("records"):
+            pt = sub.one(role="probe-transfer", kind=r["set"], train_eps=r["source_eps"])
+            assert r["probe_transfer_%"] == pytest.approx(round(100 * st.manifest("evals", pt.key)["metrics"]
+                                                                ["transfer_success"], 2))
+    text = to_markdown(df)
+    assert "Fooling-matched" in text and "probe_rise_pts" in text and "n_sources" in text
+
+
+def test_slopes_are_per_source_seed_and_the_fooling_rule_takes_each_sources_lowest():
+    df = pd.DataFrame({"source_seed": [0, 0, 1, 1], "source_eps": [0.0, 0.5, 0.0, 0.5], "set": "det",
+                       "acc_xy_%": [20.0, 25.0, 30.0, 40.0], "fooled_t≠y_%": [99.0, 95.0, 98.0, 85.0],
+                       "probe_transfer_%": [10.0, 30.0, 12.0, 40.0]})
+    assert list(slopes_over_sources(df, "det")) == pytest.approx([10.0, 20.0])  # 5 / 0.5 and 10 / 0.5
+    matched, low = fooling_matched(df)
+    assert not matched and low == {0.0: 98.0, 0.5: 85.0}
+    assert fooling_matched(df.assign(**{"fooled_t≠y_%": 95.0}))[0]
+    assert probe_rise(df, "det") == pytest.approx(35.0 - 11.0)
+    assert probe_rise(df.drop(columns="probe_transfer_%"), "det") is None

@@ -240,24 +240,32 @@ def _transfer_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
 
 
 def _spectrum_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
-    import pandas as pd
-
-    from pipeline.readings import above, read_trend, slope
+    """One line per set: its students' (X, Y) against source eps, read by ``read_spectrum`` (the
+    slope's interval over source seeds; only fooling-matched; beside the robust probe). A table
+    of before the probe and the rule (no ``probe_transfer_%``) is read by the trend alone."""
+    from pipeline.experiments.spectrum import fooling_matched, probe_rise, slopes_over_sources
+    from pipeline.readings import above, read_spectrum, read_trend
 
     out = []
+    matched, low = fooling_matched(df)
     for kind in dict.fromkeys(df["set"]):
         g = df[df["set"] == kind]
         by = g.groupby("source_eps")["acc_xy_%"].mean()
         lo_eps, hi_eps = by.index.min(), by.index.max()
         at = {e: _students(g, "source_eps", e, "acc_xy_%") for e in by.index}
         every = all(above(st, chance) for st in at.values())
-        per_source = g.groupby("source_seed") if "source_seed" in g else [(0, g)]
-        slopes = _stat(pd.Series([slope(*zip(*sorted(h.groupby("source_eps")["acc_xy_%"].mean().items())))
-                                   for _, h in per_source], dtype=float))
-        side, why = read_trend(slopes, every, f"{kind} students' (X, Y) from source eps {lo_eps:g} to {hi_eps:g} "
-                                              f"({by.iloc[0]:.1f} -> {by.iloc[-1]:.1f})")
+        slopes = _stat(slopes_over_sources(df, kind))
+        what = f"{kind} students' (X, Y) from source eps {lo_eps:g} to {hi_eps:g} ({by.iloc[0]:.1f} -> {by.iloc[-1]:.1f})"
+        rise = probe_rise(df, kind)
+        side, why = (read_spectrum(slopes, every, what, matched, rise) if "probe_transfer_%" in df
+                     else read_trend(slopes, every, what))
+        control = f"at eps {lo_eps:g}: {at[lo_eps]['mean']:.1f}"
+        if rise is not None:
+            control += f"; probe transfer rise {rise:+.1f}"
+        if low:
+            control += f"; det fooled >= {min(low.values()):.0f}%"
         out.append(_line(name, f"{kind} students, clean (X, Y), source eps {lo_eps:g} -> {hi_eps:g}", at[hi_eps],
-                         f"at eps {lo_eps:g}: {at[lo_eps]['mean']:.1f}", "unpublished", side, why))
+                         control, "unpublished", side, why))
     return out
 
 

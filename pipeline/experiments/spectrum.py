@@ -16,6 +16,18 @@ holds them for the same config.
     spectrum.sets           the sets made from each source (default det, rand)
     spectrum.robust_eps     the radii the sources are evaluated at (default 0.25, 0.5)
     spectrum.shared_init    every source from the standard source's initial weights (default true)
+    spectrum.probe_eps      the robust probe's adversarial-training eps (default 0.5; 0: no probe)
+    spectrum.probe_seed     the probe's own seed (one probe for every source seed)
+
+Fooling-matched: one attack (``attack``) for every source, at a radius where each is fooled on
+at least ``MIN_FOOLED`` (90%) of its rows; the table gives each source's fooling rate and the markdown
+says whether the rule holds (a spectrum whose robust sources are rarely fooled compares sets
+that are mostly mislabelled clean images). The probe: each set's transfer to an independently
+trained robust model. Perturbations that fool a robust model carry perceptible, robust features;
+if the robust sources' sets fool the probe far more, what their students learn is not shown to
+be non-robust. leak-det (a fixed pattern per target class, ``controls``) beside det for every
+source. Over ``source.seeds`` the whole spectrum repeats per source seed (the table gains
+``source_seed``; the slope's interval is over source seeds).
 """
 
 from __future__ import annotations
@@ -32,6 +44,11 @@ from pipeline.plan import Plan, add_model, base_plan, construct_spec, model_spec
 from pipeline.stages.transfer import transfer_spec
 
 
+MIN_FOOLED = 0.9
+"""The fooling-matched rule: each source's det set fools it on at least this share of its t != y rows."""
+SET_KINDS = ("rand", "other", "det", "leak-rand", "leak-other", "leak-det")
+
+
 @dataclass(frozen=True)
 class SpectrumConfig:
     eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5)
@@ -45,14 +62,22 @@ class SpectrumConfig:
     shared_init: bool = True
     """Every source starts from the standard source's initial weights and data order, so eps is
     the only difference (false: each from its own, seeded by its eps)."""
+    probe_eps: float = 0.5
+    """The robust probe: a model of the source's recipe adversarially trained at this L2 eps
+    (``steps`` steps), from its own seed; every set's transfer to it is reported. 0: no probe."""
+    probe_seed: int = 0
+    """The probe's training seed (its role gives it weights of its own); one probe serves every
+    source seed."""
 
     def __post_init__(self):
         _check(len(self.eps) >= 2 and all(e >= 0 for e in self.eps),
                f"spectrum.eps={list(self.eps)}: give at least two radii >= 0 (0: the standard source)")
         _check(len(set(self.eps)) == len(self.eps), f"spectrum.eps has repeats: {list(self.eps)}")
         _check(self.steps >= 1, f"spectrum.steps must be >= 1, got {self.steps}")
-        _check(all(k in ("rand", "other", "det") for k in self.sets) and self.sets,
-               f"spectrum.sets={list(self.sets)}: choose PGD sets (rand, other, det)")
+        _check(all(k in SET_KINDS for k in self.sets) and self.sets,
+               f"spectrum.sets={list(self.sets)}: choose from {list(SET_KINDS)} (PGD sets and their leak controls)")
+        _check(self.probe_eps >= 0, f"spectrum.probe_eps must be >= 0 (0: no probe), got {self.probe_eps}")
+
         _check(all(e > 0 for e in self.robust_eps), f"spectrum.robust_eps={list(self.robust_eps)} must be > 0")
 
 
@@ -70,12 +95,28 @@ def source_at(cfg: ExperimentConfig, dataset_key: str, eps: float) -> StageSpec:
                      spec.inputs)
 
 
+def probe_spec(cfg: ExperimentConfig, dataset_key: str) -> StageSpec | None:
+    """The robust probe: the source's recipe adversarially trained at ``spectrum.probe_eps`` from
+    its own seed (``probe_seed``, role probe): the same model whatever the source seed."""
+    sp = cfg.spectrum
+    if not sp.probe_eps:
+        return None
+    adv = AdversarialTraining(norm="l2", eps=sp.probe_eps, steps=sp.steps)
+    train = dataclasses.replace(cfg.source.train, adversarial=adv, seed=sp.probe_seed)
+    return model_spec(dataclasses.replace(cfg.source, train=train), dataset_key, "probe", cfg.runtime.amp)
+
+
 def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
     sp = cfg.spectrum
     out = base_plan(cfg, source_sha256)
     ds = out.dataset
     independent = model_spec(cfg.source, ds.key, "independent", cfg.runtime.amp)
     add_model(out, cfg, independent, "independent standard model", ds, robust=False, role="independent")
+    probe = probe_spec(cfg, ds.key)
+    if probe is not None:
+        add_model(out, cfg, probe, f"robust probe (eps {sp.probe_eps:g})", ds, robust=False, role="probe")
+        for r in sp.robust_eps:
+            out.add(robust_eval_spec(cfg, probe, ds, r), f"robust probe at {r:g}", role="eval", of=probe.key, eps=r)
     for eps in sp.eps:
         src = out.source if eps == 0 else add_model(out, cfg, source_at(cfg, ds.key, eps), f"source eps={eps:g}", ds,
                                                     robust=False, role="spectrum-source", train_eps=eps)
@@ -86,6 +127,9 @@ def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
                         set=f"{kind} eps={eps:g}", kind=kind, train_eps=eps)
             out.add(transfer_spec(s, independent), f"transfer {kind} eps={eps:g}", role="transfer", kind=kind,
                     train_eps=eps)
+            if probe is not None:
+                out.add(transfer_spec(s, probe), f"probe {kind} eps={eps:g}", role="probe-transfer", kind=kind,
+                        train_eps=eps)
             for seed in cfg.student.seeds:
                 add_model(out, cfg, student_spec(cfg, kind, seed, s, src), f"{kind} eps={eps:g} seed={seed}", ds,
                           robust=False, role="student", set=f"{kind} eps={eps:g}", kind=kind, train_eps=eps,
@@ -95,7 +139,18 @@ def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
 
 def build_table(store: Any, plan: Plan) -> Any:
     """One row per student: its source's training eps, clean and robust accuracy, its set's fooling
-    and transfer rates, and its clean test accuracy on (X, Y) and (X, Y+1)."""
+    and transfer rates (to the independent standard model and to the robust probe), and its clean
+    test accuracy on (X, Y) and (X, Y+1). Over several source seeds, each seed's rows with
+    ``source_seed``."""
+    import pandas as pd
+
+    if plan.replicates:
+        return pd.concat([_table(store, sub).assign(source_seed=s) for s, sub in plan.replicates.items()],
+                         ignore_index=True)
+    return _table(store, plan)
+
+
+def _table(store: Any, plan: Plan) -> Any:
     import pandas as pd
 
     from pipeline.report import _pct
@@ -114,22 +169,81 @@ def build_table(store: Any, plan: Plan) -> Any:
         for ev in robust:
             row[f"source_robust_{ev.config['robust']['eps']:g}_%"] = _pct(
                 store.manifest("evals", ev.key)["metrics"]["acc_xy"])
-        row.update({"fooled_t≠y_%": _pct(summary["attack_success_t_ne_y"]), "transfer_%": _pct(tr["transfer_success"]),
-                    "acc_xy_%": _pct(m["acc_xy"]), "ci95_lo_%": _pct(m["ci95_xy"][0]),
+        row.update({"fooled_t≠y_%": _pct(summary["attack_success_t_ne_y"]), "transfer_%": _pct(tr["transfer_success"])})
+        probes = plan.find(role="probe-transfer", kind=kind, train_eps=eps)
+        if probes:
+            pm = store.manifest("evals", probes[0].key)["metrics"]
+            row["probe_transfer_%"] = _pct(pm["transfer_success"])
+        row.update({"acc_xy_%": _pct(m["acc_xy"]), "ci95_lo_%": _pct(m["ci95_xy"][0]),
                     "ci95_hi_%": _pct(m["ci95_xy"][1]), "acc_xy+1_%": _pct(m["acc_xy1"]), "model_key": node.key})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def to_markdown(df: Any) -> str:
-    df = df.assign(source_eps=df["source_eps"].map("eps {:g}".format))  # a label: .1f would print 0.25 as 0.2
-    text = df.drop(columns=[c for c in df.columns if c.endswith("_key")]).to_markdown(index=False, floatfmt=".1f")
-    keep = [c for c in df.columns if (c.startswith("source_") and c != "source_eps") or c in ("fooled_t≠y_%", "transfer_%")]
-    over = (df.groupby(["set", "source_eps"], sort=False)
-            .agg(n=("seed", "size"), **{c: (c, "first") for c in keep}, acc_xy_mean=("acc_xy_%", "mean"),
+def fooling_matched(df: Any, min_fooled: float = MIN_FOOLED, kind: str = "det") -> tuple[bool, dict[float, float]]:
+    """Whether every source's ``kind`` set fools it on at least ``min_fooled`` of its t != y rows
+    (each source seed counted), and the lowest such rate per source eps (in %)."""
+    g = df[df["set"] == kind]
+    if g.empty or "fooled_t≠y_%" not in g:
+        return False, {}
+    low = g.groupby("source_eps")["fooled_t≠y_%"].min()
+    return bool((low >= 100 * min_fooled).all()), {float(k): float(v) for k, v in low.items()}
+
+
+def slopes_over_sources(df: Any, kind: str, col: str = "acc_xy_%") -> Any:
+    """Per source seed, the least-squares slope of ``kind``'s students' mean ``col`` on source eps."""
+    import pandas as pd
+
+    from pipeline.readings import slope
+
+    g = df[df["set"] == kind]
+    per = g.groupby("source_seed") if "source_seed" in g else [(0, g)]
+    return pd.Series([slope(*zip(*sorted(h.groupby("source_eps")[col].mean().items()))) for _, h in per],
+                     dtype=float)
+
+
+def probe_rise(df: Any, kind: str) -> float | None:
+    """How many points more the most robust source's ``kind`` set transfers to the robust probe
+    than the standard source's (means over seeds); None without a probe."""
+    if "probe_transfer_%" not in df:
+        return None
+    by = df[df["set"] == kind].groupby("source_eps")["probe_transfer_%"].mean()
+    return float(by.iloc[-1] - by.iloc[0]) if len(by) >= 2 else None
+
+
+def to_markdown(df: Any, min_fooled: float = MIN_FOOLED) -> str:
+    import pandas as pd
+
+    from pipeline.report import t_interval
+
+    shown = df.assign(source_eps=df["source_eps"].map("eps {:g}".format))  # a label: .1f would print 0.25 as 0.2
+    text = shown.drop(columns=[c for c in df.columns if c.endswith("_key")]).to_markdown(index=False, floatfmt=".1f")
+    keep = [c for c in df.columns if (c.startswith("source_") and c not in ("source_eps", "source_seed"))
+            or c in ("fooled_t≠y_%", "transfer_%", "probe_transfer_%")]
+    over = (shown.groupby(["set", "source_eps"], sort=False)
+            .agg(n=("seed", "size"), **{c: (c, "mean") for c in keep}, acc_xy_mean=("acc_xy_%", "mean"),
                  acc_xy_std=("acc_xy_%", "std"), acc_xy1_mean=("acc_xy+1_%", "mean")).reset_index())
-    return text + "\n\nPer source and set (students: mean, std over seeds):\n\n" + \
-        over.to_markdown(index=False, floatfmt=".1f")
+    text += "\n\nPer source and set (means over source seeds and students; std over every student):\n\n"
+    text += over.to_markdown(index=False, floatfmt=".1f")
+    matched, low = fooling_matched(df, min_fooled)
+    if low:
+        rates = ", ".join(f"eps {e:g}: {r:.1f}%" for e, r in low.items())
+        text += (f"\n\nFooling-matched (every source's det fooled on >= {100 * min_fooled:g}% of its t != y rows at "
+                 f"the one radius): {'yes' if matched else 'no'} (lowest per source: {rates}).")
+    lines = []
+    for kind in dict.fromkeys(df["set"]):
+        for col, what in (("acc_xy_%", "(X, Y)"), ("acc_xy+1_%", "(X, Y+1)")):
+            sl = slopes_over_sources(df, kind, col)
+            lo, hi = t_interval(sl)
+            lines.append({"set": kind, "accuracy": what, "n_sources": int(sl.count()), "slope_per_eps": sl.mean(),
+                          "ci95_lo": lo, "ci95_hi": hi})
+        rise = probe_rise(df, kind)
+        if rise is not None:
+            lines[-1]["probe_rise_pts"] = lines[-2]["probe_rise_pts"] = rise
+    text += ("\n\nSlope of the students' accuracy on source eps (per source seed, then mean and 95% t-interval over "
+             "source seeds); probe_rise_pts: how much more the most robust source's set transfers to the robust "
+             "probe than the standard source's:\n\n")
+    return text + pd.DataFrame(lines).to_markdown(index=False, floatfmt=".1f")
 
 
 def _robust_datasets_ends(store: Any, info: Any) -> dict[str, float]:
@@ -181,4 +295,5 @@ EXPERIMENT = register(Experiment(
     name="spectrum",
     summary="sources adversarially trained at increasing L2 eps: their D_det/D_rand's fooling and transfer "
             "rates and what students learn, (X, Y) and (X, Y+1)",
-    plan=plan, table=build_table, markdown=to_markdown, section=("spectrum", SpectrumConfig), report=report))
+    plan=plan, table=build_table, markdown=to_markdown, section=("spectrum", SpectrumConfig), report=report,
+    varies_sources=True))
