@@ -20,7 +20,9 @@ import os
 import pickle
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -239,6 +241,73 @@ def download_torchvision(root: str) -> Path:
             "`advfeatures synth tiny.zip && advfeatures run --profile tiny --data tiny.zip` "
             "(synthetic images, about a minute; `make demo` does this by itself when it cannot download)") from None
     return root_p / "cifar-10-python.tar.gz"
+
+
+def probe(path: Path) -> list[str]:
+    """Check a local source cheaply before any work: open it, list the classes of both splits
+    (the same), and decode one image of each class in each split (image zips and folders), or
+    read the CIFAR metadata (batch folders and tars: every batch listed). Returns the classes;
+    raises DataSourceError, naming the fix, on what ``read_source`` would fail on later."""
+    reader = reader_for(path)
+    if reader is read_image_zip:
+        return _probe_zip(path)
+    if reader is read_image_folder:
+        found = {split: {c.name: next((f for f in c.iterdir() if f.suffix.lower() in IMAGE_EXTS), None)
+                         for c in sorted(p for p in (path / split).iterdir() if p.is_dir())}
+                 for split in ("train", "test") if (path / split).is_dir()}
+        found = {s: {c: f for c, f in cs.items() if f is not None} for s, cs in found.items()}
+        return _probe_found(path, found, lambda f: f.read_bytes())
+    if reader is read_cifar_tar:
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                names = {PurePosixPath(m.name).name for m in tf.getmembers() if m.isfile()}
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise _fail(path, f"not a readable tar archive ({e})") from None
+    else:
+        folder = path if (path / "batches.meta").is_file() else path / CIFAR_BATCHES
+        names = {p.name for p in folder.iterdir() if p.is_file()}
+    missing = [n for n in ("batches.meta", "test_batch") if n not in names]
+    if missing or not any(n.startswith("data_batch_") for n in names):
+        raise _fail(path, f"CIFAR batches missing: {missing or ['data_batch_*']}")
+    return []
+
+
+def _probe_zip(path: Path) -> list[str]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise _fail(path, f"not a readable zip ({e}); is the file complete?") from None
+    with zf:
+        names = [n for n in zf.namelist() if not n.endswith("/") and PurePosixPath(n).suffix.lower() in IMAGE_EXTS]
+        parts = [PurePosixPath(n).parts for n in names]
+        depth4 = [p for p in parts if len(p) == 4 and p[1] in ("train", "test")]
+        offset = 1 if depth4 and not any(len(p) == 3 and p[0] in ("train", "test") for p in parts) else 0
+        found: dict[str, dict[str, str]] = {}
+        for n, p in zip(names, parts):
+            p = p[offset:]
+            if len(p) == 3 and p[0] in ("train", "test"):
+                found.setdefault(p[0], {}).setdefault(p[1], n)
+
+        def read(name: str) -> bytes:
+            try:
+                return zf.read(name)
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+                raise _fail(path, f"cannot read {name} from the zip ({e}); is the file complete?") from None
+
+        return _probe_found(path, found, read)
+
+
+def _probe_found(source, found: dict[str, dict[str, Any]], read: Any) -> list[str]:
+    for split in ("train", "test"):
+        if not found.get(split):
+            raise _fail(source, f"no {split}/<class>/ folders with images found")
+    classes = sorted(found["train"])
+    if sorted(found["test"]) != classes:
+        raise _fail(source, f"train/ classes {classes} differ from test/ classes {sorted(found['test'])}")
+    for split in ("train", "test"):
+        for cls, item in sorted(found[split].items()):
+            _decode(read(item), f"{split}/{cls}/{PurePosixPath(str(item)).name} of {source}")
+    return classes
 
 
 def read_source(path: Path) -> RawDataset:

@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         # Prefect's 20-s default for the temporary server's start fails on a busy 2-core machine
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+        _check_inputs(cfg)  # a data source or Dask scheduler that fails, in one line before any work
         if not (args.record or args.sweeps or args.until):
             done = _in_store_already(cfg, args.experiment)
             if done is not None:
@@ -262,6 +263,18 @@ def main(argv: list[str] | None = None) -> int:
         from advfeatures.data import DownloadError
 
         return 3 if isinstance(e, DownloadError) else 2  # 3: `make demo` falls back to the tiny path
+
+
+def _check_inputs(cfg) -> None:
+    """The data source opens, lists the same classes in both splits and decodes one image per
+    class; with ``fanout.executor=dask`` and ``dask.address``, the scheduler accepts a connection."""
+    from pipeline.stages.dataset import check_source
+
+    check_source(cfg.data)
+    if cfg.fanout.executor == "dask" and cfg.dask.address:
+        from flows.dask_shards import check_scheduler
+
+        check_scheduler(cfg.dask.address)
 
 
 def _in_store_already(cfg, experiment: str) -> int | None:

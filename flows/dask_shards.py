@@ -100,6 +100,30 @@ def worker_runtime(dc: Any, rt: Any) -> Any:
     return dataclasses.replace(rt, threads=split_threads(max(1, workers))) if workers > 1 else rt
 
 
+def check_scheduler(address: str, timeout: float = 5.0) -> None:
+    """Before any work: a ``tcp://host:port`` scheduler accepts a connection within ``timeout``
+    seconds (other protocols are left to the client). Raises ConfigError in one line."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from advfeatures.config import ConfigError
+
+    url = urlsplit(address)
+    if url.scheme != "tcp":
+        return
+    try:
+        host, port = url.hostname or "localhost", url.port or 8786
+    except ValueError as e:
+        raise ConfigError(f"dask.address={address!r}: {e}; give the scheduler as tcp://host:8786") from None
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConfigError(f"no Dask scheduler answers at dask.address={address} ({e.strerror or e}); start one "
+                          "(`dask scheduler`) or fix the address, or leave dask.address empty to start a cluster "
+                          "for the run") from None
+
+
 def client_for(dc: Any, rt: Any) -> Any:
     """The Dask client of these settings: connected to ``dask.address``, or to a cluster started
     now (once per run and settings; ``close_all`` ends it)."""

@@ -117,6 +117,17 @@ def locate_source(data: DataConfig) -> Path:
     return path
 
 
+def check_source(data: DataConfig) -> None:
+    """Before any work: the source opens, both splits list the same classes, and one image per
+    class decodes (``advfeatures.data.probe``); torchvision's copy is checked when downloaded."""
+    if data.source == "torchvision":
+        tgz = Path(data.download_root).expanduser() / "cifar-10-python.tar.gz"
+        if tgz.is_file():
+            D.probe(tgz)
+        return
+    D.probe(locate_source(data))
+
+
 def ingest(store: Store, data: DataConfig, spec: StageSpec, log: Log = quiet) -> str:
     return once(lambda st, sp: _ingest(st, data, sp, log))(store, spec)
 
