@@ -3,10 +3,9 @@
     python benchmarks/bench_e2e.py --data ../shared/data/cifar10-jpeg.zip [--profile demo]
                                    [--store DIR] [--set k=v ...] [--cached-only]
 
-The runs are `advfeatures run` subprocesses (the cached rerun three times: as it is, which prints
-what the store holds without starting Prefect; with --record, a flow run of cached stages; and the
-same with ADVFEATURES_EARLY_SERVER=0, Prefect starting its temporary server itself at the flow's
-first call instead of as the command begins), so the times are what a user waits, Prefect's
+The runs are `advfeatures run` subprocesses (the cached rerun twice: as it is, which prints what
+the store holds without starting Prefect; and with --record, a flow run of cached stages, Prefect
+starting its temporary server), so the times are what a user waits, Prefect's
 start-up included. Per stage: seconds from its manifest and GFLOP/s from the model's FLOP count
 (training image = 3x forward, PGD image-step = 2x forward, inference = 1x).
 """
@@ -65,13 +64,9 @@ def main(argv=None) -> int:
         args += ["--data", a.data]
     first = None if a.cached_only else run_cli(args)
     cached = run_cli(args)  # everything in the store: printed without starting Prefect
-    # the same rerun as a flow run (temporary server, cached stages), the server started as the command
-    # begins and, its peer, by Prefect at the flow's first call; in turn, twice each, the faster kept
-    # (the first flow run on a new Prefect database also migrates it)
-    late, recorded = float("inf"), float("inf")
-    for _ in range(2):
-        late = min(late, run_cli(args + ["--record"], env={"ADVFEATURES_EARLY_SERVER": "0"}))
-        recorded = min(recorded, run_cli(args + ["--record"]))
+    # the same rerun as a flow run (temporary server, cached stages), twice, the faster kept (the first
+    # flow run on a new Prefect database also migrates it)
+    recorded = min(run_cli(args + ["--record"]) for _ in range(2))
 
     from flows.replicate import plan_for, stage_timings  # imports prefect: after the runs
 
@@ -92,9 +87,6 @@ def main(argv=None) -> int:
     print(f"# sum of stages {total:.1f} s" + (f"; first run wall time {first:.1f} s" if first else ""))
     print(f"# fully cached rerun wall time: {cached:.1f} s (target < 10 s); with --record (a Prefect flow run of "
           f"cached stages, the temporary server's start included): {recorded:.1f} s; ratio {recorded / cached:.1f}x")
-    print(f"# --record with the server started by Prefect at the flow's first call (ADVFEATURES_EARLY_SERVER=0): "
-          f"{late:.1f} s; started as the command begins: {recorded:.1f} s; ratio {late / recorded:.2f}x "
-          "(each the faster of two, in turn)")
     return 0
 
 

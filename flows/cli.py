@@ -187,10 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from advfeatures.config import ConfigError, resolve
     from advfeatures.data import DataSourceError
-    from flows import early_server
     from storage.store import StoreError
 
-    early = None  # Prefect's temporary server, started early (flows.early_server)
     try:
         from pipeline.experiments import get as get_experiment
 
@@ -230,10 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 return done
         from storage.store import Store
 
-        # the temporary server imports and migrates on the other core while this process imports torch
-        # and the flows below (a URL store is refused without PREFECT_API_URL, before it is used)
-        store = Store(cfg.runtime.store)
-        early = None if store.remote else early_server.start(cfg.data.source)
+        store = Store(cfg.runtime.store)  # a URL store is refused without PREFECT_API_URL, before it is used
         from flows.replicate import check_shared_locks, replicate, run_experiment, sweep
         from pipeline.stages import locate_source
 
@@ -244,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = dict(profile=args.profile, overrides=args.overrides, data=args.data, store=args.store)
         print_last(None)  # before Prefect starts a temporary server, whose stop at exit logs a line
         with display(args.progress):
-            early_server.hand_over(early)
             if args.sweeps:
                 out = sweep(experiment=args.experiment, sweeps=args.sweeps, **kwargs)
             elif args.until:
@@ -257,8 +251,6 @@ def main(argv: list[str] | None = None) -> int:
             print_last(f"report: {out['report']}")
         return 0
     except (ConfigError, DataSourceError, StoreError) as e:
-        if early is not None:
-            early_server.discard(early)
         print(f"advfeatures: error: {e}", file=sys.stderr)
         from advfeatures.data import DownloadError
 
@@ -286,7 +278,7 @@ def _in_store_already(cfg, experiment: str) -> int | None:
 
     st = Store(cfg.runtime.store)
     if st.remote or not st.root.is_dir():
-        return None  # before importing torch: a first run starts Prefect's server early (flows.early_server)
+        return None
     from pipeline.experiments import plan_for
     from pipeline.report_data import report_is_current
 

@@ -13,9 +13,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Flow and task logs go to stdout only, not to the server as well (no test reads them there; each
 # batch is an API call: test_flow took ~10 CPU-s, 5%, less without them).
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
-# the CLI's early start of a temporary server (flows.early_server): in-process runs use the harness's
-# server, so it would only start and stop servers; tests/test_early_server.py turns it on
-os.environ.setdefault("ADVFEATURES_EARLY_SERVER", "0")
 # Under pytest-xdist (`make test`: two workers on two cores, each stage with 2 torch threads),
 # OpenMP threads that wait sleep instead of spinning: spinning waiters took twice the CPU
 # (test_science: 132 s for two concurrent runs, 61 s with PASSIVE; alone, 33 s and 39 s, so only
