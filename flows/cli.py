@@ -221,19 +221,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         # Prefect's 20-s default for the temporary server's start fails on a busy 2-core machine
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+        from storage.store import Store
+
+        store = Store(cfg.runtime.store)  # a URL store is refused without PREFECT_API_URL, before it is used
+        if store.remote:  # a URL store needs a shared server: refused before the data are read
+            from flows.replicate import check_shared_locks
+
+            check_shared_locks(store)
         _check_inputs(cfg)  # a data source or Dask scheduler that fails, in one line before any work
         if not (args.record or args.sweeps or args.until):
             done = _in_store_already(cfg, args.experiment)
             if done is not None:
                 return done
-        from storage.store import Store
-
-        store = Store(cfg.runtime.store)  # a URL store is refused without PREFECT_API_URL, before it is used
-        from flows.replicate import check_shared_locks, replicate, run_experiment, sweep
-        from pipeline.stages import locate_source
-
-        check_shared_locks(store)  # a URL store needs a shared server: refused here
-        locate_source(cfg.data)  # a missing or malformed source fails here, before a flow starts
+        from flows.replicate import replicate, run_experiment, sweep
         from flows.console import display, print_last
 
         kwargs = dict(profile=args.profile, overrides=args.overrides, data=args.data, store=args.store)

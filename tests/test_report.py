@@ -498,4 +498,4 @@ def test_source_seeds_replicate_the_plan_without_sharing_any_seed(tiny_tar):
     assert {n.tags["source_seed"] for n in many.find(role="source")} == {0, 1, 2}
     assert len(many.run.inputs) == 3 * len(one.run.inputs)
     with pytest.raises(ConfigError, match="one source"):
-        get("spectrum").plan_of(resolve("spectrum", ["source.seeds=[0,1]"], data=str(tiny_tar)), sha)
+        get("transfer").plan_of(resolve("transfer", ["source.seeds=[0,1]"], data=str(tiny_tar)), sha)
