@@ -11,7 +11,6 @@ SET    ?=
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-WORKERS ?= 2
 PORT   ?= 4200
 
 .PHONY: demo tiny test install bench serve docker-test clean-store
@@ -75,13 +74,15 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_e2e.py $(if $(DATA),--data $(DATA))
 
-# Prefect server + UI on http://127.0.0.1:$(PORT), work pool, deployments, $(WORKERS) workers.
+# Prefect server + UI on http://127.0.0.1:$(PORT) (unless PREFECT_API_URL is set), the deployments
+# served from one process; their shards go to a Dask LocalCluster per run, or to DASK=tcp://HOST:8786.
 serve: $(STAMP)
-	$(BIN)/advfeatures serve --workers $(WORKERS) --port $(PORT)
+	$(BIN)/advfeatures serve --port $(PORT) $(if $(DASK),--dask-address $(DASK))
 
 # Docker: builds the images (a local debootstrap base if BASE_IMAGE is unset), starts the compose
-# stack (Prefect server on PostgreSQL, controller, 2 shard workers), runs a tiny replication through
-# the replicate deployment and checks its table. Needs a Docker engine (docker/README.md).
+# stack (Prefect server on PostgreSQL, a stock Prefect worker, a Dask scheduler and 2 Dask workers),
+# runs a tiny replication through the replicate deployment, kills a Dask worker mid-shard and checks
+# that the set is byte-identical to a local run. Needs a Docker engine (docker/README.md).
 docker-test: $(STAMP)
 	PY=$(BIN)/python docker/test.sh
 

@@ -63,13 +63,19 @@ MOVED: dict[str, str] = {}
 """Settings that moved to a registered section: old dotted name -> new one (refused, naming it)."""
 
 
-def register_section(name: str, cls: type, moved: dict[str, str] | None = None) -> None:
+REMOVED: dict[str, str] = {}
+"""Settings that were removed: dotted name -> what to do instead (refused, saying it)."""
+
+
+def register_section(name: str, cls: type, moved: dict[str, str] | None = None,
+                     removed: dict[str, str] | None = None) -> None:
     if name in {f.name for f in dataclasses.fields(ExperimentConfig)}:
         raise ValueError(f"config section {name!r} is a built-in section")
     if SECTIONS.get(name, cls) is not cls:
         raise ValueError(f"config section {name!r} is registered twice")
     SECTIONS[name] = cls
     MOVED.update(moved or {})
+    REMOVED.update(removed or {})
 
 
 AUGMENTATIONS = ("none", "crop_flip", "robustness")
@@ -623,6 +629,11 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
 
 
 STORE_ENV = "ADVFEATURES_STORE"
+SET_ENV = "ADVFEATURES_SET"
+"""Space-separated ``fanout.*`` and ``dask.*`` overrides of the machine a run executes on (a served
+or deployed flow's shards go to its Dask cluster), applied below the run's own overrides; they are
+in no key, so they cannot change a result."""
+SET_ENV_SECTIONS = ("fanout", "dask")
 """Environment variable naming the store for every run of a process (containers, workers): it
 overrides the profile's ``runtime.store`` and is overridden by ``--set runtime.store=`` / ``--store``."""
 
@@ -640,6 +651,12 @@ def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple
     raw = copy.deepcopy(profile) if isinstance(profile, dict) else load_profile(profile)
     if os.environ.get(STORE_ENV):  # a deployment's shared store, below explicit overrides
         _set_path(raw, ["runtime", "store"], os.environ[STORE_ENV], STORE_ENV)
+    for text in os.environ.get(SET_ENV, "").split():
+        parts, value = parse_override(text)
+        if parts[0] not in SET_ENV_SECTIONS:
+            raise ConfigError(f"{SET_ENV}={os.environ[SET_ENV]!r}: {text!r} is not a fanout.* or dask.* setting (only "
+                              "those, which no key holds, may come from the environment); pass it as an override")
+        _set_path(raw, parts, value, f"{SET_ENV}: {text}")
     for text in overrides:
         parts, value = parse_override(text)
         _set_path(raw, parts, value, text)
@@ -651,6 +668,10 @@ def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple
         section, _, key = old.partition(".")
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raise ConfigError(f"{old} is now {new}; rename it in the profile or override")
+    for old, hint in REMOVED.items():
+        section, _, key = old.partition(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"{old} was removed ({hint}); delete it from the profile or override")
     source = raw.get("source", {})
     if not isinstance(source, dict):
         raise ConfigError("source must be a mapping with model and train sections")

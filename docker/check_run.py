@@ -1,8 +1,11 @@
 """Checks the store of a Docker replication (docker/test.sh): the run's table exists in all three
 formats with one row per expected set, accuracies are percentages, every PGD set is sealed, and its
-shards were written by at least MIN_HOSTS different containers, all of them shard workers.
+shards were written by at least MIN_HOSTS different containers, all of them shard workers, and
+(with --same-as) that every constructed set holds the same rows, byte for byte, as the one of the
+same key in another store (a run of the same config with its shards elsewhere).
 
     python docker/check_run.py STORE_DIR [--min-hosts 2] [--workers HOST,HOST] [--sets rand,other,det,errors]
+                               [--same-as OTHER_STORE]
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's storage package
 
 
 def check(store: Path, sets: list[str], min_hosts: int, workers: set[str] | None = None) -> list[str]:
@@ -56,15 +62,37 @@ def check(store: Path, sets: list[str], min_hosts: int, workers: set[str] | None
     return errors
 
 
+def same_sets(store: Path, other: Path) -> list[str]:
+    """Every constructed set of ``store`` has the same rows as ``other``'s of the same key."""
+    from storage import arrays as A
+
+    errors, n = [], 0
+    for d in sorted((store / "constructed").glob("*")):
+        ref = other / "constructed" / d.name
+        if not (ref / "manifest.json").is_file():
+            errors.append(f"constructed/{d.name} is not in {other}")
+            continue
+        got, want = A.read_rows(d), A.read_rows(ref)
+        bad = [k for k in want if k not in got or not np.array_equal(got[k], want[k])]
+        if bad:
+            errors.append(f"constructed/{d.name}: {bad} differ from {ref}")
+        n += 1
+    print(f"{n} constructed sets compared with {other}: {n - len(errors)} identical")
+    return errors
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("store", type=Path)
     ap.add_argument("--min-hosts", type=int, default=2)
     ap.add_argument("--workers", default=None, help="comma-separated hostnames of the shard workers")
     ap.add_argument("--sets", default="rand,other,det,errors")
+    ap.add_argument("--same-as", type=Path, default=None, help="a store whose sets must be byte-identical")
     args = ap.parse_args()
     workers = set(args.workers.split(",")) if args.workers else None
     errors = check(args.store, args.sets.split(","), args.min_hosts, workers)
+    if args.same_as is not None:
+        errors += same_sets(args.store, args.same_as)
     for e in errors:
         print(f"FAIL: {e}", file=sys.stderr)
     print("docker replication: OK" if not errors else f"docker replication: {len(errors)} problem(s)")

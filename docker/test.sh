@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# `make docker-test`: build the images, start the compose stack (Prefect server on PostgreSQL,
-# controller, 2 shard workers, and with profile dask a Dask scheduler and 2 Dask workers), run a
-# tiny replication through the `replicate` deployment with its shards fanned out to the worker
-# containers, then again with fanout.executor=dask (into a second store folder), and check each
-# table and who wrote the shards.
+# `make docker-test`: build the images, start the compose stack (Prefect server on PostgreSQL, a
+# stock Prefect worker, a Dask scheduler and 2 Dask workers), run a tiny replication in one
+# container with its shards on local threads (the reference), then through the `replicate`
+# deployment with its shards on the Dask worker containers, `docker kill` one of them mid-shard,
+# and check that the run completes, that the lost worker was logged with its shard, that the
+# shards were written by the Dask workers and that every PGD set is byte-identical to the
+# reference. A rerun then computes nothing.
 #
 # Environment: BASE_IMAGE (default: a local debootstrap image, built if missing by
 # docker/build-base.sh), POSTGRES_IMAGE (default: docker/postgres built on BASE_IMAGE),
@@ -46,7 +48,7 @@ fi
 STORE_DIR=$(mktemp -d /tmp/advfeatures-docker-store.XXXXXX)
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export ADVFEATURES_IMAGE=advfeatures:latest POSTGRES_IMAGE STORE_DIR PORT
-compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker/compose.yaml --profile dask "$@"; }
+compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker/compose.yaml "$@"; }
 cleanup() {
     rc=$?
     if [ "$rc" != 0 ]; then compose logs --tail 60 2>/dev/null | tail -200 || true; fi
@@ -56,39 +58,48 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "compose up: postgres, server, deploy, controller, $WORKERS workers (UI on port $PORT)"
+say "compose up: postgres, server, deploy, a Prefect worker, a Dask scheduler and $WORKERS Dask workers (UI on port $PORT)"
 compose down -v --remove-orphans >/dev/null 2>&1 || true
-scale=(--scale worker="$WORKERS" --scale dask-worker="$WORKERS")
-compose up -d "${scale[@]}" >/dev/null 2>&1 || { compose up -d "${scale[@]}"; exit 1; }
+compose up -d --scale dask-worker="$WORKERS" >/dev/null 2>&1 || { compose up -d --scale dask-worker="$WORKERS"; exit 1; }
 deploy_id=$(compose ps -q deploy)
 [ "$(docker wait "$deploy_id")" = 0 ] || { echo "docker-test: the deploy step failed:" >&2; docker logs "$deploy_id" >&2; exit 1; }
-# the workers start once deploy has exited; give them a moment to register
 for _ in $(seq 60); do
-    [ "$(compose ps -q worker | wc -l)" -ge "$WORKERS" ] && [ -n "$(compose ps -q controller)" ] && break; sleep 1
+    [ "$(compose ps -q dask-worker | wc -l)" -ge "$WORKERS" ] && [ -n "$(compose ps -q worker)" ] && break; sleep 1
 done
 
-say "tiny replication through the replicate deployment"
-compose exec -T controller advfeatures synth /store/data/tiny.zip --train 400 --test 200 >/dev/null
-params='{"profile": "tiny", "overrides": ["fanout.executor=deployment", "runtime.threads=1",
-  "data.source=/store/data/tiny.zip", "construct.n_images=200", "construct.shard_size=50"]}'
-compose exec -T controller prefect deployment run replicate/replicate --params "$params" \
-    --watch --watch-interval 3 --watch-timeout 1200 | tail -5
-say "checking the table and the shards"
-workers=$(for c in $(compose ps -q worker); do docker inspect -f '{{.Config.Hostname}}' "$c"; done | paste -sd, -)
-"$PY" docker/check_run.py "$STORE_DIR" --min-hosts 2 --workers "$workers"
+compose exec -T worker advfeatures synth /store/data/tiny.zip --train 400 --test 200 >/dev/null
+over=(runtime.threads=1 data.source=/store/data/tiny.zip construct.n_images=400 construct.shard_size=25 attack.steps=200)
+sets=(); for o in "${over[@]}"; do sets+=(--set "$o"); done
+json=$(printf '"%s", ' "${over[@]}")
+say "reference: the tiny replication in the worker container, shards on its threads (store /store/local)"
+compose exec -T -e ADVFEATURES_SET=fanout.executor=local worker advfeatures run --profile tiny --store /store/local \
+    "${sets[@]}" >/tmp/advfeatures-docker-local.log 2>&1 || { tail -40 /tmp/advfeatures-docker-local.log >&2; exit 1; }
+
+say "the replicate deployment, its shards on the Dask workers (store /store/dask); one Dask worker killed mid-shard"
+params="{\"profile\": \"tiny\", \"store\": \"/store/dask\", \"overrides\": [${json%, }]}"
+compose exec -T worker prefect deployment run replicate/replicate --params "$params" \
+    --watch --watch-interval 3 --watch-timeout 1200 >/tmp/advfeatures-docker-run.log 2>&1 &
+watch_pid=$!
+victim=$(compose ps -q dask-worker | head -1)
+for _ in $(seq 600); do
+    ls "$STORE_DIR"/dask/constructed/*/_shards/*.json >/dev/null 2>&1 && break; sleep 0.5
+done
+ls "$STORE_DIR"/dask/constructed/*/_shards/*.json >/dev/null 2>&1 || { echo "docker-test: no shard was written" >&2; exit 1; }
+docker kill "$victim" >/dev/null
+say "killed Dask worker $(docker inspect -f '{{.Config.Hostname}}' "$victim") after the first shard marker"
+wait "$watch_pid" || { tail -20 /tmp/advfeatures-docker-run.log >&2; echo "docker-test: the run did not complete" >&2; exit 1; }
+tail -3 /tmp/advfeatures-docker-run.log
+compose logs worker 2>/dev/null | grep -m3 "lost while running" \
+    || { echo "docker-test: no lost Dask worker was logged with its shard (killed between shards?)" >&2; exit 1; }
+
+say "checking the table, who wrote the shards, and the sets against the reference"
+dworkers=$(for c in $(compose ps -aq dask-worker); do docker inspect -f '{{.Config.Hostname}}' "$c"; done | paste -sd, -)
+"$PY" docker/check_run.py "$STORE_DIR/dask" --min-hosts 2 --workers "$dworkers" --same-as "$STORE_DIR/local"
 
 say "rerun: everything cached, no manifest rewritten"
 touch "$STORE_DIR/.before-rerun"
-compose exec -T controller prefect deployment run replicate/replicate --params "$params" \
+compose exec -T worker prefect deployment run replicate/replicate --params "$params" \
     --watch --watch-interval 3 --watch-timeout 600 | tail -1
-rewritten=$(find "$STORE_DIR" -name manifest.json -newer "$STORE_DIR/.before-rerun" | wc -l)
+rewritten=$(find "$STORE_DIR/dask" -name manifest.json -newer "$STORE_DIR/.before-rerun" | wc -l)
 [ "$rewritten" = 0 ] || { echo "docker-test: the rerun rewrote $rewritten manifests" >&2; exit 1; }
-say "tiny replication with its shards on the Dask workers (fanout.executor=dask), store /store/dask"
-dparams='{"profile": "tiny", "store": "/store/dask", "overrides": ["fanout.executor=dask",
-  "dask.address=tcp://dask-scheduler:8786", "runtime.threads=1", "data.source=/store/data/tiny.zip",
-  "construct.n_images=200", "construct.shard_size=50"]}'
-compose exec -T controller prefect deployment run replicate/replicate --params "$dparams" \
-    --watch --watch-interval 3 --watch-timeout 1200 | tail -5
-dworkers=$(for c in $(compose ps -q dask-worker); do docker inspect -f '{{.Config.Hostname}}' "$c"; done | paste -sd, -)
-"$PY" docker/check_run.py "$STORE_DIR/dask" --min-hosts 2 --workers "$dworkers"
 say "passed"

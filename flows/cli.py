@@ -8,9 +8,8 @@
     advfeatures report RUN [--store PATH]  the run folder's report.html + report.md (figures, tables, timings)
     advfeatures ls [--store PATH] [--stage S] [--incomplete] [--key PREFIX] [--run RUN ...]
     advfeatures gc [RUN ...] [--store PATH] [--yes] [--min-age-hours H]   dry run unless --yes
-    advfeatures serve [--workers N]        local server + UI, work pool, deployments, workers
-    advfeatures deploy                     work pool + deployments on the server at PREFECT_API_URL
-    advfeatures worker --work-queue shards --limit 1   a worker woken by the server's events (flows.worker)
+    advfeatures serve [--dask-address A]   the deployments served from this process (a server + UI if no PREFECT_API_URL)
+    advfeatures deploy                     work pool + deployments on the server at PREFECT_API_URL (stock workers run them)
     advfeatures synth PATH                 a tiny synthetic data set, for smoke runs
 """
 
@@ -81,9 +80,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _heartbeat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=int, default=30, metavar="SECONDS",
                    help="heartbeat period of the deployments' flow runs (Prefect's minimum, 30, by default)")
-    p.add_argument("--heartbeat-multiple", type=float, default=None, metavar="K",
-                   help="the zombie-run automation marks a run Crashed after K periods without a heartbeat "
-                        "(default: fanout.heartbeat_multiple's default, 3)")
+    p.add_argument("--heartbeat-multiple", type=float, default=3.0, metavar="K",
+                   help="the zombie-run automation marks a run Crashed after K periods without a heartbeat")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,21 +101,17 @@ def main(argv: list[str] | None = None) -> int:
                      help="artifact store root (default: $ADVFEATURES_STORE, else .advstore)")
     ver.add_argument("--repair", action="store_true",
                      help="unseal what is corrupt so the next run recomputes exactly that")
-    srv = sub.add_parser("serve", help="local Prefect server + UI, work pool, deployments and N process workers")
-    srv.add_argument("--workers", type=int, default=2)
-    srv.add_argument("--port", type=int, default=4200)
-    srv.add_argument("--pool-limit", type=int, default=None, help="work pool concurrency limit")
-    srv.add_argument("--shard-limit", type=int, default=None, help="concurrency limit of the shards queue")
+    srv = sub.add_parser("serve", help="serve the replicate and experiment deployments from this process; "
+                                       "their shards go to Dask")
+    srv.add_argument("--port", type=int, default=4200, help="the Prefect server started here (no PREFECT_API_URL)")
+    srv.add_argument("--dask-address", default="", metavar="tcp://HOST:8786",
+                     help="the Dask scheduler of the runs' shards (default: a LocalCluster per run)")
+    srv.add_argument("--limit", type=int, default=None, help="flow runs at once (default: no limit)")
     _heartbeat_args(srv)
-    wrk = sub.add_parser("worker", help="a process worker of the pool that takes runs as soon as the server's "
-                                        "events say one is scheduled (flows.worker)")
-    from flows.worker import add_arguments
-
-    add_arguments(wrk)
     dep = sub.add_parser("deploy", help="create the work pool and register prefect.yaml's deployments "
-                                        "on the server at PREFECT_API_URL")
+                                        "on the server at PREFECT_API_URL (`prefect worker start --pool "
+                                        "advfeatures` runs them)")
     dep.add_argument("--pool-limit", type=int, default=None, help="work pool concurrency limit")
-    dep.add_argument("--shard-limit", type=int, default=None, help="concurrency limit of the shards queue")
     _heartbeat_args(dep)
     rep = sub.add_parser("report", help="write a run folder's report (report.html, report.md, figures/)")
     rep.add_argument("run", help="a run or sweep folder (runs/<key>/), or a run key with --store")
@@ -166,19 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         except StoreError as e:
             print(f"advfeatures: error: {e}", file=sys.stderr)
             return 2
-    if args.command == "worker":
-        from flows.worker import start
-
-        return start(args)
     if args.command in ("deploy", "serve"):
         from flows.serve import deploy, serve
 
         beat = dict(heartbeat=args.heartbeat, heartbeat_multiple=args.heartbeat_multiple)
         try:
             if args.command == "serve":
-                return serve(workers=args.workers, port=args.port, pool_limit=args.pool_limit,
-                             shard_limit=args.shard_limit, **beat)
-            deploy(pool_limit=args.pool_limit, shard_limit=args.shard_limit, **beat)
+                return serve(port=args.port, dask_address=args.dask_address, limit=args.limit, **beat)
+            deploy(pool_limit=args.pool_limit, **beat)
         except (ValueError, RuntimeError, TimeoutError) as e:
             print(f"advfeatures: error: {e}", file=sys.stderr)
             return 2

@@ -1,8 +1,9 @@
 """What the CLI shows while a run goes on: live bars (rich) in a terminal, plain lines in logs.
 
 ``display(mode)`` installs the ``pipeline.progress`` sink for the mode. With live bars, Prefect's
-console log handlers are pointed at the bars' console for the duration, so log lines scroll above
-the bars instead of tearing them (Prefect's handler holds its own rich Console on the real stderr)."""
+console log handlers (each holds its own rich Console on the real stderr) are swapped, through the
+``logging`` module's API, for handlers of the same format on the bars' console for the duration,
+so log lines scroll above the bars instead of tearing them."""
 
 from __future__ import annotations
 
@@ -16,25 +17,45 @@ from typing import Any
 from pipeline import progress
 
 
-def _prefect_console_handlers() -> list[Any]:
+def _prefect_console_handlers() -> list[tuple[logging.Logger, logging.Handler]]:
     from prefect.logging.handlers import PrefectConsoleHandler
 
     loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
                                        if isinstance(lg, logging.Logger)]
-    return list({id(h): h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)}.values())
+    return [(lg, h) for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)]
+
+
+class _ToConsole(logging.Handler):
+    """Stands in for a Prefect console handler while bars are live: the same level, filters and
+    format, printed through the bars' console so lines scroll above them."""
+
+    def __init__(self, console: Any, like: logging.Handler):
+        super().__init__(like.level)
+        self.setFormatter(like.formatter)
+        self.filters = list(like.filters)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:  # noqa: BLE001 - logging must not raise (logging.Handler's convention)
+            self.handleError(record)
 
 
 @contextmanager
 def _logs_to(console: Any) -> Iterator[None]:
-    handlers = _prefect_console_handlers()
-    saved = [h.console for h in handlers]
-    for h in handlers:
-        h.console = console
+    """Prefect's console handlers swapped for ``_ToConsole`` on their loggers (the logging module's
+    public API) for the duration."""
+    swapped = [(lg, h, _ToConsole(console, h)) for lg, h in _prefect_console_handlers()]
+    for lg, h, mine in swapped:
+        lg.removeHandler(h)
+        lg.addHandler(mine)
     try:
         yield
     finally:
-        for h, c in zip(handlers, saved):
-            h.console = c
+        for lg, h, mine in swapped:
+            lg.removeHandler(mine)
+            lg.addHandler(h)
 
 
 @contextmanager

@@ -9,11 +9,13 @@ shard again on another worker, up to ``dask.allowed_failures`` deaths; past that
 twice is harmless: rows are a pure function of the spec, each shard writes only its own chunks
 under its own lock, and its marker is written last (the shard protocol, DESIGN.md).
 
-Prefect sees the set's subflow and the controller's tasks, not one task run per shard on the
-workers: prefect-dask's task runner would report each shard's task run from its worker, and a
-worker killed mid-shard leaves that run Running for good (prefect issues 17384 and 21638). Here
-every Prefect state is reported by the controller, which outlives its workers; progress comes
-from the shards' markers, as with the deployment executor.
+Each shard is its own Prefect task run (``flows.replicate``), but reported by the controller, not
+by the workers: prefect-dask's task runner would report each shard's task run from its worker,
+and a worker killed mid-shard leaves that run Running for good (prefect issues 17384 and 21638).
+Here every Prefect state is reported by the controller, which outlives its workers: a shard's task
+run waits in the controller for its Dask task and logs the worker that wrote it and the workers
+lost under it. A lost worker is logged as soon as the scheduler removes it (its ``remove-worker``
+event), naming the shards that Dask runs again.
 
 Clusters: ``dask.address`` (an existing scheduler), else ``dask.cluster`` started for the run,
 with ``dask.cluster_kwargs``, ``dask.scale`` or ``dask.adapt``, and closed at the run's end
@@ -164,6 +166,7 @@ def close_all() -> None:
     """Close every client, and every cluster this process started (their workers with them)."""
     while _CLIENTS:
         _, (cluster, client) = _CLIENTS.popitem()
+        _LISTENING.pop(id(client), None)
         try:
             client.close()
             if cluster is not None:
@@ -202,11 +205,13 @@ def run_stage(spec: StageSpec, store_root: str, rt: Any, data: Any, fo: Any, dc:
 
 def run_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pending: list[int],
                on_done: Callable[[int, dict[str, Any]], None] | None = None,
-               client: Any = None) -> dict[int, dict[str, Any]]:
+               client: Any = None, log: Callable[[str], None] = print) -> dict[int, dict[str, Any]]:
     """Every pending shard of ``spec`` as a Dask task; each shard's summary, by shard, once all are
-    done. A ``KilledWorker`` resubmits the shard, at most ``fanout.retries`` times; an error in a
+    done (with ``worker``: the worker that wrote it, and ``lost_workers``: those that died under
+    it). A ``KilledWorker`` resubmits the shard, at most ``fanout.retries`` times; an error in a
     shard's own code, or the ``fanout.timeout`` deadline, fails the set (the other shards are
-    cancelled; those done keep their markers, and a rerun does only the rest)."""
+    cancelled; those done keep their markers, and a rerun does only the rest). ``log`` gets one
+    line per lost worker, naming the shards it was running."""
     from tasks.remote import run_shard
 
     distributed = _distributed()
@@ -214,13 +219,31 @@ def run_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pend
     rt = worker_runtime(dc, rt)
     body, runtime = spec.as_dict(), to_plain(rt)
     tries = dict.fromkeys(pending, 0)
+    lost: dict[int, list[str]] = {s: [] for s in pending}
+    prefix = f"shard-{spec.key}-"
 
     def submit(shard: int) -> Any:
-        return client.submit(run_shard, body, store_root, shard, runtime, key=f"shard-{spec.key}-{shard}-try{tries[shard]}",
+        return client.submit(run_shard, body, store_root, shard, runtime, key=f"{prefix}{shard}-try{tries[shard]}",
                              pure=False, resources=dict(dc.resources) or None)
+
+    def removed(event: Any) -> None:  # the scheduler's 'all' topic, on the client's event loop
+        msg = event[1] if isinstance(event, tuple) else event
+        if not isinstance(msg, dict) or msg.get("action") != "remove-worker":
+            return
+        mine = sorted(int(str(k)[len(prefix):].split("-")[0]) for k in msg.get("processing-tasks", ())
+                      if str(k).startswith(prefix))
+        for shard in mine:
+            if shard in lost:
+                lost[shard].append(str(msg.get("worker")))
+        if mine:
+            log(f"Dask worker {msg.get('worker')} lost while running {_shards(mine)} of set {spec.key}: Dask runs "
+                f"{'it' if len(mine) == 1 else 'them'} again on another worker (up to dask.allowed_failures="
+                f"{dc.allowed_failures} deaths each, then fanout.retries={fo.retries} resubmissions)")
 
     live = {submit(s): s for s in pending}
     print(f"set {spec.key}: {len(pending)} shards submitted to Dask ({client.scheduler.address})")
+    listeners = _listeners(client)
+    listeners.append(removed)
     done: dict[int, dict[str, Any]] = {}
     queue = distributed.as_completed(list(live), timeout=fo.timeout or None)  # the deadline counts from here
     try:
@@ -233,7 +256,7 @@ def run_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pend
                                    f"Dask; are workers alive (dask.resources they lack?)") from None
             shard = live.pop(fut)
             try:
-                done[shard] = fut.result()
+                done[shard] = {**fut.result(), "lost_workers": lost[shard], "tries": tries[shard] + 1}
             except distributed.KilledWorker as e:
                 tries[shard] += 1
                 _killed(e, f"shard {shard} of set {spec.key}", tries[shard], dc, fo)
@@ -249,4 +272,22 @@ def run_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pend
     finally:
         for fut in live:
             fut.cancel()
+        listeners.remove(removed)
     return done
+
+
+_LISTENING: dict[int, list[Callable[[Any], None]]] = {}
+
+
+def _listeners(client: Any) -> list[Callable[[Any], None]]:
+    """The listeners of the scheduler's 'all' event topic on this client (one subscription per
+    client, shared by the sets that run at once)."""
+    if id(client) not in _LISTENING:
+        calls: list[Callable[[Any], None]] = []
+        client.subscribe_topic("all", lambda event: [f(event) for f in list(calls)])
+        _LISTENING[id(client)] = calls
+    return _LISTENING[id(client)]
+
+
+def _shards(shards: list[int]) -> str:
+    return f"shard {shards[0]}" if len(shards) == 1 else "shards " + ", ".join(map(str, shards))

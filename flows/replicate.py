@@ -2,7 +2,7 @@
 
 An experiment (``pipeline.experiments``) turns the resolved config into a plan: stage specs in
 dependency order. The flow runs each stage through its kind's task (PGD sets fanned out by shard,
-on local threads or the shard deployment), then the experiment's writer makes the tables (CSV,
+on local threads or a Dask cluster), then the experiment's writer makes the tables (CSV,
 Markdown, Parquet, and a Prefect table artifact). Every stage is cached in the store under its
 configuration hash.
 """
@@ -20,7 +20,7 @@ from prefect.futures import wait
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from advfeatures.config import ExperimentConfig, resolve, to_plain
+from advfeatures.config import ExperimentConfig, resolve
 from advfeatures.cpus import split_threads
 from flows.settings import FanoutConfig
 from pipeline import progress
@@ -76,32 +76,48 @@ def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any, pending: li
     fanout = fanout or FanoutConfig()
     if pending is None:
         pending = T.prepare_set(spec, store_root, return_state=True).result() or []
-    if fanout.executor == "deployment":
-        _fan_out(spec, store_root, runtime_cfg, fanout, pending)
-    elif fanout.executor == "dask":
-        from flows import dask_shards
+    if fanout.executor == "dask":
         from flows.settings import DaskConfig
 
-        path = Store(store_root).path(spec.folder, spec.key)
-        dask_shards.run_shards(spec, store_root, runtime_cfg, fanout, dask or DaskConfig(), pending,
-                               on_done=lambda shard, _out: _shard_progress(spec, path, shard))
+        _dask_shards(spec, store_root, runtime_cfg, fanout, dask or DaskConfig(), pending)
     else:
         run_shards(spec, store_root, runtime_cfg, pending)
     return T.finalize_set(spec, store_root, return_state=True).result()
 
 
-def _fan_out(spec: StageSpec, store_root: str, rt: Any, fo: Any, pending: list[int], poll: float = 0.5,
-             state_poll: float = 2.0) -> None:
-    """Each batch of pending shards becomes a flow run of the shard deployment; wait for all,
-    resubmitting the unfinished shards of a failed, crashed or lost run (``flows.fanout``)."""
-    from prefect.client.orchestration import get_client
+def _dask_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pending: list[int]) -> None:
+    """Each pending shard as a task of the Dask cluster and as its own Prefect task run
+    (``tasks.stages.dask_shard``), whose state this process reports: the run waits here for its
+    shard's Dask task and logs the worker that wrote it and any worker lost under it, so a worker
+    killed mid-shard leaves no task run Running. Lost workers are logged as they go."""
+    import uuid
+    from concurrent.futures import Future
 
-    from flows.fanout import PrefectChildren, fan_out
+    from prefect import get_run_logger
+
+    from flows import dask_shards
 
     path = Store(store_root).path(spec.folder, spec.key)
-    with get_client(sync_client=True) as client:
-        fan_out(spec, store_root, fo, pending, PrefectChildren(client, spec, store_root, fo.deployment, to_plain(rt)),
-                poll=poll, state_poll=state_poll, on_done=lambda shard: _shard_progress(spec, path, shard))
+    tickets = {s: f"{spec.key}-{s}-{uuid.uuid4().hex[:8]}" for s in pending}
+    waits = {s: T.WAITING.setdefault(t, Future()) for s, t in tickets.items()}
+    runs = [T.dask_shard.submit(spec.key, s, tickets[s]) for s in pending]
+    logger = get_run_logger()
+
+    def done(shard: int, out: dict[str, Any]) -> None:
+        waits[shard].set_result(out)
+        _shard_progress(spec, path, shard)
+
+    try:
+        dask_shards.run_shards(spec, store_root, rt, fo, dc, pending, on_done=done, log=logger.warning)
+    except BaseException as e:
+        for w in waits.values():
+            if not w.done():
+                w.set_exception(e)
+        raise
+    finally:
+        wait(runs)  # every shard's task run reported before the set ends, whatever happened
+        for t in tickets.values():
+            T.WAITING.pop(t, None)
 
 
 def _shard_progress(spec: StageSpec, path: Any, shard: int) -> None:
@@ -124,6 +140,8 @@ def _generate(spec: StageSpec, store_root: str, rt: Any, fanout: Any = None, das
     local = fanout is None or fanout.executor == "local"
     if local and workers > 1 and rt.threads == 0:  # split the cores between concurrent shards
         rt = dataclasses.replace(rt, threads=split_threads(workers))
+    if not local:  # a thread per shard's task run, waiting for its Dask task (no work here)
+        workers = max(1, len(prepared.result() or []))
     runner = ThreadPoolTaskRunner(max_workers=workers)
     state = generate_set.with_options(task_runner=runner)(spec, store_root, rt, prepared.result(), fanout, dask,
                                                            return_state=True)

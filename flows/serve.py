@@ -1,19 +1,19 @@
-"""`advfeatures serve` and `advfeatures deploy`.
+"""`advfeatures serve` and `advfeatures deploy`, through Prefect's public API only.
 
-``deploy``: against the server at PREFECT_API_URL, create the `advfeatures` process work pool,
-register prefect.yaml's deployments (`replicate` on the pool's `control` queue, `generate-shard` on
-its `shards` queue), give their runs a heartbeat every ``heartbeat`` seconds (job variable
-PREFECT_FLOWS_HEARTBEAT_FREQUENCY) and install Prefect's zombie-run automation, which marks a run
-of them Crashed once it has sent no heartbeat for ``heartbeat_multiple`` periods
-(``flows.liveness``). Docker's compose file runs it once before the workers start.
+``serve``: the `replicate` and `experiment` deployments served from this process (``prefect.serve``:
+each run a subprocess of it), with prefect.yaml's descriptions, tags, parameters and schedules.
+The server is the one at PREFECT_API_URL, or Prefect's own (`prefect server start`) started here
+with its UI. Their runs' shards go to a Dask cluster: one LocalCluster per run by default, or the
+scheduler at ``--dask-address`` (``ADVFEATURES_SET``: fanout.*/dask.* settings below each run's own
+overrides, so a deployment's parameters never need to repeat them).
 
-``serve``: a local Prefect server with its UI, ``deploy``, one controller worker (queue `control`:
-runs `replicate` flow runs, which train the models and fan shards out) and N shard workers (queue
-`shards`, one flow run at a time each), supervised (``flows.supervise``): a worker that exits is
-restarted with a back-off and never takes the server or the other workers down; SIGTERM or Ctrl-C
-stops everything. Prints ``ready: <api url>`` once all is up. How many shards run at once is
-bounded by the shard workers and, optionally, by a concurrency limit on the `shards` queue
-(``--shard-limit``), never by locks of ours.
+``deploy``: against the server at PREFECT_API_URL, the `advfeatures` process work pool and
+prefect.yaml's deployments (`prefect deploy --all`); a stock `prefect worker start --pool
+advfeatures` runs them (docker/compose.yaml does).
+
+Both give their runs a heartbeat every ``heartbeat`` seconds and install Prefect's zombie-run
+automation (``flows.liveness``), which marks a run Crashed when its process died without
+reporting. No supervisor of ours: in Docker, compose's restart policy restarts a container.
 """
 
 from __future__ import annotations
@@ -26,22 +26,41 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from advfeatures.config import SET_ENV
+from flows import liveness
 
 ROOT = Path(os.environ.get("ADVFEATURES_HOME") or Path(__file__).resolve().parent.parent)
 POOL = "advfeatures"
-CONTROL_QUEUE, SHARD_QUEUE = "control", "shards"
-QUERY_SECONDS = "15"
-"""How often each worker polls the server for runs (PREFECT_WORKER_QUERY_SECONDS, unless set), as the
-fallback only: workers (``flows.worker``, which applies it) take runs when the server's events say
-one was scheduled, taken or ended. Each poll costs the server CPU (~45 ms here: an idle server with
-2 workers used 18.7% of a core polling every 1 s, 12% every 5 s, 8.3% every 30 s with event
-wake-ups), and two PGD processes beside it ran ~10% slower with 1-s polls. Under 60 s, so Prefect's
-foreman keeps the queues ready."""
+SERVED = {"replicate": "flows.replicate:replicate", "experiment": "flows.replicate:run_experiment"}
+"""prefect.yaml's deployments by name, and the flow each serves (of the same name)."""
 
 
-def _prefect(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=ROOT, check=check,
-                          capture_output=True, text=True)
+def deployments_yaml() -> list[dict[str, Any]]:
+    path = ROOT / "prefect.yaml"
+    if not path.is_file():
+        raise RuntimeError(f"no prefect.yaml in {ROOT}: run from the advfeatures checkout or set ADVFEATURES_HOME")
+    return yaml.safe_load(path.read_text())["deployments"]
+
+
+def runner_deployments(default_overrides: list[str] | None = None) -> list[Any]:
+    """prefect.yaml's deployments as deployments of this process (``flow.to_deployment``)."""
+    import importlib
+
+    from prefect.schedules import Cron
+
+    out = []
+    for d in deployments_yaml():
+        module, _, name = SERVED[d["name"]].partition(":")
+        fl = getattr(importlib.import_module(module), name)
+        schedules = [Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
+                     for s in d.get("schedules") or []]
+        out.append(fl.to_deployment(d["name"], description=d.get("description"), tags=d.get("tags"),
+                                    parameters=d.get("parameters"), schedules=schedules or None))
+    return out
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
@@ -59,33 +78,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float
     raise TimeoutError(f"the Prefect server at {url} did not become healthy in {timeout:.0f} s")
 
 
-DEPLOYMENTS = ("replicate/replicate", "experiment/experiment", "generate-shard/generate-shard")
-
-
-def deploy(env: dict[str, str] | None = None, pool_limit: int | None = None, shard_limit: int | None = None,
-           heartbeat: int = 30, heartbeat_multiple: float | None = None) -> None:
-    """Work pool, queues (with optional limits), the deployments of prefect.yaml with their
-    heartbeat period, and the zombie-run automation."""
-    env = dict(os.environ if env is None else env)
-    multiple = _check_heartbeat(heartbeat, heartbeat_multiple)
-    if not (ROOT / "prefect.yaml").is_file():
-        raise RuntimeError(f"no prefect.yaml in {ROOT}: run from the advfeatures checkout or set ADVFEATURES_HOME")
-    env.setdefault("ADVFEATURES_HOME", str(ROOT))
-    api = env.get("PREFECT_API_URL")
-    with _client(api) as client:  # through the API, not `prefect work-pool` processes (~4 CPU-s each)
-        _work_pool(client, pool_limit)
-    deployed = _prefect("--no-prompt", "deploy", "--all", env=env, check=False)
-    if deployed.returncode:
-        raise RuntimeError(f"prefect deploy failed:\n{deployed.stdout[-2000:]}{deployed.stderr[-2000:]}")
-    with _client(api) as client:
-        if shard_limit:  # the queue exists once a deployment names it
-            queue = client.read_work_queue_by_name(SHARD_QUEUE, work_pool_name=POOL)
-            client.update_work_queue(queue.id, concurrency_limit=shard_limit)
-        _heartbeats(client, heartbeat, multiple)
-
-
 @contextlib.contextmanager
-def _client(api: str | None):
+def _client(api: str | None = None):
     """A synchronous Prefect client of the server at ``api`` (PREFECT_API_URL's, if None)."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -94,7 +88,7 @@ def _client(api: str | None):
         yield client
 
 
-def _work_pool(client, pool_limit: int | None) -> None:
+def _work_pool(client: Any, pool_limit: int | None) -> None:
     """The process work pool (kept if it exists, as `prefect work-pool create` would) and its limit."""
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
@@ -109,73 +103,67 @@ def _work_pool(client, pool_limit: int | None) -> None:
         client.update_work_pool(POOL, WorkPoolUpdate(concurrency_limit=pool_limit))
 
 
-def _check_heartbeat(heartbeat: int, multiple: float | None) -> float:
-    """The multiple to use (fanout.heartbeat_multiple's default unless given), after checking both."""
-    from flows.settings import FanoutConfig
-    from flows import liveness
-
-    multiple = multiple or FanoutConfig().heartbeat_multiple
-    if heartbeat < liveness.min_period() or multiple <= 1:
-        raise ValueError(f"--heartbeat {heartbeat} --heartbeat-multiple {multiple:g}: the period must be >= "
-                         f"{liveness.min_period()} s (Prefect's minimum) and the multiple > 1")
-    return multiple
-
-
-def _heartbeats(client, heartbeat: int, multiple: float) -> None:
-    """Each deployment's runs beat every ``heartbeat`` s (their job variables' environment), and
-    the automation crashes those that stop for ``multiple`` periods."""
+def deploy(pool_limit: int | None = None, heartbeat: int = 30, heartbeat_multiple: float = 3.0) -> None:
+    """Work pool, prefect.yaml's deployments with their heartbeat period, and the zombie-run
+    automation, on the server at PREFECT_API_URL."""
     from prefect.client.schemas.actions import DeploymentUpdate
 
-    from flows import liveness
+    liveness.check_heartbeat(heartbeat, heartbeat_multiple)
+    deployments_yaml()
+    env = {**os.environ, "ADVFEATURES_HOME": os.environ.get("ADVFEATURES_HOME", str(ROOT))}
+    with _client() as client:  # through the API, not `prefect work-pool` processes (~4 CPU-s each)
+        _work_pool(client, pool_limit)
+    done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], env=env, cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"prefect deploy failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    with _client() as client:
+        for d in deployments_yaml():
+            dep = client.read_deployment_by_name(f"{d['name']}/{d['name']}")  # flow name = deployment name
+            job = dict(dep.job_variables or {})
+            job["env"] = {**(job.get("env") or {}), liveness.HEARTBEAT_ENV: str(heartbeat)}
+            client.update_deployment(dep.id, DeploymentUpdate(job_variables=job))
+        liveness.install_zombie_automation(client, heartbeat, heartbeat_multiple)
 
-    for name in DEPLOYMENTS:
-        d = client.read_deployment_by_name(name)
-        job = dict(d.job_variables or {})
-        job["env"] = {**(job.get("env") or {}), liveness.HEARTBEAT_ENV: str(heartbeat)}
-        client.update_deployment(d.id, DeploymentUpdate(job_variables=job))
-    liveness.install_zombie_automation(client, heartbeat, multiple)
 
+def serve(port: int = 4200, host: str = "127.0.0.1", dask_address: str = "", limit: int | None = None,
+          heartbeat: int = 30, heartbeat_multiple: float = 3.0) -> int:
+    """Serve the deployments until Ctrl-C or SIGTERM (then the server started here stops too)."""
+    from prefect import serve as prefect_serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-def worker_command(queue: str, limit: int | None = None, name: str | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "flows.worker", "--pool", POOL, "--work-queue", queue]  # flows/worker.py
-    return cmd + (["--limit", str(limit)] if limit else []) + (["--name", name] if name else [])
+    liveness.check_heartbeat(heartbeat, heartbeat_multiple)
+    settings = ["fanout.executor=dask"] + ([f"dask.address={dask_address}"] if dask_address else [])
+    os.environ[SET_ENV] = " ".join([*os.environ.get(SET_ENV, "").split(), *settings])
+    os.environ[liveness.HEARTBEAT_ENV] = str(heartbeat)  # the served runs' subprocesses inherit it
+    os.environ.setdefault("ADVFEATURES_HOME", str(ROOT))
+    api, server = os.environ.get("PREFECT_API_URL"), None
+    if not api:
+        api = f"http://{host}:{port}/api"
+        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port",
+                                   str(port)], env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+                                  cwd=ROOT)
+        os.environ["PREFECT_API_URL"] = api
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt
 
-
-def serve(workers: int = 2, port: int = 4200, host: str = "127.0.0.1", pool_limit: int | None = None,
-          shard_limit: int | None = None, heartbeat: int = 30, heartbeat_multiple: float | None = None) -> int:
-    from flows.fanout import CONTROL_WORKER_PREFIX
-    from flows.supervise import Child, Stop, Supervisor, become_subreaper, install_sigterm
-
-    _check_heartbeat(heartbeat, heartbeat_multiple)  # before anything starts
-    install_sigterm()
-    become_subreaper()
-    api = f"http://{host}:{port}/api"
-    env = {**os.environ, "PREFECT_API_URL": api, "ADVFEATURES_HOME": str(ROOT),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    sup = Supervisor(log=lambda msg: print(f"serve: {msg}", flush=True))
-    server = sup.start(Child("prefect server", [sys.executable, "-m", "prefect", "server", "start", "--host", host,
-                                                "--port", str(port)], env, str(ROOT)))
-    workers_: list = []
+    signal.signal(signal.SIGTERM, stop)
     try:
-        _wait_healthy(api, server.proc)
-        deploy(env, pool_limit=pool_limit, shard_limit=shard_limit, heartbeat=heartbeat,
-               heartbeat_multiple=heartbeat_multiple)
-        name = f"{CONTROL_WORKER_PREFIX}-{port}"
-        workers_.append(sup.start(Child(f"controller worker {name}", worker_command(CONTROL_QUEUE, name=name),
-                                        env, str(ROOT))))
-        for i in range(workers):
-            name = f"shard-{i + 1}-{port}"
-            workers_.append(sup.start(Child(f"shard worker {name}", worker_command(SHARD_QUEUE, limit=1, name=name),
-                                            env, str(ROOT))))
-        print(f"ready: {api} (UI at http://{host}:{port}); pool {POOL}: 1 controller worker "
-              f"(queue {CONTROL_QUEUE}), {workers} shard workers (queue {SHARD_QUEUE}); workers that exit are "
-              "restarted; Ctrl-C or SIGTERM stops all", flush=True)
-        sup.run()
+        _wait_healthy(api, server)
+        with temporary_settings({PREFECT_API_URL: api}):
+            with _client(api) as client:
+                liveness.install_zombie_automation(client, heartbeat, heartbeat_multiple)
+            shards = f"the Dask scheduler at {dask_address}" if dask_address else "a Dask LocalCluster per run"
+            print(f"ready: {api} (UI at {api.removesuffix('/api')}); deployments {', '.join(SERVED)} served from this "
+                  f"process; shards go to {shards}; Ctrl-C or SIGTERM stops", flush=True)
+            prefect_serve(*runner_deployments(), limit=limit, print_starting_message=False)
         return 0
-    except (KeyboardInterrupt, Stop):
-        print("serve: stopping the workers, their flow runs and the server", flush=True)
+    except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        sup.stop(first=workers_, last=[server])
+        if server is not None and server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()

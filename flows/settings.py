@@ -1,14 +1,15 @@
-"""The flows' own settings: how a flow hands shards to Prefect deployments (``fanout.*``), and
-whether it writes a run's report (``report.*``).
+"""The flows' own settings: where a set's shards run (``fanout.*``, ``dask.*``), and whether a
+run writes its report (``report.*``).
 
-They belong to the orchestration, not to the maths, so they are a config section of their own,
+They belong to the orchestration, not to the maths, so they are config sections of their own,
 registered here (``advfeatures.config.register_section``) when ``flows`` is imported, and read by
-the flows as ``cfg.fanout`` and ``cfg.report``. None of them is in any key. No prefect import
-here: the CLI resolves profiles with it before Prefect starts.
+the flows as ``cfg.fanout``, ``cfg.dask`` and ``cfg.report``. None of them is in any key. No prefect
+import here: the CLI resolves profiles with it before Prefect starts.
 
-The settings were ``runtime.shard_executor``, ``shard_deployment``, ``shard_retries``,
-``shards_per_run``, ``heartbeat_multiple`` and ``shard_timeout``: a profile or override that
-still names one of those is refused with the new name (``MOVED``).
+The settings were ``runtime.shard_executor``, ``shard_retries`` and ``shard_timeout``: a profile or
+override that still names one of those is refused with the new name (``MOVED``). The
+``deployment`` executor and its settings (``fanout.deployment``, ``per_run``,
+``heartbeat_multiple``) were removed: Dask does that job (``REMOVED`` names the way there).
 """
 
 from __future__ import annotations
@@ -16,53 +17,44 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from advfeatures.config import _check, register_section
+from advfeatures.config import ConfigError, _check, register_section
+
+TO_DASK = ("use fanout.executor=dask: a Dask LocalCluster started for the run, or dask.address=tcp://HOST:8786 for "
+           "workers elsewhere (processes, containers, SLURM jobs, pods); CHANGELOG 'Moving from the deployment "
+           "executor'")
 
 
 @dataclass(frozen=True)
 class FanoutConfig:
     executor: str = "local"
-    """'local': shards run as tasks of this flow (runtime.shard_workers threads). 'deployment':
-    batches of shards are flow runs of the ``deployment`` deployment, taken by its work pool's
-    workers. 'dask': every shard is a task of a Dask cluster (``dask.*``: a local cluster, an
-    existing scheduler, SLURM/PBS jobs through dask-jobqueue, Kubernetes pods), installed with
-    the ``dask`` extra."""
-    deployment: str = "generate-shard/generate-shard"
-    """With 'deployment': the shard deployment, as flow name/deployment name (prefect.yaml's)."""
+    """'local': shards run as tasks of this flow (runtime.shard_workers threads). 'dask': every
+    shard is a task of a Dask cluster (``dask.*``: a local cluster, an existing scheduler,
+    SLURM/PBS jobs through dask-jobqueue, Kubernetes pods), installed with the ``dask`` extra;
+    each shard is its own Prefect task run, reported by this flow."""
     retries: int = 2
-    """With 'deployment': how often a shard whose run failed, crashed or was lost is submitted
-    again (each shard counts its own tries, whatever batch it ran in). With 'dask': how often a
-    shard whose worker died (Dask's ``KilledWorker``, after ``dask.allowed_failures`` deaths) is
-    submitted again; an error raised by the shard's own code fails the set at once."""
-    per_run: int = 0
-    """With 'deployment': shards per flow run of the shard deployment, run one after another by
-    one worker (each shard keeps its own marker and retry count). 0 = auto: the pending shards
-    split evenly over the pool's online shard workers, so each worker pays a flow run's start
-    (~5-7 s with `advfeatures worker`, ~5-12 s with polling stock workers, measured) once per set
-    instead of once per shard."""
-    heartbeat_multiple: float = 3.0
-    """With 'deployment': a shard run that is Running (or Pending on a worker) and whose last
-    Prefect heartbeat is older than this many heartbeat periods is lost (its worker died with
-    it): it is marked Crashed and its shards are resubmitted, within ``retries``."""
+    """With 'dask': how often a shard whose worker died (Dask's ``KilledWorker``, after
+    ``dask.allowed_failures`` deaths) is submitted again; an error raised by the shard's own code
+    fails the set at once."""
     timeout: float = 0.0
-    """With 'deployment': seconds a set's shards may take from submission until all are done;
-    past it the set fails with an error naming the shards and their runs. 0 = no deadline."""
+    """With 'dask': seconds a set's shards may take from submission until all are done; past it
+    the set fails with an error naming the shards. 0 = no deadline."""
 
     def __post_init__(self):
-        _check(self.executor in ("local", "deployment", "dask"),
-               f"fanout.executor={self.executor!r}; choose local, deployment or dask")
+        if self.executor == "deployment":
+            raise ConfigError(f"fanout.executor=deployment was removed; {TO_DASK}")
+        _check(self.executor in ("local", "dask"), f"fanout.executor={self.executor!r}; choose local or dask")
         _check(self.retries >= 0, "fanout.retries must be >= 0")
-        _check(self.per_run >= 0, "fanout.per_run must be >= 0 (0 = auto)")
-        _check(self.heartbeat_multiple > 1, "fanout.heartbeat_multiple must be > 1 (heartbeat periods "
-               "without a heartbeat before a shard run counts as lost; 3 is a safe choice)")
         _check(self.timeout >= 0, "fanout.timeout must be >= 0 seconds (0 = no deadline)")
 
 
 MOVED = {f"runtime.{old}": f"fanout.{new}" for old, new in (
-    ("shard_executor", "executor"), ("shard_deployment", "deployment"), ("shard_retries", "retries"),
-    ("shards_per_run", "per_run"), ("heartbeat_multiple", "heartbeat_multiple"), ("shard_timeout", "timeout"))}
+    ("shard_executor", "executor"), ("shard_retries", "retries"), ("shard_timeout", "timeout"))}
+REMOVED = {f"fanout.{k}": f"it belonged to the removed deployment executor; {TO_DASK}"
+           for k in ("deployment", "per_run", "heartbeat_multiple")}
+REMOVED.update({f"runtime.{k}": REMOVED[f"fanout.{v}"] for k, v in (
+    ("shard_deployment", "deployment"), ("shards_per_run", "per_run"), ("heartbeat_multiple", "heartbeat_multiple"))})
 
-register_section("fanout", FanoutConfig, moved=MOVED)
+register_section("fanout", FanoutConfig, moved=MOVED, removed=REMOVED)
 
 
 @dataclass(frozen=True)

@@ -241,7 +241,7 @@ PROBE: dict[str, Any] = {
 """The probe config's changes to an empty profile (``released.root`` is set to a made-up folder)."""
 
 EXTRA_STRINGS = ("float16", "float32", "l2", "linf", "step", "onecycle", "constant", "none", "bf16", "cpu", "cuda",
-                 "local", "deployment", "dask", "tcp://127.0.0.1:8786", "distributed.LocalCluster")
+                 "local", "dask", "tcp://127.0.0.1:8786", "distributed.LocalCluster")
 """Strings tried as other values of a string setting after those its error message names."""
 EXTRA_MAPPINGS = ({"rand": {"lr": 0.01}}, {"replicate": {"attack": {"steps": 3}}}, {"minimum": 1, "maximum": 2},
                   {"GPU": 1}, {"n_workers": 1})

@@ -56,7 +56,17 @@ def run_shard(spec: dict[str, Any], store_root: str, shard: int, runtime: dict[s
     store, s = _open(spec, store_root)
     rt = build_config(RuntimeConfig, runtime, "runtime")
     out = kinds.sharded(s).shard(store, s, shard, rt, lambda _m: None)
-    return {**out, "shard": shard, "host": socket.gethostname(), "pid": os.getpid()}
+    return {**out, "shard": shard, "host": socket.gethostname(), "pid": os.getpid(), "worker": _worker_address()}
+
+
+def _worker_address() -> str | None:
+    """The Dask worker running this (its address), None outside one."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None
 
 
 def run_stage(spec: dict[str, Any], store_root: str, runtime: dict[str, Any], data: dict[str, Any] | None

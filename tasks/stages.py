@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
 from prefect import Task, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
@@ -115,3 +117,24 @@ def generate_shard(spec: StageSpec, store_root: str, shard: int, runtime: Runtim
 @task(name="finalize-set", task_run_name="finalize-{spec.key}", persist_result=False)
 def finalize_set(spec: StageSpec, store_root: str) -> str:
     return _outcome(kinds.sharded(spec).finalize(Store(store_root), spec), f"set {spec.key}")
+
+
+WAITING: dict[str, Future] = {}
+"""ticket -> the outcome of one shard's Dask task, set by the flow that submitted it
+(``flows.replicate._dask_shards``)."""
+
+
+@task(name="dask-shard", task_run_name="shard-{set_key}-{shard}", persist_result=False, cache_policy=NO_CACHE)
+def dask_shard(set_key: str, shard: int, ticket: str) -> dict[str, Any]:
+    """One shard of a set written on a Dask worker, as seen from the flow that submitted it: waits
+    for the shard's outcome (raising its failure), logs the worker that wrote it and those that
+    died under it. Its state is reported by this process, so a lost worker leaves no run Running."""
+    out = WAITING[ticket].result()
+    for w in out.get("lost_workers", []):
+        get_run_logger().warning(f"Dask worker {w} died while running this shard; it was run again")
+    where = f"Dask worker {out.get('worker')} (host {out.get('host')}, pid {out.get('pid')})"
+    if out.get("skipped"):
+        return Completed(name="Cached", message=f"shard {shard} of {set_key} was in the store already ({where})",
+                         data=out)
+    _log(f"shard {shard} of {set_key} written by {where}, try {out.get('tries', 1)}")
+    return out

@@ -197,7 +197,7 @@ def run_cli(caplog, monkeypatch, api, *args):
 
 def _drain_prefect_workers():
     """Send and stop this process's Prefect event (and API log) workers while their server lives:
-    one left bound to a server that then stops (test_deployment's serve) hangs the next harness's
+    one left bound to a server that then stops (a test's own server) hangs the next harness's
     exit, which drains every worker (seen: `make test` stuck at the end)."""
     import inspect
 
@@ -215,12 +215,11 @@ def _drain_prefect_workers():
 
 # Under pytest-xdist (`make test` runs `-n 2 --dist loadfile`), modules are handed to the workers
 # in collection order: the longest first, so that neither worker is left with one long module at
-# the end (measured on the 2-core machine, 2 workers: test_deployment 302 s, test_flow 160,
-# test_science 80, test_experiments 76, test_remote_store 66, test_stages 54 with a cold inductor
-# cache). test_science is left after them: handed out third, it shared a process with test_flow's
+# the end (measured on the 2-core machine, 2 workers: test_flow 160 s, test_science 80,
+# test_experiments 76, test_remote_store 66, test_stages 54 with a cold inductor cache).
+# test_science is left after them: handed out third, it shared a process with test_flow's
 # Prefect server once and a test failed in that run (not identified; the order below passed twice).
-LONGEST_FIRST = ("test_deployment.py", "test_flow.py", "test_experiments.py", "test_remote_store.py",
-                 "test_stages.py")
+LONGEST_FIRST = ("test_flow.py", "test_experiments.py", "test_remote_store.py", "test_dask.py", "test_stages.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -193,7 +193,9 @@ def test_chaos_fifty_shards_random_kills(tmp_path, tiny_tar):
 def test_settings_are_checked_before_any_work(tiny_tar):
     from advfeatures.config import ConfigError
 
-    for bad, words in ((["fanout.executor=dusk"], "choose local, deployment or dask"),
+    for bad, words in ((["fanout.executor=dusk"], "choose local or dask"),
+                       (["fanout.executor=deployment"], "was removed; use fanout.executor=dask"),
+                       (["fanout.per_run=2"], "fanout.per_run was removed"),
                        (["dask.address=localhost:8786"], "tcp://host:8786"),
                        (["dask.scale=2", "dask.adapt={maximum: 4}"], "exclude each other"),
                        (["dask.resources={GPU: 0}"], "positive number"),

@@ -350,6 +350,9 @@ def test_dask_executor_gives_identical_sets_and_leaves_nothing_running(first, ti
     assert [r.name for r in [*tasks, *flows] if r.state_type.value != "COMPLETED"] == []
     on_dask = sorted(r.state_name for r in tasks if r.name.startswith("student-"))
     assert on_dask == ["Cached", "Completed"], on_dask  # seed 0's found in the store by a worker, seed 1's trained
+    layout = A.stored_layout(store / "constructed" / key)
+    shards = sorted(r.name for r in tasks if r.name.startswith(f"shard-{key}-"))
+    assert shards == sorted(f"shard-{key}-{i}" for i in range(layout.num_shards)), shards  # one task run per shard
 
 
 @pytest.mark.slow

@@ -98,7 +98,7 @@ def test_the_flows_settings_change_no_key():
     def every_key(*overrides):
         return [s.key for s in make_plan(resolve("tiny", list(overrides)), "0" * 64).stages()]
 
-    assert every_key() == every_key("fanout.executor=deployment", "fanout.per_run=2", "fanout.retries=0",
+    assert every_key() == every_key("fanout.executor=dask", "dask.address=tcp://h:8786", "fanout.retries=0",
                                     "report.write=false")
 
 
