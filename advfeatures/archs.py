@@ -237,10 +237,14 @@ def robustbench_name(arch: str, where: str = "model.arch") -> tuple[str, str]:
     threat, name = (parts[0], parts[1]) if len(parts) == 2 else ("L2", parts[0])
     if not name or threat not in ("L2", "Linf", "corruptions") or len(parts) > 2:
         raise ArchError(f"{where}={arch!r} is not robustbench/<name> or robustbench/<L2|Linf>/<name>")
-    if importlib.util.find_spec("robustbench") is None:
-        raise ArchError(f"{where}={arch!r} needs the robustbench package, which is not installed: pip install "
+    try:
+        importlib.import_module("robustbench.utils")
+    except Exception as e:  # noqa: BLE001 - absent, or installed without what it imports (pkg_resources)
+        why = "is not installed" if isinstance(e, ModuleNotFoundError) and e.name == "robustbench" else \
+            f"does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        raise ArchError(f"{where}={arch!r} needs the robustbench package, which {why}: pip install "
                         "git+https://github.com/RobustBench/robustbench.git (it then loads the weights from a local "
-                        "folder, source.checkpoint, default ./models)")
+                        "folder, source.checkpoint, default ./models)") from None
     return threat, name
 
 

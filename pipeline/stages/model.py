@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from advfeatures import checkpoints
-from advfeatures.archs import check_same_module, unkeyed
+from advfeatures.archs import check_same_module, kind_of, unkeyed
 from advfeatures.config import ModelConfig, RuntimeConfig, TrainConfig, build_config
 from advfeatures.models import build_model
 from advfeatures.training import confusion_matrix, fit, predict
@@ -68,7 +68,8 @@ def fit_and_save(store: Store, spec: StageSpec, x: np.ndarray, y: np.ndarray, nu
 
     res = fit(model, torch.from_numpy(x), torch.from_numpy(y), train_cfg, device=device,
               channels_last=rt.channels_last, callback=on_epoch, amp_dtype=amp_dtype(spec.config["amp"]),
-              forward=compiled(model, rt), seed=seeds["data"])
+              forward=compiled(model, rt), seed=seeds["data"],
+              drop_single=kind_of(spec.config["model"]["arch"]) != "registry")  # the registry's keep their results
 
     def write(tmp: Path) -> dict[str, Any]:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -147,7 +148,7 @@ def check_models(cfg: Any, num_classes: int) -> None:
     """Before any work: every architecture the config names that is not a registered one (timm,
     a user's module) builds and runs on one 32x32 image with ``num_classes`` outputs, and every
     checkpoint it names loads into its architecture. Raises ConfigError, one line."""
-    from advfeatures.archs import ArchError, archs_named, check_runs, kind_of
+    from advfeatures.archs import ArchError, archs_named, check_runs
     from advfeatures.config import ConfigError, to_plain
 
     for arch, where in archs_named(to_plain(cfg)).items():
