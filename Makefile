@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	@if [ -n "$(UV)" ]; then \
 		echo "make: installing .venv with uv ($(UV))"; \
 		{ test -x $(BIN)/python || $(UV) venv -q --python "$$(command -v $(PYTHON))" $(VENV); } && \
-		VIRTUAL_ENV=$(CURDIR)/$(VENV) $(UV) pip install -q -e '.[dev]' && \
+		VIRTUAL_ENV=$(CURDIR)/$(VENV) $(UV) pip install -q -e '.[dev,timm]' && \
 		VIRTUAL_ENV=$(CURDIR)/$(VENV) $(UV) pip install -q --no-deps torchattacks==3.5.1 && exit 0; \
 		echo "make: uv could not install (above); installing with pip instead (UV= skips uv)"; \
 		$(BIN)/python -m pip --version >/dev/null 2>&1 || rm -rf $(VENV); \
@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 	echo "make: installing .venv with pip (PyTorch's CUDA build: 2-3 min the first time)"; \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	$(BIN)/python -m pip install -q --upgrade pip; \
-	$(BIN)/python -m pip install -q -e '.[dev]'; \
+	$(BIN)/python -m pip install -q -e '.[dev,timm]'; \
 	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 

@@ -7,7 +7,7 @@ the setting and the fix.
 
 Inheritance, so profiles stay short: ``teacher`` starts from ``source`` with ``train.epochs: 2``
 (Wallace's brief teacher); ``student`` starts from ``source``; neither inherits
-``train.adversarial`` (a robust source's students are standard models). Anything given
+``train.adversarial`` (a robust source's students are standard models) nor ``checkpoint``. Anything given
 explicitly wins.
 """
 
@@ -107,16 +107,23 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "small_cnn"
-    """A name in ``advfeatures.models.MODELS``."""
+    """A name in ``advfeatures.models.MODELS`` (e.g. resnet18, robustness_resnet50); ``timm/<name>``, a
+    timm model with the data's classes at the data's size (``advfeatures[timm]``);
+    ``package.module:factory``, your own model, ``factory(num_classes) -> nn.Module`` (its file's
+    sha256 is keyed); ``robustbench/<name>``, a trained RobustBench CIFAR-10 model (source only).
+    See docs/your-model.md."""
     mean: tuple[float, ...] = CIFAR_MEAN
     """Per-channel normalisation applied inside the model; inputs stay in [0, 1] pixel space."""
     std: tuple[float, ...] = CIFAR_STD
     """Per-channel standard deviation of that normalisation (the robustness library's CIFAR values)."""
 
     def __post_init__(self):
-        from advfeatures.models import MODELS
+        from advfeatures.archs import ArchError, check
 
-        _check(self.arch in MODELS, f"model.arch={self.arch!r} is unknown; choose one of {sorted(MODELS)}")
+        try:
+            check(self.arch)
+        except ArchError as e:
+            raise ConfigError(str(e)) from None
         _check(len(self.mean) == len(self.std) == 3, "model.mean and model.std need 3 values (RGB)")
         _check(all(s > 0 for s in self.std), "model.std values must be > 0")
 
@@ -205,9 +212,19 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ModelStageConfig:
-    """A model trained on the clean training set (the source, or the teacher of `errors`)."""
+    """A model trained on the clean training set (the source, or the teacher of `errors`), or a
+    trained one read from ``checkpoint``."""
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: str | None = None
+    """A trained model to use instead of training one (docs/your-model.md): a state dict of
+    ``model.arch``, a TorchScript file, or a robustness-library checkpoint (``model.arch:
+    robustness_resnet50``; its normaliser's mean and std are used); with ``model.arch:
+    robustbench/<name>``, the folder robustbench loads from. The file's sha256 replaces the training
+    recipe in the key; the path itself is not keyed. Not inherited by the teacher."""
+    checkpoint_trusted: bool = False
+    """Allow a checkpoint that needs full unpickling (``torch.load(weights_only=False)``), which can
+    run code from the file: set it only for files you trust. Not keyed."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +238,9 @@ class SourceConfig(ModelStageConfig):
     ``train.seed`` set to it; () = the one source of ``train.seed``."""
 
     def __post_init__(self):
+        _check(not (self.checkpoint and len(self.seeds) > 1),
+               f"source.seeds={list(self.seeds)} with source.checkpoint: a checkpoint is one source; give one seed "
+               "or none")
         _check(len(set(self.seeds)) == len(self.seeds), f"source.seeds has repeats: {list(self.seeds)}")
         _check(all(s >= 0 for s in self.seeds), f"source.seeds must be >= 0, got {list(self.seeds)}")
 
@@ -677,8 +697,9 @@ def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple
         raise ConfigError("source must be a mapping with model and train sections")
     # train.adversarial is the source's own: a robust source's teacher and students train as
     # standard models unless they ask for it themselves
+    # so is its checkpoint: the teacher is trained unless teacher.checkpoint names one
     inherited = {k: ({kk: vv for kk, vv in v.items() if kk != "adversarial"} if k == "train" and isinstance(v, dict)
-                     else v) for k, v in source.items() if k != "seeds"}
+                     else v) for k, v in source.items() if k not in ("seeds", "checkpoint", "checkpoint_trusted")}
     teacher_base = _deep_merge(inherited, {"train": {"epochs": 2}})
     raw["teacher"] = _deep_merge(teacher_base, raw.get("teacher") or {})
     raw["student"] = _deep_merge({k: v for k, v in inherited.items() if k in ("model", "train")},

@@ -2,7 +2,8 @@
 normalises per channel inside, so an attack's eps is measured in pixel space.
 
 Register with ``@register("name")``; tests loop over ``MODELS`` so every entry gets forward,
-backward and finite-value checks.
+backward and finite-value checks. ``advfeatures.archs`` adds the robustness library's CIFAR ResNets
+and the other forms of a model's name (timm, a user's module).
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ class Normalized(nn.Module):
 
 
 def build_model(arch: str, num_classes: int, mean: Sequence[float], std: Sequence[float]) -> Normalized:
-    if arch not in MODELS:
-        raise KeyError(f"unknown model {arch!r}; choose one of {sorted(MODELS)}")
-    return Normalized(MODELS[arch](num_classes), mean, std)
+    """``arch`` in any form ``advfeatures.archs`` reads (a registered name, ``timm/<name>``,
+    ``package.module:factory``), wrapped in the normalisation."""
+    from advfeatures.archs import build_net
+
+    return Normalized(build_net(arch, num_classes), mean, std)
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -198,3 +201,6 @@ def resnet18(num_classes: int = 10) -> nn.Module:
 @register("resnet50")
 def resnet50(num_classes: int = 10) -> nn.Module:
     return CifarResNet(Bottleneck, (3, 4, 6, 3), num_classes)
+
+
+from advfeatures import archs as _archs  # noqa: E402,F401 - registers the robustness library's ResNets

@@ -121,7 +121,7 @@ class FitResult:
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
         device: torch.device | str = "cpu", channels_last: bool = False,
         callback: Callback | None = None, amp_dtype: torch.dtype | None = None,
-        forward: nn.Module | None = None, seed: int | None = None) -> FitResult:
+        forward: nn.Module | None = None, seed: int | None = None, drop_single: bool = False) -> FitResult:
     """Train ``model`` in place with SGD on (x, y). Data order and augmentation are drawn from a
     CPU generator seeded by ``seed`` (default ``cfg.seed``), so they are the same on every device.
 
@@ -130,7 +130,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     ``forward`` is an optional compiled wrapper of ``model`` used for the forward pass.
     With ``cfg.adversarial``, each step trains on untargeted PGD examples of its (augmented) batch
     made against the model as it is (``AdversarialTraining``); ``train_acc`` is then the accuracy
-    on those.
+    on those. ``drop_single``: an epoch's last batch, when it holds one image, is left out (batch
+    norm cannot train on one value per channel, as in a timm ResNet's 1x1 maps at 32x32).
     """
     device = torch.device(device)
     n = x.shape[0]
@@ -151,6 +152,9 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
+    seen = n
+    if drop_single and n % cfg.batch_size == 1 and n > 1:
+        steps_per_epoch, seen = steps_per_epoch - 1, n - 1
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps_per_epoch))
     history, t0 = [], time.perf_counter()
     for epoch in range(cfg.epochs):
@@ -178,8 +182,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
             sched.step()
             loss_sum += loss.detach() * idx.numel()
             correct += (logits.detach().argmax(1) == yb).sum()
-        event = {"epoch": epoch + 1, "epochs": cfg.epochs, "train_loss": loss_sum.item() / n,
-                 "train_acc": correct.item() / n, "lr": opt.param_groups[0]["lr"],
+        event = {"epoch": epoch + 1, "epochs": cfg.epochs, "train_loss": loss_sum.item() / seen,
+                 "train_acc": correct.item() / seen, "lr": opt.param_groups[0]["lr"],
                  "seconds": time.perf_counter() - te}
         if not math.isfinite(event["train_loss"]):
             raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {event['train_loss']}); "

@@ -248,10 +248,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_inputs(cfg) -> None:
     """The data source opens, lists the same classes in both splits and decodes one image per
-    class; with ``fanout.executor=dask`` and ``dask.address``, the scheduler accepts a connection."""
+    class; every model named by a string that is not a registered name builds and runs on one
+    image of the data's size, and every checkpoint loads into its architecture; with
+    ``fanout.executor=dask`` and ``dask.address``, the scheduler accepts a connection."""
     from pipeline.stages.dataset import check_source
+    from pipeline.stages.model import check_models
 
-    check_source(cfg.data)
+    classes = check_source(cfg.data)
+    check_models(cfg, len(classes) or 10)
     if cfg.fanout.executor == "dask" and cfg.dask.address:
         from flows.dask_shards import check_scheduler
 

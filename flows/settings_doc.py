@@ -89,7 +89,15 @@ def _clean(text: str) -> str:
 
 def field_docs(cls: type) -> dict[str, str]:
     """field name -> its description: the string literal right under the field, else the comment on
-    its line. Fields without either are absent."""
+    its line, in the class or the dataclass it inherits the field from. Fields without either are absent."""
+    out: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            out.update(_own_field_docs(base))
+    return {**out, **_own_field_docs(cls)}
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         src = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):

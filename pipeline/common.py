@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from advfeatures.archs import unkeyed
+from advfeatures.checkpoints import restore
 from advfeatures.config import ConfigError, DataConfig, ModelConfig, RuntimeConfig, build_config, to_plain
 from advfeatures.cpus import usable_cpus
 from advfeatures.models import build_model
@@ -197,7 +199,9 @@ def load_model(store: Store, key: str, device: torch.device | str = "cpu") -> to
     if "weights_sha256" in man and hashlib.sha256(blob).hexdigest() != man["weights_sha256"]:
         raise IntegrityError(f"models/{key}/weights.pt does not match its manifest's sha256; "
                              f"run `advfeatures verify {key} --repair` and rerun to retrain it")
-    mc = build_config(ModelConfig, man["stage"]["config"]["model"], "model")
+    mc = build_config(ModelConfig, unkeyed(man["stage"]["config"]["model"]), "model")
+    if man.get("format") in ("torchscript", "robustbench"):  # read from such a checkpoint (advfeatures.checkpoints)
+        return restore(blob, man["format"], mc.mean, mc.std).to(device).eval()
     model = build_model(mc.arch, man["num_classes"], mc.mean, mc.std)
     model.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
     return model.to(device).eval()

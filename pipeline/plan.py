@@ -14,8 +14,10 @@ they are not part of any key.
 key = stage_key(stage, schema, own config, upstream keys) (``pipeline.kinds``). A key holds every
 setting that can change a result and nothing else:
 
-- models and students: their role in the plan, architecture, training recipe, the seeds derived
-  from role and seed (initial weights; data order + augmentation), and ``runtime.amp``;
+- models and students: their role in the plan, architecture (a user module's: its file's sha256
+  too), training recipe, the seeds derived from role and seed (initial weights; data order +
+  augmentation), and ``runtime.amp``; a model read from a checkpoint: role, architecture and the
+  file's sha256 instead of recipe, seeds and amp (the path is an execution option);
 - sets: what their builder keys (``pipeline.sets``): for PGD sets kind, attack, subset size,
   seed, storage dtype, ``runtime.amp`` and, when on, the number of augmented copies per image.
   How a set is cut into shards and chunks is an execution option (``StageSpec.options``).
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from advfeatures.archs import keyed, kind_of
 from advfeatures.config import ConfigError, ExperimentConfig, ModelStageConfig, TrainConfig, to_plain
 from advfeatures.seeds import derive_seed, model_seeds
 from pipeline.kinds import FOLDER, SCHEMA, StageSpec  # noqa: F401 - re-exported for plans
@@ -206,10 +209,37 @@ def train_config(train: TrainConfig) -> dict[str, Any]:
     return out
 
 
+SETTING = {"robust-source": "robust_datasets"}
+"""The config section a role's checkpoint is set in, where it is not the role's name."""
+
+
 def model_spec(cfg: ModelStageConfig, dataset_key: str, role: str, amp: str) -> StageSpec:
-    """The source or the teacher: trained on the clean training set."""
-    return StageSpec("model", {"role": role, "model": to_plain(cfg.model), "train": train_config(cfg.train),
+    """The source or the teacher: trained on the clean training set, or read from
+    ``cfg.checkpoint`` (``checkpoint_spec``). A user module's file sha256 is keyed
+    (``advfeatures.archs.keyed``)."""
+    if cfg.checkpoint is not None or kind_of(cfg.model.arch) == "robustbench":
+        return checkpoint_spec(cfg, dataset_key, role)
+    return StageSpec("model", {"role": role, "model": keyed(to_plain(cfg.model)), "train": train_config(cfg.train),
                                "seeds": model_seeds(role, (), cfg.train.seed), "amp": amp}, (dataset_key,))
+
+
+def checkpoint_spec(cfg: ModelStageConfig, dataset_key: str, role: str) -> StageSpec:
+    """A trained model read from a file: keyed by the file's sha256 in place of the training recipe
+    (no train, seeds or amp); the path and the trusted flag are execution options, not keyed."""
+    from advfeatures.checkpoints import file_sha256, weights_file
+
+    setting = SETTING.get(role, role)
+    f = weights_file(cfg.checkpoint or "", cfg.model.arch, setting)
+    return StageSpec("model", {"role": role, "model": keyed(to_plain(cfg.model)),
+                               "checkpoint": {"sha256": file_sha256(f)}}, (dataset_key,),
+                     options={"checkpoint": cfg.checkpoint or "", "trusted": cfg.checkpoint_trusted,
+                              "setting": setting})
+
+
+def trained(cfg: ModelStageConfig) -> ModelStageConfig:
+    """``cfg``'s recipe without its checkpoint: a model of the source's recipe that is trained
+    (independent models, ensembles, spectrum's robust sources)."""
+    return dataclasses.replace(cfg, checkpoint=None, checkpoint_trusted=False)
 
 
 def construct_spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) -> StageSpec:
@@ -235,10 +265,13 @@ def student_spec(cfg: ExperimentConfig, kind: str, seed: int, construct: StageSp
     whose ``student.per_set`` entry it trains with (a control trains as its set does), unless
     ``student.per_set`` names ``kind`` itself."""
     rk = kind if recipe is None or kind in cfg.student.per_set else recipe
-    model = to_plain(cfg.student.model_for(rk))
+    model = keyed(to_plain(cfg.student.model_for(rk)))
     src = cfg.source.train.seed  # a varied source's students (``for_source``) get seeds of their own
     seeds = model_seeds("student", (kind,) if src == source_seeds(cfg)[0] else (kind, "source", src), seed)
     if cfg.student.init == "shared_with_source":
+        if source is not None and "seeds" not in source.config:
+            raise ConfigError("student.init=shared_with_source: the source is read from source.checkpoint, it has no "
+                              "initial weights to share; set student.init=independent")
         if source is None:
             raise ConfigError(f"student.init=shared_with_source: the {kind} students have no source model in this "
                               "experiment; set student.init=independent")

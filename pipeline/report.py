@@ -50,13 +50,20 @@ def _vs_chance(ci: list[float], chance: float) -> str:
     return "at chance"
 
 
+def model_name(spec: StageSpec, man: dict[str, Any]) -> str:
+    """The architecture, and for a model read from a checkpoint the file's name and format."""
+    arch = spec.config["model"]["arch"]
+    ck = man.get("checkpoint")
+    return f"{arch} (checkpoint {Path(ck['file']).name}, {ck['format']})" if ck else arch
+
+
 def _row(store: Store, set_name: str, model_spec: StageSpec, eval_spec: StageSpec, construct: dict[str, Any] | None,
          source_acc: float, robust: list[StageSpec] = ()) -> dict[str, Any]:
     m = store.manifest("evals", eval_spec.key)["metrics"]
     man = store.manifest("models", model_spec.key)
     summary = (construct or {}).get("summary", {})
     return {
-        "set": set_name, "model": model_spec.config["model"]["arch"], "seed": man["seeds"]["train"],
+        "set": set_name, "model": model_name(model_spec, man), "seed": man["seeds"]["train"],
         "n_train": man["n_train"], "init": man.get("init_sha256", "")[:8],
         **fooling(store, construct),
         "share_t=y_%": _pct(summary.get("share_target_is_true")),
@@ -142,7 +149,7 @@ def _source_table(store: Store, plan: Plan) -> pd.DataFrame:
         rows.append(_row(store, s.kind, s.student, s.eval, store.manifest("constructed", s.construct.key), source_acc,
                          robust.get(s.student.key, [])))
     df = pd.DataFrame(rows)
-    df.insert(2, "source_seed", plan.source.config["train"]["seed"])
+    df.insert(2, "source_seed", plan.source.config.get("train", {}).get("seed"))  # None: read from a checkpoint
     return df
 
 

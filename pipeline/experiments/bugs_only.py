@@ -31,7 +31,7 @@ from advfeatures.training import to_unit
 from pipeline.common import load_model
 from pipeline.experiments import Experiment, register
 from pipeline.kinds import StageSpec
-from pipeline.plan import Plan, add_model, add_students, base_plan, construct_spec, model_spec
+from pipeline.plan import Plan, add_model, add_students, base_plan, construct_spec, model_spec, trained
 from pipeline.sets import SetBuilder
 from pipeline.sets import pgd as P
 from pipeline.sets import register as register_set
@@ -85,7 +85,7 @@ register_set(SetBuilder((KIND,), "det-style PGD that fools the source while an e
 def member_spec(cfg: ExperimentConfig, dataset_key: str, role: str, member: int) -> StageSpec:
     """An independently trained model of the source's recipe: ``role`` with member number i
     (its own initial weights and data order)."""
-    base = model_spec(cfg.source, dataset_key, role, cfg.runtime.amp)
+    base = model_spec(trained(cfg.source), dataset_key, role, cfg.runtime.amp)
     return StageSpec("model", {**base.config, "member": member,
                                "seeds": model_seeds(role, (member,), cfg.source.train.seed)}, base.inputs)
 

@@ -18,6 +18,8 @@ are too (the robust source must be robust for D_R to mean anything).
     robust_datasets.epochs        the robust source's epoch budgets: the last makes D_R, the
                                   others show whether its robust accuracy has plateaued
     robust_datasets.baseline      students of the same recipe on the goal images, clean (D)
+    robust_datasets.checkpoint    a trained robust source read from a file (the released one of
+                                  section 3.1: examples/madry-robust.yaml) instead of training one
 
 Every robust evaluation can be checked for a weak attack (``evaluate.check_restarts``: more
 steps and random restarts on the first test images); the table gives each check's drop.
@@ -37,7 +39,7 @@ from advfeatures.config import AdversarialTraining, ExperimentConfig, _check, re
 from pipeline.common import Context, dataset_info, load_split, once, run_record, save_set, verified_set
 from pipeline.experiments import Experiment, register
 from pipeline.kinds import StageSpec
-from pipeline.plan import Plan, add_model, add_robust_evals, base_plan, model_spec, student_spec
+from pipeline.plan import Plan, add_model, add_robust_evals, base_plan, model_spec, student_spec, trained
 from pipeline.sets import SetBuilder, inversion
 from pipeline.sets import register as register_set
 from storage.store import Store
@@ -81,6 +83,14 @@ class RobustDatasetsConfig:
     baseline: bool = True
     """Students of the same recipe on the goal images themselves, clean (D): what standard training
     on the same images gives, beside D_R and D_NR."""
+    checkpoint: str | None = None
+    """A trained robust source to read instead of training one (e.g. the robustness library's
+    released CIFAR L2 eps 0.5 ResNet-50, with ``checkpoint_arch: robustness_resnet50``): formats as
+    ``source.checkpoint`` (docs/your-model.md); its file's sha256 replaces the recipe in its key."""
+    checkpoint_arch: str | None = None
+    """The checkpoint's architecture (None: ``source.model.arch``)."""
+    checkpoint_trusted: bool = False
+    """Allow a checkpoint that needs full unpickling (it can run code from the file). Not keyed."""
 
     def __post_init__(self):
         _check(self.steps >= 1, f"robust_datasets.steps must be >= 1, got {self.steps}")
@@ -92,16 +102,32 @@ class RobustDatasetsConfig:
         _check(all(e > 0 for e in self.robust_eps), f"robust_datasets.robust_eps={list(self.robust_eps)} must be > 0")
         _check(all(e >= 1 for e in self.epochs) and list(self.epochs) == sorted(set(self.epochs)),
                f"robust_datasets.epochs={list(self.epochs)} must be increasing epoch counts >= 1 (the last makes D_R)")
+        _check(not (self.checkpoint and self.epochs), "robust_datasets.epochs with robust_datasets.checkpoint: a "
+                                                      "checkpoint has no epoch budgets; leave epochs unset")
+        if self.checkpoint_arch is not None:
+            from advfeatures.archs import ArchError, check
+
+            try:
+                check(self.checkpoint_arch, "robust_datasets.checkpoint_arch")
+            except ArchError as e:
+                _check(False, str(e))
 
 
 def robust_source_spec(cfg: ExperimentConfig, dataset_key: str, epochs: int | None = None) -> Any:
     """The source's recipe with ``robust_datasets.adversarial`` (and ``epochs`` when given): role
     robust-source (its own seeds; every budget the same)."""
     rd = cfg.robust_datasets
+    if rd.checkpoint is not None:
+        model = cfg.source.model if rd.checkpoint_arch is None else \
+            dataclasses.replace(cfg.source.model, arch=rd.checkpoint_arch)
+        read = dataclasses.replace(cfg.source, model=model, checkpoint=rd.checkpoint,
+                                   checkpoint_trusted=rd.checkpoint_trusted)
+        return model_spec(read, dataset_key, "robust-source", cfg.runtime.amp)
     train = dataclasses.replace(cfg.source.train, adversarial=rd.adversarial)
     if epochs is not None:
         train = dataclasses.replace(train, epochs=epochs)
-    return model_spec(dataclasses.replace(cfg.source, train=train), dataset_key, "robust-source", cfg.runtime.amp)
+    return model_spec(dataclasses.replace(trained(cfg.source), train=train), dataset_key, "robust-source",
+                      cfg.runtime.amp)
 
 
 def _evaluated(out: Plan, cfg: ExperimentConfig, spec: Any, label: str, **tags: Any) -> Any:

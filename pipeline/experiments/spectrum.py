@@ -40,7 +40,8 @@ from advfeatures.config import AdversarialTraining, ExperimentConfig, _check
 from advfeatures.seeds import model_seeds
 from pipeline.experiments import Experiment, register
 from pipeline.kinds import StageSpec
-from pipeline.plan import Plan, add_model, base_plan, construct_spec, model_spec, robust_eval_spec, student_spec
+from pipeline.plan import (Plan, add_model, base_plan, construct_spec, model_spec, robust_eval_spec, student_spec,
+                           trained)
 from pipeline.stages.transfer import transfer_spec
 
 
@@ -87,7 +88,7 @@ def source_at(cfg: ExperimentConfig, dataset_key: str, eps: float) -> StageSpec:
     if eps == 0:
         return model_spec(cfg.source, dataset_key, "source", cfg.runtime.amp)
     adv = AdversarialTraining(norm="l2", eps=eps, steps=sp.steps)
-    mc = dataclasses.replace(cfg.source, train=dataclasses.replace(cfg.source.train, adversarial=adv))
+    mc = dataclasses.replace(trained(cfg.source), train=dataclasses.replace(cfg.source.train, adversarial=adv))
     spec = model_spec(mc, dataset_key, "source", cfg.runtime.amp)
     if sp.shared_init:
         return spec
@@ -103,14 +104,14 @@ def probe_spec(cfg: ExperimentConfig, dataset_key: str) -> StageSpec | None:
         return None
     adv = AdversarialTraining(norm="l2", eps=sp.probe_eps, steps=sp.steps)
     train = dataclasses.replace(cfg.source.train, adversarial=adv, seed=sp.probe_seed)
-    return model_spec(dataclasses.replace(cfg.source, train=train), dataset_key, "probe", cfg.runtime.amp)
+    return model_spec(dataclasses.replace(trained(cfg.source), train=train), dataset_key, "probe", cfg.runtime.amp)
 
 
 def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
     sp = cfg.spectrum
     out = base_plan(cfg, source_sha256)
     ds = out.dataset
-    independent = model_spec(cfg.source, ds.key, "independent", cfg.runtime.amp)
+    independent = model_spec(trained(cfg.source), ds.key, "independent", cfg.runtime.amp)
     add_model(out, cfg, independent, "independent standard model", ds, robust=False, role="independent")
     probe = probe_spec(cfg, ds.key)
     if probe is not None:

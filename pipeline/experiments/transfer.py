@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from advfeatures.config import ExperimentConfig, _check
-from advfeatures.models import MODELS
+from advfeatures.archs import ArchError, keyed, unkeyed
+from advfeatures.archs import check as check_arch
 from advfeatures.seeds import model_seeds
 from pipeline.experiments import Experiment, register
 from pipeline.kinds import StageSpec
-from pipeline.plan import Plan, add_model, base_plan, construct_spec, model_spec, student_spec
+from pipeline.plan import Plan, add_model, base_plan, construct_spec, model_spec, student_spec, trained
 from pipeline.stages.transfer import transfer_spec
 
 
@@ -38,8 +39,11 @@ class TransferConfig:
 
     def __post_init__(self):
         _check(len(self.archs) >= 1, "transfer.archs needs at least one architecture")
-        for a in self.archs:
-            _check(a in MODELS, f"transfer.archs: {a!r} is unknown; choose from {sorted(MODELS)}")
+        for i, a in enumerate(self.archs):
+            try:
+                check_arch(a, f"transfer.archs[{i}]")
+            except ArchError as e:
+                _check(False, str(e))
         _check(len(set(self.archs)) == len(self.archs), f"transfer.archs has repeats: {list(self.archs)}")
 
 
@@ -47,10 +51,10 @@ def independent_spec(cfg: ExperimentConfig, dataset_key: str, arch: str) -> Stag
     """A model of ``arch`` trained on clean data with the source's recipe, role independent, its
     own seeds per architecture; of the source's architecture it is spectrum's independent model
     (the same key)."""
-    base = model_spec(cfg.source, dataset_key, "independent", cfg.runtime.amp)
+    base = model_spec(trained(cfg.source), dataset_key, "independent", cfg.runtime.amp)
     if arch == cfg.source.model.arch:
         return base
-    return StageSpec("model", {**base.config, "model": {**base.config["model"], "arch": arch},
+    return StageSpec("model", {**base.config, "model": keyed({**unkeyed(base.config["model"]), "arch": arch}),
                                "seeds": model_seeds("independent", (arch,), cfg.source.train.seed)}, base.inputs)
 
 
@@ -62,7 +66,7 @@ def arch_student(cfg: ExperimentConfig, kind: str, arch: str, seed: int, trained
     if arch == cfg.student.model_for(kind).arch:
         return student_spec(cfg, kind, seed, trained_on, source)
     spec = student_spec(cfg, f"{kind}@{arch}", seed, trained_on, source)
-    config = {**spec.config, "set": kind, "model": {**spec.config["model"], "arch": arch}}
+    config = {**spec.config, "set": kind, "model": keyed({**unkeyed(spec.config["model"]), "arch": arch})}
     return StageSpec(spec.stage, config, spec.inputs)
 
 

@@ -117,15 +117,14 @@ def locate_source(data: DataConfig) -> Path:
     return path
 
 
-def check_source(data: DataConfig) -> None:
+def check_source(data: DataConfig) -> list[str]:
     """Before any work: the source opens, both splits list the same classes, and one image per
-    class decodes (``advfeatures.data.probe``); torchvision's copy is checked when downloaded."""
+    class decodes (``advfeatures.data.probe``); torchvision's copy is checked when downloaded.
+    Returns the classes ([]: CIFAR-10's, not listed by the probe)."""
     if data.source == "torchvision":
         tgz = Path(data.download_root).expanduser() / "cifar-10-python.tar.gz"
-        if tgz.is_file():
-            D.probe(tgz)
-        return
-    D.probe(locate_source(data))
+        return D.probe(tgz) if tgz.is_file() else []
+    return D.probe(locate_source(data))
 
 
 def ingest(store: Store, data: DataConfig, spec: StageSpec, log: Log = quiet) -> str:
