@@ -418,6 +418,9 @@ class EvaluateConfig:
     """PGD steps of the robust evaluation's untargeted attack."""
     robust_step_size: float = 0.0
     """0 = 2.5 * eps / steps (Madry et al.)."""
+    robust_n: int = 0
+    """Robust accuracy on the first this many images of the clean test set (its Wilson interval
+    says what that costs in precision); 0 = all of it. Clean accuracy is always on all of it."""
     check_restarts: int = 0
     """The attack's strength check: each robust evaluation is repeated on the first ``check_n``
     test images with ``check_steps_factor`` times its steps, from the image and from this many
@@ -439,10 +442,12 @@ class EvaluateConfig:
         _check(self.robust_norm in ("l2", "linf"), f"evaluate.robust_norm={self.robust_norm!r}; choose 'l2' or 'linf'")
         _check(self.robust_steps >= 1, "evaluate.robust_steps must be >= 1")
         _check(self.robust_step_size >= 0, "evaluate.robust_step_size must be >= 0 (0 = 2.5 * eps / steps)")
+        _check(self.robust_n >= 0, f"evaluate.robust_n must be >= 0 (0 = the whole test set), got {self.robust_n}")
 
     def attack_for(self, eps: float) -> dict[str, Any]:
         step = self.robust_step_size or 2.5 * eps / self.robust_steps
-        return {"norm": self.robust_norm, "eps": eps, "steps": self.robust_steps, "step_size": step}
+        a = {"norm": self.robust_norm, "eps": eps, "steps": self.robust_steps, "step_size": step}
+        return {**a, "n": self.robust_n} if self.robust_n else a  # keyed only when set: older keys stand
 
     def check_for(self, eps: float) -> dict[str, Any]:
         """The strength check of ``attack_for(eps)`` (``check_restarts`` > 0)."""

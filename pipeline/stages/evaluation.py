@@ -43,8 +43,10 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet)
     if "robust" in spec.config and "restarts" in spec.config["robust"]:  # the attack's strength check
         pred, extra = strength_check(model, x, y, spec.config["robust"], rt, device, amp_dtype(spec.config["amp"]))
         y = y[:len(pred)]
-    elif "robust" in spec.config:  # untargeted PGD on the clean test set, then the same metrics
+    elif "robust" in spec.config:  # untargeted PGD on the clean test set (its first n images), then the same metrics
         a = spec.config["robust"]
+        if a.get("n"):
+            x, y = x[:a["n"]], y[:a["n"]]
         pred = robust_predictions(model, torch.from_numpy(x), torch.from_numpy(y), threat_model(a["norm"], a["eps"]),
                                   a["steps"], a["step_size"], rt.eval_batch_size, device,
                                   amp_dtype(spec.config["amp"]))
