@@ -1,6 +1,6 @@
 """Checks the store of a Docker replication (docker/test.sh): the run's table exists in all three
 formats with one row per expected set, accuracies are percentages, every PGD set is sealed, and its
-shards were written by at least MIN_HOSTS different containers, all of them shard workers, and
+shards were written by at least MIN_HOSTS different containers, all of them Dask workers, and
 (with --same-as) that every constructed set holds the same rows, byte for byte, as the one of the
 same key in another store (a run of the same config with its shards elsewhere).
 
@@ -53,7 +53,7 @@ def check(store: Path, sets: list[str], min_hosts: int, workers: set[str] | None
             hosts.add(marker.get("host", "?"))
             n_markers += 1
     if workers is not None and not hosts <= workers:
-        errors.append(f"shards written by {sorted(hosts - workers)}, which are not shard workers {sorted(workers)}")
+        errors.append(f"shards written by {sorted(hosts - workers)}, which are not Dask workers {sorted(workers)}")
     if len(hosts) < min_hosts:
         errors.append(f"{n_markers} shards were written by {len(hosts)} host(s) {sorted(hosts)}; "
                       f"expected at least {min_hosts} worker containers")
@@ -85,7 +85,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("store", type=Path)
     ap.add_argument("--min-hosts", type=int, default=2)
-    ap.add_argument("--workers", default=None, help="comma-separated hostnames of the shard workers")
+    ap.add_argument("--workers", default=None, help="comma-separated hostnames of the Dask worker containers")
     ap.add_argument("--sets", default="rand,other,det,errors")
     ap.add_argument("--same-as", type=Path, default=None, help="a store whose sets must be byte-identical")
     args = ap.parse_args()

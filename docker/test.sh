@@ -9,7 +9,7 @@
 #
 # Environment: BASE_IMAGE (default: a local debootstrap image, built if missing by
 # docker/build-base.sh), POSTGRES_IMAGE (default: docker/postgres built on BASE_IMAGE),
-# WORKERS (2), KEEP=1 to leave the stack and store up for inspection.
+# WORKERS (2 Dask worker containers), KEEP=1 to leave the stack and store up for inspection.
 # Exit status 3: no Docker engine or compose could be found or started (nothing was tested).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
-COMMANDS = ("experiments", "run", "show-config", "verify", "serve", "worker", "deploy", "report", "ls", "gc", "synth")
+COMMANDS = ("experiments", "run", "show-config", "verify", "serve", "deploy", "report", "ls", "gc", "synth")
 
 # [text](target) and ![alt](target), not inside inline code; the target up to a space or ")".
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
