@@ -86,3 +86,40 @@ def test_serve_runs_the_replicate_deployment_with_each_shard_a_task_run(prefect_
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     assert code == 0, log.read_text()[-2000:]
+
+
+def test_the_zombie_automation_crashes_tagged_runs_silent_for_k_periods():
+    """The automation's rule, as Prefect will apply it: after a sign of life of a run tagged
+    advfeatures, another (or a final state) within multiple x period seconds, else Crashed."""
+    from prefect.client.schemas.objects import StateType
+
+    from flows.liveness import HEARTBEAT_TAG, zombie_automation
+
+    a = zombie_automation(30, 3)
+    assert a.trigger.within.total_seconds() == 90 and a.trigger.posture.value == "Proactive"
+    assert "prefect.flow-run.heartbeat" in a.trigger.after and "prefect.flow-run.Completed" in a.trigger.expect
+    assert f"prefect.tag.{HEARTBEAT_TAG}" in str(a.trigger.match_related)
+    assert a.actions[0].state == StateType.CRASHED
+    assert zombie_automation(30, 0.1).trigger.within.total_seconds() == 10  # Prefect's floor
+
+
+@pytest.mark.slow
+def test_deploy_registers_the_pool_the_deployments_and_the_automation(prefect_api, monkeypatch):
+    """`advfeatures deploy` on a server: the process pool, prefect.yaml's deployments (their runs
+    beating every --heartbeat seconds) and one zombie automation, also after a second deploy."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.liveness import HEARTBEAT_ENV, ZOMBIE_AUTOMATION
+    from flows.serve import POOL, deploy
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        deploy(heartbeat=45)
+        deploy(heartbeat=45)
+        with get_client(sync_client=True) as client:
+            assert client.read_work_pool(POOL).type == "process"
+            for name in ("replicate/replicate", "experiment/experiment"):
+                d = client.read_deployment_by_name(name)
+                assert d.work_pool_name == POOL and d.job_variables["env"][HEARTBEAT_ENV] == "45"
+            assert len(client.read_automations_by_name(ZOMBIE_AUTOMATION)) == 1
