@@ -152,6 +152,30 @@ def test_random_restarts_find_what_the_attack_from_the_image_cannot():
     assert torch.equal(preds, strongest_predictions(model, x, y, L2(0.5), 40, 2.5 * 0.5 / 40, 2, 0, batch_size=4))
 
 
+def test_each_attack_of_the_check_runs_only_on_points_no_earlier_one_fooled():
+    """Grey images are fooled by the first random start, so a second restart has nothing left to
+    attack: it costs no forward pass, and its row repeats the fooling prediction. A point masked
+    out by ``alive`` (fooled before the check) is never attacked."""
+    from advfeatures.attacks import L2, strongest_predictions
+
+    class Counting(_FlatThenSteep):
+        seen = 0
+
+        def forward(self, x):
+            Counting.seen += len(x)
+            return super().forward(x)
+
+    x, y = torch.full((6, 3, 4, 4), 0.5), torch.zeros(6, dtype=torch.long)
+    one = strongest_predictions(Counting(), x, y, L2(0.5), 10, 0.125, restarts=1, seed=0)
+    cost_one, Counting.seen = Counting.seen, 0
+    two = strongest_predictions(Counting(), x, y, L2(0.5), 10, 0.125, restarts=2, seed=0)
+    assert Counting.seen == cost_one and torch.equal(two[:2], one) and torch.equal(two[2], one[1])
+    Counting.seen = 0
+    alive = torch.tensor([True, False, True, False, True, False])
+    part = strongest_predictions(Counting(), x, y, L2(0.5), 10, 0.125, restarts=1, seed=0, alive=alive)
+    assert Counting.seen == cost_one // 2 and torch.equal(part[:, alive], one[:, alive])
+
+
 def test_the_strength_check_counts_a_point_robust_only_if_no_attack_fools_it():
     import numpy as np
 
@@ -162,5 +186,5 @@ def test_the_strength_check_counts_a_point_robust_only_if_no_attack_fools_it():
     a = EvaluateConfig(robust_steps=10, check_restarts=2, check_n=5).check_for(0.5)
     pred, m = strength_check(_FlatThenSteep(), x, y, a, RuntimeConfig(device="cpu"), "cpu", None)
     assert len(pred) == 5 and m["n_checked"] == 5 and (pred.numpy() == 1).all()
-    assert m["acc_base"] == 1.0 and m["strength_drop"] == 1.0 and m["acc_each_attack"] == [1.0, 1.0, 0.0, 0.0]
+    assert m["acc_base"] == 1.0 and m["strength_drop"] == 1.0 and m["acc_after_each_attack"] == [1.0, 1.0, 0.0, 0.0]
     assert a["steps"] == 20 and a["base"]["steps"] == 10

@@ -148,7 +148,8 @@ def test_the_table_is_the_manifests_numbers(rd_run):
         m = st.manifest("evals", node.key)["metrics"]
         assert m["n_checked"] == 50 and m["acc_xy"] <= m["acc_base"] + 1e-9
         assert m["strength_drop"] == pytest.approx(m["acc_base"] - m["acc_xy"])
-        assert len(m["acc_each_attack"]) == 3 and m["acc_xy"] <= min(m["acc_each_attack"]) + 1e-9
+        after = m["acc_after_each_attack"]
+        assert len(after) == 3 and after == sorted(after, reverse=True) and m["acc_xy"] == pytest.approx(after[-1])
     row = df[df["model"] == "robust source"].iloc[0]
     check = st.manifest("evals", plan.checks_of(row["model_key"])[0].key)["metrics"]
     assert row["check_0.25_drop"] == pytest.approx(round(100 * check["strength_drop"], 2))

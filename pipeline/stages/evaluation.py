@@ -63,8 +63,9 @@ def strength_check(model: Any, x: np.ndarray, y: np.ndarray, a: dict[str, Any], 
     """The first ``a['n']`` test images under the strongest attack: the evaluation's own attack
     (``a['base']``: its steps and step size, from the image) and ``a['steps']`` steps from the
     image and from each of ``a['restarts']`` random starts; a point counts as robust only when no
-    attack fools the model. Predictions: the first attack's that is wrong, else the label. Extra
-    metrics: the base attack's accuracy on the same images (``acc_base``) and the drop."""
+    attack fools the model (each attack runs on the points no earlier one fooled). Predictions: the
+    first attack's that is wrong, else the label. Extra metrics: the base attack's accuracy on the
+    same images (``acc_base``), the drop, and the accuracy left after each attack in turn."""
     n = min(int(a["n"]), len(y))
     xt, yt = torch.from_numpy(x[:n]), torch.from_numpy(y[:n])
     threat = threat_model(a["norm"], a["eps"])
@@ -72,15 +73,15 @@ def strength_check(model: Any, x: np.ndarray, y: np.ndarray, a: dict[str, Any], 
                               device, amp)
     strong = strongest_predictions(model, xt, yt, threat, a["steps"], a["step_size"], a["restarts"],
                                    seed=int(a.get("seed", 0)), batch_size=rt.eval_batch_size, device=device,
-                                   amp_dtype=amp)
-    every = torch.cat([base[None], strong])  # (A, n)
+                                   amp_dtype=amp, alive=base == yt)  # only points the base attack left robust
+    every = torch.cat([base[None], strong])  # (A, n): a fooled point's later rows repeat its fooling prediction
     wrong = every != yt[None]
     first = wrong.float().argmax(0)  # the first attack that fools (0 where none does)
     pred = torch.where(wrong.any(0), every.gather(0, first[None])[0], yt)
     acc_base = float((base == yt).double().mean())
     acc_strong = float((pred == yt).double().mean())
     return pred, {"acc_base": acc_base, "strength_drop": acc_base - acc_strong, "n_checked": n,
-                  "acc_each_attack": [float(v) for v in (every == yt[None]).double().mean(1)]}
+                  "acc_after_each_attack": [float(v) for v in (every == yt[None]).double().mean(1)]}
 
 
 def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
