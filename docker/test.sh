@@ -89,7 +89,7 @@ docker kill "$victim" >/dev/null
 say "killed Dask worker $(docker inspect -f '{{.Config.Hostname}}' "$victim") after the first shard marker"
 wait "$watch_pid" || { tail -20 /tmp/advfeatures-docker-run.log >&2; echo "docker-test: the run did not complete" >&2; exit 1; }
 tail -3 /tmp/advfeatures-docker-run.log
-compose logs worker 2>/dev/null | grep -m3 "lost while running" \
+compose logs worker 2>/dev/null | grep -m3 "lost while holding" \
     || { echo "docker-test: no lost Dask worker was logged with its shard (killed between shards?)" >&2; exit 1; }
 
 say "checking the table, who wrote the shards, and the sets against the reference"

@@ -236,9 +236,10 @@ def run_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pend
             if shard in lost:
                 lost[shard].append(str(msg.get("worker")))
         if mine:
-            log(f"Dask worker {msg.get('worker')} lost while running {_shards(mine)} of set {spec.key}: Dask runs "
-                f"{'it' if len(mine) == 1 else 'them'} again on another worker (up to dask.allowed_failures="
-                f"{dc.allowed_failures} deaths each, then fanout.retries={fo.retries} resubmissions)")
+            log(f"Dask worker {msg.get('worker')} lost while holding {_shards(mine)} of set {spec.key} (running or "
+                f"queued there): Dask runs {'it' if len(mine) == 1 else 'them'} again on another worker (up to "
+                f"dask.allowed_failures={dc.allowed_failures} deaths each, then fanout.retries={fo.retries} "
+                "resubmissions)")
 
     live = {submit(s): s for s in pending}
     print(f"set {spec.key}: {len(pending)} shards submitted to Dask ({client.scheduler.address})")

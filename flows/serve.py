@@ -153,10 +153,13 @@ def serve(port: int = 4200, host: str = "127.0.0.1", dask_address: str = "", lim
         with temporary_settings({PREFECT_API_URL: api}):
             with _client(api) as client:
                 liveness.install_zombie_automation(client, heartbeat, heartbeat_multiple)
+            deployments = runner_deployments()
+            for d in deployments:
+                d.apply()  # registered before `ready` is said (serve registers them again, unchanged)
             shards = f"the Dask scheduler at {dask_address}" if dask_address else "a Dask LocalCluster per run"
             print(f"ready: {api} (UI at {api.removesuffix('/api')}); deployments {', '.join(SERVED)} served from this "
                   f"process; shards go to {shards}; Ctrl-C or SIGTERM stops", flush=True)
-            prefect_serve(*runner_deployments(), limit=limit, print_starting_message=False)
+            prefect_serve(*deployments, limit=limit, print_starting_message=False)
         return 0
     except KeyboardInterrupt:
         return 0

@@ -131,7 +131,8 @@ def dask_shard(set_key: str, shard: int, ticket: str) -> dict[str, Any]:
     died under it. Its state is reported by this process, so a lost worker leaves no run Running."""
     out = WAITING[ticket].result()
     for w in out.get("lost_workers", []):
-        get_run_logger().warning(f"Dask worker {w} died while running this shard; it was run again")
+        get_run_logger().warning(f"Dask worker {w} died while holding this shard (running or queued); it was run "
+                                 "again")
     where = f"Dask worker {out.get('worker')} (host {out.get('host')}, pid {out.get('pid')})"
     if out.get("skipped"):
         return Completed(name="Cached", message=f"shard {shard} of {set_key} was in the store already ({where})",
