@@ -141,7 +141,8 @@ def serve(port: int = 4200, host: str = "127.0.0.1", dask_address: str = "", lim
     if not api:
         api = f"http://{host}:{port}/api"
         server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port",
-                                   str(port)], env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+                                   str(port)], env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                                                    "PREFECT_UI_API_URL": api},  # else the UI asks port 4200
                                   cwd=ROOT)
         os.environ["PREFECT_API_URL"] = api
     def stop(*_: Any) -> None:
