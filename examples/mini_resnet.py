@@ -1,5 +1,5 @@
 """A user's own model for `source.model.arch=examples.mini_resnet:build` (docs/your-model.md): a
-small residual network, ~0.3 M parameters and ~18 M multiply-adds per 32x32 image (small_cnn's
+small residual network, ~0.5 M parameters and ~17 M multiply-adds per 32x32 image (small_cnn's
 1.8x), not one of the registry's. Importable from the checkout's root; its file's sha256 is in the
 key of every model built from it, so editing it recomputes those models and what depends on them.
 
