@@ -638,6 +638,13 @@ def markdown() -> str:
         out.append("|---|---|")
         out.extend(f"| `{old}` | `{new}` |" for old, new in sorted(C.MOVED.items()))
         out.append("")
+    if C.REMOVED:
+        out.append("## Removed settings\n")
+        out.append("A profile or override that names one is refused, saying what to do instead.\n")
+        out.append("| Setting | Instead |")
+        out.append("|---|---|")
+        out.extend(f"| `{old}` | {_cell(hint)} |" for old, hint in sorted(C.REMOVED.items()))
+        out.append("")
     return "\n".join(out)
 
 
