@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
         from storage.store import Store
 
-        store = Store(cfg.runtime.store)  # a URL store is refused without PREFECT_API_URL, before it is used
+        store = Store(cfg.runtime.store)  # nothing is created: a URL store is refused without PREFECT_API_URL
         if store.remote:  # a URL store needs a shared server: refused before the data are read
             from flows.replicate import check_shared_locks
 
@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             if done is not None:
                 return done
         from flows.replicate import replicate, run_experiment, sweep
+        from pipeline.stages import locate_source
+
+        locate_source(cfg.data)  # a torchvision download fails here (exit 3), before a flow starts
         from flows.console import display, print_last
 
         kwargs = dict(profile=args.profile, overrides=args.overrides, data=args.data, store=args.store)

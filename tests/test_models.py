@@ -36,5 +36,7 @@ def test_parameter_counts_match_their_names():
 
 
 def test_unknown_arch():
-    with pytest.raises(KeyError, match="choose one of"):
+    from advfeatures.archs import ArchError
+
+    with pytest.raises(ArchError, match="choose one of"):
         build_model("vgg", 10, CIFAR_MEAN, CIFAR_STD)
