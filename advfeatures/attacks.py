@@ -193,20 +193,22 @@ def robust_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threa
 
 def strongest_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat, steps: int, step_size: float,
                           restarts: int, seed: int = 0, batch_size: int = 500, device: torch.device | str = "cpu",
-                          amp_dtype: torch.dtype | None = None, alive: torch.Tensor | None = None) -> torch.Tensor:
+                          amp_dtype: torch.dtype | None = None, alive: torch.Tensor | None = None,
+                          prior: torch.Tensor | None = None) -> torch.Tensor:
     """(1 + restarts, N) predictions on untargeted PGD adversarial examples of x: row 0 from the
     image (no random start), row r from a random start in the threat ball, each restart's start
     drawn from a CPU generator seeded with ``seed + r`` over the whole of x (the same starts
     whatever the batch size or the points attacked). A point is robust to the strongest attack
     when every row predicts its label: the check that a robust accuracy is not an artefact of a
     weak attack. Each attack runs only on the points that no earlier one fooled (and that
-    ``alive``, a boolean mask, keeps): a fooled point's later rows repeat its fooling prediction,
-    so the robust-to-all answer is that of attacking every point, at a fraction of the cost."""
+    ``alive``, a boolean mask, keeps): a fooled point's later rows repeat its fooling prediction
+    (for a point ``alive`` leaves out: its ``prior`` prediction, else its label), so the
+    robust-to-all answer is that of attacking every point, at a fraction of the cost."""
     device = torch.device(device)
     model = model.to(device)
     x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
     alive = torch.ones(len(y), dtype=torch.bool) if alive is None else alive.clone()
-    out, last = [], y.clone()
+    out, last = [], (y if prior is None else prior).clone()
     for r in range(restarts + 1):
         start = None if r == 0 else threat.random_start(x, torch.Generator().manual_seed(seed + r))
         pred, idx = last.clone(), alive.nonzero().flatten()

@@ -174,6 +174,10 @@ def test_each_attack_of_the_check_runs_only_on_points_no_earlier_one_fooled():
     alive = torch.tensor([True, False, True, False, True, False])
     part = strongest_predictions(Counting(), x, y, L2(0.5), 10, 0.125, restarts=1, seed=0, alive=alive)
     assert Counting.seen == cost_one // 2 and torch.equal(part[:, alive], one[:, alive])
+    assert (part[:, ~alive] == 0).all()  # left out, unattacked: their label (no prior given)
+    prior = torch.ones(6, dtype=torch.long)
+    part = strongest_predictions(Counting(), x, y, L2(0.5), 10, 0.125, restarts=1, seed=0, alive=alive, prior=prior)
+    assert (part[:, ~alive] == 1).all()  # their prior (fooling) prediction in every row
 
 
 def test_the_strength_check_counts_a_point_robust_only_if_no_attack_fools_it():

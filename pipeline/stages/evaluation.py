@@ -73,7 +73,7 @@ def strength_check(model: Any, x: np.ndarray, y: np.ndarray, a: dict[str, Any], 
                               device, amp)
     strong = strongest_predictions(model, xt, yt, threat, a["steps"], a["step_size"], a["restarts"],
                                    seed=int(a.get("seed", 0)), batch_size=rt.eval_batch_size, device=device,
-                                   amp_dtype=amp, alive=base == yt)  # only points the base attack left robust
+                                   amp_dtype=amp, alive=base == yt, prior=base)  # the points base left robust
     every = torch.cat([base[None], strong])  # (A, n): a fooled point's later rows repeat its fooling prediction
     wrong = every != yt[None]
     first = wrong.float().argmax(0)  # the first attack that fools (0 where none does)
