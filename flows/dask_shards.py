@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -166,7 +167,7 @@ def close_all() -> None:
     """Close every client, and every cluster this process started (their workers with them)."""
     while _CLIENTS:
         _, (cluster, client) = _CLIENTS.popitem()
-        _LISTENING.pop(id(client), None)
+        _LISTENING.pop(client, None)
         try:
             client.close()
             if cluster is not None:
@@ -274,20 +275,26 @@ def run_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pend
         for fut in live:
             fut.cancel()
         listeners.remove(removed)
+        if not listeners:  # subscribed, a closing client gets the scheduler's 'remove-client' event (a CRITICAL log)
+            _LISTENING.pop(client, None)
+            try:
+                client.unsubscribe_topic("all")
+            except Exception:  # noqa: BLE001 - a client already closed has nothing to unsubscribe
+                pass
     return done
 
 
-_LISTENING: dict[int, list[Callable[[Any], None]]] = {}
+_LISTENING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _listeners(client: Any) -> list[Callable[[Any], None]]:
     """The listeners of the scheduler's 'all' event topic on this client (one subscription per
     client, shared by the sets that run at once)."""
-    if id(client) not in _LISTENING:
+    if client not in _LISTENING:
         calls: list[Callable[[Any], None]] = []
         client.subscribe_topic("all", lambda event: [f(event) for f in list(calls)])
-        _LISTENING[id(client)] = calls
-    return _LISTENING[id(client)]
+        _LISTENING[client] = calls
+    return _LISTENING[client]
 
 
 def _shards(shards: list[int]) -> str:

@@ -5,6 +5,7 @@ with the same set generated in this process without interruption."""
 
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -143,7 +144,10 @@ def test_killed_worker_with_no_failures_allowed_names_the_shard(tmp_path, tiny_t
         os.kill(pid, signal.SIGKILL)
         t.join(timeout=300)
     err = str(box.get("error"))
-    assert f"shard {row // 50} of set {spec.key}" in err and "KilledWorker" in err and "fanout.retries=0" in err, err
+    # the parked shard, or one queued behind it on the killed worker (Dask fails every task it held,
+    # in no fixed order: seen under load)
+    named = re.search(rf"shard (\d+) of set {spec.key}", err)
+    assert named and int(named.group(1)) in pending and "KilledWorker" in err and "fanout.retries=0" in err, err
     assert not st.is_complete("constructed", spec.key)
 
 
