@@ -106,18 +106,19 @@ def test_the_zombie_automation_crashes_tagged_runs_silent_for_k_periods():
 @pytest.mark.slow
 def test_deploy_registers_the_pool_the_deployments_and_the_automation(prefect_api, monkeypatch):
     """`advfeatures deploy` on a server: the process pool, prefect.yaml's deployments (their runs
-    beating every --heartbeat seconds) and one zombie automation, also after a second deploy."""
+    beating every --heartbeat seconds) and one zombie automation, also once it is installed again
+    (a redeploy replaces it)."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.liveness import HEARTBEAT_ENV, ZOMBIE_AUTOMATION
+    from flows.liveness import HEARTBEAT_ENV, ZOMBIE_AUTOMATION, install_zombie_automation
     from flows.serve import POOL, deploy
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         deploy(heartbeat=45)
-        deploy(heartbeat=45)
         with get_client(sync_client=True) as client:
+            install_zombie_automation(client, 45, 3)  # what a second deploy does last
             assert client.read_work_pool(POOL).type == "process"
             for name in ("replicate/replicate", "experiment/experiment"):
                 d = client.read_deployment_by_name(name)
