@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from advfeatures.models import MODELS, register
+from advfeatures.models import MODELS, BasicBlock, Bottleneck, register
 
 TIMM, ROBUSTBENCH = "timm/", "robustbench/"
 FORMS = ("a registered name", "timm/<name>", "package.module:factory", "robustbench/<name>")
@@ -45,49 +45,9 @@ class ArchError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# The robustness library's CIFAR ResNets (robustness/cifar_models/resnet.py), same parameter names
-
-
-class _RBottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, cin: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, 4 * planes, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(4 * planes)
-        self.shortcut = _rshortcut(cin, 4 * planes, stride)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
-
-
-class _RBasic(nn.Module):
-    expansion = 1
-
-    def __init__(self, cin: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = _rshortcut(cin, planes, stride)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-def _rshortcut(cin: int, cout: int, stride: int) -> nn.Sequential:
-    """An empty Sequential (identity, no parameters) or conv 1x1 + bn where the shape changes."""
-    if stride == 1 and cin == cout:
-        return nn.Sequential()
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+# The robustness library's CIFAR ResNets (robustness/cifar_models/resnet.py), same parameter names:
+# the registry's blocks already name theirs as that library does (conv1..3, bn1..3, shortcut.0/1;
+# an identity shortcut holds no parameters), only the network around them differs
 
 
 class RobustnessResNet(nn.Module):
@@ -118,13 +78,13 @@ class RobustnessResNet(nn.Module):
 def robustness_resnet50(num_classes: int = 10) -> nn.Module:
     """The robustness library's CIFAR ResNet-50 (Bottleneck [3, 4, 6, 3], 23.5 M parameters): its
     released checkpoints (e.g. the L2 eps 0.5 model of section 3.1) load into it."""
-    return RobustnessResNet(_RBottleneck, (3, 4, 6, 3), num_classes)
+    return RobustnessResNet(Bottleneck, (3, 4, 6, 3), num_classes)
 
 
 @register("robustness_resnet18")
 def robustness_resnet18(num_classes: int = 10) -> nn.Module:
     """The robustness library's CIFAR ResNet-18 (BasicBlock [2, 2, 2, 2], 11.2 M parameters)."""
-    return RobustnessResNet(_RBasic, (2, 2, 2, 2), num_classes)
+    return RobustnessResNet(BasicBlock, (2, 2, 2, 2), num_classes)
 
 
 # ---------------------------------------------------------------------------------------------
