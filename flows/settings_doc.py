@@ -631,20 +631,13 @@ def markdown() -> str:
     every = [s for sec in secs for s in sec.settings]
     out.extend(_profile_lines(every, {s.name: s.default for s in every}))
     out.append("")
-    if C.MOVED:
-        out.append("## Renamed settings\n")
-        out.append("A profile or override that names an old setting is refused with the new name.\n")
-        out.append("| Old | New |")
-        out.append("|---|---|")
-        out.extend(f"| `{old}` | `{new}` |" for old, new in sorted(C.MOVED.items()))
-        out.append("")
-    if C.REMOVED:
-        out.append("## Removed settings\n")
-        out.append("A profile or override that names one is refused, saying what to do instead.\n")
-        out.append("| Setting | Instead |")
-        out.append("|---|---|")
-        out.extend(f"| `{old}` | {_cell(hint)} |" for old, hint in sorted(C.REMOVED.items()))
-        out.append("")
+    for title, intro, header, rows in (
+            ("Renamed settings", "A profile or override that names an old setting is refused with the new name.",
+             "| Old | New |", [f"| `{old}` | `{new}` |" for old, new in sorted(C.MOVED.items())]),
+            ("Removed settings", "A profile or override that names one is refused, saying what to do instead.",
+             "| Setting | Instead |", [f"| `{old}` | {_cell(hint)} |" for old, hint in sorted(C.REMOVED.items())])):
+        if rows:
+            out.extend([f"## {title}\n", f"{intro}\n", header, "|---|---|", *rows, ""])
     return "\n".join(out)
 
 
