@@ -109,7 +109,7 @@ def deploy(pool_limit: int | None = None, heartbeat: int = 30, heartbeat_multipl
     from prefect.client.schemas.actions import DeploymentUpdate
 
     liveness.check_heartbeat(heartbeat, heartbeat_multiple)
-    deployments_yaml()
+    names = [d["name"] for d in deployments_yaml()]
     env = {**os.environ, "ADVFEATURES_HOME": os.environ.get("ADVFEATURES_HOME", str(ROOT))}
     with _client() as client:  # through the API, not `prefect work-pool` processes (~4 CPU-s each)
         _work_pool(client, pool_limit)
@@ -118,12 +118,20 @@ def deploy(pool_limit: int | None = None, heartbeat: int = 30, heartbeat_multipl
     if done.returncode:
         raise RuntimeError(f"prefect deploy failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     with _client() as client:
-        for d in deployments_yaml():
-            dep = client.read_deployment_by_name(f"{d['name']}/{d['name']}")  # flow name = deployment name
+        for name in names:
+            dep = client.read_deployment_by_name(f"{name}/{name}")  # flow name = deployment name
             job = dict(dep.job_variables or {})
             job["env"] = {**(job.get("env") or {}), liveness.HEARTBEAT_ENV: str(heartbeat)}
             client.update_deployment(dep.id, DeploymentUpdate(job_variables=job))
         liveness.install_zombie_automation(client, heartbeat, heartbeat_multiple)
+
+
+def server_command(host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """`prefect server start` on host:port, and its environment: its UI asks that port's API
+    (PREFECT_UI_API_URL; without it the UI asks 4200, Prefect's default, and shows an error)."""
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    return cmd, {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                 "PREFECT_UI_API_URL": f"http://{host}:{port}/api"}
 
 
 def serve(port: int = 4200, host: str = "127.0.0.1", dask_address: str = "", limit: int | None = None,
@@ -140,10 +148,8 @@ def serve(port: int = 4200, host: str = "127.0.0.1", dask_address: str = "", lim
     api, server = os.environ.get("PREFECT_API_URL"), None
     if not api:
         api = f"http://{host}:{port}/api"
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port",
-                                   str(port)], env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                                                    "PREFECT_UI_API_URL": api},  # else the UI asks port 4200
-                                  cwd=ROOT)
+        cmd, env = server_command(host, port)
+        server = subprocess.Popen(cmd, env=env, cwd=ROOT)
         os.environ["PREFECT_API_URL"] = api
     def stop(*_: Any) -> None:
         raise KeyboardInterrupt

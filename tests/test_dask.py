@@ -98,8 +98,10 @@ def test_worker_killed_mid_shard_set_completes_identically(tmp_path, tiny_tar, r
     with _cluster() as cluster, distributed.Client(cluster) as client:
         client.run(park_once, str(flag))
         box: dict = {}
+        lines: list = []
         t = threading.Thread(target=lambda: box.update(out=dask_shards.run_shards(
-            spec, str(st.root), cfg.runtime, FanoutConfig(executor="dask"), DaskConfig(), pending, client=client)))
+            spec, str(st.root), cfg.runtime, FanoutConfig(executor="dask"), DaskConfig(), pending, client=client,
+            log=lines.append)))
         t.start()
         pid, row = _wait_parked(flag)
         killed = row // 50
@@ -108,8 +110,12 @@ def test_worker_killed_mid_shard_set_completes_identically(tmp_path, tiny_tar, r
         os.kill(pid, signal.SIGKILL)
         t.join(timeout=300)
         assert not t.is_alive()
+        # the scheduler's event topic is left once the set is done (a subscribed client's close logs CRITICAL)
+        assert client not in dask_shards._LISTENING
     out = box["out"]
     assert sorted(out) == [0, 1, 2]
+    assert any("lost while holding" in line and f"{killed}" in line for line in lines), lines  # logged at once
+    assert out[killed]["lost_workers"]  # and on the shard's own summary
     assert not any(o.get("skipped") for o in out.values())  # each shard computed once after the kill, none twice
     assert out[killed]["pid"] != pid  # the killed shard's rows come from another worker
     stages.finalize_construct(st, spec)

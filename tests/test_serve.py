@@ -124,3 +124,13 @@ def test_deploy_registers_the_pool_the_deployments_and_the_automation(prefect_ap
                 d = client.read_deployment_by_name(name)
                 assert d.work_pool_name == POOL and d.job_variables["env"][HEARTBEAT_ENV] == "45"
             assert len(client.read_automations_by_name(ZOMBIE_AUTOMATION)) == 1
+
+
+def test_the_server_serve_starts_has_a_ui_that_asks_its_own_port():
+    """Without PREFECT_UI_API_URL the UI of a server on another port than 4200 asks 4200's API
+    (seen: the flow-run page said "Something went wrong")."""
+    from flows.serve import server_command
+
+    cmd, env = server_command("127.0.0.1", 4300)
+    assert cmd[-4:] == ["--host", "127.0.0.1", "--port", "4300"]
+    assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4300/api"
