@@ -280,21 +280,25 @@ def test_robust_n_attacks_the_first_n_test_images_only(tmp_path, tiny_tar):
     from advfeatures.attacks import L2, robust_predictions
     from pipeline import stages
 
-    cfg, st, _ = build(tiny_tar, tmp_path, ["evaluate.robust_eps=[0.5]", "evaluate.robust_n=30",
+    cfg, st, _ = build(tiny_tar, tmp_path, ["evaluate.robust_eps=[0.5]", "evaluate.robust_n=5",
                                             "evaluate.robust_steps=3"])
     sha = source_sha256(tiny_tar)
     plan = get("replicate").plan(cfg, sha)
     whole = get("replicate").plan(resolve("tiny", ["evaluate.robust_eps=[0.5]", "evaluate.robust_steps=3"]), sha)
     spec = plan.robust[plan.source.key][0]
-    assert spec.config["robust"]["n"] == 30 and "n" not in whole.robust[whole.source.key][0].config["robust"]
+    assert spec.config["robust"]["n"] == 5 and "n" not in whole.robust[whole.source.key][0].config["robust"]
     assert spec.key != whole.robust[whole.source.key][0].key
     stages.evaluate(st, spec, cfg.runtime)
     x, y = stages.load_split(st, plan.dataset.key, "test")
-    pred = robust_predictions(stages.load_model(st, plan.source.key), torch.from_numpy(x[:30]),
-                              torch.from_numpy(y[:30]), L2(0.5), 3, 2.5 * 0.5 / 3,
+    pred = robust_predictions(stages.load_model(st, plan.source.key), torch.from_numpy(x[:5]),
+                              torch.from_numpy(y[:5]), L2(0.5), 3, 2.5 * 0.5 / 3,
                               batch_size=cfg.runtime.eval_batch_size)
     m = st.manifest("evals", spec.key)["metrics"]
-    assert m["acc_xy"] == pytest.approx((pred.numpy() == y[:30]).mean()) and m["n_test"] == 30
+    assert m["acc_xy"] == pytest.approx((pred.numpy() == y[:5]).mean()) and m["n_test"] == 5
+    # the clean accuracy of the same 5 images, not the whole test set's (which differs from it here)
+    from advfeatures.training import predict
+    clean = predict(stages.load_model(st, plan.source.key), torch.from_numpy(x[:5]), 5, "cpu").numpy()
+    assert m["acc_clean_same_images"] == pytest.approx((clean == y[:5]).mean())
 
 
 def test_errors_sweep_plan_table_and_reuse(tmp_path, tiny_tar, tiny_arrays):

@@ -232,7 +232,10 @@ def build_table(store: Any, plan: Plan) -> Any:
                "epochs": len(man.get("history", [])) or epochs, "init": man.get("init_sha256", "")[:8],
                "acc_%": _pct(m["acc_xy"]), "ci95_lo_%": _pct(m["ci95_xy"][0]), "ci95_hi_%": _pct(m["ci95_xy"][1])}
         for ev in robust_evals:
-            row[f"robust_{ev.config['robust']['eps']:g}_%"] = _pct(store.manifest("evals", ev.key)["metrics"]["acc_xy"])
+            rm = store.manifest("evals", ev.key)["metrics"]
+            if "acc_clean_same_images" in rm:  # clean accuracy on the images the robust evaluation attacked
+                row["clean_on_robust_images_%"] = _pct(rm["acc_clean_same_images"])
+            row[f"robust_{ev.config['robust']['eps']:g}_%"] = _pct(rm["acc_xy"])
         for ev in plan.checks_of(spec.key):
             cm = store.manifest("evals", ev.key)["metrics"]
             eps = f"{ev.config['robust']['eps']:g}"
@@ -260,7 +263,7 @@ def to_markdown(df: Any) -> str:
     from pipeline.report import seed_stats
 
     text = df.drop(columns=[c for c in df.columns if c.endswith("_key")]).to_markdown(index=False, floatfmt=".1f")
-    robust_cols = [c for c in df.columns if c.startswith("robust_")]
+    robust_cols = [c for c in df.columns if c.startswith(("robust_", "clean_on_robust"))]
     over = []
     for name, g in df[df["seed"].notna()].groupby("model", sort=False):
         row = {"set": name, "n": len(g), **seed_stats(g["acc_%"], "acc")}
@@ -282,7 +285,8 @@ def to_markdown(df: Any) -> str:
     if verdict:
         text += f"\n\nSignature (D_R's students more robust than D's and D_NR's): {verdict[0]}. {verdict[1]}"
     return text + ("\n\nRobust accuracy: untargeted L2 PGD on the clean test set (evaluate.robust_steps steps of "
-                   "2.5·eps/steps). The claim of section 3.1: D_R's students gain robustness that D_NR's lack, "
+                   "2.5·eps/steps), on its first evaluate.robust_n images when set; clean_on_robust_images_% is "
+                   "the clean accuracy of those same images, the one to read a robust drop against. The claim of section 3.1: D_R's students gain robustness that D_NR's lack, "
                    "while both learn clean accuracy; set_distance_ratio is the median ||g(x_r)-g(x)|| / "
                    "||g(x0)-g(x)|| of the set's rows (how far the inversion went).")
 

@@ -50,6 +50,10 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet)
         pred = robust_predictions(model, torch.from_numpy(x), torch.from_numpy(y), threat_model(a["norm"], a["eps"]),
                                   a["steps"], a["step_size"], rt.eval_batch_size, device,
                                   amp_dtype(spec.config["amp"]))
+        # the clean accuracy of the same images: the robust drop is read against it, not against
+        # the whole test set's (the first 1,000 can differ from all 10,000 by several points)
+        clean = predict(model, torch.from_numpy(x), rt.eval_batch_size, device, rt.channels_last)
+        extra["acc_clean_same_images"] = float((clean == torch.from_numpy(y)).double().mean())
     else:
         pred = predict(model, torch.from_numpy(x), rt.eval_batch_size, device, rt.channels_last)
     metrics = {**accuracy_metrics(pred, torch.from_numpy(y), num_classes), **extra}
