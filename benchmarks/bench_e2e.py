@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     # flow run on a new Prefect database also migrates it)
     recorded = min(run_cli(args + ["--record"]) for _ in range(2))
 
-    from flows.replicate import plan_for, stage_timings  # imports prefect: after the runs
+    from pipeline.experiments import plan_for
+    from pipeline.runs import stage_timings
 
     cfg = resolve(a.profile, a.overrides, data=a.data, store=store_dir)
     store, plan = Store(store_dir), plan_for(cfg)

@@ -115,6 +115,7 @@ def _dask(a, tmp: Path, tar: Path) -> tuple[dict, str]:
 
     from benchmarks.common import machine
     from flows import dask_shards
+    from pipeline import dask_cluster
 
     flow(lambda: None, name="warm-up")()
     results = {}
@@ -130,7 +131,7 @@ def _dask(a, tmp: Path, tar: Path) -> tuple[dict, str]:
             try:
                 results[("dask", w, k)] = _measure(a, tar, tmp / f"store-dask-{w}-{k}", extra)
             finally:
-                dask_shards.close_all()
+                dask_cluster.close_all()
     return results, machine("cpu")
 
 

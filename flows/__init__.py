@@ -1,4 +1,4 @@
 """The orchestration: Prefect flows, the CLI, serve/deploy/workers. Importing it registers the
-fan-out settings (``fanout.*``, ``flows.settings``)."""
+orchestration settings (``fanout.*``, ``dask.*``, ``report.*``: ``pipeline.orchestration``)."""
 
-from flows import settings as _settings  # noqa: F401 - registers the fanout config section
+from pipeline import orchestration as _settings  # noqa: F401 - registers fanout, dask and report

@@ -10,7 +10,6 @@ configuration hash.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import time
 from typing import Any
 
@@ -22,12 +21,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures.config import ExperimentConfig, resolve
 from advfeatures.cpus import split_threads
-from flows.settings import FanoutConfig
 from pipeline import progress
 from pipeline.experiments import get as get_experiment
 from pipeline.experiments import plan_for  # noqa: F401 - flows.replicate.plan_for, as the docs and benchmarks call it
 from pipeline.kinds import StageSpec, sharded, waves
-from pipeline.plan import Plan
+from pipeline.orchestration import FanoutConfig
+from pipeline.runs import report_for, stage_timings, timings_md
+from pipeline.sets.shards import report_done
 from storage.store import Store, StoreError
 from tasks import stages as T
 
@@ -40,20 +40,9 @@ def run_stage(task, spec: StageSpec, store_root: str, *args: Any) -> Any:
     return state
 
 
-def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[int], one_by_one: bool = False) -> None:
-    """Shard tasks on the flow's task runner (or one after another: a shard flow run's batch on
-    its worker's cores); each shard's executor skips a shard whose marker is there. Every shard is
-    tried even if one fails; then the first failure is raised."""
-    if one_by_one:
-        errors = []
-        for shard in shards:
-            try:
-                T.generate_shard(spec, store_root, shard, runtime_cfg, return_state=True).result()
-            except Exception as e:  # noqa: BLE001 - the next shard of the batch still runs
-                errors.append(e)
-        if errors:
-            raise errors[0]
-        return
+def run_shards(spec: StageSpec, store_root: str, runtime_cfg: Any, shards: list[int]) -> None:
+    """Shard tasks on the flow's task runner; each shard's executor skips a shard whose marker is
+    there. Every shard is tried even if one fails; then the first failure is raised."""
     futures = [T.generate_shard.submit(spec, store_root, shard, runtime_cfg) for shard in shards]
     wait(futures)
     for f in futures:
@@ -70,14 +59,14 @@ def generate_set(spec: StageSpec, store_root: str, runtime_cfg: Any, pending: li
     per-shard lock only stops two runs from computing the same shard. The flow's task
     runner (runtime.shard_workers threads) or the work pool bounds how many run at once. A failed
     shard fails the set; a rerun redoes only the shards without a marker. ``fanout``: where the
-    shards go (``flows.settings.FanoutConfig``; default: this flow's threads); ``dask``: the
-    cluster for fanout.executor=dask (``flows.settings.DaskConfig``).
+    shards go (``pipeline.orchestration.FanoutConfig``; default: this flow's threads); ``dask``: the
+    cluster for fanout.executor=dask (``pipeline.orchestration.DaskConfig``).
     """
     fanout = fanout or FanoutConfig()
     if pending is None:
         pending = T.prepare_set(spec, store_root, return_state=True).result() or []
     if fanout.executor == "dask":
-        from flows.settings import DaskConfig
+        from pipeline.orchestration import DaskConfig
 
         _dask_shards(spec, store_root, runtime_cfg, fanout, dask or DaskConfig(), pending)
     else:
@@ -105,7 +94,7 @@ def _dask_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pe
 
     def done(shard: int, out: dict[str, Any]) -> None:
         waits[shard].set_result(out)
-        _shard_progress(spec, path, shard)
+        report_done(path, spec, shard)
 
     try:
         dask_shards.run_shards(spec, store_root, rt, fo, dc, pending, on_done=done, log=logger.warning)
@@ -118,16 +107,6 @@ def _dask_shards(spec: StageSpec, store_root: str, rt: Any, fo: Any, dc: Any, pe
         wait(runs)  # every shard's task run reported before the set ends, whatever happened
         for t in tickets.values():
             T.WAITING.pop(t, None)
-
-
-def _shard_progress(spec: StageSpec, path: Any, shard: int) -> None:
-    """A shard finished on another worker: its progress event, from its marker."""
-    from storage import arrays as A
-
-    layout, event = A.stored_layout(path), sharded(spec).event
-    if layout is not None and event is not None:
-        marker = A.read_json(A.marker_path(path, shard))
-        progress.emit(event(spec, marker, layout.num_shards, layout.num_shards - len(A.pending_shards(path, layout))))
 
 
 def _generate(spec: StageSpec, store_root: str, rt: Any, fanout: Any = None, dask: Any = None) -> Any:
@@ -147,19 +126,6 @@ def _generate(spec: StageSpec, store_root: str, rt: Any, fanout: Any = None, das
                                                            return_state=True)
     state.result()  # raises the set's failure
     return state
-
-
-def stage_timings(store: Store, plan: Plan, since: float) -> list[dict[str, Any]]:
-    """Per stage: seconds it took and whether this run computed it or found it cached."""
-    rows, names = [], plan.labels()
-    for spec in plan.stages():
-        if not store.is_complete(spec.folder, spec.key):
-            continue
-        man = store.manifest(spec.folder, spec.key)
-        created = _dt.datetime.fromisoformat(man["created"]).timestamp()
-        rows.append({"stage": spec.stage, "what": names[spec.key], "key": spec.key, "seconds": man.get("seconds", 0.0),
-                     "computed": created >= since})
-    return rows
 
 
 @task(name="stage-on-dask", task_run_name="{spec.stage}-{spec.key}", persist_result=False)
@@ -213,9 +179,9 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
         _run_stages(stages, cfg, root, one, tell)
     finally:
         if cfg.fanout.executor == "dask":
-            from flows import dask_shards
+            from pipeline import dask_cluster
 
-            dask_shards.close_all()  # the cluster this run started, if any, and its workers
+            dask_cluster.close_all()  # the cluster this run started, if any, and its workers
 
 
 def _run_stages(stages: list[StageSpec], cfg: ExperimentConfig, root: str, one: Any, tell: Any) -> None:
@@ -288,7 +254,7 @@ def run_experiment_body(experiment: str, profile: str, overrides: list[str] | No
         run_plan(plan, cfg, st)
     if until:  # part of a plan: its stages are in the store, there is no table yet
         timings = stage_timings(st, plan, t_start)
-        print(_timings_md(timings))
+        print(timings_md(timings))
         print(f"\nstages up to {until} are in {st.url}; run without --until (anywhere that sees this store) to "
               "go on from there")
         return {"run_key": None, "run_dir": None, "timings": timings, "experiment": experiment, "report": None,
@@ -303,10 +269,10 @@ def run_experiment_body(experiment: str, profile: str, overrides: list[str] | No
                           key=f"{experiment}-table",
                           description=f"{cfg.name}: clean test accuracy (%), run {plan.run.key}")
     timings = stage_timings(st, plan, t_start)
-    create_markdown_artifact(markdown=_timings_md(timings), key=f"{experiment}-timings",
+    create_markdown_artifact(markdown=timings_md(timings), key=f"{experiment}-timings",
                              description="seconds per stage; computed in this run or cached")
     print(f"\n{table_md}\nrun folder: {run_dir}\n")
-    print(_timings_md(timings))
+    print(timings_md(timings))
     # a report drawn from the same tables and stages by the same code is kept (report.json beside it
     # says what it was drawn from; drawing the tiny profile's took 3.9 CPU-s on 2 cores)
     path = publish_report(st, run_dir, f"{experiment}-report", f"{cfg.name}: report of run {plan.run.key}",
@@ -316,32 +282,14 @@ def run_experiment_body(experiment: str, profile: str, overrides: list[str] | No
 
 
 def publish_report(st: Store, folder: Any, key: str, description: str, write: bool = True) -> Any:
-    """Write the folder's report (HTML, Markdown, figures), publish its Markdown as a Prefect
-    artifact (figures named by path: the UI cannot show local files) and print its path. A report
-    drawn from the same files by the same code (``report_data.report_is_current``: a rerun that
-    changed nothing) is published as it is, without importing matplotlib; without ``write``
-    (report.write=false), none is written. A report that fails is reported, not raised: the run's
-    tables are written already."""
+    """Write the folder's report, or keep the one drawn from the same files by this code
+    (``pipeline.runs.report_for``), publish its Markdown as a Prefect artifact (figures named by
+    path: the UI cannot show local files) and print its path."""
     import re
 
-    from pipeline.report_data import report_is_current
-
-    if not write:
-        print(f"report: not written (report.write=false); `advfeatures report {folder}` writes it")
+    path = report_for(st, folder, write)
+    if path is None:
         return None
-    path = folder / "report.html"
-    if report_is_current(folder):
-        print(f"report (unchanged: drawn from these tables and stages by this code; `advfeatures report {folder}` "
-              "draws it again):")
-    else:
-        from pipeline.html_report import write_report
-
-        try:
-            path = write_report(st, folder)
-        except Exception as e:  # noqa: BLE001 - the results are safe in the store; say how to retry
-            print(f"the report could not be written ({type(e).__name__}: {e}); the tables are in {folder}; "
-                  f"retry with `advfeatures report {folder}`")
-            return None
     md = re.sub(r"!\[([^]]*)\]\((figures/[^)]+)\)", lambda m: f"(figure: `{folder}/{m.group(2)}`)",
                 (folder / "report.md").read_text())
     create_markdown_artifact(markdown=f"HTML report: `{path}`\n\n{md}", key=key, description=description)
@@ -385,13 +333,3 @@ def replicate(profile: str = "demo", overrides: list[str] | None = None, data: s
               store: str | None = None) -> dict[str, Any]:
     """Run the replication for a profile (name or YAML path) with `section.key=value` overrides."""
     return run_experiment_body("replicate", profile, overrides, data, store)
-
-
-def _timings_md(timings: list[dict[str, Any]]) -> str:
-    lines = ["| stage | what | key | seconds | this run |", "|---|---|---|---:|---|"]
-    for t in timings:
-        lines.append(f"| {t['stage']} | {t['what']} | {t['key']} | {t['seconds']:.1f} | "
-                     f"{'computed' if t['computed'] else 'cached'} |")
-    computed = sum(t["seconds"] for t in timings if t["computed"])
-    lines.append(f"\ncomputed this run: {computed:.1f} s of stage time")
-    return "\n".join(lines)

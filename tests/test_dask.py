@@ -19,8 +19,8 @@ distributed = pytest.importorskip("distributed", reason="the dask extra (pip ins
 
 from advfeatures.config import resolve  # noqa: E402
 from flows import dask_shards  # noqa: E402
-from flows.settings import DaskConfig, FanoutConfig  # noqa: E402
-from pipeline import stages  # noqa: E402
+from pipeline import dask_cluster, stages  # noqa: E402
+from pipeline.orchestration import DaskConfig, FanoutConfig  # noqa: E402
 from storage import arrays as A  # noqa: E402
 from storage.store import Store  # noqa: E402
 
@@ -111,7 +111,7 @@ def test_worker_killed_mid_shard_set_completes_identically(tmp_path, tiny_tar, r
         t.join(timeout=300)
         assert not t.is_alive()
         # the scheduler's event topic is left once the set is done (a subscribed client's close logs CRITICAL)
-        assert client not in dask_shards._LISTENING
+        assert client not in dask_cluster._LISTENING
     out = box["out"]
     assert sorted(out) == [0, 1, 2]
     assert any("lost while holding" in line and f"{killed}" in line for line in lines), lines  # logged at once
@@ -213,23 +213,23 @@ def test_settings_are_checked_before_any_work(tiny_tar):
         with pytest.raises(ConfigError, match=words):
             resolve("tiny", bad, data=str(tiny_tar))
     with pytest.raises(ConfigError, match="has no class NoSuchCluster"):
-        dask_shards.cluster_class("distributed.NoSuchCluster")
+        dask_cluster.cluster_class("distributed.NoSuchCluster")
     import importlib.util
 
     if importlib.util.find_spec("dask_kubernetes") is None:
         with pytest.raises(ConfigError, match="pip install dask-kubernetes"):
-            dask_shards.cluster_class("dask_kubernetes.operator.KubeCluster")
+            dask_cluster.cluster_class("dask_kubernetes.operator.KubeCluster")
 
 
 def test_local_cluster_defaults_split_threads():
     from advfeatures.config import RuntimeConfig
 
     rt = RuntimeConfig(shard_workers=2)
-    kw = dask_shards.cluster_kwargs(DaskConfig(resources={"GPU": 1}), rt, distributed.LocalCluster)
+    kw = dask_cluster.cluster_kwargs(DaskConfig(resources={"GPU": 1}), rt, distributed.LocalCluster)
     assert kw["n_workers"] == 2 and kw["threads_per_worker"] == 1 and kw["resources"] == {"GPU": 1}
-    assert dask_shards.worker_runtime(DaskConfig(), rt).threads >= 1
-    assert dask_shards.worker_runtime(DaskConfig(address="tcp://h:8786"), rt).threads == 0
-    assert dask_shards.worker_runtime(DaskConfig(), RuntimeConfig(shard_workers=2, threads=3)).threads == 3
+    assert dask_cluster.worker_runtime(DaskConfig(), rt).threads >= 1
+    assert dask_cluster.worker_runtime(DaskConfig(address="tcp://h:8786"), rt).threads == 0
+    assert dask_cluster.worker_runtime(DaskConfig(), RuntimeConfig(shard_workers=2, threads=3)).threads == 3
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -267,8 +267,8 @@ def test_slurm_example_job_script():
     from advfeatures.config import settings_overrides
 
     cfg = resolve("tiny", settings_overrides(str(EXAMPLES / "slurm.yaml")))
-    cls = dask_shards.cluster_class(cfg.dask.cluster)
-    with cls(**dask_shards.cluster_kwargs(cfg.dask, cfg.runtime, cls)) as cluster:
+    cls = dask_cluster.cluster_class(cfg.dask.cluster)
+    with cls(**dask_cluster.cluster_kwargs(cfg.dask, cfg.runtime, cls)) as cluster:
         script = cluster.job_script()
     for line in ("#SBATCH --gres=gpu:1", "#SBATCH -t 04:00:00", "#SBATCH -p gpu", "#SBATCH -A my-project",
                  "--resources GPU=1", "--lifetime 225m", "--lifetime-stagger 10m",
@@ -290,7 +290,7 @@ def test_jobqueue_local_cluster_runs_the_set(tmp_path, tiny_tar, reference):
     try:
         out = dask_shards.run_shards(spec, str(st.root), cfg.runtime, FanoutConfig(executor="dask"), dc, pending)
     finally:
-        dask_shards.close_all()
+        dask_cluster.close_all()
     assert sorted(out) == [0, 1, 2] and len({o["pid"] for o in out.values()}) >= 1
     stages.finalize_construct(st, spec)
     assert _same(A.read_rows(st.path("constructed", spec.key)), reference[1])

@@ -1,5 +1,5 @@
 """The reference pages cannot drift from the code: docs/settings.md is what the config schema
-generates (flows.settings_doc), it names every setting, and every command of the CLI's parser is
+generates (pipeline.settings_doc), it names every setting, and every command of the CLI's parser is
 shown as `advfeatures <command>` in README.md or a page of docs/."""
 
 import argparse
@@ -17,15 +17,15 @@ SETTINGS = ROOT / "docs" / "settings.md"
 
 @pytest.fixture(scope="module")
 def generated():
-    from flows.settings_doc import markdown
+    from pipeline.settings_doc import markdown
 
     return markdown()
 
 
 def test_settings_page_is_what_the_schema_generates(generated):
-    assert SETTINGS.is_file(), "docs/settings.md is missing: run python -m flows.settings_doc"
+    assert SETTINGS.is_file(), "docs/settings.md is missing: run python -m pipeline.settings_doc"
     assert SETTINGS.read_text() == generated, \
-        "docs/settings.md differs from what the config schema gives: run python -m flows.settings_doc"
+        "docs/settings.md differs from what the config schema gives: run python -m pipeline.settings_doc"
 
 
 def _names(cls, prefix=""):
@@ -62,7 +62,7 @@ def test_every_setting_is_on_the_settings_page():
     assert len(names) > 100 and {"attack.eps", "fanout.executor", "dask.address", "spectrum.eps",
                                  "source.train.adversarial.eps", "name"} <= set(names)
     missing = [n for n in names if f"| `{n}` |" not in page]
-    assert not missing, f"docs/settings.md lacks {missing}: run python -m flows.settings_doc"
+    assert not missing, f"docs/settings.md lacks {missing}: run python -m pipeline.settings_doc"
 
 
 def cli_commands(monkeypatch):

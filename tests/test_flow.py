@@ -327,6 +327,7 @@ def test_dask_executor_gives_identical_sets_and_leaves_nothing_running(first, ti
                                                 TaskRunFilterStartTime)
 
     from flows import dask_shards
+    from pipeline import dask_cluster
     from storage import arrays as A
 
     started = []
@@ -342,7 +343,7 @@ def test_dask_executor_gives_identical_sets_and_leaves_nothing_running(first, ti
     key = next(t["key"] for t in out["timings"] if t["stage"] == "construct")
     got, want = A.read_rows(store / "constructed" / key), A.read_rows(first[0] / "constructed" / key)
     assert all(np.array_equal(got[k], want[k]) for k in want)
-    assert len({id(c) for c in started}) == 1 and dask_shards._CLIENTS == {}  # one cluster for the run, closed
+    assert len({id(c) for c in started}) == 1 and dask_cluster._CLIENTS == {}  # one cluster for the run, closed
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=t0)))
         flows = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=t0)))

@@ -93,7 +93,7 @@ def test_runtime_settings_that_only_round_change_no_key():
 
 def test_the_flows_settings_change_no_key():
     """How shards are fanned out and whether a report is written change no result."""
-    import flows.settings  # noqa: F401 - registers fanout.* and report.*
+    import pipeline.orchestration  # noqa: F401 - registers fanout.*, dask.* and report.*
 
     def every_key(*overrides):
         return [s.key for s in make_plan(resolve("tiny", list(overrides)), "0" * 64).stages()]

@@ -11,11 +11,25 @@ plans, the report and the CLI do not change.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from advfeatures.config import ConfigError, ExperimentConfig, register_section
+
+
+@dataclass(frozen=True)
+class Probes:
+    """What ``pipeline.settings_doc`` plans an experiment with to measure which stage keys hold
+    each setting: a plan small enough to make in milliseconds, with a stage of every kind it has."""
+    config: dict[str, Any] | Callable[[Path], dict[str, Any]] = field(default_factory=dict)
+    """Changes to an empty profile, e.g. {"transfer": {"archs": [small_cnn, cnn_wide]}}; or
+    (an empty scratch folder) -> them, for settings that name files (made there, made-up bytes)."""
+    mappings: tuple[dict[str, Any], ...] = ()
+    """Values to try for its mapping-valued settings (the empty mapping is their default)."""
+    alone: bool = False
+    """Its plan joins other experiments' plans: planned only for its own section's settings, and
+    left out when every other setting is measured."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,8 @@ class Experiment:
     varies_sources: bool = False
     """Its plan may be repeated over ``source.seeds`` (``pipeline.plan.over_sources``); others
     refuse more than one source seed."""
+    probes: Probes | None = None
+    """How docs/settings.md measures which keys hold its settings; None: its section's defaults."""
 
     def plan_of(self, cfg: ExperimentConfig, source_sha256: str) -> Any:
         """The experiment's plan over the run's source seeds (one plan per seed, as one)."""

@@ -29,7 +29,7 @@ from advfeatures.config import AttackConfig, ExperimentConfig, _check, build_con
 from advfeatures.seeds import model_seeds
 from advfeatures.training import to_unit
 from pipeline.common import load_model
-from pipeline.experiments import Experiment, register
+from pipeline.experiments import Experiment, Probes, register
 from pipeline.kinds import StageSpec
 from pipeline.plan import Plan, add_model, add_students, base_plan, construct_spec, model_spec, trained
 from pipeline.sets import SetBuilder
@@ -188,4 +188,5 @@ EXPERIMENT = register(Experiment(
     name="bugs-only",
     summary="Nakkiran 2019: det examples that fool the source while an ensemble keeps the label, beside plain "
             "PGD: attack, transfer to a held-out model, students on (X, Y) and (X, Y+1)",
-    plan=plan, table=build_table, markdown=to_markdown, section=("bugs_only", BugsOnlyConfig), report=report))
+    plan=plan, table=build_table, markdown=to_markdown, section=("bugs_only", BugsOnlyConfig), report=report,
+    probes=Probes({"bugs_only": {"ensemble": 2}})))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from advfeatures.config import ConfigError, ExperimentConfig, _check, _deep_merge, build_config
-from pipeline.experiments import Experiment, get, register
+from pipeline.experiments import Experiment, Probes, get, register
 from pipeline.plan import Plan
 
 PARTS = ("replicate", "controls", "robust-datasets", "bugs-only", "transfer", "spectrum", "poison")
@@ -399,7 +399,8 @@ EXPERIMENT = register(Debate(
     name="debate",
     summary="the union of replicate, controls, robust-datasets, bugs-only, transfer, spectrum and poison: shared "
             "stages once, one table of every headline beside its control and reference, and the side it supports",
-    plan=plan, section=("debate", DebateConfig), report=report))
+    plan=plan, section=("debate", DebateConfig), report=report,
+    probes=Probes(mappings=({"replicate": {"attack": {"steps": 3}}},), alone=True)))
 
 
 def reread(parts: dict[str, Any], out: Any) -> Any:

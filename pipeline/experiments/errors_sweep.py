@@ -17,7 +17,7 @@ from typing import Any
 
 from advfeatures.config import ExperimentConfig, ModelStageConfig, _check
 from advfeatures.seeds import model_seeds
-from pipeline.experiments import Experiment, register
+from pipeline.experiments import Experiment, Probes, register
 from pipeline.kinds import StageSpec
 from pipeline.plan import Plan, add_model, construct_spec, dataset_spec, eval_spec, model_spec, student_spec
 
@@ -130,4 +130,4 @@ EXPERIMENT = register(Experiment(
     name="errors-sweep",
     summary="Wallace's errors set over teacher epochs (errors_sweep.teacher_epochs): student vs teacher accuracy",
     plan=plan, table=build_table, markdown=to_markdown, section=("errors_sweep", ErrorsSweepConfig),
-    report=report))
+    report=report, probes=Probes({"errors_sweep": {"teacher_epochs": [1, 2]}})))

@@ -20,7 +20,7 @@ import torch
 
 from advfeatures.config import ConfigError, ExperimentConfig, _check
 from pipeline.common import Context, dataset_info, once, run_record, save_set
-from pipeline.experiments import Experiment, register
+from pipeline.experiments import Experiment, Probes, register
 from pipeline.kinds import StageSpec
 from pipeline.plan import Plan, add_students, dataset_spec
 from pipeline.sets import SetBuilder
@@ -135,8 +135,18 @@ def build_table(store: Any, plan: Plan) -> Any:
                          for s in plan.students])
 
 
+def probe_folder(root: Path) -> dict[str, Any]:
+    """For docs/settings.md: the released sets' folders in ``root`` with made-up bytes (a plan hashes
+    them, reads nothing), and the settings that plan two of them."""
+    for name in ReleasedConfig.sets:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for f in FILES:
+            (root / name / f).write_bytes(b"probe " + name.encode())
+    return {"released": {"sets": ["drand_CIFAR", "ddet_CIFAR"], "root": str(root)}}
+
+
 EXPERIMENT = register(Experiment(
     name="released",
     summary="students of the paper's released sets (drand, ddet, robust, non_robust CIFAR), imported by content",
     plan=plan, table=build_table, section=("released", ReleasedConfig),
-    check=lambda cfg: [released_folder(cfg, name) for name in cfg.released.sets]))
+    check=lambda cfg: [released_folder(cfg, name) for name in cfg.released.sets], probes=Probes(probe_folder)))

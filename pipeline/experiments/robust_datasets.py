@@ -37,7 +37,7 @@ import numpy as np
 
 from advfeatures.config import AdversarialTraining, ExperimentConfig, _check, register_set_kind
 from pipeline.common import Context, dataset_info, load_split, once, run_record, save_set, verified_set
-from pipeline.experiments import Experiment, register
+from pipeline.experiments import Experiment, Probes, register
 from pipeline.kinds import StageSpec
 from pipeline.plan import Plan, add_model, add_robust_evals, base_plan, model_spec, student_spec, trained
 from pipeline.sets import SetBuilder, inversion
@@ -341,4 +341,4 @@ EXPERIMENT = register(Experiment(
     summary="section 3.1: D_R and D_NR by representation inversion through a robust and a standard source; "
             "students' clean and robust accuracy beside the paper's",
     plan=plan, table=build_table, markdown=to_markdown, section=("robust_datasets", RobustDatasetsConfig),
-    report=report))
+    report=report, probes=Probes({"robust_datasets": {"robust_eps": [0.5], "li_radius": 2.0}})))

@@ -38,7 +38,7 @@ from typing import Any
 
 from advfeatures.config import AdversarialTraining, ExperimentConfig, _check
 from advfeatures.seeds import model_seeds
-from pipeline.experiments import Experiment, register
+from pipeline.experiments import Experiment, Probes, register
 from pipeline.kinds import StageSpec
 from pipeline.plan import (Plan, add_model, base_plan, construct_spec, model_spec, robust_eval_spec, student_spec,
                            trained)
@@ -297,4 +297,5 @@ EXPERIMENT = register(Experiment(
     summary="sources adversarially trained at increasing L2 eps: their D_det/D_rand's fooling and transfer "
             "rates and what students learn, (X, Y) and (X, Y+1)",
     plan=plan, table=build_table, markdown=to_markdown, section=("spectrum", SpectrumConfig), report=report,
-    varies_sources=True))
+    varies_sources=True,
+    probes=Probes({"spectrum": {"eps": [0.0, 0.1], "sets": ["det"]}})))  # 0.1: not the adversarial default, 0.5

@@ -24,7 +24,7 @@ from advfeatures.config import ExperimentConfig, _check
 from advfeatures.archs import ArchError, keyed, unkeyed
 from advfeatures.archs import check as check_arch
 from advfeatures.seeds import model_seeds
-from pipeline.experiments import Experiment, register
+from pipeline.experiments import Experiment, Probes, register
 from pipeline.kinds import StageSpec
 from pipeline.plan import Plan, add_model, base_plan, construct_spec, model_spec, student_spec, trained
 from pipeline.stages.transfer import transfer_spec
@@ -156,4 +156,5 @@ EXPERIMENT = register(Experiment(
     name="transfer",
     summary="section 3.3: per architecture, det's transfer success to an independent model against the "
             "students' clean accuracy (optionally the bugs-only set on the same figure)",
-    plan=plan, table=build_table, markdown=to_markdown, section=("transfer", TransferConfig), report=report))
+    plan=plan, table=build_table, markdown=to_markdown, section=("transfer", TransferConfig), report=report,
+    probes=Probes({"transfer": {"archs": ["small_cnn", "cnn_wide"]}})))

@@ -40,3 +40,13 @@ def once(store: Store, spec: StageSpec, shard: int, body: Callable[[Path], dict[
     return store.once(spec.folder, f"{spec.key}-shard{shard}",
                       lambda: store.is_complete(spec.folder, spec.key) or A.shard_done(path, shard),
                       lambda: body(path), skipped={"shard": shard, "skipped": True})
+
+
+def report_done(path: Path, spec: StageSpec, shard: int) -> None:
+    """A shard written by another process (a Dask worker): its progress event here, from its marker."""
+    from pipeline.kinds import sharded
+
+    layout, event = A.stored_layout(path), sharded(spec).event
+    if layout is not None and event is not None:
+        marker = A.read_json(A.marker_path(path, shard))
+        progress.emit(event(spec, marker, layout.num_shards, layout.num_shards - len(A.pending_shards(path, layout))))

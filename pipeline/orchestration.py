@@ -1,10 +1,11 @@
-"""The flows' own settings: where a set's shards run (``fanout.*``, ``dask.*``), and whether a
-run writes its report (``report.*``).
+"""The orchestration's own settings: where a set's shards run (``fanout.*``, ``dask.*``), and
+whether a run writes its report (``report.*``).
 
-They belong to the orchestration, not to the maths, so they are config sections of their own,
-registered here (``advfeatures.config.register_section``) when ``flows`` is imported, and read by
-the flows as ``cfg.fanout``, ``cfg.dask`` and ``cfg.report``. None of them is in any key. No prefect
-import here: the CLI resolves profiles with it before Prefect starts.
+They belong to the orchestration (``flows``), not to the maths, so they are config sections of
+their own, registered here (``advfeatures.config.register_section``) when this module is imported
+(``flows`` imports it), and read as ``cfg.fanout``, ``cfg.dask`` and ``cfg.report``. None of them
+is in any key. Plain dataclasses: the CLI resolves profiles with them before Prefect starts, and
+``pipeline.settings_doc`` documents them without importing ``flows``.
 
 The settings were ``runtime.shard_executor``, ``shard_retries`` and ``shard_timeout``: a profile or
 override that still names one of those is refused with the new name (``MOVED``). The

@@ -1,31 +1,28 @@
 """docs/settings.md, generated from the config schema so that it cannot drift from the code.
 
-    python -m flows.settings_doc            write docs/settings.md
-    python -m flows.settings_doc --check    exit 1 (and say so) when docs/settings.md is not what the code gives
+    python -m pipeline.settings_doc            write docs/settings.md
+    python -m pipeline.settings_doc --check    exit 1 (and say so) when docs/settings.md is not what the code gives
 
 Every setting is a field of a frozen dataclass: the built-in sections of
 ``advfeatures.config.ExperimentConfig`` and the sections registered in ``advfeatures.config.SECTIONS``
-(the flows' ``fanout``, ``dask``, ``report``: ``flows.settings``; each experiment's own:
-``pipeline.experiments``). For each one the page gives its dotted name, type (from the type hints),
-default (the config an empty profile resolves to, so inherited defaults are shown as they apply),
-description (the string literal under the field, else its comment; the class docstring for a
-section) and the stage kinds whose keys hold it.
+(the orchestration's ``fanout``, ``dask``, ``report``: ``pipeline.orchestration``; each experiment's
+own: ``pipeline.experiments``). For each one the page gives its dotted name, type (from the type
+hints), default (the config an empty profile resolves to, so inherited defaults are shown as they
+apply), description (the string literal under the field, else its comment; the class docstring for
+a section) and the stage kinds whose keys hold it.
 
 The last is measured, not written down: each setting is changed away from a probe config (one
 value per type: a bool flipped, a number moved, a string from the values the code accepts, a list
 shortened or lengthened) and every experiment is re-planned; a stage kind holds the setting when a
 stage of the same name gets another config, and a change that adds or removes stages is reported
-as such. Nothing here runs a stage or reads data: plans are made against a made-up data hash.
-
-This module lives in ``flows`` because only ``flows`` sees every section (``pipeline`` may not
-import it); it imports no prefect.
+as such. The probe config is ``PROBE`` and each experiment's ``probes`` (``Experiment.probes``).
+Nothing here runs a stage or reads data: plans are made against a made-up data hash.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import copy
 import dataclasses
 import inspect
@@ -45,14 +42,16 @@ from typing import Any, Union
 
 import yaml
 
-import flows.settings  # noqa: F401 - registers fanout, dask and report
+import pipeline.orchestration  # registers fanout, dask and report
 from advfeatures import config as C
+from pipeline.experiments import Experiment, all_experiments, get
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "settings.md"
-COMMAND = "python -m flows.settings_doc"
+COMMAND = "python -m pipeline.settings_doc"
 SHA = "0" * 64
 """The data hash plans are made against: keys are compared, never looked up."""
+ORCHESTRATION = pipeline.orchestration.__name__
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class Section:
     cls: type
     doc: str
     origin: str
-    """'core' (ExperimentConfig), 'flows' (orchestration) or the experiment's name."""
+    """'core' (ExperimentConfig), 'flows' (``pipeline.orchestration``) or the experiment's name."""
     settings: tuple[Setting, ...]
 
 
@@ -177,12 +176,11 @@ def _leaves(cls: type, prefix: str, section: str, value: Any, when: str = "") ->
                                (when or name) if current is None else when)
 
 
-@contextlib.contextmanager
-def _no_store_env() -> Iterator[None]:
-    """Defaults as the code has them, whatever $ADVFEATURES_STORE says in this shell."""
+def resolve(raw: dict) -> C.ExperimentConfig:
+    """``raw`` resolved as the code has it, whatever $ADVFEATURES_STORE says in this shell."""
     saved = os.environ.pop(C.STORE_ENV, None)
     try:
-        yield
+        return C.resolve(raw)
     finally:
         if saved is not None:
             os.environ[C.STORE_ENV] = saved
@@ -190,20 +188,18 @@ def _no_store_env() -> Iterator[None]:
 
 def default_config() -> C.ExperimentConfig:
     """What an empty profile resolves to (teacher and student inheriting from source)."""
-    with _no_store_env():
-        return C.resolve({})
+    return resolve({})
 
 
-def _experiment_sections() -> dict[str, str]:
-    from pipeline.experiments import all_experiments
-
-    return {e.section[0]: name for name, e in all_experiments().items() if e.section is not None}
+def _owners() -> dict[str, Experiment]:
+    """section name -> the experiment that reads it."""
+    return {e.section[0]: e for e in all_experiments().values() if e.section is not None}
 
 
 def sections() -> list[Section]:
     """Every section: the built-in ones in ExperimentConfig's order (``name`` first, on its own),
     then the flows' and the experiments' in the order of their source files."""
-    owners = _experiment_sections()  # imports the experiments: their sections and set kinds are registered
+    owners = _owners()  # imports the experiments: their sections and set kinds are registered
     cfg = default_config()
     core_docs = field_docs(C.ExperimentConfig)
     hints = typing.get_type_hints(C.ExperimentConfig)
@@ -218,10 +214,11 @@ def sections() -> list[Section]:
         if dataclasses.is_dataclass(tp):
             doc = core_docs.get(f.name) or class_doc(tp)
             out.append(Section(f.name, tp, doc, "core", tuple(_leaves(tp, f"{f.name}.", f.name, getattr(cfg, f.name)))))
-    registered = sorted(C.SECTIONS.items(), key=lambda kv: (not kv[1].__module__.startswith("flows."),
-                                                          kv[1].__module__, inspect.getsourcelines(kv[1])[1]))
+    registered = sorted(C.SECTIONS.items(), key=lambda kv: (kv[1].__module__ != ORCHESTRATION, kv[1].__module__,
+                                                          inspect.getsourcelines(kv[1])[1]))
     for name, cls in registered:
-        origin = "flows" if cls.__module__.startswith("flows.") else owners.get(name, cls.__module__)
+        origin = "flows" if cls.__module__ == ORCHESTRATION else owners[name].name if name in owners \
+            else cls.__module__
         out.append(Section(name, cls, class_doc(cls), origin, tuple(_leaves(cls, f"{name}.", name, getattr(cfg, name)))))
     return out
 
@@ -234,25 +231,15 @@ def settings() -> list[Setting]:
 # Which keys hold a setting: change it, re-plan every experiment, compare
 
 
-PROBE: dict[str, Any] = {
-    # settings that matter only when another one is on: turned on, so that changing them shows
-    "construct": {"select": 0.5},
-    "evaluate": {"robust_eps": [0.5]},
-    # smaller plans, the same kinds of stages
-    "spectrum": {"eps": [0.0, 0.1], "sets": ["det"]},  # 0.1: no adversarial default (0.5) in it
-    "transfer": {"archs": ["small_cnn", "cnn_wide"]},
-    "bugs_only": {"ensemble": 2},
-    "errors_sweep": {"teacher_epochs": [1, 2]},
-    "robust_datasets": {"robust_eps": [0.5], "li_radius": 2.0},
-    "released": {"sets": ["drand_CIFAR", "ddet_CIFAR"]},
-}
-"""The probe config's changes to an empty profile (``released.root`` is set to a made-up folder)."""
+PROBE: dict[str, Any] = {"construct": {"select": 0.5}, "evaluate": {"robust_eps": [0.5]}}
+"""The probe config's changes to an empty profile, before the experiments' (``Experiment.probes``):
+settings that matter only when another one is on, turned on so that changing them shows."""
 
 EXTRA_STRINGS = ("float16", "float32", "l2", "linf", "step", "onecycle", "constant", "none", "bf16", "cpu", "cuda",
                  "local", "dask", "tcp://127.0.0.1:8786", "distributed.LocalCluster")
 """Strings tried as other values of a string setting after those its error message names."""
-EXTRA_MAPPINGS = ({"rand": {"lr": 0.01}}, {"replicate": {"attack": {"steps": 3}}}, {"minimum": 1, "maximum": 2},
-                  {"GPU": 1}, {"n_workers": 1})
+EXTRA_MAPPINGS = ({"rand": {"lr": 0.01}}, {"minimum": 1, "maximum": 2}, {"GPU": 1}, {"n_workers": 1})
+"""Values tried for a mapping-valued setting, then the experiments' own (``Probes.mappings``)."""
 
 
 @dataclass(frozen=True)
@@ -281,11 +268,8 @@ def _get(tree: Any, dotted: str) -> Any:
 def _plans(raw: dict, experiments: tuple[str, ...]) -> dict[str, dict[str, list[tuple[str, Any]]]] | None:
     """experiment -> {stage kind: [(label, own config) of each of its stages, in plan order]}; None
     when the config is invalid. An experiment that cannot plan this config is left out."""
-    from pipeline.experiments import get
-
     try:
-        with _no_store_env():
-            cfg = C.resolve(raw)
+        cfg = resolve(raw)
     except C.ConfigError:
         return None
     out = {}
@@ -324,7 +308,6 @@ def _compare(base: dict, new: dict) -> tuple[set[str], set[str]]:
 def _strings() -> list[str]:
     """Every string a setting might take: the bundled profiles' values, the registries' names."""
     from advfeatures.models import MODELS
-    from pipeline.experiments import all_experiments
 
     found: set[str] = set(EXTRA_STRINGS) | set(MODELS) | set(all_experiments()) | set(C._ALL_SETS)
     found |= set(C.AUGMENTATIONS) | set(C.STUDENT_INITS)
@@ -349,8 +332,7 @@ def _named_in_error(raw: dict, s: Setting, current: Any) -> list[str]:
     the code accepts, quoted ones first."""
     bad = "??" if not isinstance(current, list) else [*current, "??"]
     try:
-        with _no_store_env():
-            C.resolve(_set(raw, s.name, bad))
+        resolve(_set(raw, s.name, bad))
     except C.ConfigError as e:
         msg = str(e)
         quoted = re.findall(r"'([^'\s]+)'", msg)
@@ -358,9 +340,11 @@ def _named_in_error(raw: dict, s: Setting, current: Any) -> list[str]:
     return []
 
 
-def _candidates(s: Setting, current: Any, strings: list[str], named: list[str], folder: str) -> list[Any]:
+def _candidates(s: Setting, current: Any, strings: list[str], named: list[str], paths: list[str],
+                mappings: list[dict]) -> list[Any]:
     """Other values to try, in order; a list's shortened and lengthened versions are both used.
-    ``named``: the words of the error message a nonsense value gets, tried first for strings."""
+    For strings: ``paths`` (the probes' files, elsewhere), then ``named`` (the words of the error
+    message a nonsense value gets), then ``strings``."""
     t = s.type
     if t.startswith("mapping or null"):
         return [None] if current is not None else [{}]
@@ -373,7 +357,7 @@ def _candidates(s: Setting, current: Any, strings: list[str], named: list[str], 
     if isinstance(current, float):
         return [current / 2 if current else 0.5, current * 2, current + 1, 0.1]
     if isinstance(current, str):
-        return [folder, *named, *strings]
+        return [*paths, *named, *strings]
     if isinstance(current, list):
         out = [current[:-1]] if len(current) > 1 else []
         if not current and (t.endswith("of float") or t.endswith("of int")):  # an empty list: one value, two
@@ -387,48 +371,53 @@ def _candidates(s: Setting, current: Any, strings: list[str], named: list[str], 
             out += [[v, *current[1:]] for v in changed]
         return out
     if isinstance(current, dict):
-        return [m for m in EXTRA_MAPPINGS if m != current]
+        return [m for m in mappings if m != current]
     return []
 
 
-def _released_folder(root: Path) -> str:
-    """A folder shaped like the released sets (made-up bytes: the plan hashes them, reads nothing)."""
-    from pipeline.experiments.released import FILES
+def probe_config(folder: Path) -> dict[str, Any]:
+    """``PROBE`` and every experiment's ``probes.config`` (files they name made in ``folder``)."""
+    raw = copy.deepcopy(PROBE)
+    for e in all_experiments().values():
+        if e.probes is not None:
+            config = e.probes.config(folder) if callable(e.probes.config) else e.probes.config
+            raw = C._deep_merge(raw, config)
+    return raw
 
-    for name in ("drand_CIFAR", "ddet_CIFAR", "robust_CIFAR", "non_robust_CIFAR"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for f in FILES:
-            (root / name / f).write_bytes(b"probe " + name.encode())
-    return str(root)
+
+def _leaf_strings(tree: Any) -> list[str]:
+    if isinstance(tree, dict):
+        return [s for v in tree.values() for s in _leaf_strings(v)]
+    return [tree] if isinstance(tree, str) else []
 
 
 def effects(every: list[Setting] | None = None) -> dict[str, Effect]:
     """setting name -> the stage kinds whose keys hold it (see the module's docstring)."""
-    from pipeline.experiments import all_experiments
-
     every = settings() if every is None else every
-    strings = _strings()
-    # debate's plan is the union of other experiments' plans: planned for its own settings only
-    others = tuple(name for name in all_experiments() if name != "debate")
+    strings, owners = _strings(), _owners()
+    probes = [e.probes for e in all_experiments().values() if e.probes is not None]
+    mappings = [*EXTRA_MAPPINGS, *(m for p in probes for m in p.mappings)]
+    others = tuple(name for name, e in all_experiments().items() if not (e.probes and e.probes.alone))
     out: dict[str, Effect] = {}
     with tempfile.TemporaryDirectory(prefix="settings-doc-") as tmp:
-        probe = _set(PROBE, "released.root", _released_folder(Path(tmp) / "a"))
-        other_folder = _released_folder(Path(tmp) / "b")  # the same files elsewhere: a path, not a key
-        bases: dict[tuple[str, bool], tuple[Any, dict]] = {}  # probe -> (its plans, its resolved config)
+        probe = probe_config(Path(tmp) / "a")
+        seen = _leaf_strings(probe)  # the same files elsewhere: their paths are tried as other strings
+        paths = [v for v in _leaf_strings(probe_config(Path(tmp) / "b")) if v not in seen]
+        bases: dict[tuple[str, str], tuple[Any, dict]] = {}  # probe -> (its plans, its resolved config)
         for s in every:
             raw = _set(probe, s.when, {}) if s.when else probe  # an optional mapping's fields: with it set
-            experiments = ("debate",) if s.section == "debate" else others
-            token = (s.when, s.section == "debate")
-            if token not in bases:
-                with _no_store_env():
-                    bases[token] = (_plans(raw, experiments), C.resolve(raw).to_dict())
-            base, resolved = bases[token]
+            owner = owners.get(s.section)
+            alone = owner.name if owner and owner.probes and owner.probes.alone else ""
+            experiments = (alone,) if alone else others
+            if (s.when, alone) not in bases:
+                bases[(s.when, alone)] = (_plans(raw, experiments), resolve(raw).to_dict())
+            base, resolved = bases[(s.when, alone)]
             current = C.to_plain(_get(resolved, s.name))
             keyed: set[str] = set()
             stages: set[str] = set()
             done: set[str] = set()  # lists: one shorter or longer, one with another value
             named = _named_in_error(raw, s, current) if "str" in s.type else []
-            for value in _candidates(s, current, strings, named, other_folder):
+            for value in _candidates(s, current, strings, named, paths, mappings):
                 shape = ("longer" if len(value) > len(current) else "shorter" if len(value) < len(current)
                          else "other") if isinstance(current, list) and isinstance(value, list) else "other"
                 if value == current or shape in done:
@@ -481,12 +470,6 @@ def _cell(text: str) -> str:
     return _text(text).replace("|", "\\|")
 
 
-def _summaries() -> dict[str, str]:
-    from pipeline.experiments import all_experiments
-
-    return {name: e.summary for name, e in all_experiments().items()}
-
-
 def _kinds_order() -> list[str]:
     from pipeline.kinds import KINDS, discover
 
@@ -507,21 +490,15 @@ def _key_cell(e: Effect | None, order: list[str]) -> str:
     return "; ".join(parts) if parts else "—"
 
 
-def _flat(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted name, value) of every setting a profile gives; mapping-valued settings whole."""
+def _flat(tree: dict, whole: set[str], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted name, value) of every setting a profile gives; those in ``whole`` (mapping-valued
+    settings) whole."""
     for k, v in tree.items():
         name = f"{prefix}{k}"
-        if isinstance(v, dict) and v and not _is_mapping_setting(name):
-            yield from _flat(v, f"{name}.")
+        if isinstance(v, dict) and v and name not in whole:
+            yield from _flat(v, whole, f"{name}.")
         else:
             yield name, v
-
-
-_MAPPING_SETTINGS: set[str] = set()
-
-
-def _is_mapping_setting(name: str) -> bool:
-    return name in _MAPPING_SETTINGS
 
 
 def _header(text: str) -> str:
@@ -538,33 +515,29 @@ def _header(text: str) -> str:
     return head.split(": ")[0] if len(head) > 120 else head
 
 
-def _profile_lines(every: list[Setting], defaults: dict[str, Any]) -> list[str]:
+def _profile_lines(every: list[Setting]) -> list[str]:
     """Each bundled profile: the first sentence of its comment and the settings it changes."""
-    _MAPPING_SETTINGS.update(s.name for s in every if s.type.startswith("mapping") and not s.type.endswith("null"))
+    defaults = {s.name: s.default for s in every}
+    whole = {s.name for s in every if s.type.startswith("mapping") and not s.type.endswith("null")}
     lines = []
     for path in sorted(C.PROFILE_DIR.glob("*.yaml")):
         text = path.read_text()
         given = []
-        for name, value in _flat(yaml.safe_load(text) or {}):
+        for name, value in _flat(yaml.safe_load(text) or {}, whole):
             value = C.to_plain(value)
-            if name in defaults and _same(defaults[name], value):
+            if name in defaults and C.to_plain(defaults[name]) == value:  # 1 and 1.0, a tuple and a list
                 continue
             given.append(f"`{name}={fmt(value)}`")
         lines.append(f"- **{path.stem}**: {_cell(_header(text))}.  \n  " + (", ".join(given) or "(the defaults)"))
     return lines
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal as settings (1 and 1.0, a tuple and a list)."""
-    return C.to_plain(a) == C.to_plain(b)
-
-
 INTRO = """\
 # Settings reference
 
-<!-- Generated by `{command}` from the config schema (advfeatures/config.py, flows/settings.py,
-pipeline/experiments/*.py): edit the descriptions there, then rerun it. tests/test_docs_reference.py
-fails when this page and the code disagree. -->
+<!-- Generated by `{command}` from the config schema (advfeatures/config.py,
+pipeline/orchestration.py, pipeline/experiments/*.py): edit the descriptions there, then rerun it.
+tests/test_docs_reference.py fails when this page and the code disagree. -->
 
 A run's configuration is a profile (`--profile NAME`: a bundled one, `advfeatures/profiles/NAME.yaml`, or
 any YAML path), then `--settings FILE` (a YAML file of sections, e.g. `examples/slurm.yaml`), then each
@@ -589,48 +562,38 @@ records them). The data source enters keys by its content's sha256 (the `dataset
 
 def markdown() -> str:
     secs = sections()
-    eff = effects([s for sec in secs for s in sec.settings])
-    order = _kinds_order()
-    out = [INTRO.format(command=COMMAND)]
+    every = [s for sec in secs for s in sec.settings]
+    eff, order, experiments = effects(every), _kinds_order(), all_experiments()
+    out = [INTRO.format(command=COMMAND), "## Sections\n"]
     groups = [("core", "The experiment", "The sections every experiment reads."),
-              ("flows", "Orchestration", "How a run is carried out (`flows.settings`): in no key."),
+              ("flows", "Orchestration", "How a run is carried out (`pipeline.orchestration`): in no key."),
               (None, "Experiments' own sections", "Each read by its experiment (`advfeatures run --experiment "
                "NAME`; `advfeatures experiments` lists them).")]
-    out.append("## Sections\n")
+    grouped = {g: [s for s in secs if (s.origin if s.origin in ("core", "flows") else None) == g] for g, *_ in groups}
     for origin, title, _ in groups:
-        names = [f"[`{s.name}`](#{s.name})" if s.name != "(top level)" else "[`name`](#top-level)" for s in secs
-                 if (s.origin == origin if origin else s.origin not in ("core", "flows"))]
-        out.append(f"- {title}: " + ", ".join(names))
+        out.append(f"- {title}: " + ", ".join(f"[`{s.name}`](#{s.name})" if s.name != "(top level)"
+                                              else "[`name`](#top-level)" for s in grouped[origin]))
     out.append("")
     for origin, title, intro in groups:
         out.append(f"## {title}\n\n{intro}\n")
-        for sec in secs:
-            if (sec.origin != origin) if origin else sec.origin in ("core", "flows"):
-                continue
-            heading = "top level" if sec.name == "(top level)" else sec.name
-            out.append(f"### {heading}\n")
+        for sec in grouped[origin]:
+            out.append(f"### {'top level' if sec.name == '(top level)' else sec.name}\n")
             doc = sec.doc
             if origin is None:
-                summary = _summaries().get(sec.origin, "")
+                summary = experiments[sec.origin].summary if sec.origin in experiments else ""
                 doc = f"Read by the experiment `{sec.origin}`" + (f": {summary}." if summary else ".") + \
                     (f" {doc}" if doc else "")
             if doc:
                 out.append(f"{_text(doc)}\n")
-            out.append("| Setting | Type | Default | Key | Description |")
-            out.append("|---|---|---|---|---|")
+            out += ["| Setting | Type | Default | Key | Description |", "|---|---|---|---|---|"]
             for s in sec.settings:
-                default = f"`{fmt(s.default)}`"
-                if s.when:
-                    default += f" (once `{s.when}` is set)"
-                desc = s.doc or ""
+                default = f"`{fmt(s.default)}`" + (f" (once `{s.when}` is set)" if s.when else "")
                 out.append(f"| `{s.name}` | {s.type} | {_cell(default)} | {_key_cell(eff.get(s.name), order)} | "
-                           f"{_cell(desc)} |")
+                           f"{_cell(s.doc)} |")
             out.append("")
     out.append("## Bundled profiles\n")
     out.append("What each profile in `advfeatures/profiles/` changes from the defaults above (`--profile NAME`).\n")
-    every = [s for sec in secs for s in sec.settings]
-    out.extend(_profile_lines(every, {s.name: s.default for s in every}))
-    out.append("")
+    out += [*_profile_lines(every), ""]
     for title, intro, header, rows in (
             ("Renamed settings", "A profile or override that names an old setting is refused with the new name.",
              "| Old | New |", [f"| `{old}` | `{new}` |" for old, new in sorted(C.MOVED.items())]),
