@@ -296,10 +296,6 @@ class ConstructConfig:
     of copy j of image i come from the set's seed, i and j. A public replication: attacking several
     augmented copies and training students without augmentation gave 74.7% against 67.3% on D_other."""
 
-    leak_keep_t_eq_y: bool = False
-    """leak sets: leave rows whose target is their own label unperturbed (as a public replication
-    did), instead of adding their class pattern to them too."""
-
     def __post_init__(self):
         bad = [s for s in self.sets if _KNOWN_SETS and s not in _KNOWN_SETS]
         _check(not bad, f"construct.sets has unknown {bad}; choose from {_KNOWN_SETS}")
@@ -636,6 +632,19 @@ def _set_path(tree: dict, parts: list[str], value: Any, text: str) -> None:
             raise ConfigError(f"override {text!r}: {p} is a value, not a section")
         node = nxt
     node[parts[-1]] = value
+
+
+def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config recorded by an older version (a run's config.yaml) under today's names: each moved
+    setting (``MOVED``) at its new name, each removed one (``REMOVED``) left out."""
+    raw = copy.deepcopy(raw)
+    for old, new in [*MOVED.items(), *dict.fromkeys(REMOVED, "").items()]:
+        section, _, key = old.partition(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            value = raw[section].pop(key)
+            if new:
+                _set_path(raw, new.split("."), value, old)
+    return raw
 
 
 def load_profile(name_or_path: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@
     training_curves(hist)      loss and accuracy per epoch of every model
     image_grid(examples)       clean | adversarial | perturbation (amplified), true and assigned labels
     sweep_curve(df, axes)      accuracy against the swept setting, 95% intervals
-    confusion(counts, classes) a det student's predictions against the true labels
+    confusion(counts, classes)  students' predictions against the true labels
 """
 
 from __future__ import annotations
@@ -252,8 +252,8 @@ def sweep_curve(df: pd.DataFrame, axes: list[str]) -> Any:
     return fig
 
 
-def confusion(counts: np.ndarray, classes: list[str], n_models: int) -> Any:
-    """Row-normalised confusion (%) of the det students, summed over ``n_models`` seeds."""
+def confusion(counts: np.ndarray, classes: list[str], title: str) -> Any:
+    """Row-normalised confusion (%) of confusion counts (rows: true label, columns: prediction)."""
     rows = counts / np.maximum(counts.sum(1, keepdims=True), 1) * 100
     c = len(classes)
     fig, ax = plt.subplots(figsize=(0.45 * c + 2.2, 0.45 * c + 1.6))
@@ -264,9 +264,6 @@ def confusion(counts: np.ndarray, classes: list[str], n_models: int) -> Any:
                     color="white" if rows[i, j] > rows.max() * 0.6 else "black")
     ax.set_xticks(range(c), classes, rotation=45, ha="right")
     ax.set_yticks(range(c), classes)
-    ax.set(xlabel="predicted", ylabel="true label",
-           title=f"det students on the clean test set (n = {n_models}; % of each true class)\n"
-                 f"diagonal: (X, Y) {np.trace(counts) / counts.sum() * 100:.1f}%;  next class: (X, Y+1) "
-                 f"{sum(counts[i, (i + 1) % c] for i in range(c)) / counts.sum() * 100:.1f}%")
+    ax.set(xlabel="predicted", ylabel="true label", title=title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     return fig

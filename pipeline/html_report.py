@@ -234,12 +234,9 @@ def _models(doc: _Doc, store: Store, info: D.RunInfo, figs: Path, device: str) -
         doc.h2("Training")
         doc.figure(F.save(F.training_curves(hist), figs, "training"),
                    "Training loss and accuracy per epoch of every model (students: on their constructed labels).")
-    det = D.det_confusion(store, info, device)
-    if det is not None:
-        counts, classes, n = det
-        doc.figure(F.save(F.confusion(counts, classes, n), figs, "det_confusion"),
-                   "det students' predictions on the clean test set: the diagonal is (X, Y), the cell right of it "
-                   "(the next class) is (X, Y+1), what the det labels taught.")
+    for builder in D.set_builders(info):  # the figures the run's set builders draw of their sets
+        if builder.report is not None:
+            builder.report(doc, store, info, figs, device)
 
 
 def _appendix(doc: _Doc, store: Store, info: D.RunInfo) -> None:

@@ -22,11 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.kinds import all_kinds
 from storage.store import MANIFEST, Store, StoreError, read_json
-
-FOLDERS = ("datasets", "models", "constructed", "evals", "runs")
-STAGE_FOLDER = {"dataset": "datasets", "model": "models", "student": "models", "construct": "constructed",
-                "select": "constructed", "eval": "evals", "transfer": "evals", "run": "runs"}
 
 
 @dataclass
@@ -41,10 +38,9 @@ class Artifact:
 
     @property
     def stage(self) -> str:
-        st = self.manifest.get("stage", {})
-        # unfinished (no manifest): the folder's main kind (an unfinished student shows as model)
-        return st.get("stage") or {"datasets": "dataset", "models": "model", "constructed": "construct",
-                                   "evals": "eval", "runs": "run"}[self.folder]
+        # unfinished (no manifest): the folder's first declared kind (an unfinished student shows as model)
+        return self.manifest.get("stage", {}).get("stage") or \
+            next(k.name for k in all_kinds().values() if k.folder == self.folder)
 
     @property
     def inputs(self) -> list[str]:
@@ -76,7 +72,7 @@ def scan(store: Store) -> list[Artifact]:
     if store.remote:
         raise StoreError(f"ls/gc read local or mounted stores; {store.url} is a URL (list it with its own tools)")
     out = []
-    for folder in FOLDERS:
+    for folder in sorted({k.folder for k in all_kinds().values()}):
         base = store.root / folder
         if not base.is_dir():
             continue
@@ -96,33 +92,11 @@ def scan(store: Store) -> list[Artifact]:
 
 
 def summary(a: Artifact) -> str:
-    """A few words on what an artifact is, from the config in its manifest."""
-    c = a.manifest.get("stage", {}).get("config", {})
-    if not c:
+    """A few words on what an artifact is, from its manifest (its kind's ``summary``)."""
+    if not a.manifest.get("stage", {}).get("config"):
         return "(no manifest: unfinished" + (", staging" if a.path.name.startswith(".") else "") + ")"
-    st = a.stage
-    if st in ("model", "student"):
-        t = c.get("train", {})
-        who = c.get("role", st) if st == "model" else f"student of {c.get('set')}"
-        return f"{who}, {c.get('model', {}).get('arch')}, {t.get('epochs')} ep, seed {t.get('seed')}"
-    if st == "construct":
-        att = c.get("attack", {})
-        extra = f", {att.get('norm')} eps {att.get('eps')} x {att.get('steps')} steps" if att else ""
-        return f"{c.get('name') or c.get('kind')}, {a.manifest.get('summary', {}).get('n', '?')} rows{extra}"
-    if st == "select":
-        return f"top {c.get('fraction')} by margin of {a.inputs[0] if a.inputs else '?'}"
-    if st == "eval":
-        m = a.manifest.get("metrics", {})
-        rob = c.get("robust")
-        return (f"robust eps {rob['eps']} " if rob else "clean ") + f"acc {100 * m.get('acc_xy', float('nan')):.1f}%"
-    if st == "transfer":
-        m = a.manifest.get("metrics", {})
-        return f"transfer success {100 * m.get('transfer_success', float('nan')):.1f}% of {m.get('n_t_ne_y', '?')} rows"
-    if st == "run":
-        return f"{c.get('name', 'sweep')}" + (f", {len(a.inputs)} inputs")
-    if st == "dataset":
-        return f"{len(a.manifest.get('classes', []))} classes, source {c.get('source_sha256', '')[:8]}"
-    return ""
+    k = all_kinds().get(a.stage)
+    return k.summary(a.manifest) if k is not None and k.summary is not None else ""
 
 
 def list_artifacts(store: Store, stage: str | None = None, incomplete: bool = False, key: str | None = None,

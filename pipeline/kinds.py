@@ -3,11 +3,11 @@
     key = stage_key(kind, schema, own config, upstream keys)
 
 Each kind is declared once, by the module that owns it (``pipeline/stages/<kind>.py``), with
-``declare(StageKind(...))``: its schema number, store folder, executor, label, integrity check and
-Prefect task name. The registry is filled on first use by importing every module of
-``pipeline.stages`` (and, for constructed sets, every set builder: ``pipeline.sets``), so adding a
-kind is one new module; nothing else lists kinds. ``run_all`` (no Prefect), ``tasks.stages`` (the
-Prefect tasks, generated from this registry) and the flow dispatch through it.
+``declare(StageKind(...))``: its schema number, store folder, executor, label, integrity check,
+``ls`` summary and Prefect task name. The registry is filled on first use by importing every
+module of ``pipeline.stages`` (and, for constructed sets, every set builder: ``pipeline.sets``), so
+adding a kind is one new module; nothing else lists kinds. ``run_all`` (no Prefect),
+``tasks.stages`` (the Prefect tasks, generated from this registry) and the flow dispatch through it.
 
 Bump a kind's schema number when what it computes for the same config changes (every key of that
 kind, and so of everything downstream, changes); the history of bumps is kept beside each
@@ -59,6 +59,8 @@ class StageKind:
     """The Prefect task's name (default: the kind's name)."""
     events: tuple[str, ...] = ()
     """The progress events (``pipeline.progress``) its executor emits."""
+    summary: Callable[[dict[str, Any]], str] | None = None
+    """manifest -> a few words on an artifact of this kind (``advfeatures ls``); None: none."""
 
 
 KINDS: dict[str, StageKind] = {}
@@ -92,49 +94,14 @@ def kind(name: str) -> StageKind:
     return KINDS[name]
 
 
-class _Table(dict):
-    """{kind name: attribute}, filled from the registry on first read."""
-
-    def __init__(self, attr: str):
-        super().__init__()
-        self.attr = attr
-
-    def _fill(self) -> None:
-        discover()
-        self.update({k.name: getattr(k, self.attr) for k in KINDS.values()})
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self:
-            self._fill()
-        return super().__getitem__(name)
-
-    def __contains__(self, name: object) -> bool:
-        self._fill()
-        return super().__contains__(name)
-
-    def __iter__(self):
-        self._fill()
-        return super().__iter__()
-
-    def __len__(self) -> int:
-        self._fill()
-        return super().__len__()
-
-    def keys(self):  # noqa: D102
-        self._fill()
-        return super().keys()
-
-    def values(self):  # noqa: D102
-        self._fill()
-        return super().values()
-
-    def items(self):  # noqa: D102
-        self._fill()
-        return super().items()
+def all_kinds() -> dict[str, StageKind]:
+    """Every stage kind, by name (discovered on first use)."""
+    discover()
+    return KINDS
 
 
-SCHEMA = _Table("schema")
-FOLDER = _Table("folder")
+SCHEMA = KINDS
+"""Only for flows/cli.py's ``--until`` check (the kinds' names, after discovery); use all_kinds()."""
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from typing import Any
 from advfeatures.archs import keyed, kind_of
 from advfeatures.config import ConfigError, ExperimentConfig, ModelStageConfig, TrainConfig, to_plain
 from advfeatures.seeds import derive_seed, model_seeds
-from pipeline.kinds import FOLDER, SCHEMA, StageSpec  # noqa: F401 - re-exported for plans
+from pipeline.kinds import StageSpec, all_kinds
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,8 @@ class Plan:
     def until(self, stage: str) -> Plan:
         """Only the stages of kind ``stage`` and everything they need (no run stage), e.g.
         ``until("construct")``: the sets, to train students elsewhere later."""
-        if stage not in SCHEMA:
-            raise ConfigError(f"--until {stage}: not a stage kind; choose one of {sorted(SCHEMA)}")
+        if stage not in all_kinds():
+            raise ConfigError(f"--until {stage}: not a stage kind; choose one of {sorted(all_kinds())}")
         wanted = {n.key for n in self.nodes() if n.spec.stage == stage}
         if not wanted:
             kinds = sorted({n.spec.stage for n in self.nodes()})

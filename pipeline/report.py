@@ -1,4 +1,4 @@
-"""The evaluation table, lined up with Table 1 of Ilyas et al. (2019) and Wallace (2019).
+"""The evaluation table, beside the published numbers an experiment gives (``paper_%``).
 
 One row per (set, model, seed): the source (trained on D), the teacher of `errors`, and every
 student. Accuracies are on the original, clean test set, in percent, with a 95% Wilson interval;
@@ -32,9 +32,6 @@ from pipeline.kinds import StageSpec
 from pipeline.plan import Plan
 from storage.store import Store, atomic_write_json, open_root
 
-# Clean test accuracy (%) reported for CIFAR-10: Ilyas et al. Table 1 (ResNet-50) and, for
-# errors, Wallace (2019, ResNet-18 on 18,768 mislabeled images). D_other is not in the paper.
-PAPER = {"D": 95.3, "rand": 63.3, "det": 43.7, "errors": 49.7}
 TABLE_FILES = ("table.csv", "table.md", "table.parquet")
 
 
@@ -58,7 +55,7 @@ def model_name(spec: StageSpec, man: dict[str, Any]) -> str:
 
 
 def _row(store: Store, set_name: str, model_spec: StageSpec, eval_spec: StageSpec, construct: dict[str, Any] | None,
-         source_acc: float, robust: list[StageSpec] = ()) -> dict[str, Any]:
+         source_acc: float, robust: list[StageSpec] = (), paper: dict[str, float] | None = None) -> dict[str, Any]:
     m = store.manifest("evals", eval_spec.key)["metrics"]
     man = store.manifest("models", model_spec.key)
     summary = (construct or {}).get("summary", {})
@@ -69,7 +66,7 @@ def _row(store: Store, set_name: str, model_spec: StageSpec, eval_spec: StageSpe
         "share_t=y_%": _pct(summary.get("share_target_is_true")),
         "acc_xy_%": _pct(m["acc_xy"]), "ci95_lo_%": _pct(m["ci95_xy"][0]), "ci95_hi_%": _pct(m["ci95_xy"][1]),
         "acc_xy+1_%": _pct(m["acc_xy1"]), "vs_chance": _vs_chance(m["ci95_xy"], m["chance"]),
-        "chance_%": _pct(m["chance"]), "paper_%": PAPER.get(set_name.split()[0], float("nan")),
+        "chance_%": _pct(m["chance"]), "paper_%": (paper or {}).get(set_name.split()[0], float("nan")),
         "source_acc_%": _pct(source_acc), "n_test": m["n_test"],
         "model_key": model_spec.key, "construct_key": construct["key"] if construct else "", "eval_key": eval_spec.key,
         **{f"robust_acc_eps{r.config['robust']['eps']:g}_%": _pct(store.manifest("evals", r.key)["metrics"]["acc_xy"])
@@ -130,24 +127,26 @@ def with_fooling(store: Store, df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def build_table(store: Store, plan: Plan) -> pd.DataFrame:
-    """Table 1: one row per model; over several source seeds (``plan.replicates``), each source's
-    rows in turn, ``source_seed`` saying which."""
+def build_table(store: Store, plan: Plan, paper: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per model, beside ``paper`` ({set: published clean accuracy %}, by the first word of
+    the set's name; none: NaN); over several source seeds (``plan.replicates``), each source's rows
+    in turn, ``source_seed`` saying which."""
     if plan.replicates:
-        return pd.concat([_source_table(store, sub) for sub in plan.replicates.values()], ignore_index=True)
-    return _source_table(store, plan)
+        return pd.concat([_source_table(store, sub, paper) for sub in plan.replicates.values()], ignore_index=True)
+    return _source_table(store, plan, paper)
 
 
-def _source_table(store: Store, plan: Plan) -> pd.DataFrame:
+def _source_table(store: Store, plan: Plan, paper: dict[str, float] | None) -> pd.DataFrame:
     source_acc = store.manifest("evals", plan.source_eval.key)["metrics"]["acc_xy"]
     robust = plan.robust
-    rows = [_row(store, "D (source)", plan.source, plan.source_eval, None, source_acc, robust.get(plan.source.key, []))]
+    rows = [_row(store, "D (source)", plan.source, plan.source_eval, None, source_acc, robust.get(plan.source.key, []),
+                 paper)]
     if plan.teacher is not None:
         rows.append(_row(store, "teacher (errors)", plan.teacher, plan.teacher_eval, None, source_acc,
-                         robust.get(plan.teacher.key, [])))
+                         robust.get(plan.teacher.key, []), paper))
     for s in plan.students:
         rows.append(_row(store, s.kind, s.student, s.eval, store.manifest("constructed", s.construct.key), source_acc,
-                         robust.get(s.student.key, [])))
+                         robust.get(s.student.key, []), paper))
     df = pd.DataFrame(rows)
     df.insert(2, "source_seed", plan.source.config.get("train", {}).get("seed"))  # None: read from a checkpoint
     return df
@@ -262,7 +261,7 @@ def to_markdown(df: pd.DataFrame) -> str:
 def write_run(store: Store, plan: Any, cfg: ExperimentConfig, build: Any = None, markdown: Any = None,
               experiment: str = "") -> Path:
     """Write table.{csv,md,parquet}, the resolved config and the plan under runs/<run key>/.
-    ``build(store, plan)`` makes the table (default: Table 1 of the replication) and
+    ``build(store, plan)`` makes the table (default: ``build_table``, without published numbers) and
     ``markdown(df)`` its Markdown; the manifest names the ``experiment`` (its report section)."""
     spec = plan.run
     with store.lock(spec.folder, spec.key):  # the store's truth, checked once, under the run's lock

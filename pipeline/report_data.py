@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.kinds import FOLDER
+from pipeline.kinds import kind as stage_kind
 from storage import arrays as A
 from storage.store import Store, StoreError, is_remote, open_root, read_json
 
@@ -94,7 +94,7 @@ def timings(store: Store, info: RunInfo) -> pd.DataFrame:
     """Per stage: seconds it took (from its manifest), when it was made, complete or not."""
     rows = []
     for s in info.stages:
-        folder = FOLDER[s["stage"]]
+        folder = stage_kind(s["stage"]).folder
         done = store.is_complete(folder, s["key"])
         man = store.manifest(folder, s["key"]) if done else {}
         rows.append({"stage": s["stage"], "what": info.labels.get(s["key"], ""), "key": s["key"],
@@ -112,18 +112,26 @@ def histories(store: Store, info: RunInfo) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def perturbed_sets(info: RunInfo) -> list[dict[str, Any]]:
-    """The run's sets whose images were perturbed (their builder says so), in plan order."""
+def _builder(kind: str) -> Any:
+    """The set builder of ``kind`` (``pipeline.sets``); None for a kind no builder of this code knows."""
     from advfeatures.config import ConfigError
     from pipeline.sets import builder
 
-    def perturbed(kind: str) -> bool:
-        try:
-            return builder(kind).perturbed
-        except ConfigError:  # a kind no builder of this code knows
-            return False
+    try:
+        return builder(kind)
+    except ConfigError:
+        return None
 
-    return [s for s in info.of("construct") if perturbed(s["config"].get("kind", ""))]
+
+def perturbed_sets(info: RunInfo) -> list[dict[str, Any]]:
+    """The run's sets whose images were perturbed (their builder says so), in plan order."""
+    return [s for s in info.of("construct") if getattr(_builder(s["config"].get("kind", "")), "perturbed", False)]
+
+
+def set_builders(info: RunInfo) -> list[Any]:
+    """The builders of the run's sets, each once, in plan order."""
+    found = (_builder(s["config"].get("kind", "")) for s in info.of("construct"))
+    return list({id(b): b for b in found if b is not None}.values())
 
 
 def set_records(store: Store, key: str) -> dict[str, np.ndarray]:
@@ -147,7 +155,7 @@ def example_rows(rec: dict[str, np.ndarray], n: int) -> np.ndarray:
 
 def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] | None:
     """Clean image, stored (adversarial) image and perturbation of ``n`` rows of a perturbed set,
-    with true and assigned labels; None when the set holds no clean-image index (released sets)."""
+    with true and assigned labels; None when the set holds no clean-image index (a set imported whole)."""
     path = store.path("constructed", spec["key"])
     man = store.manifest("constructed", spec["key"])
     rec = set_records(store, spec["key"])
@@ -158,7 +166,7 @@ def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] |
     if (at["index"] < 0).any():
         return None
     dataset_key = _dataset_of(store, spec)
-    if spec["config"].get("augment_copies"):  # a copy's clean image is its crop + flip
+    if spec["config"].get("augment_copies") and getattr(_builder(spec["config"]["kind"]), "rows", None):  # crop + flip
         clean = _copies_clean(store, spec, dataset_key, rows)
     else:
         idx = at["index"]
@@ -173,17 +181,14 @@ def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] |
 
 def _copies_clean(store: Store, spec: dict[str, Any], dataset_key: str, rows: np.ndarray) -> np.ndarray:
     """The clean images (uint8) of ``rows`` of a set built on augmented copies, each its image's crop
-    and flip: a PGD set's rows, or a control's (its PGD set's; rand-clean-only's filtered)."""
+    and flip, the rows mapped to images by the set's builder (``SetBuilder.rows``)."""
     from advfeatures import construct as C
     from pipeline.common import dataset_info, train_images_at
-    from pipeline.experiments.controls import CLEAN_ONLY, LEAK, control_rows
-    from pipeline.sets.pgd import set_rows
 
     cfg = spec["config"]
     y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
     num_classes = len(dataset_info(store, dataset_key)["classes"])
-    idx, _, copy = control_rows(cfg, y_all, num_classes) if cfg.get("kind") in LEAK + (CLEAN_ONLY,) \
-        else set_rows(cfg, cfg.get("targets", cfg["kind"]), y_all, num_classes)
+    idx, _, copy = _builder(cfg["kind"]).rows(cfg, y_all, num_classes)
     return C.crop_flip(train_images_at(store, dataset_key, idx[rows]), C.copy_params(cfg["seed"], idx[rows], copy[rows]))
 
 
@@ -196,12 +201,13 @@ def _dataset_of(store: Store, spec: dict[str, Any]) -> str:
     return key
 
 
-def det_confusion(store: Store, info: RunInfo, device: str = "cpu") -> tuple[np.ndarray, list[str], int] | None:
-    """Summed confusion counts (C, C) of the run's det students on the clean test set (rows: true
-    label, columns: prediction), the class names and the number of students; None without det
-    students. Read from the evaluations; computed from the model and the test set for evaluations
-    stored before they kept it (one forward pass over the test set per student)."""
-    students = [s for s in info.of("student") if s["config"].get("set") == "det"]
+def confusion(store: Store, info: RunInfo, set_name: str, device: str = "cpu"
+              ) -> tuple[np.ndarray, list[str], int] | None:
+    """Summed confusion counts (C, C) of the run's students of set ``set_name`` on the clean test
+    set (rows: true label, columns: prediction), the class names and the number of students; None
+    without such students. Read from the evaluations; computed from the model and the test set for
+    evaluations stored before they kept it (one forward pass over the test set per student)."""
+    students = [s for s in info.of("student") if s["config"].get("set") == set_name]
     evals = {s["inputs"][0]: s for s in info.of("eval") if "robust" not in s["config"]}
     total, classes, n = None, None, 0
     for st in students:
@@ -278,11 +284,11 @@ which never change under their key)."""
 
 
 def report_code() -> list[Path]:
-    """The modules that draw reports: the generic sections and figures, and every experiment's
-    (their own report sections). A change to any of them draws reports again."""
+    """The modules that draw reports: the generic sections and figures, and every experiment's and
+    set builder's (their own report sections and figures). A change to any of them draws reports again."""
     here = Path(__file__).resolve().parent
     return [here / f"{m}.py" for m in ("html_report", "figures", "report_data", "report")] + \
-        sorted((here / "experiments").glob("*.py"))
+        sorted((here / "experiments").glob("*.py")) + sorted((here / "sets").glob("*.py"))
 
 
 def report_fingerprint(folder: Any) -> str:

@@ -150,3 +150,17 @@ def test_configs_are_frozen():
 
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.attack.steps = 3  # type: ignore[misc]
+
+
+def test_a_moved_setting_is_refused_with_its_new_name_and_upgraded_in_recorded_configs():
+    """construct.leak_keep_t_eq_y moved to the controls' section: a profile or override naming the
+    old name fails, naming the new one; a run's recorded config.yaml is read under the new name."""
+    from advfeatures.config import upgrade
+
+    with pytest.raises(ConfigError, match=r"construct.leak_keep_t_eq_y is now controls.leak_keep_t_eq_y"):
+        resolve("tiny", ["construct.leak_keep_t_eq_y=true"])
+    assert resolve("tiny", ["controls.leak_keep_t_eq_y=true"]).controls.leak_keep_t_eq_y
+    recorded = {**resolve("tiny").to_dict(), "construct": {"n_images": 64, "leak_keep_t_eq_y": True}}
+    cfg = resolve(upgrade(recorded))
+    assert cfg.controls.leak_keep_t_eq_y and cfg.construct.n_images == 64
+    assert recorded["construct"]["leak_keep_t_eq_y"]  # upgrade copies

@@ -39,7 +39,7 @@ def test_every_stage_kind_is_declared_once_with_an_executor():
     kinds.discover()
     assert {"dataset", "model", "construct", "select", "student", "eval", "run"} <= set(kinds.KINDS)
     for name, kind in kinds.KINDS.items():
-        assert callable(kinds.executor(name)) and kinds.SCHEMA[name] == kind.schema
+        assert callable(kinds.executor(name)) and kinds.all_kinds()[name] is kind
         assert kinds.KINDS[name].execute.__module__.endswith(name.replace("eval", "evaluation")) or name not in (
             "dataset", "model", "construct", "select", "student", "eval", "run")  # declared by the module it names
     with pytest.raises(ValueError, match="declared twice"):
@@ -175,7 +175,7 @@ def test_leak_and_clean_only_sets_obey_their_definition(tmp_path, tiny_tar, tiny
 
     from pipeline.experiments.controls import build_control
 
-    cfg, st, _ = build(tiny_tar, tmp_path, [f"construct.leak_keep_t_eq_y={str(keep).lower()}"])
+    cfg, st, _ = build(tiny_tar, tmp_path, [f"controls.leak_keep_t_eq_y={str(keep).lower()}"])
     plan = get("controls").plan(cfg, source_sha256(tiny_tar))
     n, eps = cfg.construct.n_images, cfg.attack.eps
     rows = {}
@@ -522,7 +522,7 @@ def test_controls_mirror_the_augmented_copies_of_their_sets(tmp_path, tiny_tar):
     from pipeline.experiments.controls import build_control
     from pipeline.sets.pgd import pgd_set
 
-    cfg, st, _ = build(tiny_tar, tmp_path, ["construct.augment_copies=2", "construct.leak_keep_t_eq_y=true"])
+    cfg, st, _ = build(tiny_tar, tmp_path, ["construct.augment_copies=2", "controls.leak_keep_t_eq_y=true"])
     plan = get("controls").plan(cfg, source_sha256(tiny_tar))
     rand = pgd_set(st, plan.constructs["rand"])  # D_rand's rows, targets and clean crops (no PGD needed)
     clean = rand.images(st, plan.dataset.key, 0, len(rand.idx)).astype(np.float32) / 255

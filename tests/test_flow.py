@@ -244,7 +244,6 @@ def test_paper_profile_plans_the_papers_stages_and_recipes():
     from advfeatures.config import resolve
     from pipeline.experiments import get as get_experiment
     from pipeline.kinds import sharded
-    from pipeline.report import build_table
     from tasks import stages as T
 
     cfg = resolve("paper")
@@ -280,7 +279,7 @@ def test_paper_profile_plans_the_papers_stages_and_recipes():
     assert len(set(inits)) == 6
     assert plan.run.inputs == tuple(e.key for e in [plan.source_eval, plan.teacher_eval,
                                                     *(s.eval for s in students.values())])
-    df = build_table(_ManifestsOf(), plan)
+    df = get_experiment("replicate").table(_ManifestsOf(), plan)  # Table 1 beside the paper's numbers
     assert list(df["set"]) == ["D (source)", "teacher (errors)", "rand", "other", "det", "errors"]
     assert list(df["model"]) == ["resnet50", "resnet18", "resnet50", "resnet50", "resnet50", "resnet18"]
     paper = df["paper_%"]

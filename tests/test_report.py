@@ -76,7 +76,7 @@ def test_det_confusion_is_the_predictions_and_is_recomputed_for_old_evals(tiny_r
 
     st, plan, _, folder, _, _ = tiny_run
     info = D.load_run(st, folder)
-    counts, classes, n = D.det_confusion(st, info)
+    counts, classes, n = D.confusion(st, info, "det")
     dets = [s for s in plan.students if s.kind == "det"]
     assert n == len(dets) == 2 and len(classes) == 10
     x, y = load_split(st, plan.dataset.key, "test")
@@ -91,7 +91,7 @@ def test_det_confusion_is_the_predictions_and_is_recomputed_for_old_evals(tiny_r
         man = st.manifest("evals", s.eval.key)
         del man["metrics"]["confusion"]
         atomic_write_json(st.path("evals", s.eval.key) / "manifest.json", man)
-    assert np.array_equal(D.det_confusion(st, info)[0], expect)
+    assert np.array_equal(D.confusion(st, info, "det")[0], expect)
 
 
 def test_confusion_matrix_known_answer():

@@ -40,8 +40,8 @@ class Experiment:
     plan: Callable[[ExperimentConfig, str], Any]
     """(resolved config, sha256 of the data source) -> the plan (``pipeline.plan.Plan``)."""
     table: Callable[[Any, Any], Any] | None = None
-    """(store, plan) -> the table (a DataFrame); None: Table 1 of the replication
-    (``pipeline.report.build_table``)."""
+    """(store, plan) -> the table (a DataFrame); None: one row per model, without published
+    numbers (``pipeline.report.build_table``)."""
     markdown: Callable[[Any], str] | None = None
     """table -> its Markdown; None: ``pipeline.report.to_markdown``."""
     section: tuple[str, type] | None = None

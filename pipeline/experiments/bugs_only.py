@@ -79,7 +79,7 @@ def attack_block(store: Any, spec: StageSpec, model: Any, block: np.ndarray, tar
 P.BLOCK_ATTACKS[KIND] = attack_block
 register_set(SetBuilder((KIND,), "det-style PGD that fools the source while an ensemble keeps the true label "
                                  "(Nakkiran 2019)", sharded=P.SHARDS, plannable=False, selectable=False,
-                        perturbed=True, task_name="generate-set"))
+                        perturbed=True, task_name="generate-set", rows=P.pgd_rows))
 
 
 def member_spec(cfg: ExperimentConfig, dataset_key: str, role: str, member: int) -> StageSpec:

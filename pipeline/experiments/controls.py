@@ -2,7 +2,7 @@
 
 - ``leak-K`` for each PGD set K: K's rows and targets, but instead of PGD each image gets one
   fixed random pattern of norm eps per target class (a shortcut a student can learn, with none of
-  the source's features). With ``construct.leak_keep_t_eq_y`` rows whose target is their own label
+  the source's features). With ``controls.leak_keep_t_eq_y`` rows whose target is their own label
   stay unperturbed, as a public replication did (its ResNet-9 numbers: rand 79.5, det 32.3, other
   50.1 on the clean test set).
 - ``rand-clean-only`` (when rand is built): only D_rand's rows whose target is their own label,
@@ -31,10 +31,11 @@ import numpy as np
 
 from advfeatures import construct as C
 from advfeatures.attacks import threat_model
-from advfeatures.config import ConfigError, ExperimentConfig, _check
+from advfeatures.config import ConfigError, ExperimentConfig, _check, register_section
 from pipeline.common import (Context, dataset_info, load_model, load_split, once, run_record, save_set, setup_runtime,
                              verified_set)
 from pipeline.experiments import Experiment, register
+from pipeline.experiments.replicate import table
 from pipeline.kinds import StageSpec
 from pipeline.plan import Plan, add_set, add_students, make_plan, order_core
 from pipeline.sets import SetBuilder
@@ -168,7 +169,8 @@ def control_spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) -> S
         config = {"kind": kind, "n_images": c.n_images, "seed": c.seed, "dtype": c.dtype}
     else:
         config = {"kind": kind, "norm": cfg.attack.norm, "eps": cfg.attack.eps,  # no PGD
-                  "n_images": c.n_images, "seed": c.seed, "dtype": c.dtype, "keep_t_eq_y": c.leak_keep_t_eq_y}
+                  "n_images": c.n_images, "seed": c.seed, "dtype": c.dtype,
+                  "keep_t_eq_y": cfg.controls.leak_keep_t_eq_y}
     if c.augment_copies:
         config["augment_copies"] = c.augment_copies
     return StageSpec("construct", config, inputs)
@@ -180,9 +182,9 @@ def _build(store: Store, spec: StageSpec, ctx: Context) -> str:
 
 
 register_set(SetBuilder(LEAK, "PGD set K's rows and targets plus one fixed random pattern of norm eps per target class",
-                        build=_build, spec=control_spec, perturbed=True, task_name="build-control"))
+                        build=_build, spec=control_spec, perturbed=True, task_name="build-control", rows=control_rows))
 register_set(SetBuilder((CLEAN_ONLY,), "D_rand's rows whose target is their own label, unperturbed",
-                        build=_build, spec=control_spec, task_name="build-control"))
+                        build=_build, spec=control_spec, task_name="build-control", rows=control_rows))
 register_set(SetBuilder(MATCHED, "the rows PGD set K's students train on (after margin selection), clean, labelled t",
                         build=_build, plannable=False, selectable=False, task_name="build-control"))
 
@@ -196,6 +198,9 @@ class ControlsConfig:
     """The controls experiment's controls: 'leak' (leak-K: a fixed pattern per target class instead
     of PGD), 'clean-only' (rand-clean-only: D_rand's t = y rows, unperturbed) and 'matched' (clean-K:
     the rows K's students train on, clean, labelled t)."""
+    leak_keep_t_eq_y: bool = False
+    """leak sets (wherever they are planned): leave rows whose target is their own label unperturbed
+    (as a public replication did), instead of adding their class pattern to them too."""
 
     def __post_init__(self):
         _check(len(self.kinds) >= 1 and set(self.kinds) <= set(KINDS),
@@ -232,8 +237,9 @@ def add_matched(plan: Plan, cfg: ExperimentConfig) -> None:
         add_students(plan, cfg, f"clean-{k}", spec, ds, source, recipe=k)
 
 
+register_section("controls", ControlsConfig, moved={"construct.leak_keep_t_eq_y": "controls.leak_keep_t_eq_y"})
 EXPERIMENT = register(Experiment(
     name="controls",
     summary="the replication beside leak-K (a fixed random pattern per target class, no PGD), rand-clean-only and "
             "clean-K (the rows K's students train on, unperturbed)",
-    plan=plan, section=("controls", ControlsConfig), varies_sources=True))
+    plan=plan, table=table, section=("controls", ControlsConfig), varies_sources=True))

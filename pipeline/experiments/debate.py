@@ -153,7 +153,7 @@ def paired_difference(df: Any, a: str, b: str, col: str = "acc_xy_%") -> dict[st
 def _replicate_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
     """Table 1's sets (and, from controls, every control beside its set, each compared paired)."""
     from pipeline.readings import read_errors, read_set
-    from pipeline.report import PAPER  # Ilyas et al. Table 1 (ResNet-50); Wallace
+    from pipeline.experiments.replicate import PAPER  # Ilyas et al. Table 1 (ResNet-50); Wallace
 
     out = []
     sets = list(dict.fromkeys(df["set"]))

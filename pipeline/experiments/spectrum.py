@@ -253,10 +253,10 @@ def _robust_datasets_ends(store: Any, info: Any) -> dict[str, float]:
     try:
         import yaml
 
-        from advfeatures.config import resolve
+        from advfeatures.config import resolve, upgrade
         from pipeline.experiments import get
 
-        cfg = resolve(yaml.safe_load(info.config_text))
+        cfg = resolve(upgrade(yaml.safe_load(info.config_text)))  # a config recorded before a setting moved
         rd = get("robust-datasets").plan(cfg, info.of("dataset")[0]["config"]["source_sha256"])
         out = {}
         for name in ("D_NR", "D_R"):

@@ -40,6 +40,13 @@ class SetBuilder:
     """May be named in ``construct.sets``."""
     selectable: bool = True
     """Margin selection (``construct.select``) applies to it when it is made with the source."""
+    rows: Callable[..., Any] | None = None
+    """(set config, training labels, number of classes) -> image index, target and copy number of
+    each row: which image each row of a set built on augmented copies (``augment_copies``) crops
+    and flips (the report's examples show those crops)."""
+    report: Callable[..., None] | None = None
+    """(doc, store, run info, figures folder, device) -> None: its figures in the report of a run
+    holding sets of its kinds (``pipeline.html_report``), after the training curves."""
     task_name: str = "build-set"
 
 

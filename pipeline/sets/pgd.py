@@ -3,7 +3,7 @@
 ``prepare_construct`` creates the arrays, ``run_shard`` attacks and writes one shard and its
 marker (any worker, any order, resumable), ``finalize_construct`` checks the markers and writes
 the manifest last. A row's targets, subset and random start depend only on the set's seed and the
-row's image, never on the sharding."""
+row's image, never on the sharding. ``report`` draws the det students' confusion in a run's report."""
 
 from __future__ import annotations
 
@@ -88,11 +88,16 @@ def set_rows(cfg: dict[str, Any], targets: str, y_all: np.ndarray, num_classes: 
     return idx, t, copy
 
 
+def pgd_rows(cfg: dict[str, Any], y_all: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A PGD set's rows (``set_rows``), toward the targets its config names (default: its kind's)."""
+    return set_rows(cfg, cfg.get("targets", cfg["kind"]), y_all, num_classes)
+
+
 def pgd_set(store: Store, spec: StageSpec) -> PGDSet:
     dataset_key, cfg = spec.inputs[0], spec.config
     info = dataset_info(store, dataset_key)
     y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
-    idx, t, copy = set_rows(cfg, cfg.get("targets", cfg["kind"]), y_all, len(info["classes"]))
+    idx, t, copy = pgd_rows(cfg, y_all, len(info["classes"]))
     return PGDSet(idx, y_all[idx], t, _layout(store, spec, len(idx), info["image_shape"]), len(info["classes"]),
                   copy if cfg.get("augment_copies", 0) else None, cfg["seed"])
 
@@ -188,6 +193,26 @@ def spec(cfg: ExperimentConfig, kind: str, inputs: tuple[str, ...]) -> StageSpec
     return StageSpec("construct", config, inputs, options={"shard_size": c.shard_size, "chunk_size": c.chunk_size})
 
 
+def report(doc: Any, store: Store, info: Any, figs: Path, device: str) -> None:
+    """The det students' predictions on the clean test set, summed over seeds: the diagonal is
+    (X, Y), the next class (X, Y+1), what the det labels (t = y + 1) taught."""
+    from pipeline import figures as F
+    from pipeline.report_data import confusion
+
+    det = confusion(store, info, "det", device)
+    if det is None:
+        return
+    counts, classes, n = det
+    c, total = len(classes), counts.sum()
+    title = (f"det students on the clean test set (n = {n}; % of each true class)\n"
+             f"diagonal: (X, Y) {np.trace(counts) / total * 100:.1f}%;  next class: (X, Y+1) "
+             f"{sum(counts[i, (i + 1) % c] for i in range(c)) / total * 100:.1f}%")
+    doc.figure(F.save(F.confusion(counts, classes, title), figs, "det_confusion"),
+               "det students' predictions on the clean test set: the diagonal is (X, Y), the cell right of it "
+               "(the next class) is (X, Y+1), what the det labels taught.")
+
+
 SHARDS = Sharded(prepare=prepare_construct, shard=run_shard, finalize=finalize_construct, event=shard_event)
 BUILDER = register(SetBuilder(KINDS, "targeted PGD toward t: rand (t uniform), other (t != y), det (t = y + 1)",
-                              sharded=SHARDS, spec=spec, upstream="source", perturbed=True, task_name="generate-set"))
+                              sharded=SHARDS, spec=spec, upstream="source", perturbed=True, task_name="generate-set",
+                              rows=pgd_rows, report=report))

@@ -7,7 +7,7 @@ that drive stages by hand (tests, benchmarks)."""
 
 from pipeline.common import load_model, load_split, run_record, save_set, state_sha256  # noqa: F401
 from pipeline.integrity import find, verify  # noqa: F401
-from pipeline.stages.construct import attack_summary, generate, is_sharded  # noqa: F401
+from pipeline.stages.construct import attack_summary, generate  # noqa: F401
 from pipeline.stages.dataset import ingest, locate_source, source_sha256  # noqa: F401
 from pipeline.stages.evaluation import evaluate  # noqa: F401
 from pipeline.stages.model import initial_model, train_model  # noqa: F401

@@ -32,11 +32,6 @@ def sharded(spec: StageSpec) -> Sharded | None:
     return builder(spec.config["kind"]).sharded
 
 
-def is_sharded(spec: StageSpec) -> bool:
-    """A set built shard by shard (the flow fans its shards out)."""
-    return spec.stage == "construct" and sharded(spec) is not None
-
-
 def generate(store: Store, spec: StageSpec, rt: Any, log: Any = None) -> str:
     """A sharded set in this process, shard after shard (the flow fans the same calls out)."""
     steps = sharded(spec)
@@ -63,9 +58,18 @@ def label(spec: dict[str, Any], labels: dict[str, str]) -> str:
     return spec["config"].get("name") or spec["config"]["kind"]
 
 
+def summary(man: dict[str, Any]) -> str:
+    """``ls``: the set, its rows and, for an attacked set, the attack."""
+    c = man["stage"]["config"]
+    att = c.get("attack", {})
+    extra = f", {att.get('norm')} eps {att.get('eps')} x {att.get('steps')} steps" if att else ""
+    return f"{c.get('name') or c.get('kind')}, {man.get('summary', {}).get('n', '?')} rows{extra}"
+
+
 # Bumps: 2: records (fooled, loss, norm, and the new target margin) computed on the stored float16
 # images; per-row random start; amp in the key; shard_size/chunk_size out of the key.
 KIND = declare(StageKind("construct", 2, "constructed", execute,
                          "a constructed training set, built by its kind's set builder (pipeline.sets)",
                          label=label, verify=verify_set, sharded=lambda spec: sharded(spec), task_name="build-set",
+                         summary=summary,
                          events=("pgd_set", "pgd_batch", "shard_done")))  # emitted by the sharded (PGD) builder

@@ -172,4 +172,6 @@ def verify(store: Store, key: str, man: dict[str, Any]) -> tuple[list[str], list
 
 
 KIND = declare(StageKind("dataset", 1, "datasets", execute, "a data source ingested as Zarr arrays",
-                         label=lambda spec, labels: "data", verify=verify, task_name="ingest"))
+                         label=lambda spec, labels: "data", verify=verify, task_name="ingest",
+                         summary=lambda man: f"{len(man.get('classes', []))} classes, source "
+                                             f"{man['stage']['config'].get('source_sha256', '')[:8]}"))

@@ -98,5 +98,11 @@ def label(spec: dict, labels: dict[str, str]) -> str:
                                                                           else "")
 
 
+def summary(man: dict[str, Any]) -> str:
+    rob = man["stage"]["config"].get("robust")
+    acc = man.get("metrics", {}).get("acc_xy", float("nan"))
+    return (f"robust eps {rob['eps']} " if rob else "clean ") + f"acc {100 * acc:.1f}%"
+
+
 KIND = declare(StageKind("eval", 1, "evals", execute, "clean (or robust) test accuracy of a model", label=label,
-                         task_name="evaluate"))
+                         task_name="evaluate", summary=summary))

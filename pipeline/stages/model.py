@@ -190,7 +190,15 @@ def label(spec: dict[str, Any], labels: dict[str, str]) -> str:
     return c.get("role", "model") + (f" {ep} ep" if c.get("role") == "teacher" else "")
 
 
+def trained_summary(who: str, man: dict[str, Any]) -> str:
+    """``ls``: who the model is, its architecture, epochs and seed."""
+    c = man["stage"]["config"]
+    t = c.get("train", {})
+    return f"{who}, {c.get('model', {}).get('arch')}, {t.get('epochs')} ep, seed {t.get('seed')}"
+
+
 # Bumps: 2: initial weights and data order seeded from the model's role and seed (no student shares
 # the source's init); random numbers drawn on the CPU; amp in the key.
 KIND = declare(StageKind("model", 2, "models", execute, "a source or teacher trained on clean data", label=label,
-                         verify=verify_weights, task_name="train-model", events=("epoch",)))
+                         verify=verify_weights, task_name="train-model", events=("epoch",),
+                         summary=lambda man: trained_summary(man["stage"]["config"].get("role", "model"), man)))

@@ -23,4 +23,6 @@ def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
 # fooled_whole_set_t!=y_% and trained_rows_%; a table found in the store keeps its older columns, and
 # reports read both (pipeline.report.with_fooling).
 KIND = declare(StageKind("run", 2, "runs", execute, "the tables of a plan's evaluations",
-                         label=lambda spec, labels: "table", task_name="write-tables"))
+                         label=lambda spec, labels: "table", task_name="write-tables",
+                         summary=lambda man: f"{man['stage']['config'].get('name', 'sweep')}, "
+                                             f"{len(man['stage'].get('inputs', []))} inputs"))

@@ -52,4 +52,6 @@ def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
 KIND = declare(StageKind("select", 1, "constructed", execute,
                          "the rows of a PGD set with the largest target margin under the source",
                          label=lambda spec, labels: f"{labels.get(spec['inputs'][0], 'set')} top {spec['config']['fraction']:g}",
-                         verify=verify_set, task_name="select-set"))
+                         verify=verify_set, task_name="select-set",
+                         summary=lambda man: f"top {man['stage']['config'].get('fraction')} by margin of "
+                                             f"{(man['stage'].get('inputs') or ['?'])[0]}"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from advfeatures.config import RuntimeConfig
 from pipeline.common import Context, Log, once, quiet, verified_set
 from pipeline.kinds import StageKind, StageSpec, declare
-from pipeline.stages.model import fit_and_save, verify_weights
+from pipeline.stages.model import fit_and_save, trained_summary, verify_weights
 from storage.store import Store
 
 
@@ -28,4 +28,5 @@ def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
 # Bumps: 2: as model 2.
 KIND = declare(StageKind("student", 2, "models", execute, "a fresh model trained on a constructed set",
                          label=lambda spec, labels: f"{spec['config']['set']} seed={spec['config'].get('train', {}).get('seed', '?')}",
-                         verify=verify_weights, task_name="train-student", events=("epoch",)))
+                         verify=verify_weights, task_name="train-student", events=("epoch",),
+                         summary=lambda man: trained_summary(f"student of {man['stage']['config'].get('set')}", man)))

@@ -57,6 +57,11 @@ def label(spec: dict, labels: dict[str, str]) -> str:
     return f"transfer {labels.get(set_key, set_key)} -> {labels.get(model_key, model_key)}"
 
 
+def summary(man: dict[str, Any]) -> str:
+    m = man.get("metrics", {})
+    return f"transfer success {100 * m.get('transfer_success', float('nan')):.1f}% of {m.get('n_t_ne_y', '?')} rows"
+
+
 KIND = declare(StageKind("transfer", 1, "evals", execute,
                          "how often a set's images fool a model that did not make them (transfer success)",
-                         label=label, task_name="transfer"))
+                         label=label, task_name="transfer", summary=summary))
