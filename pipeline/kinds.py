@@ -100,10 +100,6 @@ def all_kinds() -> dict[str, StageKind]:
     return KINDS
 
 
-SCHEMA = KINDS
-"""Only for flows/cli.py's ``--until`` check (the kinds' names, after discovery); use all_kinds()."""
-
-
 @dataclass(frozen=True)
 class StageSpec:
     stage: str

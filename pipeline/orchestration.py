@@ -60,7 +60,7 @@ register_section("fanout", FanoutConfig, moved=MOVED, removed=REMOVED)
 
 @dataclass(frozen=True)
 class DaskConfig:
-    """Where ``fanout.executor=dask`` sends shards (``flows.dask``). Workers need the store (a
+    """Where ``fanout.executor=dask`` sends shards (``flows/dask_shards.py``). Workers need the store (a
     local or NFS path, or an fsspec URL) and the project's packages; with a URL store also
     PREFECT_API_URL (the store's cross-host lock is a Prefect concurrency limit). Tasks carry a
     set's spec and a shard number, never arrays; a shard's result is its marker in the store."""

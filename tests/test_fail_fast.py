@@ -65,6 +65,11 @@ def test_a_dask_scheduler_that_does_not_answer(capsys, tmp_path, tiny_sources):
     _one_line(rc, err, store, f"no Dask scheduler answers at dask.address=tcp://127.0.0.1:{port}")
 
 
+def test_an_unknown_until_kind_names_the_kinds(capsys, tmp_path, tiny_sources):
+    rc, err, store = _run(capsys, tmp_path, tiny_sources["zip"], "--until", "nope")
+    _one_line(rc, err, store, "--until nope: not a stage kind; choose one of ['construct', 'dataset'")
+
+
 @pytest.mark.parametrize("fmt", ["folder", "zip", "zip_top", "tar", "cifar_dir", "cifar_parent"])
 def test_every_good_source_passes_the_probe(tiny_sources, fmt):
     classes = D.probe(tiny_sources[fmt])
