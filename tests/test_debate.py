@@ -9,6 +9,7 @@ from conftest import run_experiment
 from advfeatures.config import ConfigError, resolve
 from pipeline.experiments import all_experiments, get
 from pipeline.experiments import debate as DB
+from pipeline.experiments import robust_datasets as RD
 from pipeline.readings import READINGS
 from pipeline.stages import source_sha256
 
@@ -107,6 +108,22 @@ def test_readings_follow_the_intervals_not_the_point_values():
     assert DB._robust_datasets_lines("robust-datasets", same, 10.0)[1]["supports"] == "neither"
     standard_more = rd.assign(**{"robust_0.25_%": [28.9, 21.0, 21.4, 4.5, 6.1]})  # the committed table's case
     assert DB._robust_datasets_lines("robust-datasets", standard_more, 10.0)[1]["supports"] == "neither"
+    # read at the smallest radius where standard training (D's students) keeps <= 5%, whatever D_R
+    # does at the others: here 0.5, where D_R (13.5) is clearly above D (4.0) and D_NR (0.1)
+    two = pd.DataFrame([{"model": m, "seed": i, "acc_%": 60.0, "ci95_lo_%": 59.0, "ci95_hi_%": 61.0,
+                         "robust_0.25_%": a, "robust_0.5_%": b}
+                        for m, vals in (("D", ((29.0, 3.8), (29.5, 4.1), (29.8, 4.0))),
+                                        ("D_R", ((30.0, 13.4), (31.0, 13.7), (30.5, 13.5))),
+                                        ("D_NR", ((5.0, 0.0), (5.5, 0.1), (4.8, 0.2))))
+                        for i, (a, b) in enumerate(vals)])
+    assert RD.reading_radius(two) == "robust_0.5_%"
+    nr, dr = DB._robust_datasets_lines("robust-datasets", two, 10.0)
+    assert dr["supports"] == "features" and dr["ours_%"] == pytest.approx(13.53, abs=0.01)
+    assert "L2 0.5" in dr["line"] and "rebuild 19.2" in dr["reference"], dr
+    assert RD.signature(two)[0] == "features"
+    # standard training robust at every radius: the largest is read; both at or below 5%: the smallest
+    assert RD.reading_radius(two.assign(**{"robust_0.5_%": 20.0})) == "robust_0.5_%"
+    assert RD.reading_radius(two.assign(**{"robust_0.25_%": 1.0})) == "robust_0.25_%"
 
     tr = pd.DataFrame({"arch": list("abcde"), "set": "det", "seed": 0, "transfer_%": [10.0, 20.0, 30.0, 40.0, 50.0],
                        "acc_xy_%": [15.0, 25.0, 35.0, 44.0, 56.0], "acc_xy+1_%": 0.0})
