@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import progress
-from pipeline.kinds import StageSpec
+from pipeline.kinds import StageSpec, sharded
 from storage import arrays as A
 from storage.store import Store
 
@@ -44,8 +44,6 @@ def once(store: Store, spec: StageSpec, shard: int, body: Callable[[Path], dict[
 
 def report_done(path: Path, spec: StageSpec, shard: int) -> None:
     """A shard written by another process (a Dask worker): its progress event here, from its marker."""
-    from pipeline.kinds import sharded
-
     layout, event = A.stored_layout(path), sharded(spec).event
     if layout is not None and event is not None:
         marker = A.read_json(A.marker_path(path, shard))
