@@ -176,19 +176,11 @@ def _replicate_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
     return out
 
 
-def _reference(ref: dict[str, tuple], col: str) -> str:
-    """The published robust accuracies at ``col``'s radius (0.25 or 0.5), e.g. 'paper 48; rebuild 49.9'."""
-    i = {"0.25": 1, "0.5": 2}.get(col.split("_")[1])
-    vals = [f"{who} {ref[who][i]:g}" for who in ("paper", "rebuild") if i is not None and ref[who][i] is not None]
-    return "; ".join(vals) or "not reported at this radius"
-
-
 def _robust_datasets_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
+    from pipeline.experiments.robust_datasets import published_at, reading_radius
     from pipeline.readings import FEATURES, NEITHER, above, read_robust_gain
 
     out = []
-    from pipeline.experiments.robust_datasets import REFERENCES, reading_radius
-
     r0 = reading_radius(df)
     if r0 is None:
         return out
@@ -208,7 +200,7 @@ def _robust_datasets_lines(name: str, df: Any, chance: float) -> list[dict[str, 
     side, why = read_robust_gain(dr_r, others)
     out.append(_line(name, f"D_R students, robust accuracy at L2 {r0.split('_')[1]}", dr_r,
                      "; ".join(f"{k} {v['mean']:.1f}" for k, v in others.items()) + f"; D_R clean {dr['mean']:.1f}",
-                     _reference(REFERENCES["D_R"], r0), side, why))
+                     published_at("D_R", r0), side, why))
     return out
 
 

@@ -56,6 +56,16 @@ REFERENCES = {  # clean / robust at L2 0.25 / 0.5 test accuracy, % (SCIENCE.md p
     "robust source": {"paper": (90.8, 82.3, 70.2), "rebuild": (None, None, None)},  # the released model
     CLEAN: {"paper": (95.3, None, None), "rebuild": (None, None, None)},  # standard training on D (Table 1)
 }
+REFERENCE_RADII = ("clean", "0.25", "0.5")
+"""What each position of a REFERENCES tuple holds."""
+
+
+def published_at(name: str, col: str) -> str:
+    """REFERENCES' robust accuracies of ``name`` at ``col``'s radius, e.g. 'paper 48; rebuild 49.9'."""
+    radius, ref = col.split("_")[1], REFERENCES.get(name, {})
+    i = REFERENCE_RADII.index(radius) if radius in REFERENCE_RADII else None
+    vals = [f"{who} {v[i]:g}" for who, v in ref.items() if i is not None and v[i] is not None]
+    return "; ".join(vals) or "not reported at this radius"
 
 
 @dataclass(frozen=True)
@@ -289,8 +299,8 @@ def to_markdown(df: Any) -> str:
                  f"{verdict[0]}. {verdict[1]}")
     return text + ("\n\nRobust accuracy: untargeted L2 PGD on the clean test set (evaluate.robust_steps steps of "
                    "2.5·eps/steps), on its first evaluate.robust_n images when set; clean_on_robust_images_% is "
-                   "the clean accuracy of those same images, the one to read a robust drop against. The claim of section 3.1: D_R's students gain robustness that D_NR's lack, "
-                   "while both learn clean accuracy; set_distance_ratio is the median ||g(x_r)-g(x)|| / "
+                   "the clean accuracy of those same images, the one to read a robust drop against. The claim of "
+                   "section 3.1: D_R's students gain robustness that D_NR's lack, while both learn clean accuracy; set_distance_ratio is the median ||g(x_r)-g(x)|| / "
                    "||g(x0)-g(x)|| of the set's rows (how far the inversion went).")
 
 
