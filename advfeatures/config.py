@@ -638,13 +638,19 @@ def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
     """A config recorded by an older version (a run's config.yaml) under today's names: each moved
     setting (``MOVED``) at its new name, each removed one (``REMOVED``) left out."""
     raw = copy.deepcopy(raw)
-    for old, new in [*MOVED.items(), *dict.fromkeys(REMOVED, "").items()]:
-        section, _, key = old.partition(".")
-        if isinstance(raw.get(section), dict) and key in raw[section]:
+    for old in [*MOVED, *REMOVED]:
+        if _given(raw, old):
+            section, _, key = old.partition(".")
             value = raw[section].pop(key)
-            if new:
-                _set_path(raw, new.split("."), value, old)
+            if old in MOVED:
+                _set_path(raw, MOVED[old].split("."), value, old)
     return raw
+
+
+def _given(raw: dict[str, Any], name: str) -> bool:
+    """Whether the raw config gives the setting ``section.key``."""
+    section, _, key = name.partition(".")
+    return isinstance(raw.get(section), dict) and key in raw[section]
 
 
 def load_profile(name_or_path: str) -> dict[str, Any]:
@@ -699,12 +705,10 @@ def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple
     if store is not None:
         _set_path(raw, ["runtime", "store"], str(store), "--store")
     for old, new in MOVED.items():
-        section, _, key = old.partition(".")
-        if isinstance(raw.get(section), dict) and key in raw[section]:
+        if _given(raw, old):
             raise ConfigError(f"{old} is now {new}; rename it in the profile or override")
     for old, hint in REMOVED.items():
-        section, _, key = old.partition(".")
-        if isinstance(raw.get(section), dict) and key in raw[section]:
+        if _given(raw, old):
             raise ConfigError(f"{old} was removed ({hint}); delete it from the profile or override")
     source = raw.get("source", {})
     if not isinstance(source, dict):

@@ -3,14 +3,14 @@ manifest (``advfeatures verify``)."""
 
 from __future__ import annotations
 
-from pipeline.kinds import all_kinds
+from pipeline.kinds import folders
 from storage import arrays as A
 from storage.store import Store, StoreError
 
 
 def find(store: Store, key: str) -> str:
     """The store folder holding artifact ``key``."""
-    for folder in dict.fromkeys(k.folder for k in all_kinds().values()):
+    for folder in folders():
         if store.path(folder, key).is_dir():
             return folder
     raise StoreError(f"no artifact {key!r} in the store at {store.root}; `advfeatures show-config` lists keys")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.kinds import all_kinds
+from pipeline.kinds import all_kinds, folders
 from storage.store import MANIFEST, Store, StoreError, read_json
 
 
@@ -72,7 +72,7 @@ def scan(store: Store) -> list[Artifact]:
     if store.remote:
         raise StoreError(f"ls/gc read local or mounted stores; {store.url} is a URL (list it with its own tools)")
     out = []
-    for folder in sorted({k.folder for k in all_kinds().values()}):
+    for folder in folders():
         base = store.root / folder
         if not base.is_dir():
             continue

@@ -100,6 +100,11 @@ def all_kinds() -> dict[str, StageKind]:
     return KINDS
 
 
+def folders() -> list[str]:
+    """The store folders the stage kinds write to, each once, sorted."""
+    return sorted({k.folder for k in all_kinds().values()})
+
+
 @dataclass(frozen=True)
 class StageSpec:
     stage: str

@@ -166,8 +166,9 @@ def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] |
     if (at["index"] < 0).any():
         return None
     dataset_key = _dataset_of(store, spec)
-    if spec["config"].get("augment_copies") and getattr(_builder(spec["config"]["kind"]), "rows", None):  # crop + flip
-        clean = _copies_clean(store, spec, dataset_key, rows)
+    set_rows = getattr(_builder(spec["config"]["kind"]), "rows", None)
+    if spec["config"].get("augment_copies") and set_rows is not None:  # a copy's clean image is its crop + flip
+        clean = _copies_clean(store, spec, dataset_key, rows, set_rows)
     else:
         idx = at["index"]
         uniq, inv = np.unique(idx, return_inverse=True)
@@ -179,16 +180,17 @@ def examples(store: Store, spec: dict[str, Any], n: int = 6) -> dict[str, Any] |
             "norm": rec["norm"][rows], "classes": man.get("classes") or [str(i) for i in range(man["num_classes"])]}
 
 
-def _copies_clean(store: Store, spec: dict[str, Any], dataset_key: str, rows: np.ndarray) -> np.ndarray:
+def _copies_clean(store: Store, spec: dict[str, Any], dataset_key: str, rows: np.ndarray,
+                  set_rows: Any) -> np.ndarray:
     """The clean images (uint8) of ``rows`` of a set built on augmented copies, each its image's crop
-    and flip, the rows mapped to images by the set's builder (``SetBuilder.rows``)."""
+    and flip, the rows mapped to images by ``set_rows``, the set builder's (``SetBuilder.rows``)."""
     from advfeatures import construct as C
     from pipeline.common import dataset_info, train_images_at
 
     cfg = spec["config"]
     y_all = A.read_rows(store.path("datasets", dataset_key) / "train", names=("labels",))["labels"]
     num_classes = len(dataset_info(store, dataset_key)["classes"])
-    idx, _, copy = _builder(cfg["kind"]).rows(cfg, y_all, num_classes)
+    idx, _, copy = set_rows(cfg, y_all, num_classes)
     return C.crop_flip(train_images_at(store, dataset_key, idx[rows]), C.copy_params(cfg["seed"], idx[rows], copy[rows]))
 
 

@@ -471,11 +471,10 @@ def _cell(text: str) -> str:
 
 
 def _kinds_order() -> list[str]:
-    from pipeline.kinds import KINDS, discover
+    from pipeline.kinds import all_kinds
 
-    discover()
     first = ["dataset", "model", "construct", "select", "student", "eval", "transfer", "run"]
-    return first + sorted(k for k in KINDS if k not in first)
+    return first + sorted(k for k in all_kinds() if k not in first)
 
 
 def _key_cell(e: Effect | None, order: list[str]) -> str:
