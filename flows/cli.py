@@ -127,10 +127,9 @@ def _resolve(args):
     if experiment.check is not None:
         experiment.check(cfg)  # folders and files the settings name, before any work
     if args.until is not None:
-        from pipeline.kinds import all_kinds
+        from pipeline.plan import check_until
 
-        if args.until not in all_kinds():
-            raise ConfigError(f"--until {args.until}: not a stage kind; choose one of {sorted(all_kinds())}")
+        check_until(args.until)
         if args.sweeps:
             raise ConfigError("--until and --sweep together are not supported; run each point with --until")
     return cfg

@@ -52,6 +52,12 @@ class Node:
         return self.spec.key
 
 
+def check_until(stage: str) -> None:
+    """``--until stage`` names a stage kind, else ConfigError listing them (before any plan is made)."""
+    if stage not in all_kinds():
+        raise ConfigError(f"--until {stage}: not a stage kind; choose one of {sorted(all_kinds())}")
+
+
 class Plan:
     """Stage specs in dependency order (every input of a stage is an earlier stage of the plan, or
     outside it), each with a label and tags, and the run stage that tabulates them (if any)."""
@@ -90,8 +96,7 @@ class Plan:
     def until(self, stage: str) -> Plan:
         """Only the stages of kind ``stage`` and everything they need (no run stage), e.g.
         ``until("construct")``: the sets, to train students elsewhere later."""
-        if stage not in all_kinds():
-            raise ConfigError(f"--until {stage}: not a stage kind; choose one of {sorted(all_kinds())}")
+        check_until(stage)
         wanted = {n.key for n in self.nodes() if n.spec.stage == stage}
         if not wanted:
             kinds = sorted({n.spec.stage for n in self.nodes()})
