@@ -1,5 +1,5 @@
-"""Experiments over one stage graph: the registry, the CLI, and one plan run two ways (the flow,
-and the executors alone without Prefect) giving byte-identical artifacts."""
+"""Experiments over one stage graph: the registry, the CLI, plans, and the set kinds' definitions,
+run by the executors alone (the flow against them, byte for byte: test_flow)."""
 
 import os
 
@@ -17,11 +17,6 @@ from pipeline.experiments import EXPERIMENTS, get  # noqa: E402
 from pipeline.stages import source_sha256  # noqa: E402
 from storage import arrays as A  # noqa: E402
 from storage.store import Store  # noqa: E402
-
-
-@pytest.fixture
-def harness(prefect_api):
-    """The process's temporary Prefect server (conftest), for the flow runs."""
 
 
 def test_registry_and_cli_list(capsys):
@@ -95,57 +90,6 @@ def test_plans_are_data_unions_and_parts(tiny_tar):
         rep.one(role="student")
 
 
-EVAL_METRICS = ("acc_xy", "acc_xy1", "chance", "ci95_xy", "ci95_xy1", "correct_xy", "correct_xy1", "n_test")
-
-
-def _artifacts(store: Store, plan) -> dict[str, bytes | dict]:
-    """What a plan computed, byte for byte: model weights, every constructed set's arrays, the tables."""
-    out = {}
-    for spec in plan.stages():
-        path = store.path(spec.folder, spec.key)
-        if spec.folder == "models":
-            out[spec.key] = (path / "weights.pt").read_bytes()
-        elif spec.folder == "constructed":
-            out[spec.key] = {k: v.tobytes() for k, v in A.read_rows(path).items()}
-        elif spec.folder == "evals":  # the metrics of before the reshape (later records, e.g. confusion, aside)
-            metrics = store.manifest(spec.folder, spec.key)["metrics"]
-            out[spec.key] = {k: v for k, v in metrics.items() if k in EVAL_METRICS}
-        elif spec.folder == "runs":
-            out[spec.key] = (path / "table.csv").read_text()
-    return out
-
-
-@pytest.mark.slow
-def test_the_flow_and_the_bare_executors_compute_the_same_bytes(harness, tmp_path, tiny_tar):
-    over = ["construct.select=0.5"]  # every kind of stage, selection included
-    cfg = resolve("tiny", over, data=str(tiny_tar), store=str(tmp_path / "bare"))
-    plan = get("replicate").plan(cfg, source_sha256(tiny_tar))
-    bare = Store(cfg.runtime.store)
-    ctx = Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg)
-    assert kinds.run_all(bare, plan, ctx) == plan.run.key
-    from prefect.client.orchestration import get_client
-
-    from flows.replicate import run_experiment
-
-    out = run_experiment(experiment="replicate", profile="tiny", overrides=over, data=str(tiny_tar),
-                         store=str(tmp_path / "flow"))
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts()
-    assert out["run_key"] == plan.run.key and out["experiment"] == "replicate"
-    by_type = {}
-    for art in arts:
-        by_type.setdefault(art.type, set()).add(art.key)
-    assert f"train-{plan.source.key}" in by_type["progress"] and f"pgd-{plan.constructs['rand'].key}" in \
-        by_type["progress"] and f"stages-{plan.run.key}" in by_type["progress"]  # per epoch, shard and stage
-    assert "replicate-report" in by_type["markdown"]
-    assert out["report"] == str(tmp_path / "flow" / "runs" / plan.run.key / "report.html")
-    assert "data:image/png;base64," in open(out["report"]).read()
-    a, b = _artifacts(bare, plan), _artifacts(Store(tmp_path / "flow"), plan)
-    assert a.keys() == b.keys() and len(a) == len([s for s in plan.stages() if s.stage != "dataset"])
-    for key in a:  # compared within this run: no digest pinned on one CPU model (their rounding differs)
-        assert a[key] == b[key], key
-
-
 def test_controls_reuse_every_replicate_stage_and_add_only_controls(tiny_tar):
     cfg = resolve("tiny", [], data=str(tiny_tar))
     sha = source_sha256(tiny_tar)
@@ -171,7 +115,6 @@ def test_leak_and_clean_only_sets_obey_their_definition(tmp_path, tiny_tar, tiny
     from conftest import build
 
     from advfeatures import construct as C
-    from pipeline import stages
 
     from pipeline.experiments.controls import build_control
 
@@ -349,25 +292,6 @@ def test_sweep_axes_points_and_errors():
     assert main(["run", "--profile", "tiny", "--sweep", "attack.steps=1,-1"]) == 2  # every point checked first
 
 
-@pytest.mark.slow
-def test_a_sweep_runs_every_point_once_and_tabulates_them(harness, tmp_path, tiny_tar):
-    """Two points of attack.steps over rand only: the source and the dataset are computed once
-    (the second point reuses them), and the long table has one row per (point, set, seed)."""
-    from flows.replicate import sweep
-
-    over = ["construct.sets=[rand]", "construct.n_images=50"]
-    out = sweep(experiment="replicate", profile="tiny", overrides=over, sweeps=["attack.steps=1,2"],
-                data=str(tiny_tar), store=str(tmp_path))
-    import pandas as pd
-
-    table = pd.read_csv(f"{out['sweep_dir']}/sweep.csv")
-    assert list(table["attack.steps"]) == [1, 1, 2, 2] and list(table["set"]) == ["D (source)", "rand"] * 2
-    assert table.loc[0, "model_key"] == table.loc[2, "model_key"]  # the source: one model for both points
-    assert table.loc[1, "construct_key"] != table.loc[3, "construct_key"]
-    assert len({p["run_dir"] for p in out["points"]}) == 2
-    assert out["report"].endswith("report.html") and "alt='sweep'" in open(out["report"]).read()
-
-
 def _write_released(folder, x, y, chunks=3):
     """The release format: CIFAR_ims / CIFAR_lab, torch-saved lists of tensors (concatenated on load)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -477,39 +401,6 @@ def test_waves_put_every_stage_after_its_inputs(tiny_tar):
         assert all(where[k] < where[spec.key] for k in spec.inputs if k in where)
     assert [s.stage for s in levels[0]] == ["dataset"] and levels[-1] == [plan.run]
     assert len({where[s.student.key] for s in plan.students if s.kind != "errors"}) == 1  # PGD students: one level
-
-
-@pytest.mark.slow
-def test_independent_stages_run_together_with_the_same_results(harness, tmp_path, tiny_tar):
-    """runtime.stage_workers=2 (two stages at once, threads fixed so rounding is the same) gives
-    the bytes of the bare executors run one after another."""
-    over = ["construct.sets=[rand, errors]", "construct.n_images=50", "student.seeds=[0, 1]", "runtime.threads=1"]
-    cfg = resolve("tiny", over, data=str(tiny_tar), store=str(tmp_path / "bare"))
-    plan = get("replicate").plan(cfg, source_sha256(tiny_tar))
-    bare = Store(cfg.runtime.store)
-    kinds.run_all(bare, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg))
-    import datetime as dt
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
-
-    from flows.replicate import run_experiment
-
-    t0 = dt.datetime.now(dt.timezone.utc)  # the module's server holds other tests' runs too: this run's
-    out = run_experiment(experiment="replicate", profile="tiny",
-                         overrides=over + ["runtime.stage_workers=2", "report.write=false"], data=str(tiny_tar),
-                         store=str(tmp_path / "flow"))
-    with get_client(sync_client=True) as client:
-        runs = [r.name for r in client.read_task_runs(
-            task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=t0)), limit=200)]
-    assert 0 < len(runs) < 200  # all of them (the server returns at most 200)
-    assert out["run_key"] == plan.run.key
-    for spec in plan.stages():  # every non-sharded stage submitted once (none called again after its level)
-        if spec.stage != "run" and not kinds.sharded(spec):
-            assert sum(r.endswith(spec.key) for r in runs) == 1, (plan.labels()[spec.key], runs)
-    a, b = _artifacts(bare, plan), _artifacts(Store(tmp_path / "flow"), plan)
-    assert a.keys() == b.keys()
-    assert [plan.labels()[k] for k in a if a[k] != b[k]] == []
 
 
 def test_controls_mirror_the_augmented_copies_of_their_sets(tmp_path, tiny_tar):

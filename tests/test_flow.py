@@ -1,10 +1,14 @@
 """The `replicate` flow end to end under prefect_test_harness, on a tiny synthetic dataset."""
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
 
 pytest.importorskip("prefect")
+
+from conftest import free_port, prefect_logging_ready, run_cli  # noqa: E402
 
 from flows.cli import main as cli_main  # noqa: E402
 from flows.replicate import replicate  # noqa: E402
@@ -12,14 +16,27 @@ from flows.replicate import replicate  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def harness(prefect_api):
-    """The flows of this module run against the process's temporary Prefect server (conftest)."""
+    """The flows of this module run against the process's temporary Prefect server (conftest).
+    Prefect's logging is set up before any test (one using capsys would bind it to its stream)."""
+    prefect_logging_ready()
+
+
+# The first run: two stages at once (runtime.stage_workers=2), with the torch threads of a stage
+# fixed (rounding then does not depend on what runs beside it), so its bytes can be compared with
+# the bare executors run one stage after another (test_the_flow_and_the_bare_executors_...).
+FIRST = ["runtime.threads=1", "runtime.stage_workers=2"]
 
 
 @pytest.fixture(scope="module")
 def first(tmp_path_factory, tiny_tar):
+    """The tiny replicate run every test of this module starts from: (store, its output). Its task
+    runs are the server's between ``out["t0"]`` and ``out["t1"]``."""
+    import datetime as dt
+
     store = tmp_path_factory.mktemp("store")
-    out = replicate(profile="tiny", data=str(tiny_tar), store=str(store))
-    return store, out
+    t0 = dt.datetime.now(dt.timezone.utc)
+    out = replicate(profile="tiny", overrides=FIRST, data=str(tiny_tar), store=str(store))
+    return store, {**out, "t0": t0, "t1": dt.datetime.now(dt.timezone.utc)}
 
 
 def _manifest_mtimes(store):
@@ -314,45 +331,225 @@ def test_parallel_shard_workers_give_identical_sets(first, tiny_tar, tmp_path):
     assert len(rows[1]["y_target"]) == 120
 
 
-@pytest.mark.slow
-def test_dask_executor_gives_identical_sets_and_leaves_nothing_running(first, tiny_tar, tmp_path, monkeypatch):
-    """fanout.executor=dask (a LocalCluster of 2 worker processes started for the run and closed at
-    its end): the same bytes as this process's threads, and no flow or task run left Running."""
-    pytest.importorskip("distributed", reason="the dask extra is not installed")
-    import datetime as dt
+EVAL_METRICS = ("acc_xy", "acc_xy1", "chance", "ci95_xy", "ci95_xy1", "correct_xy", "correct_xy1", "n_test")
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterStartTime, TaskRunFilter,
-                                                TaskRunFilterStartTime)
 
-    from flows import dask_shards
-    from pipeline import dask_cluster
+def _artifacts(store, plan) -> dict:
+    """What a plan computed, byte for byte: model weights, every constructed set's arrays, the tables."""
     from storage import arrays as A
 
-    started = []
-    client_for = dask_shards.client_for
-    monkeypatch.setattr(dask_shards, "client_for", lambda dc, rt: started.append(client_for(dc, rt)) or started[-1])
-    t0 = dt.datetime.now(dt.timezone.utc)
-    store = _seeded(first[0], tmp_path / "dask")
-    over = ["construct.sets=[det]", "runtime.threads=1", "runtime.shard_workers=2", "fanout.executor=dask",
-            "report.write=false", "dask.stages=true", "runtime.stage_workers=2", "student.seeds=[0,1]"]
-    out = replicate(profile="tiny", overrides=over, data=str(tiny_tar), store=str(store))
-    # seed 1's student and its evaluation are new: trained and evaluated on the cluster (dask.stages)
-    assert sorted(t["stage"] for t in out["timings"] if t["computed"]) == ["construct", "eval", "run", "student"]
-    key = next(t["key"] for t in out["timings"] if t["stage"] == "construct")
-    got, want = A.read_rows(store / "constructed" / key), A.read_rows(first[0] / "constructed" / key)
-    assert all(np.array_equal(got[k], want[k]) for k in want)
-    assert len({id(c) for c in started}) == 1 and dask_cluster._CLIENTS == {}  # one cluster for the run, closed
+    out = {}
+    for spec in plan.stages():
+        path = store.path(spec.folder, spec.key)
+        if spec.folder == "models":
+            out[spec.key] = (path / "weights.pt").read_bytes()
+        elif spec.folder == "constructed":
+            out[spec.key] = {k: v.tobytes() for k, v in A.read_rows(path).items()}
+        elif spec.folder == "evals":  # the metrics of before the reshape (later records, e.g. confusion, aside)
+            metrics = store.manifest(spec.folder, spec.key)["metrics"]
+            out[spec.key] = {k: v for k, v in metrics.items() if k in EVAL_METRICS}
+        elif spec.folder == "runs":
+            out[spec.key] = (path / "table.csv").read_text()
+    return out
+
+
+@pytest.mark.slow
+def test_the_flow_and_the_bare_executors_compute_the_same_bytes(first, tiny_tar, tmp_path):
+    """The first run (the flow, two stages at once) and the executors alone without Prefect, one
+    stage after another: every artifact byte-identical; each non-sharded stage submitted once (none
+    called again after its level); the progress and report artifacts published."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, TaskRunFilter,
+                                                TaskRunFilterStartTime)
+
+    from advfeatures.config import resolve
+    from pipeline import kinds
+    from pipeline.common import Context
+    from pipeline.experiments import get
+    from pipeline.stages import source_sha256
+    from storage.store import Store
+
+    store, out = first
+    cfg = resolve("tiny", ["runtime.threads=1"], data=str(tiny_tar), store=str(tmp_path / "bare"))
+    plan = get("replicate").plan(cfg, source_sha256(tiny_tar))
+    bare = Store(cfg.runtime.store)
+    assert kinds.run_all(bare, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg)) == \
+        plan.run.key == out["run_key"]
+    a, b = _artifacts(bare, plan), _artifacts(Store(store), plan)
+    assert a.keys() == b.keys() and len(a) == len([s for s in plan.stages() if s.stage != "dataset"])
+    # compared within this run: no digest pinned on one CPU model (their rounding differs)
+    assert [plan.labels()[k] for k in a if a[k] != b[k]] == []
     with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=t0)))
-        flows = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=t0)))
-    assert tasks and flows
-    assert [r.name for r in [*tasks, *flows] if r.state_type.value != "COMPLETED"] == []
+        runs = [r.name for r in client.read_task_runs(task_run_filter=TaskRunFilter(
+            start_time=TaskRunFilterStartTime(after_=out["t0"], before_=out["t1"])), limit=200)]
+        keys = [f"train-{plan.source.key}", f"pgd-{plan.constructs['rand'].key}", f"stages-{plan.run.key}",
+                "replicate-report"]
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    assert 0 < len(runs) < 200  # all of them (the server returns at most 200)
+    for spec in plan.stages():
+        if spec.stage != "run" and not kinds.sharded(spec):
+            assert sum(r.endswith(spec.key) for r in runs) == 1, (plan.labels()[spec.key], runs)
+    # per epoch, shard and stage; and the report
+    assert {(a.key, a.type) for a in arts} == {*((k, "progress") for k in keys[:3]), ("replicate-report", "markdown")}
+    assert out["report"] == str(store / "runs" / plan.run.key / "report.html")
+    assert "data:image/png;base64," in open(out["report"]).read()
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_every_point_once_and_tabulates_them(first, tmp_path, tiny_tar):
+    """Two points of attack.steps over rand only, in a store holding the first run's dataset and
+    models: the source is found there for both points, and the long table has one row per (point,
+    set, seed)."""
+    from flows.replicate import sweep
+
+    store = _seeded(first[0], tmp_path / "store")
+    over = ["construct.sets=[rand]", "construct.n_images=50"]
+    out = sweep(experiment="replicate", profile="tiny", overrides=over, sweeps=["attack.steps=1,2"],
+                data=str(tiny_tar), store=str(store))
+    table = pd.read_csv(f"{out['sweep_dir']}/sweep.csv")
+    assert list(table["attack.steps"]) == [1, 1, 2, 2] and list(table["set"]) == ["D (source)", "rand"] * 2
+    assert table.loc[0, "model_key"] == table.loc[2, "model_key"]  # the source: one model for both points
+    assert table.loc[1, "construct_key"] != table.loc[3, "construct_key"]
+    assert len({p["run_dir"] for p in out["points"]}) == 2
+    assert out["report"].endswith("report.html") and "alt='sweep'" in open(out["report"]).read()
+
+
+@pytest.mark.slow
+def test_serve_runs_the_replicate_deployment_on_dask_and_leaves_nothing_running(first, prefect_api, tiny_tar,
+                                                                                tmp_path):
+    """`advfeatures serve` against a running server: a run of the `replicate` deployment completes
+    with its shards on a Dask LocalCluster of 2 worker processes, each shard its own Completed task
+    run; seed 1's student trained and evaluated on the cluster (dask.stages), seed 0's found in the
+    store by a worker; the same bytes as the first run's threads; no flow or task run left Running;
+    SIGTERM stops serve (exit 0) and leaves the server it did not start."""
+    pytest.importorskip("distributed", reason="the dask extra is not installed")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
+                                                TaskRunFilterFlowRunId)
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from storage import arrays as A
+
+    root = Path(__file__).resolve().parent.parent
+    store = _seeded(first[0], tmp_path / "store")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "ADVFEATURES_HOME": str(root)}
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "advfeatures"), "serve", "--limit", "1"], env=env,
+                                cwd=root, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(240):
+            if "ready:" in log.read_text() or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert "ready:" in log.read_text(), log.read_text()[-3000:]
+        over = ["construct.sets=[det]", "runtime.threads=1", "report.write=false", "dask.stages=true",
+                "runtime.stage_workers=2", "student.seeds=[0,1]", "dask.cluster_kwargs={n_workers: 2}"]
+        with temporary_settings({PREFECT_API_URL: prefect_api}):
+            run = run_deployment("replicate/replicate", timeout=600, parameters={
+                "profile": "tiny", "data": str(tiny_tar), "store": str(store), "overrides": over})
+            assert run.state.is_completed(), (run.state, log.read_text()[-3000:])
+            with get_client(sync_client=True) as client:
+                subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+                tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
+                    flow_run_id=TaskRunFilterFlowRunId(any_=[run.id] + [f.id for f in subflows])))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, log.read_text()[-2000:]
+    assert [r.name for r in [*tasks, *subflows] if r.state_type.value != "COMPLETED"] == []
     on_dask = sorted(r.state_name for r in tasks if r.name.startswith("student-"))
     assert on_dask == ["Cached", "Completed"], on_dask  # seed 0's found in the store by a worker, seed 1's trained
+    (key,) = {t.name.split("-")[1] for t in tasks if t.name.startswith("shard-")}
     layout = A.stored_layout(store / "constructed" / key)
-    shards = sorted(r.name for r in tasks if r.name.startswith(f"shard-{key}-"))
+    shards = sorted(t.name for t in tasks if t.name.startswith("shard-"))
     assert shards == sorted(f"shard-{key}-{i}" for i in range(layout.num_shards)), shards  # one task run per shard
+    got, want = A.read_rows(store / "constructed" / key), A.read_rows(first[0] / "constructed" / key)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert "written by Dask worker" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server with a bucket; yields the environment fsspec/s3fs needs to reach it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    import fsspec.config
+    import s3fs
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = env["FSSPEC_S3_ENDPOINT_URL"]
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("advfeatures")
+    yield env
+    fsspec.config.conf["s3"].pop("endpoint_url", None)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.mark.slow
+def test_pipeline_on_s3_matches_a_local_folder(first, s3, prefect_api, tiny_tar, caplog, monkeypatch):
+    """The flow run by the CLI on s3:// (through the Prefect server, which holds the URL store's
+    locks): every artifact the same bytes as the first run's on a local folder; a rerun computes
+    nothing and leaves no Prefect records; `verify` reads the store."""
+    from prefect.events.worker import EventsWorker
+
+    from pipeline.report import read_table
+    from storage import arrays as A
+    from storage.store import Store
+
+    local, url = first[0], "s3://advfeatures/store"
+    common = ["--profile", "tiny", "--data", str(tiny_tar), "--set", "construct.sets=[det, errors]", "--set",
+              "runtime.threads=1"]  # the first run's threads: the same rounding
+    code, log = run_cli(caplog, monkeypatch, prefect_api, "run", *common, "--store", url)
+    assert code == 0, log[-3000:]
+    # run_cli leaves no event worker bound to its server (one whose server later stopped hung the
+    # session harness's exit): it drained and stopped them
+    assert not EventsWorker._instances
+    st = Store(url)
+    listed = {f: sorted(p.name for p in (st.root / f).iterdir() if not p.name.startswith("."))
+              for f in ("constructed", "models", "evals", "runs")}
+    assert [len(listed[f]) for f in ("constructed", "models", "runs")] == [2, 4, 1]  # source, teacher, 2 students
+    for key in listed["constructed"]:
+        assert st.is_complete("constructed", key)
+        a, b = A.read_rows(st.path("constructed", key)), A.read_rows(local / "constructed" / key)
+        assert all(np.array_equal(a[n], b[n]) for n in b), key
+    for key in listed["models"]:
+        assert st.is_complete("models", key)
+        assert (st.path("models", key) / "weights.pt").read_bytes() == (local / "models" / key / "weights.pt").read_bytes()
+    for key in listed["evals"]:
+        assert st.is_complete("evals", key) and (local / "evals" / key).is_dir()
+    (run,) = listed["runs"]
+    remote_table, first_table = read_table(st.path("runs", run)), read_table(local / "runs" / first[1]["run_key"])
+    want = dict(zip(first_table["model_key"], first_table["acc_xy_%"]))
+    assert {k: want[k] for k in remote_table["model_key"]} == dict(zip(remote_table["model_key"],
+                                                                       remote_table["acc_xy_%"]))
+    assert (st.path("runs", run) / "report.html").is_file() and (st.path("runs", run) / "figures" / "table1.svg").is_file()
+    created = {k: st.manifest("constructed", k)["created"] for k in listed["constructed"]}
+    code, again = run_cli(caplog, monkeypatch, prefect_api, "run", *common, "--store", url)
+    assert code == 0 and "computed this run: 0.0 s" in again, again[-3000:]
+    assert not (st.root / ".prefect" / "results").exists()  # no Prefect records: the manifests are the truth
+    assert {k: st.manifest("constructed", k)["created"] for k in listed["constructed"]} == created
+    assert cli_main(["verify", min(listed["models"]), "--store", url]) == 0
 
 
 @pytest.mark.slow

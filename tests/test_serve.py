@@ -1,11 +1,7 @@
-"""`advfeatures serve`: prefect.yaml's deployments served through Prefect's public API
-(``prefect.serve``), their schedules kept, their shards on Dask, each shard its own task run."""
+"""`advfeatures serve` and `deploy`: prefect.yaml's deployments served through Prefect's public
+API (``prefect.serve``), their schedules kept. A served run end to end, its shards on Dask, each its
+own task run: test_flow (it starts from that module's first run)."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,50 +38,6 @@ def test_a_deployment_override_cannot_drop_the_served_executor(tiny_tar, monkeyp
     monkeypatch.setenv("ADVFEATURES_SET", "attack.steps=9")
     with pytest.raises(ConfigError, match="not a fanout.. or dask.. setting"):
         resolve("tiny", [], data=str(tiny_tar))
-
-
-@pytest.mark.slow
-def test_serve_runs_the_replicate_deployment_with_each_shard_a_task_run(prefect_api, tiny_tar, tmp_path):
-    """`advfeatures serve` against a running server: the deployments appear, a run of `replicate`
-    completes with its shards on a Dask LocalCluster, each shard its own Completed task run of the
-    served flow run; SIGTERM stops serve (exit 0) and leaves the server it did not start."""
-    pytest.importorskip("distributed", reason="the dask extra is not installed")
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
-                                                TaskRunFilterFlowRunId)
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "ADVFEATURES_HOME": str(ROOT)}
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "advfeatures"), "serve", "--limit", "1"], env=env, cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(240):
-            if "ready:" in log.read_text() or proc.poll() is not None:
-                break
-            time.sleep(0.5)
-        assert "ready:" in log.read_text(), log.read_text()[-3000:]
-        with temporary_settings({PREFECT_API_URL: prefect_api}):
-            run = run_deployment("replicate/replicate", timeout=600, parameters={
-                "profile": "tiny", "data": str(tiny_tar), "store": str(tmp_path / "store"),
-                "overrides": ["construct.sets=[det]", "runtime.threads=1", "report.write=false",
-                              "dask.cluster_kwargs={n_workers: 2}"]})
-            assert run.state.is_completed(), (run.state, log.read_text()[-3000:])
-            with get_client(sync_client=True) as client:
-                subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
-                runs = [run.id] + [f.id for f in subflows]
-                tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
-                    flow_run_id=TaskRunFilterFlowRunId(any_=runs)))
-        shards = [t for t in tasks if t.name.startswith("shard-")]
-        assert shards and all(t.state_name == "Completed" for t in shards), [(t.name, t.state_name) for t in tasks]
-        assert "written by Dask worker" in log.read_text()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
-    assert code == 0, log.read_text()[-2000:]
 
 
 def test_the_zombie_automation_crashes_tagged_runs_silent_for_k_periods():

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from storage import version as V
-from storage.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,6 @@ from advfeatures.config import resolve
 from advfeatures.models import build_model
 from flows.cli import main
 from pipeline.plan import make_plan
-from pipeline.stages.dataset import source_sha256
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 FAST = ["construct.sets=[rand]", "construct.n_images=50", "source.train.epochs=1"]
