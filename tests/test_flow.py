@@ -21,12 +21,6 @@ def harness(prefect_api):
     prefect_logging_ready()
 
 
-# The first run: two stages at once (runtime.stage_workers=2), with the torch threads of a stage
-# fixed (rounding then does not depend on what runs beside it), so its bytes can be compared with
-# the bare executors run one stage after another (test_the_flow_and_the_bare_executors_...).
-FIRST = ["runtime.threads=1", "runtime.stage_workers=2"]
-
-
 @pytest.fixture(scope="module")
 def first(tmp_path_factory, tiny_tar):
     """The tiny replicate run every test of this module starts from: (store, its output). Its task
@@ -35,7 +29,7 @@ def first(tmp_path_factory, tiny_tar):
 
     store = tmp_path_factory.mktemp("store")
     t0 = dt.datetime.now(dt.timezone.utc)
-    out = replicate(profile="tiny", overrides=FIRST, data=str(tiny_tar), store=str(store))
+    out = replicate(profile="tiny", data=str(tiny_tar), store=str(store))
     return store, {**out, "t0": t0, "t1": dt.datetime.now(dt.timezone.utc)}
 
 
@@ -355,9 +349,9 @@ def _artifacts(store, plan) -> dict:
 
 @pytest.mark.slow
 def test_the_flow_and_the_bare_executors_compute_the_same_bytes(first, tiny_tar, tmp_path):
-    """The first run (the flow, two stages at once) and the executors alone without Prefect, one
-    stage after another: every artifact byte-identical; each non-sharded stage submitted once (none
-    called again after its level); the progress and report artifacts published."""
+    """The first run (the flow) and the executors alone without Prefect: every artifact
+    byte-identical; each non-sharded stage submitted once; the progress and report artifacts
+    published."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, TaskRunFilter,
                                                 TaskRunFilterStartTime)
@@ -370,7 +364,7 @@ def test_the_flow_and_the_bare_executors_compute_the_same_bytes(first, tiny_tar,
     from storage.store import Store
 
     store, out = first
-    cfg = resolve("tiny", ["runtime.threads=1"], data=str(tiny_tar), store=str(tmp_path / "bare"))
+    cfg = resolve("tiny", [], data=str(tiny_tar), store=str(tmp_path / "bare"))
     plan = get("replicate").plan(cfg, source_sha256(tiny_tar))
     bare = Store(cfg.runtime.store)
     assert kinds.run_all(bare, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg)) == \
@@ -418,7 +412,7 @@ def test_a_sweep_runs_every_point_once_and_tabulates_them(first, tmp_path, tiny_
 def test_serve_runs_the_replicate_deployment_on_dask_and_leaves_nothing_running(first, prefect_api, tiny_tar,
                                                                                 tmp_path):
     """`advfeatures serve` against a running server: a run of the `replicate` deployment completes
-    with its shards on a Dask LocalCluster of 2 worker processes, each shard its own Completed task
+    with its shards on a Dask LocalCluster (one worker process), each shard its own Completed task
     run; seed 1's student trained and evaluated on the cluster (dask.stages), seed 0's found in the
     store by a worker; the same bytes as the first run's threads; no flow or task run left Running;
     SIGTERM stops serve (exit 0) and leaves the server it did not start."""
@@ -452,7 +446,7 @@ def test_serve_runs_the_replicate_deployment_on_dask_and_leaves_nothing_running(
             time.sleep(0.5)
         assert "ready:" in log.read_text(), log.read_text()[-3000:]
         over = ["construct.sets=[det]", "runtime.threads=1", "report.write=false", "dask.stages=true",
-                "runtime.stage_workers=2", "student.seeds=[0,1]", "dask.cluster_kwargs={n_workers: 2}"]
+                "runtime.stage_workers=2", "student.seeds=[0,1]", "dask.cluster_kwargs={n_workers: 1}"]
         with temporary_settings({PREFECT_API_URL: prefect_api}):
             run = run_deployment("replicate/replicate", timeout=600, parameters={
                 "profile": "tiny", "data": str(tiny_tar), "store": str(store), "overrides": over})
@@ -509,8 +503,13 @@ def s3(tmp_path_factory):
 @pytest.mark.slow
 def test_pipeline_on_s3_matches_a_local_folder(first, s3, prefect_api, tiny_tar, caplog, monkeypatch):
     """The flow run by the CLI on s3:// (through the Prefect server, which holds the URL store's
-    locks): every artifact the same bytes as the first run's on a local folder; a rerun computes
-    nothing and leaves no Prefect records; `verify` reads the store."""
+    locks), two stages at once (runtime.stage_workers=2): every artifact the same bytes as the first
+    run's on a local folder, every stage submitted once; a rerun computes nothing and leaves no
+    Prefect records; `verify` reads the store."""
+    import datetime as dt
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
     from prefect.events.worker import EventsWorker
 
     from pipeline.report import read_table
@@ -518,10 +517,17 @@ def test_pipeline_on_s3_matches_a_local_folder(first, s3, prefect_api, tiny_tar,
     from storage.store import Store
 
     local, url = first[0], "s3://advfeatures/store"
+    # two stages at once (the tiny profile fixes runtime.threads=2: each keeps the first run's threads,
+    # so the same rounding)
     common = ["--profile", "tiny", "--data", str(tiny_tar), "--set", "construct.sets=[det, errors]", "--set",
-              "runtime.threads=1"]  # the first run's threads: the same rounding
+              "runtime.stage_workers=2"]
+    t0 = dt.datetime.now(dt.timezone.utc)
     code, log = run_cli(caplog, monkeypatch, prefect_api, "run", *common, "--store", url)
     assert code == 0, log[-3000:]
+    with get_client(sync_client=True) as client:  # every non-sharded stage submitted once, none again after its level
+        runs = [r.name for r in client.read_task_runs(task_run_filter=TaskRunFilter(
+            start_time=TaskRunFilterStartTime(after_=t0)), limit=200)]
+    assert 0 < len(runs) < 200  # all of them (the server returns at most 200)
     # run_cli leaves no event worker bound to its server (one whose server later stopped hung the
     # session harness's exit): it drained and stopped them
     assert not EventsWorker._instances
@@ -538,6 +544,8 @@ def test_pipeline_on_s3_matches_a_local_folder(first, s3, prefect_api, tiny_tar,
         assert (st.path("models", key) / "weights.pt").read_bytes() == (local / "models" / key / "weights.pt").read_bytes()
     for key in listed["evals"]:
         assert st.is_complete("evals", key) and (local / "evals" / key).is_dir()
+    for key in [*listed["models"], *listed["evals"]]:  # the shards' task runs are per shard, run once each too
+        assert sum(r.endswith(key) for r in runs) == 1, (key, runs)
     (run,) = listed["runs"]
     remote_table, first_table = read_table(st.path("runs", run)), read_table(local / "runs" / first[1]["run_key"])
     want = dict(zip(first_table["model_key"], first_table["acc_xy_%"]))
