@@ -1,14 +1,12 @@
 """The `replicate` flow end to end under prefect_test_harness, on a tiny synthetic dataset."""
 
-import os
-
 import numpy as np
 import pandas as pd
 import pytest
 
 pytest.importorskip("prefect")
 
-from conftest import free_port, prefect_logging_ready, run_cli  # noqa: E402
+from conftest import prefect_logging_ready  # noqa: E402
 
 from flows.cli import main as cli_main  # noqa: E402
 from flows.replicate import replicate  # noqa: E402
@@ -470,181 +468,6 @@ def test_serve_runs_the_replicate_deployment_on_dask_and_leaves_nothing_running(
     got, want = A.read_rows(store / "constructed" / key), A.read_rows(first[0] / "constructed" / key)
     assert all(np.array_equal(got[k], want[k]) for k in want)
     assert "written by Dask worker" in log.read_text()
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server with a bucket; yields the environment fsspec/s3fs needs to reach it."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    import fsspec.config
-    import s3fs
-
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = env["FSSPEC_S3_ENDPOINT_URL"]
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("advfeatures")
-    yield env
-    fsspec.config.conf["s3"].pop("endpoint_url", None)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
-
-
-@pytest.mark.slow
-def test_pipeline_on_s3_matches_a_local_folder(first, s3, prefect_api, tiny_tar, caplog, monkeypatch):
-    """The flow run by the CLI on s3:// (through the Prefect server, which holds the URL store's
-    locks), two stages at once (runtime.stage_workers=2): every artifact the same bytes as the first
-    run's on a local folder, every stage submitted once; a rerun computes nothing and leaves no
-    Prefect records; `verify` reads the store."""
-    import datetime as dt
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
-    from prefect.events.worker import EventsWorker
-
-    from pipeline.report import read_table
-    from storage import arrays as A
-    from storage.store import Store
-
-    local, url = first[0], "s3://advfeatures/store"
-    # two stages at once (the tiny profile fixes runtime.threads=2: each keeps the first run's threads,
-    # so the same rounding)
-    common = ["--profile", "tiny", "--data", str(tiny_tar), "--set", "construct.sets=[det, errors]", "--set",
-              "runtime.stage_workers=2"]
-    t0 = dt.datetime.now(dt.timezone.utc)
-    code, log = run_cli(caplog, monkeypatch, prefect_api, "run", *common, "--store", url)
-    assert code == 0, log[-3000:]
-    with get_client(sync_client=True) as client:  # every non-sharded stage submitted once, none again after its level
-        runs = [r.name for r in client.read_task_runs(task_run_filter=TaskRunFilter(
-            start_time=TaskRunFilterStartTime(after_=t0)), limit=200)]
-    assert 0 < len(runs) < 200  # all of them (the server returns at most 200)
-    # run_cli leaves no event worker bound to its server (one whose server later stopped hung the
-    # session harness's exit): it drained and stopped them
-    assert not EventsWorker._instances
-    st = Store(url)
-    listed = {f: sorted(p.name for p in (st.root / f).iterdir() if not p.name.startswith("."))
-              for f in ("constructed", "models", "evals", "runs")}
-    assert [len(listed[f]) for f in ("constructed", "models", "runs")] == [2, 4, 1]  # source, teacher, 2 students
-    for key in listed["constructed"]:
-        assert st.is_complete("constructed", key)
-        a, b = A.read_rows(st.path("constructed", key)), A.read_rows(local / "constructed" / key)
-        assert all(np.array_equal(a[n], b[n]) for n in b), key
-    for key in listed["models"]:
-        assert st.is_complete("models", key)
-        assert (st.path("models", key) / "weights.pt").read_bytes() == (local / "models" / key / "weights.pt").read_bytes()
-    for key in listed["evals"]:
-        assert st.is_complete("evals", key) and (local / "evals" / key).is_dir()
-    for key in [*listed["models"], *listed["evals"]]:  # the shards' task runs are per shard, run once each too
-        assert sum(r.endswith(key) for r in runs) == 1, (key, runs)
-    (run,) = listed["runs"]
-    remote_table, first_table = read_table(st.path("runs", run)), read_table(local / "runs" / first[1]["run_key"])
-    want = dict(zip(first_table["model_key"], first_table["acc_xy_%"]))
-    assert {k: want[k] for k in remote_table["model_key"]} == dict(zip(remote_table["model_key"],
-                                                                       remote_table["acc_xy_%"]))
-    assert (st.path("runs", run) / "report.html").is_file() and (st.path("runs", run) / "figures" / "table1.svg").is_file()
-    created = {k: st.manifest("constructed", k)["created"] for k in listed["constructed"]}
-    code, again = run_cli(caplog, monkeypatch, prefect_api, "run", *common, "--store", url)
-    assert code == 0 and "computed this run: 0.0 s" in again, again[-3000:]
-    assert not (st.root / ".prefect" / "results").exists()  # no Prefect records: the manifests are the truth
-    assert {k: st.manifest("constructed", k)["created"] for k in listed["constructed"]} == created
-    assert cli_main(["verify", min(listed["models"]), "--store", url]) == 0
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["path", "url"])
-def test_two_concurrent_runs_compute_each_stage_once(kind, tiny_tar, tmp_path, monkeypatch):
-    """Two replicate runs of one config at once: every model is trained once, every shard written
-    once (the second run waits on the stage's lock and reuses the result), arrays correct. With a
-    local path the lock is the store's flock; with a URL store (file:// through fsspec) it is a
-    Prefect global concurrency limit per artifact. A model's training goes on only once both runs
-    have asked for its lock, so each model is contended, whatever the machine's load."""
-    import contextlib
-    import threading
-    from collections import Counter
-
-    from pipeline.stages import model as SM
-    from pipeline.stages import student as SS
-    from storage import arrays as A
-    from storage.store import Store
-
-    trained, written, asked, guard = Counter(), Counter(), Counter(), threading.Condition()
-    fit_and_save, write_shard, store_lock = SM.fit_and_save, A.write_shard, Store.lock
-
-    @contextlib.contextmanager
-    def counting_lock(self, folder, key):
-        with guard:
-            asked[key] += 1
-            guard.notify_all()
-        with store_lock(self, folder, key):
-            yield
-
-    def counting_fit(store, spec, *a, **k):
-        with guard:
-            trained[spec.key] += 1
-            both = guard.wait_for(lambda: asked[spec.key] >= 2, timeout=300)
-        assert both, f"the other run never asked for the lock of {spec.key}"
-        return fit_and_save(store, spec, *a, **k)
-
-    def counting_write(path, layout, i, *a, **k):
-        with guard:
-            written[(str(path), i)] += 1
-        return write_shard(path, layout, i, *a, **k)
-
-    monkeypatch.setattr(Store, "lock", counting_lock)
-    monkeypatch.setattr(SM, "fit_and_save", counting_fit)
-    monkeypatch.setattr(SS, "fit_and_save", counting_fit)
-    monkeypatch.setattr(A, "write_shard", counting_write)
-    store = tmp_path / "shared" if kind == "path" else f"file://{tmp_path}/shared"
-    locked = Counter()
-    if kind == "url":  # count the Prefect concurrency-limit locks the URL store takes
-        import tasks.stages  # noqa: F401 - installs Store.remote_lock
-
-        prefect_lock = Store.remote_lock
-
-        def counting_remote_lock(name):
-            with guard:
-                locked[name] += 1
-            return prefect_lock(name)
-
-        monkeypatch.setattr(Store, "remote_lock", counting_remote_lock)
-    # the reports of two runs written into one run folder at once: with a path (with a URL: tables only)
-    over = ["construct.sets=[det, errors]"] + (["report.write=false"] if kind == "url" else [])
-    results, errors = [], []
-
-    def run():
-        try:
-            results.append(replicate(profile="tiny", overrides=over, data=str(tiny_tar), store=str(store)))
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not errors, errors
-    assert len(results) == 2 and results[0]["run_key"] == results[1]["run_key"]
-    assert trained and set(trained.values()) == {1}  # source, teacher, 2 students: once each
-    assert len(trained) == 4
-    pgd_shards = [k for k in written if "constructed" in k[0]]
-    assert written and set(written.values()) == {1} and len(pgd_shards) == 3 + 1  # det 3 shards, errors 1
-    from pipeline import stages as stages_mod
-
-    key = next(t["key"] for t in results[0]["timings"] if t["stage"] == "construct" and t["what"] == "det")
-    assert stages_mod.verify(Store(store), key) == []
-    if kind == "url":
-        assert not (tmp_path / "shared" / ".locks").exists()
-        assert all(locked[f"models-{k}"] == 2 for k in trained)  # both runs asked Prefect's lock of every model
 
 
 def test_deleted_artifact_is_recomputed(first, tiny_tar):
