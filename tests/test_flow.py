@@ -6,17 +6,13 @@ import pytest
 
 pytest.importorskip("prefect")
 
-from conftest import prefect_logging_ready  # noqa: E402
-
 from flows.cli import main as cli_main  # noqa: E402
 from flows.replicate import replicate  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def harness(prefect_api):
-    """The flows of this module run against the process's temporary Prefect server (conftest).
-    Prefect's logging is set up before any test (one using capsys would bind it to its stream)."""
-    prefect_logging_ready()
+    """The flows of this module run against the process's temporary Prefect server (conftest)."""
 
 
 @pytest.fixture(scope="module")
