@@ -65,3 +65,20 @@ def test_random_streams_are_the_same_on_cuda_and_cpu():
         cpu = aug(x, torch.Generator().manual_seed(3))
         gpu = aug(x.cuda(), torch.Generator().manual_seed(3)).cpu()
         assert torch.allclose(cpu, gpu, atol=1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+def test_inductor_compiled_model_matches_eager_on_cuda():
+    """runtime.compile's default code generator (inductor) on a GPU: the same logits and input
+    gradients as the eager model, to float noise (the CPU suite checks the wiring with AOTAutograd's
+    eager generator: test_stages)."""
+    torch.manual_seed(0)
+    m = build_model("small_cnn", 10, CIFAR_MEAN, CIFAR_STD).cuda().eval()
+    c = torch.compile(m)
+    x = torch.rand(64, 3, 32, 32, device="cuda", requires_grad=True)
+    a = m(x)
+    (ga,) = torch.autograd.grad(a.sum(), x)
+    b = c(x)
+    (gb,) = torch.autograd.grad(b.sum(), x)
+    assert torch.allclose(a, b, atol=1e-3) and torch.allclose(ga, gb, atol=1e-3)
