@@ -72,7 +72,9 @@ def test_two_concurrent_runs_compute_each_stage_once(kind, tiny_tar, tmp_path, m
 
         monkeypatch.setattr(Store, "remote_lock", counting_remote_lock)
     # the reports of two runs written into one run folder at once: with a path (with a URL: tables only)
-    over = ["construct.sets=[det, errors]"] + (["report.write=false"] if kind == "url" else [])
+    # one set (det: the source, the set's shards, its student): each contended lock is a wait, on a
+    # URL store a Prefect lock's retry; det and errors took 22 s with the URL store (measured)
+    over = ["construct.sets=[det]"] + (["report.write=false"] if kind == "url" else [])
     results, errors = [], []
 
     def run():
@@ -88,10 +90,10 @@ def test_two_concurrent_runs_compute_each_stage_once(kind, tiny_tar, tmp_path, m
         t.join(timeout=600)
     assert not errors, errors
     assert len(results) == 2 and results[0]["run_key"] == results[1]["run_key"]
-    assert trained and set(trained.values()) == {1}  # source, teacher, 2 students: once each
-    assert len(trained) == 4
+    assert trained and set(trained.values()) == {1}  # the source and det's student: once each
+    assert len(trained) == 2
     pgd_shards = [k for k in written if "constructed" in k[0]]
-    assert written and set(written.values()) == {1} and len(pgd_shards) == 3 + 1  # det 3 shards, errors 1
+    assert written and set(written.values()) == {1} and len(pgd_shards) == 3  # det's 3 shards
     from pipeline import stages as stages_mod
 
     key = next(t["key"] for t in results[0]["timings"] if t["stage"] == "construct" and t["what"] == "det")
