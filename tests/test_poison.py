@@ -60,6 +60,12 @@ def test_poison_reuses_replicate_and_tabulates_end_peak_and_the_shifted_labels(t
     with pytest.raises(ConfigError, match="poison.from_set"):
         resolve("tiny", ["poison.from_set=errors"])
 
+    # run with 4 crafting steps instead of 40 (what follows checks rows, tables and pages, not the
+    # recipe's strength): the set on every training image was most of this test's time
+    cfg = resolve("tiny", ["student.train.epochs=2", "student.seeds=[0,1]", "poison.attack.steps=4"],
+                  data=str(tiny_tar), store=str(tmp_path))
+    plan = get("poison").plan(cfg, sha)
+    assert plan.constructs["det-fowl"].config["attack"]["steps"] == 4
     st = Store(tmp_path)
     kinds.run_all(st, plan, Context(runtime=cfg.runtime, data=cfg.data, plan=plan, config=cfg, experiment="poison"))
     det = A.read_rows(st.path("constructed", plan.constructs["det"].key))
