@@ -219,7 +219,7 @@ def _drain_prefect_workers():
 # Not `--dist loadgroup` (a group of modules on one worker, to share their stores): pytest-xdist 3.8
 # marks a group by rewriting `item._nodeid`, which pytest 9.2's `nodeid` no longer reads, so every
 # test became its own group and module fixtures ran on both workers (seen: test_flow's first run
-# twice, the suite 12 s slower).
+# twice, the suite 12 s slower; pytest-xdist issue 1386, open).
 # Under pytest-xdist (`make test` runs `-n 2 --dist loadfile`), modules are handed to the workers
 # in collection order: the longest first, so that neither worker is left with one long module at
 # the end (measured on the 2-core machine, 2 workers: test_flow 160 s, test_science 80,
