@@ -216,17 +216,42 @@ def _drain_prefect_workers():
     run_coro_as_sync(drain())
 
 
-# Not `--dist loadgroup` (a group of modules on one worker, to share their stores): pytest-xdist 3.8
-# marks a group by rewriting `item._nodeid`, which pytest 9.2's `nodeid` no longer reads, so every
-# test became its own group and module fixtures ran on both workers (seen: test_flow's first run
-# twice, the suite 12 s slower; pytest-xdist issue 1386, open).
+# The tiny runs of the experiments of the debate share `experiments_store`: on one pytest-xdist
+# worker, the debate's run and the experiments' own runs compute their common stages (dataset,
+# source, det, the spectrum's sources, ...) once. `--dist loadfile` hands each module to one
+# worker; the scheduler below hands it these modules as one (xdist's public hook; with another
+# --dist, or an xdist whose file scheduler changed, xdist's own). Not `--dist loadgroup` with
+# `xdist_group` marks: xdist 3.8 marks a group by rewriting `item._nodeid`, which pytest 9.2 no
+# longer reads, so every test became its own group and module fixtures ran on both workers (seen:
+# test_flow's first run twice, the suite 12 s slower; pytest-xdist issue 1386, open).
+EXPERIMENTS = ("test_debate.py", "test_bugs_only.py", "test_robust_datasets.py", "test_spectrum.py",
+               "test_transfer.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    if not callable(getattr(LoadFileScheduling, "_split_scope", None)):
+        return None
+
+    class ExperimentsTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            scope = super()._split_scope(nodeid)
+            return "tests/experiments" if scope.rsplit("/", 1)[-1] in EXPERIMENTS else scope
+
+    return ExperimentsTogether(config, log)
+
+
 # Under pytest-xdist (`make test` runs `-n 2 --dist loadfile`), modules are handed to the workers
 # in collection order: the longest first, so that neither worker is left with one long module at
 # the end (measured on the 2-core machine, 2 workers: test_flow 160 s, test_science 80,
-# test_experiments 76, test_remote_store 66, test_stages 54 with a cold inductor cache).
+# test_experiments 76, test_remote_store 66; 2026-12-07: test_flow 115, test_remote_store 46,
+# test_dask 38, the experiments of the debate ~45 together, test_experiments 25).
 # test_science is left after them: handed out third, it shared a process with test_flow's
 # Prefect server once and a test failed in that run (not identified; the order below passed twice).
-LONGEST_FIRST = ("test_flow.py", "test_experiments.py", "test_remote_store.py", "test_dask.py", "test_stages.py")
+LONGEST_FIRST = ("test_flow.py", "test_experiments.py", "test_remote_store.py", "test_dask.py", "test_debate.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
