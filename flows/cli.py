@@ -260,17 +260,15 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
                    help="unseal what is corrupt so the next run recomputes exactly that")
 
 
+@_config_errors
 def _verify(args) -> int:
     from advfeatures.config import default_store
     from pipeline.stages import find, verify
-    from storage.store import Store, StoreError
+    from storage.store import Store
 
     store = Store(args.store or default_store())
-    try:
-        folder = find(store, args.key)
-        problems = verify(store, args.key, repair=args.repair)
-    except StoreError as e:
-        return _error(e)
+    folder = find(store, args.key)
+    problems = verify(store, args.key, repair=args.repair)
     if not problems:
         print(f"{folder}/{args.key}: OK")
         return 0
@@ -331,15 +329,12 @@ def _gc_args(p: argparse.ArgumentParser) -> None:
                    help="keep anything modified more recently (a run in progress writes its plan only at its end)")
 
 
+@_config_errors
 def _store_command(args) -> int:
     """report, ls, gc (``flows.store_cli``); a store error in one line, exit 2."""
     from flows import store_cli
-    from storage.store import StoreError
 
-    try:
-        return getattr(store_cli, args.command)(args)
-    except StoreError as e:
-        return _error(e)
+    return getattr(store_cli, args.command)(args)
 
 
 def _synth_args(p: argparse.ArgumentParser) -> None:

@@ -228,6 +228,10 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not exist" in err and str(tmp_path / "missing.zip") in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+    for command in (["verify", "0123456789abcdef"], ["ls"], ["gc"]):  # a store that cannot be opened
+        assert cli_main([*command, "--store", "nosuchproto://bucket/store"]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("advfeatures: error: cannot open store") and "fsspec backend" in err, err
 
 
 class _ManifestsOf:
