@@ -107,3 +107,25 @@ def test_slopes_are_per_source_seed_and_the_fooling_rule_takes_each_sources_lowe
     assert fooling_matched(df.assign(**{"fooled_t≠y_%": 95.0}))[0]
     assert probe_rise(df, "det") == pytest.approx(35.0 - 11.0)
     assert probe_rise(df.drop(columns="probe_transfer_%"), "det") is None
+
+
+def test_the_figure_averages_students_within_a_source_seed_then_spreads_over_seeds(tmp_path):
+    """Known answer: source seed 0's two students at eps 0 (10 and 20) count as one point, 15, beside
+    seed 1's 25: mean 20, std 7.07 over the two source seeds. The figure's two panels are drawn."""
+    import types
+
+    from pipeline.experiments.spectrum import _over_source_seeds, report
+
+    df = pd.DataFrame({"source_seed": [0, 0, 1, 0, 1], "source_eps": [0.0, 0.0, 0.0, 0.5, 0.5], "set": "det",
+                       "seed": [0, 1, 0, 0, 0], "acc_xy_%": [10.0, 20.0, 25.0, 30.0, 30.0],
+                       "acc_xy+1_%": 5.0, "transfer_%": [80.0, 80.0, 70.0, 50.0, 60.0],
+                       "probe_transfer_%": [5.0, 5.0, 7.0, 30.0, 40.0]})
+    mean, sd = _over_source_seeds(df, "acc_xy_%")
+    assert list(mean) == pytest.approx([20.0, 30.0]) and list(sd) == pytest.approx([50 ** 0.5, 0.0])
+    mean, sd = _over_source_seeds(df.drop(columns="source_seed").iloc[:2], "acc_xy_%")  # one source seed
+    assert list(mean) == [15.0] and list(sd) == [0.0]
+    drawn = []
+    doc = types.SimpleNamespace(figure=lambda path, caption: drawn.append((path, caption)))
+    report(doc, None, types.SimpleNamespace(table=df, config_text=""), tmp_path)
+    (path, caption), = drawn
+    assert path.name == "spectrum.png" and path.is_file() and "robust probe" in caption

@@ -268,15 +268,31 @@ def _robust_datasets_ends(store: Any, info: Any) -> dict[str, float]:
         return {}
 
 
+def _over_source_seeds(g: Any, col: str) -> tuple[Any, Any]:
+    """Per source eps, the mean of ``col`` and its std over source seeds (each seed's students
+    averaged first; zeros with one source seed)."""
+    per = g.groupby(["source_seed", "source_eps"] if "source_seed" in g else ["source_eps"])[col].mean()
+    if "source_seed" not in g:
+        return per, per * 0
+    by = per.groupby(level="source_eps")
+    return by.mean(), by.std().fillna(0)
+
+
 def report(doc: Any, store: Any, info: Any, figs: Any) -> None:
     from pipeline.figures import CHANCE, plt, save
 
     df = info.table
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
     for kind, g in df.groupby("set", sort=False):
-        m = g.groupby("source_eps")[["acc_xy_%", "acc_xy+1_%"]].mean()
-        ax.plot(m.index, m["acc_xy_%"], marker="o", label=f"{kind} (X, Y)")
-        ax.plot(m.index, m["acc_xy+1_%"], marker="s", ls=":", label=f"{kind} (X, Y+1)")
+        for col, marker, ls, what in (("acc_xy_%", "o", "-", "(X, Y)"), ("acc_xy+1_%", "s", ":", "(X, Y+1)")):
+            m, sd = _over_source_seeds(g, col)
+            ax.errorbar(m.index, m.values, yerr=sd.values, marker=marker, ls=ls, capsize=3, label=f"{kind} {what}")
+        for col, marker, ls, what in (("transfer_%", "o", "-", "standard model"),
+                                      ("probe_transfer_%", "^", "--", "robust probe")):
+            if col in g:
+                m, sd = _over_source_seeds(g, col)
+                bx.errorbar(m.index, m.values, yerr=sd.values, marker=marker, ls=ls, capsize=3,
+                            label=f"{kind} to the {what}")
     ends = _robust_datasets_ends(store, info)
     lo, hi = df["source_eps"].min(), df["source_eps"].max()
     for name, x in (("D_NR", lo), ("D_R", hi)):
@@ -286,10 +302,17 @@ def report(doc: Any, store: Any, info: Any, figs: Any) -> None:
     ax.axhline(10, color=CHANCE, ls="--", lw=1)
     ax.set(xlabel="source's adversarial-training L2 eps", ylabel="students' clean accuracy %",
            title="what students learn across source robustness")
-    ax.legend(fontsize=7, frameon=False)
-    doc.figure(save(fig, figs, "spectrum"), "Students' clean test accuracy on (X, Y) and (X, Y+1) against the "
-                                            "robustness of the source their set was made with; stars: D_NR's and "
-                                            "D_R's students (robust-datasets) when computed. Dashed: chance.")
+    bx.set(xlabel="source's adversarial-training L2 eps", ylabel="rows classified as their target %",
+           title="the sets' transfer to independent models")
+    for a in (ax, bx):
+        a.legend(fontsize=7, frameon=False)
+    doc.figure(save(fig, figs, "spectrum"), "Left: students' clean test accuracy on (X, Y) and (X, Y+1) against "
+                                            "the robustness of the source their set was made with (bars: std over "
+                                            "source seeds); stars: D_NR's and D_R's students (robust-datasets) when "
+                                            "computed; dashed: chance. Right: the share of each set's rows that an "
+                                            "independent standard model and the robust probe classify as the "
+                                            "set's target. Sets that robust sources make and that fool the robust "
+                                            "probe far more carry perceptible, robust features.")
 
 
 EXPERIMENT = register(Experiment(
