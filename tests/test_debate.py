@@ -17,7 +17,7 @@ BUGS = "{attack: {eps: 2.5, step_size: 0.5, steps: 3, use_best: false}, bugs_onl
 OVERRIDES = ["construct.n_images=60", "transfer.archs=[small_cnn,mlp,resnet9_narrow]", "spectrum.eps=[0,0.5]",
              "spectrum.sets=[det]", "spectrum.steps=2", "spectrum.robust_eps=[0.25]", "evaluate.robust_steps=3",
              "robust_datasets.steps=6", "robust_datasets.n_images=60", "robust_datasets.adversarial.steps=2",
-             "robust_datasets.robust_eps=[0.25]", f"debate.overrides={{bugs-only: {BUGS}}}"]
+             "robust_datasets.robust_eps=[0.25]", "poison.attack.steps=4", f"debate.overrides={{bugs-only: {BUGS}}}"]
 
 
 def test_the_plan_is_the_union_with_shared_stages_once(tiny_tar):
