@@ -60,8 +60,8 @@ def cluster_kwargs(dc: Any, rt: Any, cls: type, api_url: str | None = None) -> d
         kwargs.setdefault("dashboard_address", None)
         if dc.resources:
             kwargs.setdefault("resources", dict(dc.resources))
-        if api_url:  # a URL store's locks are on this server: the workers must talk to it too
-            kwargs.setdefault("env", {"PREFECT_API_URL": api_url})
+        if api_url and kwargs["processes"]:  # a URL store's locks are on this server: the workers must talk to
+            kwargs.setdefault("env", {"PREFECT_API_URL": api_url})  # it too (threads share this process's)
     return kwargs
 
 

@@ -211,6 +211,15 @@ def test_local_cluster_defaults_split_threads():
     assert dask_cluster.worker_runtime(DaskConfig(), rt).threads >= 1
     assert dask_cluster.worker_runtime(DaskConfig(address="tcp://h:8786"), rt).threads == 0
     assert dask_cluster.worker_runtime(DaskConfig(), RuntimeConfig(shard_workers=2, threads=3)).threads == 3
+    # the run's Prefect API goes to worker processes; threads share the run's process (LocalCluster's
+    # in-process workers take no `env`: a run with processes: false and a server failed)
+    api = "http://127.0.0.1:4200/api"
+    assert dask_cluster.cluster_kwargs(DaskConfig(), rt, distributed.LocalCluster, api)["env"] == {"PREFECT_API_URL": api}
+    threads = dask_cluster.cluster_kwargs(DaskConfig(cluster_kwargs={"processes": False}), rt, distributed.LocalCluster,
+                                          api)
+    assert "env" not in threads
+    with distributed.LocalCluster(**{**threads, "n_workers": 1}) as cluster, distributed.Client(cluster) as client:
+        assert client.submit(os.getpid).result() == os.getpid()
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
