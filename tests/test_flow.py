@@ -387,17 +387,22 @@ def test_the_flow_and_the_bare_executors_compute_the_same_bytes(first, tiny_tar,
 
 @pytest.mark.slow
 def test_a_sweep_runs_every_point_once_and_tabulates_them(first, tmp_path, tiny_tar):
-    """Two points of attack.steps over rand only, in a store holding the first run's dataset and
-    models: the source is found there for both points, and the long table has one row per (point,
-    set, seed)."""
+    """Two points of attack.steps over rand only, in a store holding the first run's stages: the
+    first point (the profile's 3 steps) is the first run's, found there; the second computes its
+    set and student. The source is found for both points, and the long table has one row per
+    (point, set, seed)."""
+    import shutil
+
     from flows.replicate import sweep
 
     store = _seeded(first[0], tmp_path / "store")
-    over = ["construct.sets=[rand]", "construct.n_images=50"]
-    out = sweep(experiment="replicate", profile="tiny", overrides=over, sweeps=["attack.steps=1,2"],
-                data=str(tiny_tar), store=str(store))
+    shutil.copytree(first[0] / "constructed", store / "constructed", ignore=shutil.ignore_patterns(".*"))
+    out = sweep(experiment="replicate", profile="tiny", overrides=["construct.sets=[rand]"],
+                sweeps=["attack.steps=3,1"], data=str(tiny_tar), store=str(store))
     table = pd.read_csv(f"{out['sweep_dir']}/sweep.csv")
-    assert list(table["attack.steps"]) == [1, 1, 2, 2] and list(table["set"]) == ["D (source)", "rand"] * 2
+    assert list(table["attack.steps"]) == [3, 3, 1, 1] and list(table["set"]) == ["D (source)", "rand"] * 2
+    rand = next(t for t in first[1]["timings"] if t["stage"] == "construct" and t["what"] == "rand")
+    assert table.loc[1, "construct_key"] == rand["key"]  # the first point: the first run's set
     assert table.loc[0, "model_key"] == table.loc[2, "model_key"]  # the source: one model for both points
     assert table.loc[1, "construct_key"] != table.loc[3, "construct_key"]
     assert len({p["run_dir"] for p in out["points"]}) == 2
