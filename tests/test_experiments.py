@@ -188,20 +188,24 @@ def test_robust_evaluations_are_extra_stages_and_columns(tmp_path, tiny_tar):
     from advfeatures.attacks import L2, robust_predictions
     from pipeline import stages
 
-    cfg, st, _ = build(tiny_tar, tmp_path, ["evaluate.robust_eps=[0.25,0.5]"])
+    # 4 steps, not the default 20 (checked on a plan below): three attacks of the test set here
+    cfg, st, _ = build(tiny_tar, tmp_path, ["evaluate.robust_eps=[0.25,0.5]", "evaluate.robust_steps=4"])
     sha = source_sha256(tiny_tar)
+    default = get("replicate").plan(resolve("tiny", ["evaluate.robust_eps=[0.25]"]), sha)
+    assert default.robust[default.source.key][0].config["robust"] == {"norm": "l2", "eps": 0.25, "steps": 20,
+                                                                       "step_size": 0.03125}
     plan, plain = get("replicate").plan(cfg, sha), get("replicate").plan(resolve("tiny", []), sha)
     models = [plan.source, plan.teacher] + [s.student for s in plan.students]
     assert set(plan.robust) == {m.key for m in models} and all(len(v) == 2 for v in plan.robust.values())
     assert {s.key for s in plain.stages() if s.stage != "run"} < {s.key for s in plan.stages()}
     assert plain.robust == {} and plain.run.key != plan.run.key
     spec = plan.robust[plan.source.key][0]
-    assert spec.config["robust"] == {"norm": "l2", "eps": 0.25, "steps": 20, "step_size": 0.03125}
+    assert spec.config["robust"] == {"norm": "l2", "eps": 0.25, "steps": 4, "step_size": 0.15625}
     stages.evaluate(st, plan.source_eval, cfg.runtime)
     stages.evaluate(st, spec, cfg.runtime)
     x, y = stages.load_split(st, plan.dataset.key, "test")
     pred = robust_predictions(stages.load_model(st, plan.source.key), torch.from_numpy(x), torch.from_numpy(y),
-                              L2(0.25), 20, 0.03125, batch_size=cfg.runtime.eval_batch_size)
+                              L2(0.25), 4, 0.15625, batch_size=cfg.runtime.eval_batch_size)
     robust = st.manifest("evals", spec.key)["metrics"]["acc_xy"]
     assert robust == pytest.approx((pred.numpy() == y).mean())
     clean = st.manifest("evals", plan.source_eval.key)["metrics"]["acc_xy"]
