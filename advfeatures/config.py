@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import types
@@ -559,8 +560,15 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - programming error
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of a config class, once: it evaluates every annotation string
+    again at each call (a quarter of the time of planning every experiment, measured)."""
+    return typing.get_type_hints(cls)
+
+
 def build_config(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     sections = dict(SECTIONS) if cls is ExperimentConfig else {}
     names = [f.name for f in dataclasses.fields(cls) if not (sections is not None and cls is ExperimentConfig
                                                              and f.name == "sections")]
