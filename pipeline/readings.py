@@ -122,11 +122,11 @@ def slope(xs: Any, ys: Any) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def read_trend(slopes: Stat, every_above_chance: bool, what: str) -> tuple[str, str]:
+def read_trend(slopes: Stat, every_above_chance: bool, what: str, at_chance: str = "") -> tuple[str, str]:
     """A spectrum line: students' accuracy against source robustness. ``slopes``: the slope's
     mean and its interval over source seeds. features: a trend (the interval excludes 0) with every
     point's students above chance; neither: one source seed (no interval), no trend, or a point at
-    chance."""
+    chance (``at_chance`` says which, e.g. "source eps 0.1 [9.0, 53.7]")."""
     if not has_interval(slopes):
         return NEITHER, (f"{what}: slope {slopes['mean']:+.1f} per unit eps from {slopes['n']} source seed(s): no "
                          "interval over sources, so no trend is shown.")
@@ -134,7 +134,9 @@ def read_trend(slopes: Stat, every_above_chance: bool, what: str) -> tuple[str, 
     if not trend:
         return NEITHER, f"{what}: slope {fmt_stat(slopes)} per unit eps over {slopes['n']} sources: no trend."
     if not every_above_chance:
-        return NEITHER, f"{what}: slope {fmt_stat(slopes)}, but not every source's examples teach above chance."
+        where = f" (at {at_chance}, its interval over sources reaches chance)" if at_chance else ""
+        return NEITHER, (f"{what}: slope {fmt_stat(slopes)}, but not every source's examples are shown to teach "
+                         f"above chance{where}.")
     return FEATURES, (f"{what}: slope {fmt_stat(slopes)} per unit eps over {slopes['n']} sources, every source's "
                       "examples teaching above chance.")
 
@@ -207,17 +209,19 @@ standard source's before its students' trend is read as learning robust, percept
 
 
 def read_spectrum(slopes: Stat, every_above_chance: bool, what: str, matched: bool,
-                  probe_rise: float | None = None) -> tuple[str, str]:
+                  probe_rise: float | None = None, at_chance: str = "") -> tuple[str, str]:
     """A fooling-matched spectrum line. Not fooling-matched (some source is fooled on too few rows
     at the one radius): inconclusive, its sets differ in how much of them is perturbed at all.
     Otherwise the trend's reading (``read_trend``), except that a trend whose robust sources' sets
     fool the robust probe ``PROBE_RISE`` points more than the standard source's (``probe_rise``)
-    reads neither: their students may learn robust, perceptible features, not non-robust ones."""
+    reads neither: their students may learn robust, perceptible features, not non-robust ones. The
+    probe's reason is given for every trend it applies to, whatever else the line falls short of."""
     if not matched:
         return WEAK, (f"{what}: not fooling-matched (some source is fooled on fewer rows than the rule asks at the "
                       "one radius), so the sets differ in how much of them is perturbed; nothing is read.")
-    side, why = read_trend(slopes, every_above_chance, what)
-    if side != NEITHER and probe_rise is not None and probe_rise > PROBE_RISE:
+    side, why = read_trend(slopes, every_above_chance, what, at_chance)
+    trend = has_interval(slopes) and (slopes["lo"] > 0 or slopes["hi"] < 0)
+    if trend and probe_rise is not None and probe_rise > PROBE_RISE:
         return NEITHER, (f"{why} But the robust sources' examples fool the robust probe {probe_rise:.1f} points more "
                          "than the standard source's: they carry robust, perceptible features, so the trend is not "
                          "shown to come from non-robust ones.")

@@ -228,6 +228,7 @@ EXPERIMENTS = ("test_debate.py", "test_bugs_only.py", "test_robust_datasets.py",
                "test_transfer.py")
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: `pytest -p no:xdist` runs without it
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadfile":
         return None

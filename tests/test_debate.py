@@ -144,6 +144,10 @@ def test_readings_follow_the_intervals_not_the_point_values():
         "supports"] == "inconclusive: recipe too weak"  # the robust source is rarely fooled: not matched
     line = DB._spectrum_lines("spectrum", probed.assign(**{"probe_transfer_%": [10.0, 30.0, 50.0] * 3}), 10.0)[0]
     assert line["supports"] == "neither" and "probe transfer rise +40.0" in line["control"]
+    assert "one student each" in line["ours"] and "nan" not in line["ours"]  # one student per source: no within
+    # source seed 2 at chance at eps 0.25: the interval over sources there reaches chance, and the line says where
+    low = sp.assign(**{"acc_xy_%": [30.0, 36.0, 42.0, 31.0, 37.0, 43.0, 32.0, 2.0, 44.0]})
+    assert "at source eps 0.25 [" in DB._spectrum_lines("spectrum", low, 10.0)[0]["why"]
     flat = sp.assign(**{"acc_xy_%": [30.0, 36.0, 30.0, 30.0, 25.0, 30.0, 31.0, 36.0, 26.0]})
     assert DB._spectrum_lines("spectrum", flat, 10.0)[0]["supports"] == "neither"
 

@@ -102,3 +102,9 @@ def test_a_spectrum_reads_only_fooling_matched_and_beside_its_probe():
     assert reading == R.NEITHER and "probe" in why  # robust features would give the trend too
     assert R.read_spectrum(up, True, "det", matched=True, probe_rise=None)[0] == R.FEATURES  # no probe in the run
     assert R.read_spectrum(S(3.0, -5.0, 11.0), True, "det", matched=True, probe_rise=0.0)[0] == R.NEITHER
+    # a trend with a point whose interval reaches chance: neither, and the probe's reason still said
+    reading, why = R.read_spectrum(up, False, "det", matched=True, probe_rise=R.PROBE_RISE + 5,
+                                   at_chance="source eps 0.1 [9.0, 53.7]")
+    assert reading == R.NEITHER and "probe" in why and "source eps 0.1 [9.0, 53.7]" in why
+    assert "probe" not in R.read_spectrum(S(3.0, -5.0, 11.0), True, "det", matched=True,
+                                          probe_rise=R.PROBE_RISE + 5)[1]  # no trend: nothing to explain

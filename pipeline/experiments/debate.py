@@ -110,6 +110,9 @@ def _stat(values: Any, lo: Any = None, hi: Any = None) -> dict[str, float]:
 def _fmt(s: dict[str, float] | None) -> str:
     if not s or math.isnan(s["mean"]):
         return ""
+    if "n_sources" in s and math.isnan(s["within_std"]):  # one student per source: no spread within
+        return (f"{s['mean']:.1f} ± {s['between_std']:.1f} over sources (n={s['n']}: {s['n_sources']} sources, one "
+                f"student each) [{s['lo']:.1f}, {s['hi']:.1f}]")
     if "n_sources" in s:  # over sources x students
         return (f"{s['mean']:.1f} ± {s['between_std']:.1f} between / {s['within_std']:.1f} within sources "
                 f"(n={s['n']}: {s['n_sources']} sources) [{s['lo']:.1f}, {s['hi']:.1f}]")
@@ -253,12 +256,13 @@ def _spectrum_lines(name: str, df: Any, chance: float) -> list[dict[str, Any]]:
         by = g.groupby("source_eps")["acc_xy_%"].mean()
         lo_eps, hi_eps = by.index.min(), by.index.max()
         at = {e: _students(g, "source_eps", e, "acc_xy_%") for e in by.index}
-        every = all(above(st, chance) for st in at.values())
+        short = [e for e, st in at.items() if not above(st, chance)]
+        at_chance = ", ".join(f"source eps {e:g} [{at[e]['lo']:.1f}, {at[e]['hi']:.1f}]" for e in short)
         slopes = _stat(slopes_over_sources(df, kind))
         what = f"{kind} students' (X, Y) from source eps {lo_eps:g} to {hi_eps:g} ({by.iloc[0]:.1f} -> {by.iloc[-1]:.1f})"
         rise = probe_rise(df, kind)
-        side, why = (read_spectrum(slopes, every, what, matched, rise) if "probe_transfer_%" in df
-                     else read_trend(slopes, every, what))
+        side, why = (read_spectrum(slopes, not short, what, matched, rise, at_chance) if "probe_transfer_%" in df
+                     else read_trend(slopes, not short, what, at_chance))
         control = f"at eps {lo_eps:g}: {at[lo_eps]['mean']:.1f}"
         if rise is not None:
             control += f"; probe transfer rise {rise:+.1f}"
