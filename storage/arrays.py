@@ -192,6 +192,18 @@ def write_shard(path: Path, layout: Layout, i: int, arrays: dict[str, np.ndarray
     return marker
 
 
+def remove_partial_markers(path: Path) -> int:
+    """Delete the half-written markers (``.NAME.tmp``, ``atomic_write_json``'s temporary files)
+    that a writer killed while writing its marker left beside the markers; the number removed.
+    Called before a finished set's manifest, so that no stale file stays in the set."""
+    d, n = open_root(path) / SHARDS_DIR, 0
+    for f in d.iterdir():
+        if f.name.startswith(".") and f.name.endswith(".tmp"):
+            f.unlink()
+            n += 1
+    return n
+
+
 def read_markers(path: Path, layout: Layout) -> list[dict]:
     missing = pending_shards(path, layout)
     if missing:

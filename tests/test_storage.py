@@ -70,6 +70,18 @@ def test_interrupted_shard_is_redone_and_finished_ones_untouched(tmp_path):
     assert sum(m["count"] for m in markers) == 230
 
 
+def test_a_marker_half_written_by_a_killed_writer_is_removed_and_the_others_kept(tmp_path):
+    layout = _layout(50)
+    A.create_constructed(tmp_path, layout)
+    for i in range(layout.num_shards):
+        A.write_shard(tmp_path, layout, i, _rows(layout, i, 1.0), seconds=0.0)
+    stale = A.marker_path(tmp_path, 1).with_name(".00001.json.0123abcd.tmp")  # atomic_write_json's, cut short
+    stale.write_text('{"shard": 1, "sta')
+    assert A.remove_partial_markers(tmp_path) == 1 and not stale.exists()
+    assert len(A.read_markers(tmp_path, layout)) == layout.num_shards == len(list(stale.parent.iterdir()))
+    assert A.remove_partial_markers(tmp_path) == 0
+
+
 def test_marker_checksum_matches_rows(tmp_path):
     layout = _layout(50)
     A.create_constructed(tmp_path, layout)

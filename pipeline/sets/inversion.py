@@ -167,6 +167,7 @@ def finalize(store: Store, spec: StageSpec) -> str:
     info = dataset_info(store, spec.inputs[0])
     path = store.path(spec.folder, spec.key)
     s = inversion_set(store, spec)
+    A.remove_partial_markers(path)  # a writer killed mid-marker leaves one (its shard was rerun)
     markers = A.read_markers(path, s.layout)
     rec = A.read_rows(path, names=("y_target", "y_true", "goal", "index", "fooled", "loss", "norm", "distance",
                                    "start_distance"))

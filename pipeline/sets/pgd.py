@@ -162,6 +162,7 @@ def finalize_construct(store: Store, spec: StageSpec) -> str:
     path = store.path(spec.folder, spec.key)
     s = pgd_set(store, spec)
     y, t, layout, num_classes = s.y, s.t, s.layout, s.num_classes
+    A.remove_partial_markers(path)  # a writer killed mid-marker leaves one (its shard was rerun)
     markers = A.read_markers(path, layout)
     rec = A.read_rows(path, names=("fooled", "norm", "loss", "y_target", "y_true"))
     if not (np.array_equal(rec["y_target"], t) and np.array_equal(rec["y_true"], y)):
