@@ -105,32 +105,42 @@ def free_port() -> int:
 
 
 def migrated_database(dest):
-    """Copy a Prefect database with every migration applied to ``dest`` (a file path): a server
-    started on it skips the migrations, ~15 of the ~23 CPU-s of a start on a fresh database
-    (measured, 2 cores). The template is made once per Prefect version, by one process at a time
-    (pytest-xdist workers share it), in Prefect's home of the tests."""
+    """Copy the Prefect database with every migration applied (``prefect_template``) to ``dest`` (a
+    file path): a server started on it skips the migrations, ~15 of the ~23 CPU-s of a start on a
+    fresh database (measured, 2 cores)."""
     import shutil
+
+    from prefect_template import ensure_template
+
+    shutil.copyfile(ensure_template(), dest)
+    return dest
+
+
+_TEMPLATE_MAKER = None
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, the controller starts making the Prefect database template at once: it
+    is made while the workers start and collect (~6 s), and the first test that starts a server
+    waits less for it. Stopped at the end if still running (a run that needed no server)."""
+    global _TEMPLATE_MAKER
     import subprocess
     import sys
     from pathlib import Path
 
-    import filelock
-    import prefect
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        _TEMPLATE_MAKER = subprocess.Popen([sys.executable, str(Path(__file__).with_name("prefect_template.py"))],
+                                           start_new_session=True, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
 
-    home = Path(os.environ["PREFECT_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    template = home / f"test-template-{prefect.__version__}.db"
-    with filelock.FileLock(str(template) + ".lock"):
-        if not template.exists():
-            tmp = template.with_suffix(".tmp")
-            tmp.unlink(missing_ok=True)
-            env = {**os.environ, "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}"}
-            subprocess.run([sys.executable, "-c", "import asyncio\nfrom prefect.server.database import "
-                            "provide_database_interface as db\nasyncio.run(db().create_db())"],
-                           env=env, check=True, capture_output=True, timeout=300)
-            os.replace(tmp, template)
-    shutil.copyfile(template, dest)
-    return dest
+
+def pytest_unconfigure(config):
+    import signal
+
+    if _TEMPLATE_MAKER is not None:
+        if _TEMPLATE_MAKER.poll() is None:
+            os.killpg(_TEMPLATE_MAKER.pid, signal.SIGKILL)  # its migrations' process too (its own session)
+        _TEMPLATE_MAKER.wait()
 
 
 @contextlib.contextmanager

@@ -436,7 +436,10 @@ def test_serve_runs_the_replicate_deployment_on_dask_and_leaves_nothing_running(
 
     root = Path(__file__).resolve().parent.parent
     store = _seeded(first[0], tmp_path / "store")
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "ADVFEATURES_HOME": str(root)}
+    # the runner asks for scheduled runs every second (Prefect's default, 10 s, left the run waiting
+    # 0-10 s for its pickup; with run_deployment's 5-s poll, the test took 23-32 s)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "ADVFEATURES_HOME": str(root),
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "advfeatures"), "serve", "--limit", "1"], env=env,
@@ -450,7 +453,7 @@ def test_serve_runs_the_replicate_deployment_on_dask_and_leaves_nothing_running(
         over = ["construct.sets=[det]", "runtime.threads=1", "report.write=false", "dask.stages=true",
                 "runtime.stage_workers=2", "student.seeds=[0,1]", "dask.cluster_kwargs={n_workers: 1, processes: false}"]
         with temporary_settings({PREFECT_API_URL: prefect_api}):
-            run = run_deployment("replicate/replicate", timeout=600, parameters={
+            run = run_deployment("replicate/replicate", timeout=600, poll_interval=1, parameters={
                 "profile": "tiny", "data": str(tiny_tar), "store": str(store), "overrides": over})
             assert run.state.is_completed(), (run.state, log.read_text()[-3000:])
             with get_client(sync_client=True) as client:
