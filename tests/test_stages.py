@@ -131,6 +131,12 @@ def test_same_config_generates_bit_identical_shards(built, tmp_path):
     a = A.read_rows(st.path("constructed", spec.key))
     b = A.read_rows(other.path("constructed", spec.key))
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    # a worker killed while writing its marker left atomic_write_json's temporary file (its shard
+    # was rerun): the finished set keeps only its markers
+    shards = A.open_root(other.path("constructed", spec.key)) / A.SHARDS_DIR
+    (shards / ".00000.json.0123abcd.tmp").write_text('{"shard": 0, "sta')
+    stages.finalize_construct(other, spec)
+    assert sorted(p.name for p in shards.iterdir()) == [f"{i:05d}.json" for i in range(len(list(shards.iterdir())))]
 
 
 def _copy_inputs(st, plan, other):
