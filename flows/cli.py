@@ -197,6 +197,7 @@ def _run(args) -> int:
 
 def _start_flow(args, cfg) -> int:
     """The run's flow, with its progress shown as ``--progress`` says."""
+    from flows import liveness
     from flows import replicate as R
     from flows.console import display, print_last
     from pipeline.stages import locate_source
@@ -204,7 +205,7 @@ def _start_flow(args, cfg) -> int:
     locate_source(cfg.data)  # a torchvision download fails here (exit 3), before a flow starts
     kwargs = dict(profile=args.profile, overrides=args.overrides, data=args.data, store=args.store)
     print_last(None)  # before Prefect starts a temporary server, whose stop at exit logs a line
-    with display(args.progress):
+    with display(args.progress), liveness.heartbeats_unless_asked():
         if args.sweeps:
             out = R.sweep(experiment=args.experiment, sweeps=args.sweeps, **kwargs)
         elif args.until:

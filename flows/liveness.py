@@ -13,7 +13,8 @@ automations API. A dead shard is Dask's to rerun (``flows.dask_shards``), not Pr
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 from uuid import UUID
 
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
@@ -28,6 +29,21 @@ FINAL_EVENTS = ("Completed", "Failed", "Cancelled", "Crashed", "TimedOut", "Paus
 SIGNS_OF_LIFE = (HEARTBEAT_EVENT, "prefect.flow-run.Pending", "prefect.flow-run.Running")
 """A heartbeat, or entering an alive state. Entering Pending arms the automation too, so a run
 whose process died before it ever beat is not left Pending for ever."""
+
+
+@contextmanager
+def heartbeats_unless_asked() -> Iterator[None]:
+    """An ``advfeatures run``'s flow runs without Prefect's default heartbeat (180 s), unless a
+    period was set (environment or profile; serve and deploy set one): no automation judges an
+    untagged CLI run, and Prefect's engine waits up to 1 s for the heartbeat thread at the end of
+    every flow run (one per stage level and per set)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def check_heartbeat(period: int, multiple: float) -> None:

@@ -21,6 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from advfeatures.config import ExperimentConfig, resolve
 from advfeatures.cpus import split_threads
+from flows.liveness import heartbeats_unless_asked
 from pipeline import progress
 from pipeline.experiments import get as get_experiment
 from pipeline.experiments import plan_for  # noqa: F401 - flows.replicate.plan_for, as the docs and benchmarks call it
@@ -176,7 +177,8 @@ def run_plan(plan: Any, cfg: ExperimentConfig, st: Store) -> None:
 
     tell()
     try:
-        _run_stages(stages, cfg, root, one, tell)
+        with heartbeats_unless_asked():  # the subflows of any run: sets, levels
+            _run_stages(stages, cfg, root, one, tell)
     finally:
         if cfg.fanout.executor == "dask":
             from pipeline import dask_cluster

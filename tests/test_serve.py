@@ -55,6 +55,24 @@ def test_the_zombie_automation_crashes_tagged_runs_silent_for_k_periods():
     assert zombie_automation(30, 0.1).trigger.within.total_seconds() == 10  # Prefect's floor
 
 
+def test_a_cli_runs_flows_send_heartbeats_only_when_a_period_is_set():
+    """`advfeatures run` turns off Prefect's default heartbeat (180 s): no automation judges an
+    untagged CLI run, and Prefect's engine waits up to 1 s for the heartbeat thread at the end of
+    every flow run. A period the user set (environment or profile) is kept, and so is serve's."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY as H, get_current_settings, temporary_settings
+
+    from flows.liveness import heartbeats_unless_asked
+
+    def period():  # what Prefect's flow engine reads when a flow run starts
+        return get_current_settings().flows.heartbeat_frequency
+
+    assert period() is not None  # Prefect's default beats
+    with heartbeats_unless_asked():
+        assert period() is None
+    with temporary_settings(updates={H: 60}), heartbeats_unless_asked():
+        assert period() == 60
+
+
 @pytest.mark.slow
 def test_deploy_registers_the_pool_the_deployments_and_the_automation(prefect_api, monkeypatch):
     """`advfeatures deploy` on a server: the process pool, prefect.yaml's deployments (their runs
