@@ -661,6 +661,18 @@ def _given(raw: dict[str, Any], name: str) -> bool:
     return isinstance(raw.get(section), dict) and key in raw[section]
 
 
+def profile_summaries() -> dict[str, str]:
+    """Every bundled profile (advfeatures/profiles/*.yaml) and the first sentence of its header comment."""
+    import re
+
+    out = {}
+    for path in sorted(PROFILE_DIR.glob("*.yaml")):
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "# (no header)")
+        first = re.sub(r"\s*\((`advfeatures|measured).*$", "", first.lstrip("# ").strip())  # a run line, a pointer
+        out[path.stem] = first.rstrip(".:;,")
+    return out
+
+
 def load_profile(name_or_path: str) -> dict[str, Any]:
     """The raw mapping of a profile: a bundled name ('demo', 'paper') or a YAML path."""
     path = Path(name_or_path)

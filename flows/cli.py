@@ -25,22 +25,9 @@ from typing import Any
 import yaml
 
 
-def profile_summaries() -> dict[str, str]:
-    """Every bundled profile (advfeatures/profiles/*.yaml) and the first sentence of its header comment."""
-    import re
-
-    from advfeatures.config import PROFILE_DIR
-
-    out = {}
-    for path in sorted(PROFILE_DIR.glob("*.yaml")):
-        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "# (no header)")
-        first = re.sub(r"\s*\((`advfeatures|measured).*$", "", first.lstrip("# ").strip())  # a run line, a pointer
-        out[path.stem] = first.rstrip(".:;,")
-    return out
-
-
 def _listing() -> str:
     """The epilog of `run --help` / `show-config --help`: profiles and experiments from their registries."""
+    from advfeatures.config import profile_summaries
     from pipeline.experiments import all_experiments
 
     profiles = profile_summaries()
@@ -56,6 +43,8 @@ def _listing() -> str:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="replicate",
                    help="which experiment (listed below, and by `advfeatures experiments`)")
+    from advfeatures.config import profile_summaries
+
     bundled = ", ".join(profile_summaries())
     p.add_argument("--profile", default="demo", help=f"bundled profile name ({bundled}) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -197,8 +186,7 @@ def _run(args) -> int:
 
 def _start_flow(args, cfg) -> int:
     """The run's flow, with its progress shown as ``--progress`` says."""
-    from flows import liveness
-    from flows import replicate as R
+    from flows import liveness, replicate as R
     from flows.console import display, print_last
     from pipeline.stages import locate_source
 

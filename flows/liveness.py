@@ -33,16 +33,13 @@ whose process died before it ever beat is not left Pending for ever."""
 
 @contextmanager
 def heartbeats_unless_asked() -> Iterator[None]:
-    """An ``advfeatures run``'s flow runs without Prefect's default heartbeat (180 s), unless a
-    period was set (environment or profile; serve and deploy set one): no automation judges an
-    untagged CLI run, and Prefect's engine waits up to 1 s for the heartbeat thread at the end of
-    every flow run (one per stage level and per set)."""
+    """No Prefect heartbeat (by default one every 180 s) unless a period was set (environment or
+    profile; serve and deploy set one): no automation judges an untagged CLI run, and Prefect's
+    engine waits up to 1 s for the heartbeat thread at the end of every flow run."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
-    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
-        yield
-        return
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    asked = "heartbeat_frequency" in get_current_settings().flows.model_fields_set
+    with temporary_settings(updates={} if asked else {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 
 

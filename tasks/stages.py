@@ -5,11 +5,8 @@ No tensors cross a task boundary.
 The store is the truth, checked once per stage by the executor under the artifact's lock; Prefect
 keeps no cache records of its own. A stage the store held already ends in a Completed state named
 Cached, so the UI shows reuse. One writer per stage across concurrent runs comes from the store's
-lock (``Store.lock``), not from Prefect.
-
-Shared storage: a store at a URL gets its per-artifact lock from Prefect: a global concurrency
-limit of 1 per artifact, leased and renewed while held, so it is shared by every worker of one
-server and a dead holder's slot is released when its lease runs out (``prefect_lock``).
+lock (``Store.lock``), not from Prefect; a store at a URL gets it from Prefect (``prefect_lock``):
+leased and renewed while held, so a dead holder's slot is released when its lease runs out.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import functools
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -39,13 +36,7 @@ from storage.store import Store
 from tasks.progress import SINK as PREFECT_PROGRESS
 
 LOCK_LEASE_SECONDS = 60.0
-
-
-_ONE_WRITE = threading.Lock()
-"""This process's lock writes to the Prefect server, one at a time: on SQLite (Prefect's default
-database) two concurrent slot increments fail with SQLITE_BUSY_SNAPSHOT, which the server answers
-503 and Prefect's client retries after 2 s, then 4 s (measured: 6 of a tiny run's 28 locks, when
-its two stage threads start together). Never held while waiting for a slot another holds."""
+_ONE_WRITE = threading.Lock()  # this process's lock writes to the server, one at a time
 
 
 @contextmanager
@@ -53,17 +44,16 @@ def prefect_lock(name: str) -> Iterator[None]:
     """Mutual exclusion across hosts: a Prefect global concurrency limit of 1 named after the
     artifact, created on first use. Needs a Prefect server shared by the contenders (PREFECT_API_URL);
     an ephemeral server only serialises one process's own threads. A free slot is taken in one
-    request (``_ONE_WRITE``); a held one is waited for as Prefect waits (its Retry-After)."""
+    request, one at a time per process: on SQLite (Prefect's default) two concurrent increments fail
+    (503) and Prefect's client retries after 2 s, then 4 s. A held slot is waited for as Prefect waits."""
     limit, kw = f"advfeatures-{name}", dict(occupy=1, strict=True, lease_duration=LOCK_LEASE_SECONDS)
     with ExitStack() as held:
         with _ONE_WRITE, get_client(sync_client=True) as client:
             try:
                 free = client.read_global_concurrency_limit_by_name(limit).active_slots == 0
             except ObjectNotFound:
-                try:
+                with suppress(ObjectAlreadyExists):  # created by a contender since our read
                     client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
-                except ObjectAlreadyExists:  # created by a contender between our read and our create
-                    pass
                 free = True
             if free:
                 try:  # one try: a slot taken between our read and this try is waited for below
