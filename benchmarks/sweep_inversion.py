@@ -7,9 +7,9 @@ the sweep that chose ``robust_datasets.steps`` of the robust-datasets profile.
 
 For each model and step budget: the same goal images (a seeded subset of the store's dataset) and
 start images (``construct.inversion_starts``), inverted with each step size (0.1, the profile's,
-by default); prints, per budget, the median ratio ||g(x_r) - g(x)|| / ||g(x0) - g(x)||, the mean ||x_r - x0||_2, the share of x_r the
-model classifies as the goal's label, the seconds and image-steps/s, the step size (one CSV line
-each).
+by default); prints, per budget, the median ratio ||g(x_r) - g(x)|| / ||g(x0) - g(x)||, the
+mean ||x_r - x0||_2, the share of x_r the model classifies as the goal's label, the seconds and
+image-steps/s, the step size (one CSV line each).
 
 With ``--trace``: one inversion of the largest budget per model, its median ratio read after each
 of the budgets (the distances the inversion computed; the goal-label share and the norm only at
@@ -57,8 +57,9 @@ def main() -> None:
     amp = None if args.no_amp else torch.bfloat16
     print("model,steps,images,median_distance_ratio,mean_norm,model_says_goal_label,seconds,image_steps_per_s,"
           "step_size")
+    models = {key: load_model(store, key, "cpu") for key in args.model}  # each read once
     for key, size in [(k, z) for k in args.model for z in args.step_size]:
-        model = load_model(store, key, "cpu")
+        model = models[key]
         if args.trace:
             at = tuple(sorted(args.steps))
             t0 = time.perf_counter()

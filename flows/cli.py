@@ -41,10 +41,10 @@ def _listing() -> str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", default="replicate",
-                   help="which experiment (listed below, and by `advfeatures experiments`)")
     from advfeatures.config import profile_summaries
 
+    p.add_argument("--experiment", default="replicate",
+                   help="which experiment (listed below, and by `advfeatures experiments`)")
     bundled = ", ".join(profile_summaries())
     p.add_argument("--profile", default="demo", help=f"bundled profile name ({bundled}) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
