@@ -690,10 +690,12 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
 
 STORE_ENV = "ADVFEATURES_STORE"
 SET_ENV = "ADVFEATURES_SET"
-"""Space-separated ``fanout.*`` and ``dask.*`` overrides of the machine a run executes on (a served
-or deployed flow's shards go to its Dask cluster), applied below the run's own overrides; they are
+"""Space-separated ``fanout.*``, ``dask.*`` and ``runtime.threads`` overrides of the machine a run
+executes on (a served or deployed flow's shards go to its Dask cluster; a host running several
+worker processes gives each its share of the CPUs), applied below the run's own overrides; they are
 in no key, so they cannot change a result."""
 SET_ENV_SECTIONS = ("fanout", "dask")
+SET_ENV_PATHS = (("runtime", "threads"),)
 """Environment variable naming the store for every run of a process (containers, workers): it
 overrides the profile's ``runtime.store`` and is overridden by ``--set runtime.store=`` / ``--store``."""
 
@@ -713,9 +715,10 @@ def resolve(profile: str | dict[str, Any] = "demo", overrides: list[str] | tuple
         _set_path(raw, ["runtime", "store"], os.environ[STORE_ENV], STORE_ENV)
     for text in os.environ.get(SET_ENV, "").split():
         parts, value = parse_override(text)
-        if parts[0] not in SET_ENV_SECTIONS:
-            raise ConfigError(f"{SET_ENV}={os.environ[SET_ENV]!r}: {text!r} is not a fanout.* or dask.* setting (only "
-                              "those, which no key holds, may come from the environment); pass it as an override")
+        if parts[0] not in SET_ENV_SECTIONS and tuple(parts) not in SET_ENV_PATHS:
+            raise ConfigError(f"{SET_ENV}={os.environ[SET_ENV]!r}: {text!r} is not a fanout.*, dask.* or "
+                              "runtime.threads setting (only those, which no key holds, may come from the "
+                              "environment); pass it as an override")
         _set_path(raw, parts, value, f"{SET_ENV}: {text}")
     for text in overrides:
         parts, value = parse_override(text)

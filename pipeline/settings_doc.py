@@ -177,13 +177,13 @@ def _leaves(cls: type, prefix: str, section: str, value: Any, when: str = "") ->
 
 
 def resolve(raw: dict) -> C.ExperimentConfig:
-    """``raw`` resolved as the code has it, whatever $ADVFEATURES_STORE says in this shell."""
-    saved = os.environ.pop(C.STORE_ENV, None)
+    """``raw`` resolved as the code has it, whatever $ADVFEATURES_STORE and $ADVFEATURES_SET say in
+    this shell."""
+    saved = {name: os.environ.pop(name) for name in (C.STORE_ENV, C.SET_ENV) if name in os.environ}
     try:
         return C.resolve(raw)
     finally:
-        if saved is not None:
-            os.environ[C.STORE_ENV] = saved
+        os.environ.update(saved)
 
 
 def default_config() -> C.ExperimentConfig:

@@ -20,15 +20,20 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 # OpenMP threads that wait sleep instead of spinning: spinning waiters took twice the CPU
 # (test_science: 132 s for two concurrent runs, 61 s with PASSIVE; alone, 33 s and 39 s, so only
 # under xdist). Read by libgomp when torch loads: set before, here and in every process started.
+# And each run's torch uses one thread there, not the tiny profile's 2 (ADVFEATURES_SET, inherited by
+# every process a test starts): two workers of 2 threads on 2 cores oversubscribe them (the tiny
+# debate's stages, two processes at once: 25.3 s each with 2 threads, 21.0 with 1; alone, 17.1
+# with 2 and 23.6 with 1, so only under xdist).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("ADVFEATURES_SET", "runtime.threads=1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from advfeatures import synthetic as S  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
@@ -257,12 +262,12 @@ def pytest_xdist_make_scheduler(config, log):
 
 # Under pytest-xdist (`make test` runs `-n 2 --dist loadfile`), modules are handed to the workers
 # in collection order: the longest first, so that neither worker is left with one long module at
-# the end (measured on the 2-core machine, 2 workers: test_flow 160 s, test_science 80,
-# test_experiments 76, test_remote_store 66; 2026-12-07: test_flow 115, test_remote_store 46,
-# test_dask 38, the experiments of the debate ~45 together, test_experiments 25).
-# test_science is left after them: handed out third, it shared a process with test_flow's
-# Prefect server once and a test failed in that run (not identified; the order below passed twice).
-LONGEST_FIRST = ("test_flow.py", "test_experiments.py", "test_remote_store.py", "test_dask.py", "test_debate.py")
+# the end and the short ones even the two out. Measured 2026-12-07 (2 cores, 2 workers, one torch
+# thread each): test_flow 99 s, test_science 60, test_dask 42, test_remote_store 38, the experiments
+# of the debate ~40 together, test_concurrent_runs 20, test_experiments 19, test_report 15,
+# test_stages 11. Handed out after them, test_science ran alone for its last 23 s.
+LONGEST_FIRST = ("test_flow.py", "test_science.py", "test_dask.py", "test_remote_store.py", "test_debate.py",
+                 "test_concurrent_runs.py", "test_experiments.py", "test_report.py", "test_stages.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

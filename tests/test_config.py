@@ -1,7 +1,7 @@
 import pytest
 
 from advfeatures.config import (
-    PROFILE_DIR, STORE_ENV, ConfigError, ExperimentConfig, load_profile, parse_override, resolve,
+    PROFILE_DIR, SET_ENV, STORE_ENV, ConfigError, ExperimentConfig, load_profile, parse_override, resolve,
 )
 from pipeline.plan import make_plan
 from pipeline.sets import builder
@@ -36,6 +36,7 @@ def test_bundled_profiles_resolve_to_what_they_say(profile, monkeypatch):
     profile does not say otherwise, and the profile plans: every set of construct.sets with one
     student per seed, the teacher exactly when a set needs it."""
     monkeypatch.delenv(STORE_ENV, raising=False)
+    monkeypatch.delenv(SET_ENV, raising=False)  # conftest's runtime.threads=1 under pytest-xdist
     cfg = resolve(profile)
     assert isinstance(cfg, ExperimentConfig) and cfg.name == profile
     raw, resolved = load_profile(profile), cfg.to_dict()

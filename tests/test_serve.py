@@ -27,17 +27,22 @@ def test_served_deployments_are_prefect_yamls_with_their_schedules():
 
 def test_a_deployment_override_cannot_drop_the_served_executor(tiny_tar, monkeypatch):
     """ADVFEATURES_SET (what serve and the compose stack set) sits below a run's overrides: a run
-    with overrides of its own still sends its shards to Dask; a setting outside fanout.*/dask.* is
-    refused there (it could change a result without entering the parameters)."""
+    with overrides of its own still sends its shards to Dask; runtime.threads may come from there
+    too (a host's share of CPUs per worker process); a setting outside fanout.*/dask.* and
+    runtime.threads is refused there (it could change a result without entering the parameters)."""
     from advfeatures.config import ConfigError, resolve
 
     monkeypatch.setenv("ADVFEATURES_SET", "fanout.executor=dask dask.address=tcp://h:8786")
     cfg = resolve("tiny", ["attack.steps=2"], data=str(tiny_tar))
     assert (cfg.fanout.executor, cfg.dask.address, cfg.attack.steps) == ("dask", "tcp://h:8786", 2)
     assert resolve("tiny", ["fanout.executor=local"], data=str(tiny_tar)).fanout.executor == "local"
-    monkeypatch.setenv("ADVFEATURES_SET", "attack.steps=9")
-    with pytest.raises(ConfigError, match="not a fanout.. or dask.. setting"):
-        resolve("tiny", [], data=str(tiny_tar))
+    monkeypatch.setenv("ADVFEATURES_SET", "runtime.threads=3")
+    assert resolve("tiny", [], data=str(tiny_tar)).runtime.threads == 3
+    assert resolve("tiny", ["runtime.threads=4"], data=str(tiny_tar)).runtime.threads == 4
+    for other in ("attack.steps=9", "runtime.device=cuda"):
+        monkeypatch.setenv("ADVFEATURES_SET", other)
+        with pytest.raises(ConfigError, match="not a fanout.., dask.. or runtime.threads setting"):
+            resolve("tiny", [], data=str(tiny_tar))
 
 
 def test_the_zombie_automation_crashes_tagged_runs_silent_for_k_periods():
