@@ -29,11 +29,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("ADVFEATURES_SET", "runtime.threads=1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-from advfeatures import synthetic as S  # noqa: E402
-
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+from advfeatures import synthetic as S  # noqa: E402 - numpy and PIL only
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +130,13 @@ def pytest_configure(config):
     import sys
     from pathlib import Path
 
-    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        # a process that runs tests; pytest-xdist's controller runs none and never loads torch (~2 s
+        # before it starts the workers, and its teardown at the end)
+        import torch
+
+        torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+    else:
         _TEMPLATE_MAKER = subprocess.Popen([sys.executable, str(Path(__file__).with_name("prefect_template.py"))],
                                            start_new_session=True, stdout=subprocess.DEVNULL,
                                            stderr=subprocess.DEVNULL)
