@@ -16,6 +16,24 @@ os.environ.setdefault("PREFECT_SERVER_UI_ENABLED", "false")
 # Flow and task logs go to stdout only, not to the server as well (no test reads them there; each
 # batch is an API call: test_flow took ~10 CPU-s, 5%, less without them).
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+# Every Prefect client makes an SSL context from a CA bundle, certifi's by default: 37 ms a client
+# (OpenSSL parses ~150 certificates; test_concurrent_runs made 39 clients: 1.4 s). The tests'
+# servers are http:// on 127.0.0.1, so Prefect's own setting names a bundle of one certificate
+# (1.4 ms a client).
+if "PREFECT_API_SSL_CERT_FILE" not in os.environ:
+    import re
+
+    import certifi
+
+    _one_ca = os.path.join(os.environ["PREFECT_HOME"], "one-ca.pem")
+    if not os.path.exists(_one_ca):
+        os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
+        with open(certifi.where()) as f:
+            _pem = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", f.read(), re.S)
+        with open(f"{_one_ca}.{os.getpid()}", "w") as f:
+            f.write(_pem.group(0))
+        os.replace(f"{_one_ca}.{os.getpid()}", _one_ca)
+    os.environ["PREFECT_API_SSL_CERT_FILE"] = _one_ca
 # Under pytest-xdist (`make test`: two workers on two cores, each stage with 2 torch threads),
 # OpenMP threads that wait sleep instead of spinning: spinning waiters took twice the CPU
 # (test_science: 132 s for two concurrent runs, 61 s with PASSIVE; alone, 33 s and 39 s, so only
