@@ -183,10 +183,11 @@ class Store:
 
     def manifest(self, kind: str, key: str) -> dict[str, Any]:
         p = self.path(kind, key) / MANIFEST
-        if not p.is_file():
+        try:  # read at once: on a URL store, asking first took another request (HEAD)
+            return read_json(p)
+        except (FileNotFoundError, NotADirectoryError):
             raise StoreError(f"{kind}/{key} is not in the store at {self.root} (no {MANIFEST}); "
-                             "run the stage that produces it first")
-        return read_json(p)
+                             "run the stage that produces it first") from None
 
     def ensure_writable(self) -> None:
         try:
