@@ -276,6 +276,12 @@ def _drain_prefect_workers():
 # test_flow's first run twice, the suite 12 s slower; pytest-xdist issue 1386, open).
 EXPERIMENTS = ("test_debate.py", "test_bugs_only.py", "test_robust_datasets.py", "test_spectrum.py",
                "test_transfer.py")
+# The modules whose flows talk to a Prefect server (`prefect_api`) go to one worker as one unit too:
+# one server start (~8 CPU-s: Prefect's server modules imported here, the server's own process)
+# instead of one on each worker. ~150 s together, handed out first: the other worker's modules and
+# the short ones after them even the two out.
+PREFECT_SERVER = ("test_flow.py", "test_remote_store.py", "test_concurrent_runs.py", "test_serve.py",
+                  "test_docs_python.py")
 
 
 @pytest.hookimpl(optionalhook=True)  # xdist's hook: `pytest -p no:xdist` runs without it
@@ -290,7 +296,9 @@ def pytest_xdist_make_scheduler(config, log):
     class ExperimentsTogether(LoadFileScheduling):
         def _split_scope(self, nodeid):
             scope = super()._split_scope(nodeid)
-            return "tests/experiments" if scope.rsplit("/", 1)[-1] in EXPERIMENTS else scope
+            name = scope.rsplit("/", 1)[-1]
+            return "tests/experiments" if name in EXPERIMENTS else "tests/prefect-server" if name in PREFECT_SERVER \
+                else scope
 
     return ExperimentsTogether(config, log)
 
