@@ -34,8 +34,8 @@ if "PREFECT_API_SSL_CERT_FILE" not in os.environ:
             f.write(_pem.group(0))
         os.replace(f"{_one_ca}.{os.getpid()}", _one_ca)
     os.environ["PREFECT_API_SSL_CERT_FILE"] = _one_ca
-# Under pytest-xdist (`make test`: two workers on two cores, each stage with 2 torch threads),
-# OpenMP threads that wait sleep instead of spinning: spinning waiters took twice the CPU
+# Under pytest-xdist (`make test`: two workers on two cores), OpenMP
+# threads that wait sleep instead of spinning: spinning waiters took twice the CPU
 # (test_science: 132 s for two concurrent runs, 61 s with PASSIVE; alone, 33 s and 39 s, so only
 # under xdist). Read by libgomp when torch loads: set before, here and in every process started.
 # And each run's torch uses one thread there, not the tiny profile's 2 (ADVFEATURES_SET, inherited by
@@ -293,14 +293,14 @@ def pytest_xdist_make_scheduler(config, log):
     if not callable(getattr(LoadFileScheduling, "_split_scope", None)):
         return None
 
-    class ExperimentsTogether(LoadFileScheduling):
+    class ModulesTogether(LoadFileScheduling):
         def _split_scope(self, nodeid):
             scope = super()._split_scope(nodeid)
             name = scope.rsplit("/", 1)[-1]
             return "tests/experiments" if name in EXPERIMENTS else "tests/prefect-server" if name in PREFECT_SERVER \
                 else scope
 
-    return ExperimentsTogether(config, log)
+    return ModulesTogether(config, log)
 
 
 # Under pytest-xdist (`make test` runs `-n 2 --dist loadfile`), modules are handed to the workers
@@ -316,4 +316,3 @@ LONGEST_FIRST = ("test_flow.py", "test_science.py", "test_dask.py", "test_remote
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's order kept
-
