@@ -689,6 +689,8 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
 
 
 STORE_ENV = "ADVFEATURES_STORE"
+"""Environment variable naming the store for every run of a process (containers, workers): it
+overrides the profile's ``runtime.store`` and is overridden by ``--set runtime.store=`` / ``--store``."""
 SET_ENV = "ADVFEATURES_SET"
 """Space-separated ``fanout.*``, ``dask.*`` and ``runtime.threads`` overrides of the machine a run
 executes on (a served or deployed flow's shards go to its Dask cluster; a host running several
@@ -696,8 +698,6 @@ worker processes gives each its share of the CPUs), applied below the run's own 
 in no key, so they cannot change a result."""
 SET_ENV_SECTIONS = ("fanout", "dask")
 SET_ENV_PATHS = (("runtime", "threads"),)
-"""Environment variable naming the store for every run of a process (containers, workers): it
-overrides the profile's ``runtime.store`` and is overridden by ``--set runtime.store=`` / ``--store``."""
 
 
 def default_store() -> str:

@@ -196,3 +196,16 @@ def test_a_killed_writers_staging_folder_is_swept_on_the_next_write(tmp_path):
     os.utime(live, (old, old))  # the folder is old but a file in it was written just now: alive
     assert sweep_staging(tmp_path / "models") == [] and live.exists()
     assert sweep_staging(tmp_path / "models", now=time.time() + STAGING_LEASE_SECONDS + 60) == [live]
+
+
+@pytest.mark.parametrize("root", ["path", "memory"])
+def test_a_missing_manifest_is_a_store_error_naming_the_stage(tmp_path, root):
+    """Store.manifest reads at once (no existence check first: one request fewer on a URL store); a
+    key with no manifest is still the store's own error, not fsspec's or the OS's."""
+    st = Store(tmp_path if root == "path" else f"memory://{tmp_path.name}/store")
+    (st.path("models", "abc")).mkdir(parents=True, exist_ok=True)  # a folder, no manifest yet
+    for key in ("abc", "nothere"):
+        with pytest.raises(StoreError, match=f"models/{key} is not in the store"):
+            st.manifest("models", key)
+    atomic_write_json(st.path("models", "abc") / "manifest.json", {"created": "now"})
+    assert st.manifest("models", "abc") == {"created": "now"}
