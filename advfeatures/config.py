@@ -404,6 +404,10 @@ class RuntimeConfig:
                f"runtime.device={self.device!r}; use auto, cpu, cuda or cuda:N")
 
 
+SUBSET = "classes in turn"
+"""How a robust evaluation picks its ``n`` test images (``advfeatures.data.classes_in_turn``)."""
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     robust_eps: tuple[float, ...] = ()
@@ -416,8 +420,9 @@ class EvaluateConfig:
     robust_step_size: float = 0.0
     """0 = 2.5 * eps / steps (Madry et al.)."""
     robust_n: int = 0
-    """Robust accuracy on the first this many images of the clean test set (its Wilson interval
-    says what that costs in precision); 0 = all of it. Clean accuracy is always on all of it."""
+    """Robust accuracy on this many images of the clean test set, the classes in turn (the first
+    image of each class, then the second...: balanced whatever the split's order); its Wilson
+    interval says what that costs in precision; 0 = all of it. Clean accuracy is always on all of it."""
     check_restarts: int = 0
     """The attack's strength check: each robust evaluation is repeated on the first ``check_n``
     test images with ``check_steps_factor`` times its steps, from the image and from this many
@@ -426,7 +431,7 @@ class EvaluateConfig:
     check_steps_factor: int = 2
     """The check's steps: this many times ``robust_steps`` (step 2.5 * eps / steps)."""
     check_n: int = 1000
-    """Test images the check attacks (the first ones of the clean test set)."""
+    """Test images the check attacks (chosen as ``robust_n``'s, the classes in turn)."""
 
     def __post_init__(self):
         _check(self.check_restarts >= 0, f"evaluate.check_restarts must be >= 0 (0: no check), got "
@@ -444,13 +449,15 @@ class EvaluateConfig:
     def attack_for(self, eps: float) -> dict[str, Any]:
         step = self.robust_step_size or 2.5 * eps / self.robust_steps
         a = {"norm": self.robust_norm, "eps": eps, "steps": self.robust_steps, "step_size": step}
-        return {**a, "n": self.robust_n} if self.robust_n else a  # keyed only when set: older keys stand
+        # keyed only when set: older keys stand (a subset's keys changed when it stopped being the head)
+        return {**a, "n": self.robust_n, "subset": SUBSET} if self.robust_n else a
 
     def check_for(self, eps: float) -> dict[str, Any]:
         """The strength check of ``attack_for(eps)`` (``check_restarts`` > 0)."""
         steps = self.check_steps_factor * self.robust_steps
         return {"norm": self.robust_norm, "eps": eps, "steps": steps, "step_size": 2.5 * eps / steps,
-                "restarts": self.check_restarts, "n": self.check_n, "seed": 0, "base": self.attack_for(eps)}
+                "restarts": self.check_restarts, "n": self.check_n, "subset": SUBSET, "seed": 0,
+                "base": self.attack_for(eps)}
 
 
 @dataclass(frozen=True)

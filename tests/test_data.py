@@ -133,3 +133,20 @@ def test_torchvision_source_reuses_a_downloaded_archive(tmp_path, tiny_sources):
     shutil.copy(tiny_sources["tar"], tmp_path / "cifar-10-python.tar.gz")
     path = locate_source(DataConfig(source="torchvision", download_root=str(tmp_path)))
     assert D.read_source(path).train.images.shape == (200, 3, 32, 32)
+
+
+def test_classes_in_turn_takes_each_class_in_turn_whatever_the_order():
+    """Known answers: a class-sorted split (as an ImageFolder or zip gives) yields the first image of
+    each class, then the second...; an interleaved one (CIFAR's batches) its head; n past the end
+    (or 0) the whole split; a class that runs out leaves the turn to the others."""
+    from advfeatures.data import classes_in_turn
+
+    sorted_y = np.repeat(np.arange(10), 1000)
+    idx = classes_in_turn(sorted_y, 1000)
+    assert np.bincount(sorted_y[idx]).tolist() == [100] * 10 and idx[:3].tolist() == [0, 1, 2]
+    assert idx[100] == 1000  # class 1's first image
+    assert np.array_equal(classes_in_turn(np.tile(np.arange(10), 1000), 1000), np.arange(1000))
+    y = np.array([2, 2, 0, 1, 1, 1])
+    assert classes_in_turn(y, 4).tolist() == [0, 2, 3, 4]  # 0, 1, 2 in turn, then class 1's second
+    assert classes_in_turn(y, 5).tolist() == [0, 1, 2, 3, 4] and classes_in_turn(y, 6).tolist() == list(range(6))
+    assert classes_in_turn(y, 0).tolist() == list(range(6))

@@ -219,17 +219,20 @@ def test_robust_evaluations_are_extra_stages_and_columns(tmp_path, tiny_tar):
     assert row["robust_acc_eps0.5_%"] <= row["robust_acc_eps0.25_%"] <= row["acc_xy_%"]
 
 
-def test_robust_n_attacks_the_first_n_test_images_only(tmp_path, tiny_tar):
-    """evaluate.robust_n: the robust accuracy of the first n clean test images (a known answer: the
-    same attack on those images), keyed; unset, the keys are those of before the setting."""
+def test_robust_n_attacks_n_test_images_the_classes_in_turn(tmp_path, tiny_sources):
+    """evaluate.robust_n: the robust accuracy of n clean test images, one of each class in turn (a
+    known answer: the same attack on those images), keyed; unset, the keys are those of before the
+    setting. The split's head would not do: a zip's test split is sorted by class (CIFAR-10's first
+    1,000 were all airplanes, and so were the robust accuracies of 2026-12-07 and before)."""
     from conftest import build
 
     from advfeatures.attacks import L2, robust_predictions
+    from advfeatures.data import classes_in_turn
     from pipeline import stages
 
-    cfg, st, _ = build(tiny_tar, tmp_path, ["evaluate.robust_eps=[0.5]", "evaluate.robust_n=5",
-                                            "evaluate.robust_steps=3"])
-    sha = source_sha256(tiny_tar)
+    data = tiny_sources["zip"]  # its test split sorted by class
+    cfg, st, _ = build(data, tmp_path, ["evaluate.robust_eps=[0.5]", "evaluate.robust_n=5", "evaluate.robust_steps=3"])
+    sha = source_sha256(data)
     plan = get("replicate").plan(cfg, sha)
     whole = get("replicate").plan(resolve("tiny", ["evaluate.robust_eps=[0.5]", "evaluate.robust_steps=3"]), sha)
     spec = plan.robust[plan.source.key][0]
@@ -237,15 +240,17 @@ def test_robust_n_attacks_the_first_n_test_images_only(tmp_path, tiny_tar):
     assert spec.key != whole.robust[whole.source.key][0].key
     stages.evaluate(st, spec, cfg.runtime)
     x, y = stages.load_split(st, plan.dataset.key, "test")
-    pred = robust_predictions(stages.load_model(st, plan.source.key), torch.from_numpy(x[:5]),
-                              torch.from_numpy(y[:5]), L2(0.5), 3, 2.5 * 0.5 / 3,
+    idx = classes_in_turn(y, 5)
+    assert sorted(y[idx]) == [0, 1, 2, 3, 4] and set(y[:5]) == {0}  # the head: one class
+    pred = robust_predictions(stages.load_model(st, plan.source.key), torch.from_numpy(x[idx]),
+                              torch.from_numpy(y[idx]), L2(0.5), 3, 2.5 * 0.5 / 3,
                               batch_size=cfg.runtime.eval_batch_size)
     m = st.manifest("evals", spec.key)["metrics"]
-    assert m["acc_xy"] == pytest.approx((pred.numpy() == y[:5]).mean()) and m["n_test"] == 5
+    assert m["acc_xy"] == pytest.approx((pred.numpy() == y[idx]).mean()) and m["n_test"] == 5
     # the clean accuracy of the same 5 images, not the whole test set's (which differs from it here)
     from advfeatures.training import predict
-    clean = predict(stages.load_model(st, plan.source.key), torch.from_numpy(x[:5]), 5, "cpu").numpy()
-    assert m["acc_clean_same_images"] == pytest.approx((clean == y[:5]).mean())
+    clean = predict(stages.load_model(st, plan.source.key), torch.from_numpy(x[idx]), 5, "cpu").numpy()
+    assert m["acc_clean_same_images"] == pytest.approx((clean == y[idx]).mean())
 
 
 def test_errors_sweep_plan_table_and_reuse(tmp_path, tiny_tar, tiny_arrays):

@@ -12,6 +12,7 @@ import torch
 
 from advfeatures.attacks import robust_predictions, strongest_predictions, threat_model
 from advfeatures.config import RuntimeConfig
+from advfeatures.data import classes_in_turn
 from advfeatures.training import accuracy_metrics, predict
 from pipeline.common import (
     Context,
@@ -43,15 +44,15 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet)
     if "robust" in spec.config and "restarts" in spec.config["robust"]:  # the attack's strength check
         pred, extra = strength_check(model, x, y, spec.config["robust"], rt, device, amp_dtype(spec.config["amp"]))
         y = y[:len(pred)]
-    elif "robust" in spec.config:  # untargeted PGD on the clean test set (its first n images), then the same metrics
+    elif "robust" in spec.config:  # untargeted PGD on the clean test set (n of its images), then the same metrics
         a = spec.config["robust"]
         if a.get("n"):
-            x, y = x[:a["n"]], y[:a["n"]]
+            x, y = _part(x, y, a)
         pred = robust_predictions(model, torch.from_numpy(x), torch.from_numpy(y), threat_model(a["norm"], a["eps"]),
                                   a["steps"], a["step_size"], rt.eval_batch_size, device,
                                   amp_dtype(spec.config["amp"]))
         # the clean accuracy of the same images: the robust drop is read against it, not against
-        # the whole test set's (the first 1,000 can differ from all 10,000 by several points)
+        # the whole test set's (1,000 images can differ from all 10,000 by a few points)
         clean = predict(model, torch.from_numpy(x), rt.eval_batch_size, device, rt.channels_last)
         extra["acc_clean_same_images"] = float((clean == torch.from_numpy(y)).double().mean())
     else:
@@ -64,14 +65,15 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet)
 
 def strength_check(model: Any, x: np.ndarray, y: np.ndarray, a: dict[str, Any], rt: RuntimeConfig, device: Any,
                    amp: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The first ``a['n']`` test images under the strongest attack: the evaluation's own attack
+    """``a['n']`` test images (``_part``) under the strongest attack: the evaluation's own attack
     (``a['base']``: its steps and step size, from the image) and ``a['steps']`` steps from the
     image and from each of ``a['restarts']`` random starts; a point counts as robust only when no
     attack fools the model (each attack runs on the points no earlier one fooled). Predictions: the
     first attack's that is wrong, else the label. Extra metrics: the base attack's accuracy on the
     same images (``acc_base``), the drop, and the accuracy left after each attack in turn."""
-    n = min(int(a["n"]), len(y))
-    xt, yt = torch.from_numpy(x[:n]), torch.from_numpy(y[:n])
+    x, y = _part(x, y, a)
+    n = len(y)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     threat = threat_model(a["norm"], a["eps"])
     base = robust_predictions(model, xt, yt, threat, a["base"]["steps"], a["base"]["step_size"], rt.eval_batch_size,
                               device, amp)
@@ -84,6 +86,14 @@ def strength_check(model: Any, x: np.ndarray, y: np.ndarray, a: dict[str, Any], 
     acc_strong = float((pred == yt).double().mean())
     return pred, {"acc_base": acc_base, "strength_drop": acc_base - acc_strong, "n_checked": n,
                   "acc_after_each_attack": [float(v) for v in (every == yt[None]).double().mean(1)]}
+
+
+def _part(x: np.ndarray, y: np.ndarray, a: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The ``a['n']`` test images a robust evaluation or its check attacks: the classes in turn
+    (``classes_in_turn``), not the split's head, which a class-sorted split (an ImageFolder or zip
+    source) fills with one class. The keys say so (``subset``): no evaluation of the head is reused."""
+    idx = classes_in_turn(y, int(a["n"]))
+    return x[idx], y[idx]
 
 
 def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
