@@ -186,7 +186,7 @@ def test_the_strength_check_counts_a_point_robust_only_if_no_attack_fools_it():
     from advfeatures.config import EvaluateConfig, RuntimeConfig
     from pipeline.stages.evaluation import strength_check
 
-    x, y = np.full((8, 3, 4, 4), 128, np.uint8), np.zeros(8, np.int64)  # grey: within tau of 0.5
+    x, y = np.full((5, 3, 4, 4), 128, np.uint8), np.zeros(5, np.int64)  # grey: within tau of 0.5 (the check_n picked)
     a = EvaluateConfig(robust_steps=10, check_restarts=2, check_n=5).check_for(0.5)
     pred, m = strength_check(_FlatThenSteep(), x, y, a, RuntimeConfig(device="cpu"), "cpu", None)
     assert len(pred) == 5 and m["n_checked"] == 5 and (pred.numpy() == 1).all()

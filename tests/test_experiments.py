@@ -231,7 +231,8 @@ def test_robust_n_attacks_n_test_images_the_classes_in_turn(tmp_path, tiny_sourc
     from pipeline import stages
 
     data = tiny_sources["zip"]  # its test split sorted by class
-    cfg, st, _ = build(data, tmp_path, ["evaluate.robust_eps=[0.5]", "evaluate.robust_n=5", "evaluate.robust_steps=3"])
+    cfg, st, _ = build(data, tmp_path, ["evaluate.robust_eps=[0.5]", "evaluate.robust_n=5", "evaluate.robust_steps=3",
+                                        "evaluate.check_restarts=1", "evaluate.check_n=5"])
     sha = source_sha256(data)
     plan = get("replicate").plan(cfg, sha)
     whole = get("replicate").plan(resolve("tiny", ["evaluate.robust_eps=[0.5]", "evaluate.robust_steps=3"]), sha)
@@ -251,6 +252,13 @@ def test_robust_n_attacks_n_test_images_the_classes_in_turn(tmp_path, tiny_sourc
     from advfeatures.training import predict
     clean = predict(stages.load_model(st, plan.source.key), torch.from_numpy(x[idx]), 5, "cpu").numpy()
     assert m["acc_clean_same_images"] == pytest.approx((clean == y[idx]).mean())
+    # its strength check: the same images (its base attack scores as the evaluation), read against their labels
+    (check,) = plan.checks_of(plan.source.key)
+    stages.evaluate(st, check, cfg.runtime)
+    c = st.manifest("evals", check.key)["metrics"]
+    assert c["n_test"] == 5 and c["acc_base"] == pytest.approx(m["acc_xy"])
+    assert c["acc_xy"] == pytest.approx(c["acc_after_each_attack"][-1])
+    assert c["acc_xy"] == pytest.approx(c["acc_base"] - c["strength_drop"])
 
 
 def test_errors_sweep_plan_table_and_reuse(tmp_path, tiny_tar, tiny_arrays):

@@ -41,13 +41,12 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet)
     model = load_model(store, model_key, device)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
-    if "robust" in spec.config and "restarts" in spec.config["robust"]:  # the attack's strength check
-        pred, extra = strength_check(model, x, y, spec.config["robust"], rt, device, amp_dtype(spec.config["amp"]))
-        y = y[:len(pred)]
-    elif "robust" in spec.config:  # untargeted PGD on the clean test set (n of its images), then the same metrics
-        a = spec.config["robust"]
-        if a.get("n"):
-            x, y = _part(x, y, a)
+    a = spec.config.get("robust")
+    if a and a.get("n"):  # n of the test images, the classes in turn
+        x, y = _part(x, y, a)
+    if a and "restarts" in a:  # the attack's strength check
+        pred, extra = strength_check(model, x, y, a, rt, device, amp_dtype(spec.config["amp"]))
+    elif a:  # untargeted PGD on the clean test set (or n of its images), then the same metrics
         pred = robust_predictions(model, torch.from_numpy(x), torch.from_numpy(y), threat_model(a["norm"], a["eps"]),
                                   a["steps"], a["step_size"], rt.eval_batch_size, device,
                                   amp_dtype(spec.config["amp"]))
@@ -65,13 +64,12 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet)
 
 def strength_check(model: Any, x: np.ndarray, y: np.ndarray, a: dict[str, Any], rt: RuntimeConfig, device: Any,
                    amp: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """``a['n']`` test images (``_part``) under the strongest attack: the evaluation's own attack
+    """Test images (``a['n']`` of them, ``_part``) under the strongest attack: the evaluation's own attack
     (``a['base']``: its steps and step size, from the image) and ``a['steps']`` steps from the
     image and from each of ``a['restarts']`` random starts; a point counts as robust only when no
     attack fools the model (each attack runs on the points no earlier one fooled). Predictions: the
     first attack's that is wrong, else the label. Extra metrics: the base attack's accuracy on the
     same images (``acc_base``), the drop, and the accuracy left after each attack in turn."""
-    x, y = _part(x, y, a)
     n = len(y)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     threat = threat_model(a["norm"], a["eps"])
