@@ -424,8 +424,8 @@ class EvaluateConfig:
     image of each class, then the second...: balanced whatever the split's order); its Wilson
     interval says what that costs in precision; 0 = all of it. Clean accuracy is always on all of it."""
     check_restarts: int = 0
-    """The attack's strength check: each robust evaluation is repeated on the first ``check_n``
-    test images with ``check_steps_factor`` times its steps, from the image and from this many
+    """The attack's strength check: each robust evaluation is repeated on ``check_n`` test images
+    (the classes in turn) with ``check_steps_factor`` times its steps, from the image and from this many
     random starts; a point is robust only if no attack fools the model. Tables show the drop
     from the evaluation's own attack on the same images (it should be <= 1 point). 0: no check."""
     check_steps_factor: int = 2

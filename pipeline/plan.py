@@ -302,7 +302,7 @@ def robust_eval_spec(cfg: ExperimentConfig, model: StageSpec, ds: StageSpec, eps
 
 def check_eval_spec(cfg: ExperimentConfig, model: StageSpec, ds: StageSpec, eps: float) -> StageSpec:
     """The strength check of ``robust_eval_spec`` at ``eps``: more steps and random restarts on the
-    first ``evaluate.check_n`` test images (``evaluate.check_restarts``)."""
+    ``evaluate.check_n`` test images, the classes in turn (``evaluate.check_restarts``)."""
     return StageSpec("eval", {"labels": "clean", "robust": cfg.evaluate.check_for(eps), "amp": cfg.runtime.amp},
                      (model.key, ds.key))
 

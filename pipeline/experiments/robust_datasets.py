@@ -22,7 +22,8 @@ are too (the robust source must be robust for D_R to mean anything).
                                   section 3.1: examples/madry-robust.yaml) instead of training one
 
 Every robust evaluation can be checked for a weak attack (``evaluate.check_restarts``: more
-steps and random restarts on the first test images); the table gives each check's drop.
+steps and random restarts on ``evaluate.check_n`` test images, the classes in turn); the table gives
+each check's drop.
 """
 
 from __future__ import annotations
@@ -287,7 +288,7 @@ def to_markdown(df: Any) -> str:
     drops = [c for c in df.columns if c.startswith("check_") and c.endswith("_drop")]
     if drops:
         worst = df[drops].max().max()
-        text += (f"\n\nAttack strength check: on the first test images, {df[drops].notna().sum().sum()} checks "
+        text += (f"\n\nAttack strength check: on evaluate.check_n test images, {df[drops].notna().sum().sum()} checks "
                  "(2x the steps, from the image and from random restarts) lower robust accuracy by at most "
                  f"{worst:.1f} points (check_*_drop; the rule: <= 1)" + (" - the evaluation's attack is weak here."
                                                                          if worst > 1 else "."))
@@ -298,7 +299,8 @@ def to_markdown(df: Any) -> str:
                  f"{STANDARD_NONE:g}%, else the largest; D_R's students more robust than D's and D_NR's): "
                  f"{verdict[0]}. {verdict[1]}")
     return text + ("\n\nRobust accuracy: untargeted L2 PGD on the clean test set (evaluate.robust_steps steps of "
-                   "2.5·eps/steps), on its first evaluate.robust_n images when set; clean_on_robust_images_% is "
+                   "2.5·eps/steps), on evaluate.robust_n of its images when set (the classes in turn: the first image of "
+                   "each class, then the second...); clean_on_robust_images_% is "
                    "the clean accuracy of those same images, the one to read a robust drop against. The claim of "
                    "section 3.1: D_R's students gain robustness that D_NR's lack, while both learn clean accuracy; set_distance_ratio is the median ||g(x_r)-g(x)|| / "
                    "||g(x0)-g(x)|| of the set's rows (how far the inversion went).")
