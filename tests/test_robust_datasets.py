@@ -58,6 +58,15 @@ def test_the_plan_reuses_replicates_source_and_trains_a_robust_one_from_its_own_
             role="robust-source").key  # one budget equal to the source's: the key it always had
     with pytest.raises(ConfigError, match="robust_datasets.epochs"):
         resolve("tiny", ["robust_datasets.epochs=[4,2]"])
+    # a larger budget after the one that makes D_R (maker_epochs): D_R and its source keep their keys
+    check = get("robust-datasets").plan(resolve("tiny", OVERRIDES + ["robust_datasets.epochs=[1,2,3]",
+                                                                     "robust_datasets.maker_epochs=2"]), "x")
+    two = get("robust-datasets").plan(resolve("tiny", OVERRIDES + ["robust_datasets.epochs=[1,2]"]), "x")
+    assert check.one(role="robust-source").key == two.one(role="robust-source").key
+    assert check.constructs["D_R"].key == two.constructs["D_R"].key
+    assert sorted(n.tags["epochs"] for n in check.find(role="robust-source-budget")) == [1, 3]
+    with pytest.raises(ConfigError, match="maker_epochs=5 is not one of"):
+        resolve("tiny", ["robust_datasets.epochs=[1,2]", "robust_datasets.maker_epochs=5"])
     # D: the goal images of D_R, clean, with their labels; its students train like the others
     assert plan.constructs["D"].config == {"kind": "inversion-goals"}
     assert plan.constructs["D"].inputs == (sets_of(plan)["D_R"].key, plan.dataset.key)

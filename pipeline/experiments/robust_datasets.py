@@ -15,8 +15,9 @@ are too (the robust source must be robust for D_R to mean anything).
     robust_datasets.li_radius     also D_NR-li: D_NR within this L2 distance of its start (Li et
                                   al. 2023: 2.0, with step 0.01; ``li_step_size``)
     robust_datasets.robust_eps    the radii every model is evaluated at (default 0.25, 0.5)
-    robust_datasets.epochs        the robust source's epoch budgets: the last makes D_R, the
-                                  others show whether its robust accuracy has plateaued
+    robust_datasets.epochs        the robust source's epoch budgets: one makes D_R (.maker_epochs,
+                                  default the last), the others show whether its robust
+                                  accuracy has plateaued
     robust_datasets.baseline      students of the same recipe on the goal images, clean (D)
     robust_datasets.checkpoint    a trained robust source read from a file (the released one of
                                   section 3.1: examples/madry-robust.yaml) instead of training one
@@ -88,9 +89,13 @@ class RobustDatasetsConfig:
     robust_eps: tuple[float, ...] = (0.25, 0.5)
     """Robust accuracy of every model of the experiment at these L2 radii (``evaluate``'s attack)."""
     epochs: tuple[int, ...] = ()
-    """The robust source's epoch budgets (): the source's. The last one's source makes D_R; each
-    other is the same recipe (same initial weights and data order) trained for fewer epochs and
-    evaluated alike, so the table shows whether robust accuracy has plateaued."""
+    """The robust source's epoch budgets (): the source's. One budget's source makes D_R
+    (``maker_epochs``, default the last); each other is the same recipe (same initial weights and
+    data order) trained for another number of epochs and evaluated alike, so the table shows
+    whether robust accuracy has plateaued."""
+    maker_epochs: int = 0
+    """The budget of ``epochs`` whose robust source makes D_R (0: the last). A larger budget after
+    it checks the plateau without making the sets again."""
     baseline: bool = True
     """Students of the same recipe on the goal images themselves, clean (D): what standard training
     on the same images gives, beside D_R and D_NR."""
@@ -112,7 +117,10 @@ class RobustDatasetsConfig:
         _check(self.li_step_size > 0, f"robust_datasets.li_step_size must be > 0, got {self.li_step_size}")
         _check(all(e > 0 for e in self.robust_eps), f"robust_datasets.robust_eps={list(self.robust_eps)} must be > 0")
         _check(all(e >= 1 for e in self.epochs) and list(self.epochs) == sorted(set(self.epochs)),
-               f"robust_datasets.epochs={list(self.epochs)} must be increasing epoch counts >= 1 (the last makes D_R)")
+               f"robust_datasets.epochs={list(self.epochs)} must be increasing epoch counts >= 1")
+        _check(not self.maker_epochs or self.maker_epochs in self.epochs,
+               f"robust_datasets.maker_epochs={self.maker_epochs} is not one of robust_datasets.epochs="
+               f"{list(self.epochs)}; name one of them, or 0 for the last")
         _check(not (self.checkpoint and self.epochs), "robust_datasets.epochs with robust_datasets.checkpoint: a "
                                                       "checkpoint has no epoch budgets; leave epochs unset")
         if self.checkpoint_arch is not None:
@@ -181,8 +189,13 @@ register_set_kind(CLEAN, plannable=False)
 
 
 def budgets(cfg: ExperimentConfig) -> tuple[int, ...]:
-    """The robust source's epoch budgets; the last makes D_R."""
+    """The robust source's epoch budgets (``maker``'s makes D_R)."""
     return cfg.robust_datasets.epochs or (cfg.source.train.epochs,)
+
+
+def maker(cfg: ExperimentConfig) -> int:
+    """The budget whose robust source makes D_R: ``maker_epochs``, else the last."""
+    return cfg.robust_datasets.maker_epochs or budgets(cfg)[-1]
 
 
 def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
@@ -193,9 +206,10 @@ def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
     robust = None
     for epochs in budgets(cfg):
         spec = robust_source_spec(cfg, ds.key, epochs if rd.epochs else None)
-        last = epochs == budgets(cfg)[-1]
-        robust = _evaluated(out, cfg, spec, "robust source" if last else f"robust source {epochs} ep",
-                            role="robust-source" if last else "robust-source-budget", epochs=epochs)
+        makes = epochs == maker(cfg)
+        _evaluated(out, cfg, spec, "robust source" if makes else f"robust source {epochs} ep",
+                   role="robust-source" if makes else "robust-source-budget", epochs=epochs)
+        robust = spec if makes else robust
 
     def inverted(model: Any, step_size: float, radius: float | None = None) -> Any:
         return inversion.spec(ds.key, model.key, rd.steps, step_size, rd.n_images, rd.seed, c.dtype, cfg.runtime.amp,
@@ -229,10 +243,11 @@ def build_table(store: Any, plan: Plan) -> Any:
     from pipeline.report import _pct
 
     models = [(plan.source, "source", None, None)]
-    models += [(n.spec, f"robust source {n.tags['epochs']} ep", None, n.tags["epochs"])
-               for n in plan.find(role="robust-source-budget")]
     robust = plan.one(role="robust-source")
-    models.append((robust.spec, "robust source", None, robust.tags.get("epochs")))
+    sources = [(n.spec, f"robust source {n.tags['epochs']} ep", None, n.tags["epochs"])
+               for n in plan.find(role="robust-source-budget")]
+    sources.append((robust.spec, "robust source", None, robust.tags.get("epochs")))
+    models += sorted(sources, key=lambda m: m[3] or 0)  # by epochs (one budget: the source's, untagged)
     models += [(n.spec, n.tags["set"], n.tags["seed"], None) for n in plan.find(role="student")]
     rows = []
     for spec, name, seed, epochs in models:
