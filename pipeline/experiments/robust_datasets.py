@@ -209,7 +209,8 @@ def plan(cfg: ExperimentConfig, source_sha256: str) -> Plan:
         makes = epochs == maker(cfg)
         _evaluated(out, cfg, spec, "robust source" if makes else f"robust source {epochs} ep",
                    role="robust-source" if makes else "robust-source-budget", epochs=epochs)
-        robust = spec if makes else robust
+        if makes:
+            robust = spec
 
     def inverted(model: Any, step_size: float, radius: float | None = None) -> Any:
         return inversion.spec(ds.key, model.key, rd.steps, step_size, rd.n_images, rd.seed, c.dtype, cfg.runtime.amp,
@@ -247,7 +248,7 @@ def build_table(store: Any, plan: Plan) -> Any:
     sources = [(n.spec, f"robust source {n.tags['epochs']} ep", None, n.tags["epochs"])
                for n in plan.find(role="robust-source-budget")]
     sources.append((robust.spec, "robust source", None, robust.tags.get("epochs")))
-    models += sorted(sources, key=lambda m: m[3] or 0)  # by epochs (one budget: the source's, untagged)
+    models += sorted(sources, key=lambda m: m[3])  # by epochs (a budget after the one that makes D_R: last)
     models += [(n.spec, n.tags["set"], n.tags["seed"], None) for n in plan.find(role="student")]
     rows = []
     for spec, name, seed, epochs in models:

@@ -42,8 +42,9 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     a = spec.config.get("robust")
-    if a and a.get("n"):  # n of the test images, the classes in turn
-        x, y = _part(x, y, a)
+    if a and a.get("n"):  # n of the test images, the classes in turn, not the split's head (one class on
+        idx = classes_in_turn(y, int(a["n"]))  # a zip or folder source); the keys say so (``subset``)
+        x, y = x[idx], y[idx]
     if a and "restarts" in a:  # the attack's strength check
         pred, extra = strength_check(model, x, y, a, rt, device, amp_dtype(spec.config["amp"]))
     elif a:  # untargeted PGD on the clean test set (or n of its images), then the same metrics
@@ -64,7 +65,7 @@ def evaluate(store: Store, spec: StageSpec, rt: RuntimeConfig, log: Log = quiet)
 
 def strength_check(model: Any, x: np.ndarray, y: np.ndarray, a: dict[str, Any], rt: RuntimeConfig, device: Any,
                    amp: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Test images (``a['n']`` of them, ``_part``) under the strongest attack: the evaluation's own attack
+    """The test images ``evaluate`` picked (``a['n']`` of them) under the strongest attack: the evaluation's own attack
     (``a['base']``: its steps and step size, from the image) and ``a['steps']`` steps from the
     image and from each of ``a['restarts']`` random starts; a point counts as robust only when no
     attack fools the model (each attack runs on the points no earlier one fooled). Predictions: the
@@ -84,14 +85,6 @@ def strength_check(model: Any, x: np.ndarray, y: np.ndarray, a: dict[str, Any], 
     acc_strong = float((pred == yt).double().mean())
     return pred, {"acc_base": acc_base, "strength_drop": acc_base - acc_strong, "n_checked": n,
                   "acc_after_each_attack": [float(v) for v in (every == yt[None]).double().mean(1)]}
-
-
-def _part(x: np.ndarray, y: np.ndarray, a: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The ``a['n']`` test images a robust evaluation or its check attacks: the classes in turn
-    (``classes_in_turn``), not the split's head, which a class-sorted split (an ImageFolder or zip
-    source) fills with one class. The keys say so (``subset``): no evaluation of the head is reused."""
-    idx = classes_in_turn(y, int(a["n"]))
-    return x[idx], y[idx]
 
 
 def execute(store: Store, spec: StageSpec, ctx: Context) -> str:
